@@ -1,0 +1,10 @@
+"""A network-namespace lab for end-to-end tests (root only).
+
+:class:`Lab` builds client ── router ── origin namespaces joined by veth pairs,
+with documentation-range addresses; :mod:`tproxy_twist.lab.origin` is the test
+origin HTTP server that runs in the origin namespace.
+"""
+
+from tproxy_twist.lab.topology import Lab, LabCommandError, cleanup_stale
+
+__all__ = ["Lab", "LabCommandError", "cleanup_stale"]

@@ -1,0 +1,161 @@
+"""Configuration: every mistake names the file, the key and what is allowed."""
+
+import ipaddress
+
+import pytest
+
+from tproxy_twist import config as C
+
+BASE = """
+[[port]]
+listen = "0.0.0.0:3128"
+mode = "forward"
+"""
+
+
+def load(text: str) -> C.Config:
+    return C.loads(text, "test.toml")
+
+
+def error(text: str) -> str:
+    with pytest.raises(C.ConfigError) as info:
+        load(text)
+    return str(info.value)
+
+
+def test_sample_config_loads_with_forward_and_tproxy_ports():
+    config = C.load("etc/tproxy.toml")
+    assert [(p.name, p.mode, str(p.listen)) for p in config.ports] == [
+        ("forward", "forward", "0.0.0.0:3128"),
+        ("transparent", "tproxy", "[::]:3129"),
+    ]
+    assert config.workers == 2
+    assert str(config.metrics_listen) == "127.0.0.1:9464"
+
+
+def test_defaults_are_safe():
+    config = load(BASE)
+    port = config.ports[0]
+    assert port.name == "3128"
+    assert config.workers == 0
+    assert port.spoof_client_ip is False
+    assert port.connect_ports == (443,)
+    assert not port.allows("198.51.100.7")  # a forward port is not an open relay
+    assert port.allows("192.168.1.5") and port.allows("::1")
+    assert config.timeouts.connect == 10.0
+    assert str(config.metrics_listen) == "127.0.0.1:9464"
+
+
+def test_tproxy_port_spoofs_and_diverts_port_80_by_default():
+    port = load('[[port]]\nlisten = "[::]:3129"\nmode = "tproxy"\n').ports[0]
+    assert port.spoof_client_ip is True
+    assert port.divert == (80,)
+    assert port.allows("198.51.100.7") and port.allows("2001:db8::1")
+
+
+def test_spoofing_can_be_turned_off_on_a_tproxy_port():
+    text = '[[port]]\nlisten = "3129"\nmode = "tproxy"\nspoof_client_ip = false\n'
+    assert load(text).ports[0].spoof_client_ip is False
+
+
+def test_metrics_listener_can_be_turned_off():
+    assert load('[metrics]\nlisten = ""\n' + BASE).metrics_listen is None
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("127.0.0.1:80", ("127.0.0.1", 80)),
+        ("[::1]:3129", ("::1", 3129)),
+        ("3129", ("::", 3129)),
+        ("[::ffff:198.51.100.1]:80", ("198.51.100.1", 80)),
+    ],
+)
+def test_listen_addresses_parse(text, expected):
+    address = C.parse_address(text)
+    assert (address.host, address.port) == expected
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("workers = -1\n" + BASE, "workers: must be from 0 to 1024"),
+        ('workers = "2"\n' + BASE, "workers: must be an integer"),
+        ("workers = true\n" + BASE, "workers: must be an integer"),
+        ("wokers = 2\n" + BASE, "wokers: unknown key"),
+        ("", "port: at least one [[port]]"),
+        ('[[port]]\nlisten = "0.0.0.0:3128"\n', "port[0].mode: is required"),
+        ('[[port]]\nlisten = "0.0.0.0:3128"\nmode = "nat"\n', "port[0].mode: must be one of"),
+        ('[[port]]\nmode = "forward"\n', "port[0].listen: is required"),
+        ('[[port]]\nlisten = "example.com:80"\nmode = "forward"\n', "is not an IP address"),
+        ('[[port]]\nlisten = "0.0.0.0:0"\nmode = "forward"\n', "port '0' must be a number"),
+        ('[[port]]\nlisten = "0.0.0.0:99999"\nmode = "forward"\n', "must be a number from 1"),
+        ('[[port]]\nlisten = "::1:80"\nmode = "forward"\n', "[ipv6]:port"),
+        (BASE + "colour = 1\n", "port[0].colour: unknown key"),
+        (BASE + 'allow = ["10.0.0.0/33"]\n', "allow[0]: '10.0.0.0/33' is not"),
+        (BASE + "allow = [1]\n", "port[0].allow[0]: must be a network"),
+        (BASE + "connect_ports = [0]\n", "port[0].connect_ports[0]: must be a port number"),
+        (BASE + "divert = [80]\n", "port[0].divert: only applies to tproxy ports"),
+        (BASE + "spoof_client_ip = true\n", "port[0].spoof_client_ip: is only possible"),
+        (BASE + 'name = "a b"\n', "port[0].name: must be non-empty"),
+        (BASE + BASE.replace("3128", "3129") + 'name = "3128"\n', "name: '3128' is already"),
+        (BASE + BASE, "port[1].listen: 0.0.0.0:3128 duplicates port[0]"),
+        ("[timeouts]\nconnect = 0\n" + BASE, "timeouts.connect: must be at least"),
+        ("[timeouts]\nconect = 1\n" + BASE, "timeouts.conect: unknown key"),
+        ('[timeouts]\nconnect = "1"\n' + BASE, "timeouts.connect: must be a number of seconds"),
+        ("[limits]\nmax_header_size = 10\n" + BASE, "limits.max_header_size: must be from"),
+        ("port = 3\n", "port: must be a list"),
+        ("port = [1]\n", "port[0]: must be a table"),
+        ("[metrics]\nlisten = 9464\n" + BASE, "metrics.listen: must be a string"),
+        ("x = [\n", "not valid TOML"),
+    ],
+)
+def test_mistakes_name_the_key_and_the_rule(text, fragment):
+    message = error(text)
+    assert message.startswith("test.toml: ")
+    assert fragment in message
+
+
+@pytest.mark.parametrize(
+    "other",
+    ['"127.0.0.1:3129"', '"0.0.0.0:3129"', '"[::1]:3129"', '"3129"'],
+)
+def test_tproxy_port_may_not_share_its_address_with_another_mode(other):
+    text = (
+        f'[[port]]\nlisten = "[::]:3129"\nmode = "tproxy"\n'
+        f'[[port]]\nlisten = {other}\nmode = "forward"\n'
+    )
+    assert "a tproxy port may not share its address with another mode" in error(text)
+
+
+def test_different_ports_and_disjoint_addresses_do_not_clash():
+    text = (
+        '[[port]]\nlisten = "127.0.0.1:3129"\nmode = "forward"\n'
+        '[[port]]\nlisten = "127.0.0.2:3129"\nmode = "forward"\nname = "b"\n'
+        '[[port]]\nlisten = "0.0.0.0:3130"\nmode = "tproxy"\n'
+    )
+    assert len(load(text).ports) == 3
+
+
+def test_ipv4_and_ipv6_wildcards_overlap_because_v6_sockets_serve_ipv4():
+    assert C.parse_address("[::]:1").overlaps(C.parse_address("0.0.0.0:1"))
+    assert not C.parse_address("[::1]:1").overlaps(C.parse_address("0.0.0.0:1"))
+    assert not C.parse_address("[::]:1").overlaps(C.parse_address("0.0.0.0:2"))
+
+
+def test_allow_accepts_networks_in_both_families():
+    port = load(BASE + 'allow = ["198.51.100.0/24", "2001:db8::/32"]\n').ports[0]
+    assert port.allow == (
+        ipaddress.ip_network("198.51.100.0/24"),
+        ipaddress.ip_network("2001:db8::/32"),
+    )
+    assert port.allows("2001:db8:1::2") and not port.allows("203.0.113.1")
+
+
+def test_missing_file_is_a_config_error():
+    with pytest.raises(C.ConfigError, match="nope.toml: file not found"):
+        C.load("nope.toml")
+
+
+def test_workers_flag_overrides_config():
+    assert C.with_workers(load(BASE), 3).workers == 3

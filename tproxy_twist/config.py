@@ -1,0 +1,384 @@
+"""
+The configuration file: TOML in, frozen attrs classes out.
+
+Every mistake a user can make becomes a L{ConfigError} whose message names
+the file, the key and what is allowed; nothing else in the package parses
+configuration.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+
+MODES = ("tproxy", "forward", "intercept")
+
+# Squid's `http_access allow localnet` default, as networks: a forward port
+# is not an open relay unless the operator says so.
+DEFAULT_FORWARD_ALLOW = (
+    "127.0.0.0/8",
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "::1/128",
+    "fc00::/7",
+    "fe80::/10",
+)
+ALLOW_EVERYONE = ("0.0.0.0/0", "::/0")
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigError(Exception):
+    """
+    A configuration the proxy refuses to run with.  C{str(error)} is a
+    complete message for the user: C{"FILE: KEY: reason"}.
+    """
+
+
+@attrs.frozen
+class ListenAddress:
+    host: str  # an IP literal without brackets: "0.0.0.0", "::", "127.0.0.1"
+    port: int
+
+    @property
+    def family(self) -> int:
+        import socket
+
+        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+    @property
+    def is_wildcard(self) -> bool:
+        return self.host in ("0.0.0.0", "::")
+
+    def __str__(self) -> str:
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+    def overlaps(self, other: ListenAddress) -> bool:
+        """
+        Whether both addresses would receive the same connections.  A "::"
+        socket also serves IPv4 (we never set IPV6_V6ONLY), and SO_REUSEPORT
+        would let the kernel split traffic between overlapping sockets.
+        """
+        if self.port != other.port:
+            return False
+        if self.host == other.host or "::" in (self.host, other.host):
+            return True
+        if self.family != other.family:
+            return False
+        return self.is_wildcard or other.is_wildcard
+
+
+@attrs.frozen
+class PortConfig:
+    name: str
+    listen: ListenAddress
+    mode: str
+    spoof_client_ip: bool
+    allow: tuple[IPNetwork, ...]
+    connect_ports: tuple[int, ...]
+    divert: tuple[int, ...]
+
+    def allows(self, ip: str) -> bool:
+        address = ipaddress.ip_address(ip)
+        return any(address in network for network in self.allow)
+
+
+@attrs.frozen
+class Timeouts:
+    """Seconds.  Each bounds one wait so that no connection hangs forever."""
+
+    connect: float = 10.0  # upstream TCP connect
+    response: float = 60.0  # request sent -> first byte of the upstream response
+    request_header: float = 30.0  # first byte of a request -> end of its head
+    client_idle: float = 60.0  # keep-alive connection waiting for its next request
+    idle: float = 300.0  # no bytes either way while a body or tunnel is relayed
+
+
+@attrs.frozen
+class Limits:
+    max_request_line: int = 8192
+    max_header_size: int = 65536
+    max_header_fields: int = 100
+
+
+@attrs.frozen
+class Config:
+    path: str
+    workers: int
+    metrics_listen: ListenAddress | None
+    ports: tuple[PortConfig, ...]
+    timeouts: Timeouts
+    limits: Limits
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a configuration file."""
+    path = str(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return parse(data, path)
+
+
+def loads(text: str, path: str = "<string>") -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return parse(data, path)
+
+
+def parse(data: Mapping[str, Any], path: str) -> Config:
+    table = _Table(data, path, "")
+    workers = table.integer("workers", default=0, minimum=0, maximum=1024)
+    metrics = table.table("metrics") or _Table({}, path, "metrics")
+    metrics_listen = None  # listen = "" turns the metrics listener off
+    if metrics.get("listen", None, str) != "":
+        metrics_listen = metrics.address("listen", default="127.0.0.1:9464")
+    metrics.done()
+    timeouts = _timeouts(table.table("timeouts"))
+    limits = _limits(table.table("limits"))
+    raw_ports = table.get("port", [], list)
+    table.done()
+    if not raw_ports:
+        raise ConfigError(f"{path}: port: at least one [[port]] table is required")
+    ports = tuple(
+        _port(_Table(p, path, f"port[{i}]"), i) for i, p in enumerate(_tables(raw_ports, path))
+    )
+    _check_ports(ports, path)
+    return Config(
+        path=path,
+        workers=workers,
+        metrics_listen=metrics_listen,
+        ports=ports,
+        timeouts=timeouts,
+        limits=limits,
+    )
+
+
+def _tables(raw: list[Any], path: str) -> list[Mapping[str, Any]]:
+    for i, item in enumerate(raw):
+        if not isinstance(item, Mapping):
+            raise ConfigError(f"{path}: port[{i}]: must be a table ([[port]])")
+    return raw
+
+
+def _port(table: _Table, index: int) -> PortConfig:
+    listen = table.address("listen")
+    mode = table.get("mode", None, str)
+    if mode is None:
+        raise table.error("mode", f"is required; one of {', '.join(MODES)}")
+    if mode not in MODES:
+        raise table.error("mode", f"must be one of {', '.join(MODES)}, not {mode!r}")
+    name = table.get("name", str(listen.port), str)
+    if not name or not all(c.isalnum() or c in "-_." for c in name):
+        raise table.error("name", "must be non-empty letters, digits, '-', '_' or '.'")
+    spoof = table.get("spoof_client_ip", mode == "tproxy", bool)
+    if spoof and mode == "forward":
+        raise table.error("spoof_client_ip", "is only possible on tproxy and intercept ports")
+    default_allow = DEFAULT_FORWARD_ALLOW if mode == "forward" else ALLOW_EVERYONE
+    allow = tuple(table.network_list("allow", default_allow))
+    connect_ports = table.port_list("connect_ports", (443,), only_for="forward", mode=mode)
+    divert = table.port_list("divert", (80,), only_for="tproxy", mode=mode)
+    table.done()
+    return PortConfig(
+        name=name,
+        listen=listen,
+        mode=mode,
+        spoof_client_ip=spoof,
+        allow=allow,
+        connect_ports=connect_ports,
+        divert=divert,
+    )
+
+
+def _check_ports(ports: tuple[PortConfig, ...], path: str) -> None:
+    names: dict[str, int] = {}
+    for i, port in enumerate(ports):
+        for j, other in enumerate(ports[:i]):
+            if not port.listen.overlaps(other.listen):
+                continue
+            if "tproxy" in (port.mode, other.mode) and port.mode != other.mode:
+                raise ConfigError(
+                    f"{path}: port[{i}].listen: {port.listen} overlaps port[{j}] ({other.listen});"
+                    " a tproxy port may not share its address with another mode:"
+                    " it must receive only TPROXY-diverted traffic"
+                )
+            raise ConfigError(
+                f"{path}: port[{i}].listen: {port.listen} duplicates port[{j}] ({other.listen})"
+            )
+        if port.name in names:
+            raise ConfigError(
+                f"{path}: port[{i}].name: {port.name!r} is already used by"
+                f" port[{names[port.name]}]; names label metrics and must be unique"
+            )
+        names[port.name] = i
+
+
+def _timeouts(table: _Table | None) -> Timeouts:
+    if table is None:
+        return Timeouts()
+    values = {
+        field.name: table.number(field.name, default=field.default, minimum=0.001)
+        for field in attrs.fields(Timeouts)
+    }
+    table.done()
+    return Timeouts(**values)
+
+
+def _limits(table: _Table | None) -> Limits:
+    if table is None:
+        return Limits()
+    values = {
+        field.name: table.integer(field.name, default=field.default, minimum=64, maximum=1 << 24)
+        for field in attrs.fields(Limits)
+    }
+    values["max_header_fields"] = min(values["max_header_fields"], 10_000)
+    table.done()
+    return Limits(**values)
+
+
+def parse_address(text: str) -> ListenAddress:
+    """
+    Parse C{"host:port"}, C{"[v6]:port"} or a bare port number (which means
+    all addresses, both families).  Raises C{ValueError} with a reason.
+    """
+    text = text.strip()
+    if text.isdigit():
+        host, port_text = "::", text
+    elif text.startswith("["):
+        end = text.find("]")
+        if end < 0 or text[end + 1 : end + 2] != ":":
+            raise ValueError("an IPv6 address must be written as [address]:port")
+        host, port_text = text[1:end], text[end + 2 :]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or ":" in host:
+            raise ValueError("must be host:port, [ipv6]:port or a port number")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IP address (host names are not accepted)") from None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"port {port_text!r} must be a number from 1 to 65535")
+    return ListenAddress(host=str(address), port=int(port_text))
+
+
+_TYPE_NAMES = {str: "a string", bool: "true or false", list: "a list", int: "an integer"}
+
+
+class _Table:
+    """A TOML table being read: remembers which keys were used, to reject unknown ones."""
+
+    def __init__(self, data: Mapping[str, Any], path: str, prefix: str) -> None:
+        self._data = data
+        self._path = path
+        self._prefix = prefix
+        self._used: set[str] = set()
+
+    def error(self, key: str, reason: str) -> ConfigError:
+        where = f"{self._prefix}.{key}" if self._prefix else key
+        return ConfigError(f"{self._path}: {where}: {reason}")
+
+    def get(self, key: str, default: Any, kind: type) -> Any:
+        self._used.add(key)
+        if key not in self._data:
+            return default
+        value = self._data[key]
+        # bool is an int in Python; a TOML `true` is never a valid number here.
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            raise self.error(key, f"must be {_TYPE_NAMES.get(kind, kind.__name__)}, not {value!r}")
+        return value
+
+    def integer(self, key: str, *, default: int, minimum: int, maximum: int) -> int:
+        value = self.get(key, default, int)
+        if not minimum <= value <= maximum:
+            raise self.error(key, f"must be from {minimum} to {maximum}, not {value}")
+        return value
+
+    def number(self, key: str, *, default: float, minimum: float) -> float:
+        self._used.add(key)
+        value = self._data.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.error(key, f"must be a number of seconds, not {value!r}")
+        if value < minimum:
+            raise self.error(key, f"must be at least {minimum}, not {value}")
+        return float(value)
+
+    def table(self, key: str) -> _Table | None:
+        value = self.get(key, None, dict)
+        if value is None:
+            return None
+        return _Table(value, self._path, f"{self._prefix}.{key}" if self._prefix else key)
+
+    def address(self, key: str, default: str | None = None) -> ListenAddress:
+        text = self.get(key, default, str)
+        if text is None:
+            raise self.error(key, 'is required, e.g. "0.0.0.0:3128" or "[::]:3129"')
+        try:
+            return parse_address(text)
+        except ValueError as e:
+            raise self.error(key, f"{text!r}: {e}") from None
+
+    def _list(self, key: str, default: tuple[Any, ...], item: Callable[[Any], Any]) -> tuple:
+        raw = self.get(key, None, list)
+        if raw is None:
+            return tuple(item(v) for v in default)
+        result = []
+        for i, value in enumerate(raw):
+            try:
+                result.append(item(value))
+            except (TypeError, ValueError) as e:
+                raise self.error(f"{key}[{i}]", str(e)) from None
+        return tuple(result)
+
+    def network_list(self, key: str, default: tuple[str, ...]) -> tuple[IPNetwork, ...]:
+        def network(value: Any) -> IPNetwork:
+            if not isinstance(value, str):
+                raise TypeError(f'must be a network such as "192.168.0.0/16", not {value!r}')
+            try:
+                return ipaddress.ip_network(value, strict=False)
+            except ValueError:
+                raise ValueError(f'{value!r} is not an IP network such as "10.0.0.0/8"') from None
+
+        return self._list(key, default, network)
+
+    def port_list(
+        self, key: str, default: tuple[int, ...], *, only_for: str, mode: str
+    ) -> tuple[int, ...]:
+        if key in self._data and mode != only_for:
+            raise self.error(key, f"only applies to {only_for} ports, this port's mode is {mode}")
+
+        def port(value: Any) -> int:
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+                raise ValueError(f"must be a port number from 1 to 65535, not {value!r}")
+            return value
+
+        return self._list(key, default, port)
+
+    def done(self) -> None:
+        unknown = sorted(set(self._data) - self._used)
+        if unknown:
+            allowed = ", ".join(sorted(self._used))
+            raise self.error(unknown[0], f"unknown key (allowed here: {allowed})")
+
+
+def with_workers(config: Config, workers: int) -> Config:
+    """The same configuration with C{workers} overridden (the --workers flag)."""
+    return attrs.evolve(config, workers=workers)

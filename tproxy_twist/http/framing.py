@@ -1,0 +1,962 @@
+"""Sans-IO HTTP/1.1 message framing (RFC 9112), strict, for the relay's hot path.
+
+The readers take bytes (``feed``/``feed_eof``) and hand back events
+(``next_event``); they never touch a socket or Twisted.  Each reader parses one
+direction of one connection:
+
+* ``RequestReader``: what a client sends.  Errors carry 400, 413, 414, 431, 501
+  or 505, the status the relay should answer with.
+* ``ResponseReader``: what an upstream sends.  Every error carries 502.
+
+Event sequence for one message::
+
+    Request|Response, Data*, EndOfMessage, PAUSED... until start_next()
+
+``NEED_DATA`` means "feed more bytes"; ``CLOSED`` means the peer closed
+cleanly between messages.  A tunnel response (101, or 2xx to CONNECT) is
+followed by ``PAUSED`` forever; the caller takes the bytes that followed the
+head with ``take_buffered()``.
+
+Choices a caller may rely on (all RFC 9112 "MAY reject" cases are rejected):
+
+* Line endings must be CRLF.  A bare LF, or a bare CR, anywhere in a head, a
+  chunk-size line or a trailer section is an error (400 / 502), for requests and
+  responses alike; an LF-only peer is thus detected at its first line break.
+* Empty lines (CRLF) before a request line or a status line are skipped, up to
+  ``max_line`` bytes of them.
+* obs-fold, whitespace between a field name and the colon, a field name that is
+  not a token, and control characters other than HTAB (NUL, bare CR, DEL, ...)
+  are rejected.
+* A request with both Transfer-Encoding and Content-Length is rejected with 400
+  rather than relayed with Content-Length removed: such a message is the classic
+  request-smuggling vector, and no well-behaved client sends one.  A response
+  with both is accepted (chunked wins), its Content-Length field is dropped from
+  ``headers`` (RFC 9112 §6.3) and ``keep_alive`` is False.
+* Repeated identical Content-Length values (``5, 5`` or two fields) are accepted
+  and ``headers`` then holds a single ``Content-Length`` field, so the message can
+  be forwarded unambiguously; differing values are rejected.
+* Only ``chunked`` is understood as a transfer coding.  In requests: chunked not
+  final -> 400, other codings -> 501, any Transfer-Encoding in HTTP/1.0 -> 400.
+  In responses anything but exactly ``chunked`` -> 502 (the relay could not
+  forward the coded content once the hop-by-hop Transfer-Encoding is removed).
+* HTTP/1.1 requests must carry exactly one Host field; more than one Host field,
+  or a Host value that is not ``host[:port]``, is rejected in any version
+  (RFC 9112 §3.2).
+* request-target must be in a form its method allows: origin-form (``/...``) or
+  absolute-form (``scheme:...``) for most methods, authority-form
+  (``host:port``) for CONNECT, and ``*`` only for OPTIONS (RFC 9112 §3.2).
+* Limits: a start line over ``max_line`` -> 414; a field line over ``max_line``, a
+  head (or trailer section) over ``max_head`` bytes or with more than
+  ``max_fields`` fields -> 431; a Content-Length of more than 64 significant
+  digits -> 413; a chunk size over 16 hex digits or chunk extensions over
+  ``max_chunk_ext`` bytes -> 400.  Responses use 502 for all of them.  Limits
+  are enforced while data is still arriving, not only once a head is complete.
+* ``Expect: 100-continue`` is ignored in HTTP/1.0 requests (RFC 9110 §10.1.1).
+* ``content_length`` is the Content-Length value only when it frames the body
+  (``body`` is "length", or "none" for ``Content-Length: 0``); otherwise None.
+
+Bodies are passed on as slices: when a body arrives in pieces that are entirely
+body, each ``Data.data`` is the very bytes object given to ``feed``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from itertools import repeat
+from typing import Final, NoReturn
+
+__all__ = [
+    "CLOSED",
+    "NEED_DATA",
+    "PAUSED",
+    "Data",
+    "EndOfMessage",
+    "Event",
+    "Headers",
+    "ProtocolError",
+    "Request",
+    "RequestReader",
+    "Response",
+    "ResponseReader",
+]
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class ProtocolError(Exception):
+    """A message we will not relay.
+
+    ``status`` is the HTTP status to answer with (400, 413, 414, 431, 501, 505
+    for requests; 502 for a bad upstream response); ``reason`` is a short human
+    sentence such as "conflicting Content-Length headers".
+    """
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(status, reason)
+        self.status = status
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.reason}"
+
+
+class _Sentinel:
+    __slots__ = ("_name",)
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __repr__(self) -> str:
+        return self._name
+
+
+NEED_DATA: Final = _Sentinel("NEED_DATA")
+"""Feed more bytes before asking again."""
+PAUSED: Final = _Sentinel("PAUSED")
+"""A message ended (or became a tunnel); call start_next() for the next one."""
+CLOSED: Final = _Sentinel("CLOSED")
+"""The peer closed its sending side between messages: a clean close."""
+
+
+class _Message:
+    __slots__ = ("headers",)
+
+    headers: Headers
+
+    def get(self, name: bytes) -> bytes | None:
+        """The first value of the field ``name`` (given in lowercase), or None."""
+        size = len(name)
+        for field, value in self.headers:
+            if len(field) == size and field.lower() == name:
+                return value
+        return None
+
+    def get_all(self, name: bytes) -> list[bytes]:
+        """Every value of the field ``name`` (given in lowercase), in order."""
+        size = len(name)
+        return [v for f, v in self.headers if len(f) == size and f.lower() == name]
+
+
+class Request(_Message):
+    """A parsed request head; ``body`` is "none", "length" or "chunked"."""
+
+    __slots__ = (
+        "method",
+        "target",
+        "version",
+        "keep_alive",
+        "expect_continue",
+        "body",
+        "content_length",
+    )
+
+    def __init__(
+        self,
+        method: bytes,
+        target: bytes,
+        version: bytes,
+        headers: Headers,
+        keep_alive: bool,
+        expect_continue: bool,
+        body: str,
+        content_length: int | None,
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.version = version
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self.expect_continue = expect_continue
+        self.body = body
+        self.content_length = content_length
+
+    def __repr__(self) -> str:
+        return (
+            f"<Request {self.method!r} {self.target!r} {self.version!r} body={self.body}"
+            f" content_length={self.content_length} keep_alive={self.keep_alive}>"
+        )
+
+
+class Response(_Message):
+    """A parsed response head.
+
+    ``body`` is "none", "length", "chunked", "close" (read until the connection
+    closes) or "tunnel" (everything after the head is raw tunnel bytes).
+    """
+
+    __slots__ = ("version", "status", "reason", "keep_alive", "body", "content_length")
+
+    def __init__(
+        self,
+        version: bytes,
+        status: int,
+        reason: bytes,
+        headers: Headers,
+        keep_alive: bool,
+        body: str,
+        content_length: int | None,
+    ) -> None:
+        self.version = version
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self.body = body
+        self.content_length = content_length
+
+    @property
+    def interim(self) -> bool:
+        """True for a 1xx response other than 101: the final response is still to come."""
+        return 100 <= self.status < 200 and self.status != 101
+
+    def __repr__(self) -> str:
+        return (
+            f"<Response {self.version!r} {self.status} {self.reason!r} body={self.body}"
+            f" content_length={self.content_length} keep_alive={self.keep_alive}>"
+        )
+
+
+class Data:
+    """A piece of body, decoded (chunk framing removed)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is Data and other.data == self.data
+
+    def __hash__(self) -> int:
+        return hash(self.data)
+
+    def __repr__(self) -> str:
+        return f"Data({self.data!r})"
+
+
+class EndOfMessage:
+    """The message is complete; ``trailers`` holds the trailer fields, if any."""
+
+    __slots__ = ("trailers",)
+
+    def __init__(self, trailers: Headers | None = None) -> None:
+        self.trailers: Headers = [] if trailers is None else trailers
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is EndOfMessage and other.trailers == self.trailers
+
+    __hash__ = None  # type: ignore[assignment]  # mutable trailers
+
+    def __repr__(self) -> str:
+        return f"EndOfMessage({self.trailers!r})"
+
+
+Event = Request | Response | Data | EndOfMessage | _Sentinel
+
+# --- character classes -----------------------------------------------------------
+
+_TCHAR: Final = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_HEXDIG: Final = b"0123456789abcdefABCDEF"
+_HTTP_VERSION: Final = re.compile(rb"HTTP/[0-9]\.[0-9]")
+_SCHEME: Final = re.compile(rb"[A-Za-z][A-Za-z0-9+.\-]*:")
+_AUTHORITY: Final = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[^:/?#@\[\]]+):[0-9]+")
+# RFC 9110 §7.2: Host = uri-host [ ":" port ]; uri-host is an IP-literal or a reg-name.
+_HOST: Final = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
+_TOKEN_RE: Final = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_QUOTED: Final = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
+_CHUNK_EXT_VALUE: Final = rb"(?:" + _TOKEN_RE + rb"|" + _QUOTED + rb")"
+# chunk-ext = *( BWS ";" BWS chunk-ext-name [ BWS "=" BWS chunk-ext-val ] )
+_CHUNK_EXT: Final = re.compile(
+    rb"(?:[ \t]*;[ \t]*" + _TOKEN_RE + rb"(?:[ \t]*=[ \t]*" + _CHUNK_EXT_VALUE + rb")?)+"
+)
+
+# Every byte allowed in a head besides CR and LF: VCHAR, SP, HTAB, obs-text.
+_FIELD_CHARS: Final = b"\t" + bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100))
+# A line start (after CRLF) that is not "token:"; the start line is not preceded by CRLF.
+_BAD_FIELD_START: Final = re.compile(rb"\r\n(?!" + _TOKEN_RE + rb":)")
+_FRAMING_FIELDS: Final = re.compile(
+    rb"\r\n(host|content-length|transfer-encoding|connection|expect):[ \t]*([^\r]*)"
+)
+_COLONS: Final = repeat(b":")
+_MAX_CHUNK_SIZE_DIGITS: Final = 16
+_MAX_CONTENT_LENGTH_DIGITS: Final = 64  # beyond any real body; keeps int() cheap
+
+# --- reader states ---------------------------------------------------------------
+
+_HEAD: Final = 0
+_LENGTH: Final = 1
+_CHUNK_SIZE: Final = 2
+_CHUNK_DATA: Final = 3
+_CHUNK_CRLF: Final = 4
+_TRAILERS: Final = 5
+_UNTIL_CLOSE: Final = 6
+_END: Final = 7  # head emitted, no body: EndOfMessage is next
+_DONE: Final = 8  # EndOfMessage emitted: PAUSED until start_next()
+_TUNNEL: Final = 9
+_CLOSED: Final = 10
+_ERROR: Final = 11
+
+
+class _Reader:
+    """Buffering, body framing and limits shared by both directions."""
+
+    __slots__ = (
+        "_buf",
+        "_pos",
+        "_scan",
+        "_line_ok",
+        "_blank",
+        "_state",
+        "_remaining",
+        "_eof",
+        "_error",
+        "_max_line",
+        "_max_head",
+        "_max_fields",
+        "_max_chunk_ext",
+    )
+
+    # Statuses for this direction: malformed, start line too long, head too large,
+    # Content-Length beyond reason.
+    _BAD = 400
+    _LINE_TOO_LONG = 414
+    _HEAD_TOO_LARGE = 431
+    _BODY_TOO_LARGE = 413
+    _START_LINE = "request line"
+
+    def __init__(
+        self,
+        *,
+        max_line: int = 8192,
+        max_head: int = 65536,
+        max_fields: int = 100,
+        max_chunk_ext: int = 4096,
+    ) -> None:
+        # _buf[_pos:] is unparsed.  _buf is the caller's bytes object while it is the
+        # only data buffered (so a body slice can be handed on without a copy), and a
+        # bytearray once two pieces had to be joined.
+        self._buf: bytes | bytearray = b""
+        self._pos = 0
+        self._scan = 0  # where the search for the end of a head/trailer block resumes
+        self._line_ok = False  # the start line is known to be within max_line
+        self._blank = 0  # bytes of empty lines skipped before this message's start line
+        self._state = _HEAD
+        self._remaining = 0
+        self._eof = False
+        self._error: ProtocolError | None = None
+        self._max_line = max_line
+        self._max_head = max_head
+        self._max_fields = max_fields
+        self._max_chunk_ext = max_chunk_ext
+
+    # --- public API ----------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        """Append bytes received from the peer (b"" is allowed)."""
+        if not data:
+            return
+        if self._eof:
+            raise RuntimeError("feed() after feed_eof()")
+        if type(data) is not bytes:
+            data = bytes(data)  # never alias a buffer the caller may reuse
+        buf = self._buf
+        pos = self._pos
+        if pos >= len(buf):
+            self._buf = data
+            self._scan = 0
+        elif type(buf) is bytearray:
+            if pos:
+                del buf[:pos]  # O(1): CPython moves the start of a bytearray
+                self._scan = max(self._scan - pos, 0)
+            buf += data
+        else:
+            joined = bytearray(memoryview(buf)[pos:])
+            joined += data
+            self._buf = joined
+            self._scan = max(self._scan - pos, 0)
+        self._pos = 0
+
+    def feed_eof(self) -> None:
+        """The peer closed its sending side; no more bytes will be fed."""
+        self._eof = True
+
+    def start_next(self) -> None:
+        """Begin the next message; legal only once EndOfMessage was returned."""
+        if self._state != _DONE:
+            raise RuntimeError("start_next() is only legal after EndOfMessage")
+        self._state = _HEAD
+
+    def take_buffered(self) -> bytes:
+        """Return and forget every unparsed byte (for a connection that became a tunnel)."""
+        buf = self._buf
+        pos = self._pos
+        if pos == 0 and type(buf) is bytes:
+            out = buf
+        else:
+            out = bytes(buf[pos:])
+        self._buf = b""
+        self._pos = 0
+        self._scan = 0
+        return out
+
+    @property
+    def idle(self) -> bool:
+        """True between messages with nothing buffered (no partial message)."""
+        return self._state in (_HEAD, _DONE, _CLOSED) and self._pos >= len(self._buf)
+
+    def next_event(self) -> Event:
+        """The next event; raises ProtocolError (and keeps raising it) on a bad message."""
+        try:
+            return self._next_event()
+        except ProtocolError as e:
+            self._state = _ERROR
+            self._error = e
+            raise
+
+    # --- the state machine -----------------------------------------------------
+
+    def _next_event(self) -> Event:
+        while True:
+            state = self._state
+            if state == _HEAD:
+                return self._read_head()
+            if state == _LENGTH or state == _CHUNK_DATA:
+                avail = len(self._buf) - self._pos
+                if avail <= 0:
+                    return self._need_data()
+                remaining = self._remaining
+                if avail >= remaining:
+                    self._state = _END if state == _LENGTH else _CHUNK_CRLF
+                    return Data(self._take(remaining))
+                self._remaining = remaining - avail
+                return Data(self._take(avail))
+            if state == _END:
+                self._state = _DONE
+                return EndOfMessage([])
+            if state == _DONE or state == _TUNNEL:
+                return PAUSED
+            if state == _CHUNK_CRLF:
+                buf = self._buf
+                pos = self._pos
+                avail = len(buf) - pos
+                if avail >= 2:
+                    if buf[pos] != 13 or buf[pos + 1] != 10:
+                        raise ProtocolError(self._BAD, "chunk data not followed by CRLF")
+                    self._pos = pos + 2
+                    self._state = _CHUNK_SIZE
+                    continue
+                if avail == 1 and buf[pos] != 13:
+                    raise ProtocolError(self._BAD, "chunk data not followed by CRLF")
+                return self._need_data()
+            if state == _CHUNK_SIZE:
+                event = self._read_chunk_size()
+                if event is not None:
+                    return event
+                continue
+            if state == _TRAILERS:
+                return self._read_trailers()
+            if state == _UNTIL_CLOSE:
+                if self._pos < len(self._buf):
+                    return Data(self._take(len(self._buf) - self._pos))
+                if self._eof:
+                    self._state = _DONE
+                    return EndOfMessage([])
+                return NEED_DATA
+            if state == _CLOSED:
+                return CLOSED
+            assert self._error is not None
+            raise self._error
+
+    def _need_data(self) -> _Sentinel:
+        if self._eof:
+            raise ProtocolError(self._BAD, "connection closed mid-message")
+        return NEED_DATA
+
+    def _take(self, n: int) -> bytes:
+        """Consume n buffered bytes, reusing the fed bytes object when it is exactly that."""
+        buf = self._buf
+        pos = self._pos
+        end = pos + n
+        if end >= len(buf):
+            self._buf = b""
+            self._pos = 0
+            if pos == 0 and type(buf) is bytes:
+                return buf
+            return bytes(buf[pos:])
+        self._pos = end
+        out = buf[pos:end]
+        return out if type(out) is bytes else bytes(out)
+
+    def _read_head(self) -> Event:
+        buf = self._buf
+        pos = self._pos
+        # RFC 9112 §2.2: ignore empty lines before the start line.
+        if buf.startswith(b"\r\n", pos):
+            start = pos
+            while buf.startswith(b"\r\n", pos):
+                pos += 2
+            self._pos = pos
+            self._blank += pos - start
+            if self._blank > self._max_line:
+                raise ProtocolError(
+                    self._BAD, f"too many empty lines before the {self._START_LINE}"
+                )
+        if pos >= len(buf):
+            self._buf = b""
+            self._pos = 0
+            if self._eof:
+                self._state = _CLOSED
+                return CLOSED
+            return NEED_DATA
+        self._check_head_allowed()
+        end = self._find_block(start_line=True)
+        if end < 0:
+            return self._need_data()
+        head = buf[pos:end]
+        if type(head) is not bytes:
+            head = bytes(head)
+        self._pos = end + 4
+        self._scan = 0
+        self._line_ok = False
+        self._blank = 0
+        return self._parse_head(head)
+
+    def _check_head_allowed(self) -> None:
+        """Hook: raise if no message may start here."""
+
+    def _parse_head(self, head: bytes) -> Event:
+        raise NotImplementedError
+
+    def _find_block(self, *, start_line: bool) -> int:
+        """Index of the CRLFCRLF ending the block at _pos, or -1 (after limit checks)."""
+        buf = self._buf
+        pos = self._pos
+        start = self._scan
+        if start < pos:
+            start = pos
+        end = buf.find(b"\r\n\r\n", start)
+        if end >= 0:
+            return end
+        n = len(buf)
+        # Catch an LF-only peer now rather than when a limit is hit: every LF seen
+        # since the last call must end a CRLF.
+        if buf.count(b"\n", start, n) != buf.count(b"\r\n", start - 1 if start > pos else pos, n):
+            raise ProtocolError(self._BAD, "bare LF line ending (CRLF required)")
+        max_line = self._max_line
+        if start_line and not self._line_ok and n - pos >= max_line + 2:
+            if buf.find(b"\r\n", pos, pos + max_line + 2) < 0:
+                raise ProtocolError(self._LINE_TOO_LONG, f"{self._START_LINE} too long")
+            self._line_ok = True
+        if n - pos >= self._max_head:
+            raise ProtocolError(self._HEAD_TOO_LARGE, self._section_name(start_line) + " too large")
+        self._scan = n - 3
+        return -1
+
+    def _section_name(self, start_line: bool) -> str:
+        return "header section" if start_line else "trailer section"
+
+    def _parse_block(self, block: bytes, start_line: bool) -> tuple[bytes, Headers]:
+        """Check a head or trailer block (without its final CRLFCRLF) and parse its fields.
+
+        Returns the start line (b"" for trailers) and the fields.  The checks run
+        over the whole block in C (translate, one regex) rather than per field.
+        """
+        lines = block.split(b"\r\n")
+        # Deleting every allowed byte leaves the controls: only the CRLFs may remain.
+        if len(block.translate(None, _FIELD_CHARS)) != 2 * (len(lines) - 1):
+            self._bad_control(block, lines[0] if start_line else b"")
+        size = len(block)
+        max_line = self._max_line
+        if start_line and size > max_line and len(lines[0]) > max_line:
+            raise ProtocolError(self._LINE_TOO_LONG, f"{self._START_LINE} too long")
+        if size + 4 > self._max_head:
+            raise ProtocolError(self._HEAD_TOO_LARGE, self._section_name(start_line) + " too large")
+        if size > max_line and max(map(len, lines)) > max_line:
+            raise ProtocolError(self._HEAD_TOO_LARGE, "header field line too long")
+        if start_line:
+            if len(lines) - 1 > self._max_fields:
+                raise ProtocolError(self._HEAD_TOO_LARGE, "too many header fields")
+            bad = _BAD_FIELD_START.search(block)
+            if bad is not None:
+                self._bad_field_line(block[bad.end() :].partition(b"\r\n")[0])
+            start = lines[0]
+            del lines[0]
+        else:
+            if len(lines) > self._max_fields:
+                raise ProtocolError(self._HEAD_TOO_LARGE, "too many trailer fields")
+            prefixed = b"\r\n" + block
+            bad = _BAD_FIELD_START.search(prefixed)
+            if bad is not None:
+                self._bad_field_line(prefixed[bad.end() :].partition(b"\r\n")[0])
+            start = b""
+        return start, [(n, v.strip(b" \t")) for n, _, v in map(bytes.partition, lines, _COLONS)]
+
+    def _bad_control(self, block: bytes, start_line: bytes) -> NoReturn:
+        crlf = block.count(b"\r\n")
+        if block.count(b"\n") != crlf:
+            raise ProtocolError(self._BAD, "bare LF line ending (CRLF required)")
+        if block.count(b"\r") != crlf:
+            raise ProtocolError(self._BAD, "bare CR in message head")
+        if start_line and start_line.translate(None, _FIELD_CHARS):
+            raise ProtocolError(self._BAD, f"control character in {self._START_LINE}")
+        raise ProtocolError(self._BAD, "control character in header field")
+
+    def _bad_field_line(self, line: bytes) -> NoReturn:
+        if line[:1] in (b" ", b"\t"):
+            raise ProtocolError(self._BAD, "obsolete line folding (obs-fold) in header section")
+        name, colon, _ = line.partition(b":")
+        if not colon:
+            raise ProtocolError(self._BAD, "header field line without a colon")
+        stripped = name.rstrip(b" \t")
+        if stripped and stripped != name and not stripped.translate(None, _TCHAR):
+            raise ProtocolError(self._BAD, "whitespace between field name and colon")
+        raise ProtocolError(self._BAD, "invalid header field name")
+
+    def _content_length(self, values: list[bytes]) -> tuple[int, bytes, bool]:
+        """Validate Content-Length values: (length, the value, whether it was repeated)."""
+        first = values[0]
+        repeated = len(values) > 1
+        if b"," in first or repeated:
+            items = []
+            for v in values:
+                items.extend(x.strip(b" \t") for x in v.split(b","))
+            first = items[0]
+            for item in items:
+                if item != first:
+                    if item.isdigit() and first.isdigit():
+                        raise ProtocolError(self._BAD, "conflicting Content-Length headers")
+                    raise ProtocolError(self._BAD, "invalid Content-Length")
+            repeated = True
+        if not first.isdigit():
+            raise ProtocolError(self._BAD, "invalid Content-Length")
+        if len(first) > _MAX_CONTENT_LENGTH_DIGITS and len(first.lstrip(b"0")) > (
+            _MAX_CONTENT_LENGTH_DIGITS
+        ):
+            raise ProtocolError(self._BODY_TOO_LARGE, "Content-Length too large")
+        return int(first.lstrip(b"0") or b"0"), first, repeated
+
+    @staticmethod
+    def _codings(values: list[bytes]) -> list[bytes]:
+        codings = []
+        for v in values:
+            for item in v.split(b","):
+                item = item.strip(b" \t")
+                if item:
+                    codings.append(item.lower())
+        return codings
+
+    def _read_chunk_size(self) -> Event | None:
+        buf = self._buf
+        pos = self._pos
+        limit = _MAX_CHUNK_SIZE_DIGITS + self._max_chunk_ext
+        i = buf.find(b"\r\n", pos)
+        if i < 0:
+            if buf.find(b"\n", pos) >= 0:
+                raise ProtocolError(self._BAD, "bare LF line ending (CRLF required)")
+            if len(buf) - pos > limit:
+                too_long = "extensions" if buf.find(b";", pos) >= 0 else "size"
+                raise ProtocolError(self._BAD, f"chunk {too_long} too long")
+            return self._need_data()
+        if i - pos > limit:
+            too_long = "extensions" if buf.find(b";", pos, i) >= 0 else "size"
+            raise ProtocolError(self._BAD, f"chunk {too_long} too long")
+        line = buf[pos:i]
+        semi = line.find(b";")
+        if semi < 0:
+            size_part = line
+        else:
+            size_part = line[:semi].rstrip(b" \t")
+            ext = line[len(size_part) :]
+            if len(ext) > self._max_chunk_ext:
+                raise ProtocolError(self._BAD, "chunk extensions too long")
+            if _CHUNK_EXT.fullmatch(ext) is None:
+                if b"\n" in ext:
+                    raise ProtocolError(self._BAD, "bare LF line ending (CRLF required)")
+                raise ProtocolError(self._BAD, "malformed chunk extension")
+        if not size_part or size_part.translate(None, _HEXDIG):
+            if b"\n" in size_part:
+                raise ProtocolError(self._BAD, "bare LF line ending (CRLF required)")
+            raise ProtocolError(self._BAD, "invalid chunk size")
+        if len(size_part) > _MAX_CHUNK_SIZE_DIGITS:
+            raise ProtocolError(self._BAD, "chunk size too long")
+        size = int(size_part, 16)
+        self._pos = i + 2
+        if size:
+            self._remaining = size
+            self._state = _CHUNK_DATA
+        else:
+            self._state = _TRAILERS
+        return None
+
+    def _read_trailers(self) -> Event:
+        buf = self._buf
+        pos = self._pos
+        avail = len(buf) - pos
+        if avail >= 2 and buf[pos] == 13 and buf[pos + 1] == 10:
+            self._pos = pos + 2
+            self._state = _DONE
+            return EndOfMessage([])
+        if avail < 2:
+            if avail == 1 and buf[pos] == 10:
+                raise ProtocolError(self._BAD, "bare LF line ending (CRLF required)")
+            return self._need_data()
+        end = self._find_block(start_line=False)
+        if end < 0:
+            return self._need_data()
+        block = buf[pos:end]
+        if type(block) is not bytes:
+            block = bytes(block)
+        self._pos = end + 4
+        self._scan = 0
+        trailers = self._parse_block(block, False)[1]
+        self._state = _DONE
+        return EndOfMessage(trailers)
+
+
+def _keep_alive(connection: list[bytes], http11: bool) -> bool:
+    """Persistence from the (lowercased) Connection values (RFC 9112 §9.3)."""
+    if len(connection) == 1:  # the usual single "keep-alive" or "close"
+        value = connection[0]
+        if value == b"close":
+            return False
+        if value == b"keep-alive":
+            return True
+    tokens = _tokens(connection)
+    return b"close" not in tokens and (http11 or b"keep-alive" in tokens)
+
+
+def _tokens(values: list[bytes]) -> set[bytes]:
+    out = set()
+    for v in values:
+        for item in v.split(b","):
+            item = item.strip(b" \t")
+            if item:
+                out.add(item.lower())
+    return out
+
+
+class RequestReader(_Reader):
+    """Parses the requests a client sends on one connection (see the module docstring)."""
+
+    __slots__ = ()
+
+    def _parse_head(self, head: bytes) -> Event:
+        start_line, headers = self._parse_block(head, True)
+        parts = start_line.split(b" ")
+        if len(parts) != 3:
+            raise ProtocolError(400, "malformed request line")
+        method, target, version = parts
+        if version != b"HTTP/1.1" and version != b"HTTP/1.0":
+            if _HTTP_VERSION.fullmatch(version):
+                raise ProtocolError(505, "HTTP version not supported")
+            raise ProtocolError(400, "malformed request line")
+        if not method or method.translate(None, _TCHAR):
+            raise ProtocolError(400, "invalid method")
+        _check_target(method, target)
+        http11 = version == b"HTTP/1.1"
+        host = 0
+        cl: list[bytes] | None = None
+        te: list[bytes] | None = None
+        conn: list[bytes] | None = None
+        expect: list[bytes] | None = None
+        # Lowercased (name, value) of the fields that decide framing, found in one pass.
+        for lname, value in _FRAMING_FIELDS.findall(head.lower()):
+            value = value.rstrip(b" \t")
+            if lname == b"host":
+                host += 1
+                if _HOST.fullmatch(value) is None:
+                    raise ProtocolError(400, "invalid Host header")
+            elif lname == b"content-length":
+                cl = [value] if cl is None else [*cl, value]
+            elif lname == b"transfer-encoding":
+                te = [value] if te is None else [*te, value]
+            elif lname == b"connection":
+                conn = [value] if conn is None else [*conn, value]
+            else:
+                expect = [value] if expect is None else [*expect, value]
+        if host > 1:
+            raise ProtocolError(400, "multiple Host headers")
+        if host == 0 and http11:
+            raise ProtocolError(400, "missing Host header")
+
+        body = "none"
+        length: int | None = None
+        if te is not None:
+            if not http11:
+                raise ProtocolError(400, "Transfer-Encoding in an HTTP/1.0 request")
+            if cl is not None:
+                raise ProtocolError(400, "both Transfer-Encoding and Content-Length")
+            codings = self._codings(te)
+            if not codings or codings[-1] != b"chunked":
+                raise ProtocolError(400, "chunked is not the final transfer coding")
+            if len(codings) > 1:
+                if b"chunked" in codings[:-1]:
+                    raise ProtocolError(400, "chunked applied more than once")
+                raise ProtocolError(501, "unsupported transfer coding")
+            body = "chunked"
+        elif cl is not None:
+            length, raw, repeated = self._content_length(cl)
+            if length:
+                body = "length"
+            if repeated:
+                headers = _single_content_length(headers, raw)
+
+        keep_alive = http11 if conn is None else _keep_alive(conn, http11)
+        expect_continue = False
+        if expect is not None and http11:
+            expect_continue = b"100-continue" in _tokens(expect)
+        self._state = _LENGTH if body == "length" else (_CHUNK_SIZE if body == "chunked" else _END)
+        self._remaining = length or 0
+        return Request(method, target, version, headers, keep_alive, expect_continue, body, length)
+
+
+def _check_target(method: bytes, target: bytes) -> None:
+    if not target or b"\t" in target:
+        raise ProtocolError(400, "invalid request-target")
+    if method == b"CONNECT":
+        if _AUTHORITY.fullmatch(target) is None:
+            raise ProtocolError(400, "CONNECT needs an authority-form request-target (host:port)")
+    elif target[0] == 47:  # b"/"
+        return
+    elif target == b"*":
+        if method != b"OPTIONS":
+            raise ProtocolError(400, "asterisk-form request-target is only allowed for OPTIONS")
+    elif _SCHEME.match(target) is None:
+        raise ProtocolError(400, "invalid request-target")
+
+
+def _single_content_length(headers: Headers, value: bytes) -> Headers:
+    out: Headers = []
+    seen = False
+    for name, v in headers:
+        if len(name) == 14 and name.lower() == b"content-length":
+            if seen:
+                continue
+            seen = True
+            v = value
+        out.append((name, v))
+    return out
+
+
+def _without_content_length(headers: Headers) -> Headers:
+    return [(n, v) for n, v in headers if not (len(n) == 14 and n.lower() == b"content-length")]
+
+
+class ResponseReader(_Reader):
+    """Parses the responses an upstream sends on one connection (see the module docstring).
+
+    Every error is a ProtocolError with status 502.  Call ``expect(method)`` for
+    each request sent upstream, in order; each final response answers the oldest.
+    """
+
+    __slots__ = ("_methods",)
+
+    _BAD = 502
+    _LINE_TOO_LONG = 502
+    _HEAD_TOO_LARGE = 502
+    _BODY_TOO_LARGE = 502
+    _START_LINE = "status line"
+
+    def __init__(
+        self,
+        *,
+        max_line: int = 8192,
+        max_head: int = 65536,
+        max_fields: int = 100,
+        max_chunk_ext: int = 4096,
+    ) -> None:
+        super().__init__(
+            max_line=max_line,
+            max_head=max_head,
+            max_fields=max_fields,
+            max_chunk_ext=max_chunk_ext,
+        )
+        self._methods: deque[bytes] = deque()
+
+    def expect(self, method: bytes) -> None:
+        """Queue the method of a request sent upstream (pipelining order)."""
+        self._methods.append(method)
+
+    def _check_head_allowed(self) -> None:
+        if not self._methods:
+            raise ProtocolError(502, "response without a request")
+
+    def _parse_head(self, head: bytes) -> Event:
+        start_line, headers = self._parse_block(head, True)
+        version, _, rest = start_line.partition(b" ")
+        if version != b"HTTP/1.1" and version != b"HTTP/1.0":
+            raise ProtocolError(502, "malformed status line")
+        code, _, reason = rest.partition(b" ")
+        if len(code) != 3 or not code.isdigit() or not b"100" <= code <= b"599":
+            raise ProtocolError(502, "invalid status code")
+        status = int(code)
+        http11 = version == b"HTTP/1.1"
+
+        if status < 200 and status != 101:
+            # Interim: its fields say nothing about framing; the request is still open.
+            self._state = _END
+            return Response(version, status, reason, headers, True, "none", None)
+        method = self._methods.popleft()
+
+        cl: list[bytes] | None = None
+        te: list[bytes] | None = None
+        conn: list[bytes] | None = None
+        for lname, value in _FRAMING_FIELDS.findall(head.lower()):
+            value = value.rstrip(b" \t")
+            if lname == b"content-length":
+                cl = [value] if cl is None else [*cl, value]
+            elif lname == b"transfer-encoding":
+                te = [value] if te is None else [*te, value]
+            elif lname == b"connection":
+                conn = [value] if conn is None else [*conn, value]
+        keep_alive = http11 if conn is None else _keep_alive(conn, http11)
+
+        length: int | None = None
+        raw = b""
+        repeated = False
+        if cl is not None:
+            length, raw, repeated = self._content_length(cl)
+        if te is not None:
+            if cl is not None:
+                # RFC 9112 §6.3: Transfer-Encoding overrides; never forward both.
+                headers = _without_content_length(headers)
+                length = None
+                keep_alive = False
+            if not http11:
+                keep_alive = False
+        elif repeated:
+            headers = _single_content_length(headers, raw)
+
+        if status == 101 or (method == b"CONNECT" and status < 300):
+            # The switch happens whatever the method, and a 2xx (even 204) to CONNECT
+            # opens the tunnel: after this head the bytes are no longer HTTP.
+            body = "tunnel"
+            length = None
+            keep_alive = False
+        elif method == b"HEAD" or status == 204 or status == 304:
+            body = "none"
+            length = None
+        elif te is not None:
+            codings = self._codings(te)
+            if codings != [b"chunked"]:
+                raise ProtocolError(502, "unsupported transfer coding in response")
+            body = "chunked"
+        elif length is not None:
+            body = "length" if length else "none"
+        else:
+            body = "close"
+            keep_alive = False
+
+        if body == "none":
+            self._state = _END
+        elif body == "length":
+            self._state = _LENGTH
+            self._remaining = length or 0
+        elif body == "chunked":
+            self._state = _CHUNK_SIZE
+        elif body == "close":
+            self._state = _UNTIL_CLOSE
+        else:
+            self._state = _TUNNEL
+        return Response(version, status, reason, headers, keep_alive, body, length)

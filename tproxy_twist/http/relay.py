@@ -1,0 +1,820 @@
+"""
+The HTTP relay: Twisted protocols that move bytes between a client
+connection and its pinned upstream connection.
+
+Framing decisions are made by the sans-IO readers in L{framing}; header
+rules live in L{headers}; this module only glues them to transports, timers,
+backpressure and metrics.
+
+One client connection has at most one upstream connection at a time.  On
+tproxy ports it is bound to the client's own address, so it is never shared
+with another client.  Requests on one client connection are handled one at
+a time, in order: pipelined requests wait in the reader (and in the kernel,
+since reading from the client pauses) until the previous response is done.
+"""
+
+from __future__ import annotations
+
+import errno
+
+import attrs
+from twisted.internet import error as neterror
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ..config import Limits, PortConfig, Timeouts
+from ..metrics import PortMetrics
+from ..sockets import SPOOF_ERRNOS, UpstreamConnect, nat_original_destination, unmap
+from . import headers as H
+from .framing import (
+    CLOSED,
+    NEED_DATA,
+    PAUSED,
+    Data,
+    EndOfMessage,
+    ProtocolError,
+    Request,
+    RequestReader,
+    Response,
+    ResponseReader,
+)
+from .target import parse_authority, split_absolute
+
+log = Logger()
+
+REASON_PHRASES = {
+    400: b"Bad Request",
+    403: b"Forbidden",
+    405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    431: b"Request Header Fields Too Large",
+    501: b"Not Implemented",
+    502: b"Bad Gateway",
+    504: b"Gateway Timeout",
+    505: b"HTTP Version Not Supported",
+    508: b"Loop Detected",
+}
+
+_CONNECT_ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
+# A client that was answered with an error may still be sending its body;
+# closing at once would reset the connection and could destroy the answer
+# before the client reads it (nginx's "lingering close").
+_LINGER_SECONDS = 2.0
+
+
+@attrs.frozen
+class RelaySettings:
+    timeouts: Timeouts
+    limits: Limits
+    pseudonym: str  # how we name ourselves in Via: the host name
+
+    @property
+    def via_marker(self) -> bytes:
+        """What our own Via entries contain; seeing it on a request means a loop."""
+        return f"{self.pseudonym} (tproxy-twist)".encode()
+
+
+@implementer(IPushProducer)
+class ReadGate:
+    """
+    Pauses reading from a transport for any of several reasons at once
+    (backpressure from the other side, waiting for an upstream connection,
+    a pipelined request waiting its turn) and resumes only when none is left.
+    """
+
+    __slots__ = ("_transport", "_reasons")
+
+    def __init__(self, transport) -> None:
+        self._transport = transport
+        self._reasons: set[str] = set()
+
+    def pause(self, reason: str) -> None:
+        if not self._reasons:
+            self._transport.pauseProducing()
+        self._reasons.add(reason)
+
+    def resume(self, reason: str) -> None:
+        if reason in self._reasons:
+            self._reasons.discard(reason)
+            if not self._reasons:
+                self._transport.resumeProducing()
+
+    def pauseProducing(self) -> None:
+        self.pause("backpressure")
+
+    def resumeProducing(self) -> None:
+        self.resume("backpressure")
+
+    def stopProducing(self) -> None:
+        # The consumer went away; the connection's owner decides what closes.
+        self.resume("backpressure")
+
+
+class ProxyFactory(Factory):
+    """Builds a L{ClientConnection} for each connection on one configured port."""
+
+    noisy = False
+
+    def __init__(
+        self,
+        port: PortConfig,
+        *,
+        settings: RelaySettings,
+        connect: UpstreamConnect,
+        clock: IReactorTime,
+        local_addresses,
+        metrics: PortMetrics,
+    ) -> None:
+        self.port = port
+        self.settings = settings
+        self.connect = connect
+        self.clock = clock
+        self.local_addresses = local_addresses
+        self.metrics = metrics
+
+    def buildProtocol(self, addr):
+        return ClientConnection(self)
+
+
+class _Exchange:
+    """One request and its response, as the relay tracks it."""
+
+    __slots__ = (
+        "request",
+        "method",
+        "started",
+        "head",
+        "chunked_out",
+        "request_done",
+        "response_started",
+        "response_chunked",
+        "status",
+        "close_client",
+        "tunnel",
+        "connect_started",
+        "replayable",
+        "upstream_keep_alive",
+    )
+
+    def __init__(self, request: Request, started: float) -> None:
+        self.request = request
+        self.method = request.method
+        self.started = started
+        self.head = b""  # the serialized head sent upstream
+        self.chunked_out = False  # request body re-chunked upstream
+        self.request_done = False  # whole request written upstream
+        self.response_started = False
+        self.response_chunked = False  # response body re-chunked to the client
+        self.status = 0
+        self.close_client = not request.keep_alive
+        self.tunnel = False  # CONNECT or Upgrade
+        self.connect_started = 0.0
+        self.replayable = False  # may be resent once on a fresh connection
+        self.upstream_keep_alive = True
+
+
+class Upstream(Protocol):
+    """The connection to the origin; reports everything to its client."""
+
+    def __init__(self, client: ClientConnection, destination: tuple[str, int]) -> None:
+        self.client = client
+        self.destination = destination
+        self.reader: ResponseReader | None = None
+        self.gate: ReadGate | None = None
+        self.served = 0  # responses completed on this connection
+        self.lost = False
+
+    def connectionMade(self) -> None:
+        self.transport.setTcpNoDelay(True)
+        self.gate = ReadGate(self.transport)
+        self.client.upstream_connected(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.client.upstream_data(self, data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.lost = True
+        self.client.upstream_lost(self, reason)
+
+
+class _UpstreamFactory(ClientFactory):
+    noisy = False  # one per upstream connection: no start/stop log lines
+
+    def __init__(self, client: ClientConnection, destination: tuple[str, int]) -> None:
+        self.client = client
+        self.destination = destination
+
+    def buildProtocol(self, addr):
+        return Upstream(self.client, self.destination)
+
+    def clientConnectionFailed(self, connector, reason: Failure) -> None:
+        self.client.upstream_failed(self.destination, reason)
+
+
+class ClientConnection(Protocol):
+    """One accepted client connection and everything relayed for it."""
+
+    def __init__(self, factory: ProxyFactory) -> None:
+        self.factory = factory
+        self.port = factory.port
+        self.metrics = factory.metrics
+        self._clock = factory.clock
+        self._pseudonym = factory.settings.pseudonym
+        self._via_marker = factory.settings.via_marker
+        limits = factory.settings.limits
+        self._reader = RequestReader(
+            max_line=limits.max_request_line,
+            max_head=limits.max_header_size,
+            max_fields=limits.max_header_fields,
+        )
+        self._upstream: Upstream | None = None
+        self._connecting: tuple[str, int] | None = None
+        self._exchange: _Exchange | None = None
+        self._timer: IDelayedCall | None = None
+        self._timer_kind = ""
+        self._last_activity = 0.0
+        self._tunnel = False
+        self._discarding = False
+        self._closed = False
+        self._bytes_in = 0
+        self._bytes_out = 0
+        self.client_ip = ""
+        self.destination: tuple[str, int] | None = None
+        self._refusal: tuple[int, str, str] | None = None  # (status, text, metric reason)
+
+    # --- client side -------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        transport = self.transport
+        transport.setTcpNoDelay(True)
+        self.gate = ReadGate(transport)
+        self.metrics.connections.inc()
+        self.metrics.active.inc()
+        self.client_ip = unmap(transport.getPeer().host)
+        self._last_activity = self._clock.seconds()
+        mode = self.port.mode
+        if not self.port.allows(self.client_ip):
+            self._refusal = (403, "access denied: your address may not use this proxy", "forbidden")
+        elif mode == "tproxy":
+            host = transport.getHost()
+            self.destination = (unmap(host.host), host.port)
+        elif mode == "intercept":
+            try:
+                self.destination = nat_original_destination(transport.getHandle())
+            except OSError:
+                self.destination = None
+                self._refusal = (
+                    403,
+                    "this port only serves NAT-intercepted traffic (no original destination)",
+                    "loop",
+                )
+        if self.destination is not None and self.destination[0] in self.factory.local_addresses:
+            log.warn(
+                "refusing direct connection from {client} to {port} port {name!r}: the original"
+                " destination {dest} is this host's own address, so the connection was not"
+                " intercepted and relaying it would loop",
+                client=self.client_ip,
+                port=mode,
+                name=self.port.name,
+                dest=f"{self.destination[0]}:{self.destination[1]}",
+            )
+            self._refusal = (
+                403,
+                f"direct connections to this {mode} port are refused: it only serves"
+                " intercepted traffic (relaying would loop)",
+                "loop",
+            )
+        self._arm("client_idle", self.factory.settings.timeouts.client_idle)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._bytes_in += len(data)
+        self._last_activity = self._clock.seconds()
+        if self._tunnel:
+            if self._upstream is not None:
+                self._upstream.transport.write(data)
+            return
+        if self._discarding:
+            return
+        if self._timer_kind == "client_idle":
+            self._arm("request_header", self.factory.settings.timeouts.request_header)
+        self._reader.feed(data)
+        self._process()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._closed = True
+        self._cancel_timer()
+        self.metrics.active.dec()
+        self._flush_bytes()
+        upstream = self._upstream
+        self._upstream = None
+        if upstream is not None and not upstream.lost:
+            upstream.transport.abortConnection()
+
+    def _process(self) -> None:
+        """Handle the request events the reader has, until it needs something."""
+        reader = self._reader
+        while not (self._discarding or self._closed or self._tunnel):
+            if self._connecting is not None:
+                return  # resumed by upstream_connected
+            try:
+                event = reader.next_event()
+            except ProtocolError as e:
+                self._reject(e.status, e.reason, "bad_request")
+                return
+            kind = type(event)
+            if kind is Data:
+                self._send_body(event.data)
+            elif kind is Request:
+                self._start_request(event)
+            elif kind is EndOfMessage:
+                self._request_body_done(event.trailers)
+            elif event is NEED_DATA:
+                return
+            elif event is PAUSED:
+                self.gate.pause("pipeline")
+                return
+            elif event is CLOSED:
+                self.transport.loseConnection()
+                return
+
+    def _start_request(self, request: Request) -> None:
+        self._cancel_timer()
+        exchange = self._exchange = _Exchange(request, self._clock.seconds())
+        if self._refusal is not None:
+            status, text, reason = self._refusal
+            self._reject(status, text, reason)
+            return
+        if self._via_marker in b",".join(request.get_all(b"via")):
+            self._reject(508, "forwarding loop: this request already passed through us", "loop")
+            return
+        if request.version == b"HTTP/1.1" and request.get(b"host") is None:
+            self._reject(400, "HTTP/1.1 request without a Host header", "bad_request")
+            return
+        try:
+            destination, target, host = self._route(request)
+        except ProtocolError as e:
+            self._reject(e.status, e.reason, "forbidden" if e.status == 403 else "bad_request")
+            return
+        if request.method == b"CONNECT":
+            exchange.tunnel = True
+            self._use_upstream(destination)
+            return
+        fields = request.headers
+        upgrade = request.get(b"upgrade") is not None and b"upgrade" in H.connection_tokens(fields)
+        fields = H.strip_hop_by_hop(fields, keep_upgrade=upgrade)
+        if host is not None:
+            fields = [(n, v) for n, v in fields if n.lower() != b"host"]
+            fields.insert(0, (b"Host", host))
+        fields = H.add_via(fields, H.via_value(request.version, self._pseudonym))
+        if request.body == "chunked":
+            fields.append((b"Transfer-Encoding", b"chunked"))
+            exchange.chunked_out = True
+        exchange.tunnel = upgrade
+        exchange.head = H.serialize_request_head(request.method, target, fields)
+        exchange.replayable = request.body == "none"
+        self._use_upstream(destination)
+
+    def _route(self, request: Request) -> tuple[tuple[str, int], bytes, bytes | None]:
+        """Where this request goes: (destination, target to send, new Host or None)."""
+        target = request.target
+        if self.port.mode != "forward":
+            if request.method == b"CONNECT":
+                raise ProtocolError(405, f"CONNECT is not allowed on a {self.port.mode} port")
+            if target.startswith(b"/") or target == b"*":
+                return self.destination, target, None
+            # RFC 9112 3.2.2 / 7.2: an absolute-form target replaces Host.  The
+            # connection still goes to the original destination, never to the
+            # host the client names (CVE-2009-0801).
+            _, authority, path = split_absolute(target)
+            return self.destination, path, authority
+        if request.method == b"CONNECT":
+            host, port = parse_authority(target, None)
+            if port not in self.port.connect_ports:
+                raise ProtocolError(403, f"CONNECT to port {port} is not allowed")
+            return (host, port), target, None
+        if target.startswith(b"/"):
+            raise ProtocolError(
+                400,
+                "this is a forward proxy port: requests need an absolute URL (http://host/path)",
+            )
+        scheme, authority, path = split_absolute(target)
+        if scheme != b"http":
+            raise ProtocolError(501, f"{scheme.decode('ascii', 'replace')}:// URLs need CONNECT")
+        return parse_authority(authority, 80), path, authority
+
+    def _use_upstream(self, destination: tuple[str, int]) -> None:
+        upstream = self._upstream
+        if upstream is not None and upstream.destination == destination and not upstream.lost:
+            self._send_head(upstream)
+            return
+        if upstream is not None:
+            self._drop_upstream(upstream)
+        self._connecting = destination
+        self.gate.pause("connect")
+        exchange = self._exchange
+        exchange.connect_started = self._clock.seconds()
+        spoof = self.client_ip if self.port.spoof_client_ip else None
+        self.factory.connect(
+            destination[0],
+            destination[1],
+            _UpstreamFactory(self, destination),
+            self.factory.settings.timeouts.connect,
+            spoof,
+        )
+
+    def _send_head(self, upstream: Upstream) -> None:
+        exchange = self._exchange
+        if exchange.request.method == b"CONNECT":
+            self._write(_CONNECT_ESTABLISHED)
+            exchange.status = 200
+            exchange.response_started = True
+            self._become_tunnel(upstream)
+            return
+        upstream.reader.expect(exchange.method)
+        upstream.transport.write(exchange.head)
+        self._arm("idle", self.factory.settings.timeouts.idle)
+
+    def _send_body(self, data: bytes) -> None:
+        upstream = self._upstream
+        if upstream is None or upstream.lost:
+            return
+        if self._exchange.chunked_out:
+            upstream.transport.writeSequence(H.encode_chunk(data))
+        else:
+            upstream.transport.write(data)
+
+    def _request_body_done(self, trailers) -> None:
+        exchange = self._exchange
+        if exchange is None:
+            return
+        exchange.request_done = True
+        if exchange.chunked_out and self._upstream is not None and not self._upstream.lost:
+            self._upstream.transport.write(H.last_chunk(trailers))
+        if exchange.response_started:
+            return
+        self._arm("response", self.factory.settings.timeouts.response)
+
+    # --- upstream side -------------------------------------------------------
+
+    def upstream_connected(self, upstream: Upstream) -> None:
+        if self._closed or self._connecting != upstream.destination:
+            upstream.transport.abortConnection()
+            return
+        exchange = self._exchange
+        self.metrics.connect_duration.observe(self._clock.seconds() - exchange.connect_started)
+        self._connecting = None
+        self._upstream = upstream
+        limits = self.factory.settings.limits
+        upstream.reader = ResponseReader(
+            max_line=limits.max_request_line,
+            max_head=limits.max_header_size,
+            max_fields=limits.max_header_fields,
+        )
+        # Backpressure both ways: a full send buffer on one side pauses
+        # reading on the other.
+        upstream.transport.registerProducer(self.gate, True)
+        if self.transport.producer is not None:
+            self.transport.unregisterProducer()
+        self.transport.registerProducer(upstream.gate, True)
+        self.gate.resume("connect")
+        self._send_head(upstream)
+        self._process()
+
+    def upstream_failed(self, destination: tuple[str, int], reason: Failure) -> None:
+        if self._closed or self._connecting != destination:
+            return
+        self._connecting = None
+        self.gate.resume("connect")
+        status, cause, label = classify_connect_failure(reason.value)
+        where = f"{destination[0]}:{destination[1]}"
+        if label == "spoof":
+            log.error(
+                "cannot connect to {dest} from client address {client} (errno {errno}: {error})."
+                " Likely causes: the proxy lacks CAP_NET_ADMIN/CAP_NET_RAW, or this port"
+                " receives traffic that was not TPROXY-diverted, or replies to the client"
+                " address are not routed back to this host (ip rule fwmark + local route).",
+                dest=where,
+                client=self.client_ip,
+                errno=getattr(reason.value, "osError", None) or "?",
+                error=cause,
+            )
+        else:
+            log.info("upstream {dest} failed: {cause}", dest=where, cause=cause)
+        self.metrics.upstream_error(label)
+        self._reject(status, f"cannot connect to {where}: {cause}", None)
+
+    def upstream_data(self, upstream: Upstream, data: bytes) -> None:
+        if upstream is not self._upstream:
+            return
+        self._last_activity = self._clock.seconds()
+        if self._tunnel:
+            self._write(data)
+            return
+        exchange = self._exchange
+        if exchange is None:
+            # An idle keep-alive upstream must not speak: nothing to answer.
+            self._drop_upstream(upstream)
+            return
+        reader = upstream.reader
+        reader.feed(data)
+        self._relay_response(upstream)
+
+    def _relay_response(self, upstream: Upstream) -> None:
+        reader = upstream.reader
+        while self._upstream is upstream and self._exchange is not None:
+            exchange = self._exchange
+            try:
+                event = reader.next_event()
+            except ProtocolError as e:
+                if upstream.lost:  # cut off mid-message
+                    self.metrics.upstream_error("reset")
+                    self._upstream_broke(upstream, f"upstream closed the connection: {e.reason}")
+                else:
+                    self.metrics.upstream_error("bad_response")
+                    self._upstream_broke(upstream, f"invalid response from upstream: {e.reason}")
+                return
+            kind = type(event)
+            if kind is Data:
+                if exchange.response_chunked:
+                    self._write_sequence(H.encode_chunk(event.data))
+                else:
+                    self._write(event.data)
+            elif kind is Response:
+                if event.interim:
+                    self._relay_interim(event)
+                    continue
+                self._relay_response_head(upstream, exchange, event)
+            elif kind is EndOfMessage:
+                if not exchange.response_started:  # the end of a 1xx interim response
+                    reader.start_next()
+                    continue
+                if exchange.response_chunked:
+                    self._write(H.last_chunk(event.trailers))
+                reader.start_next()
+                upstream.served += 1
+                self._finish_exchange(upstream)
+            else:  # NEED_DATA, PAUSED (after a tunnel head) or CLOSED
+                return
+
+    def _relay_interim(self, response: Response) -> None:
+        if self._exchange.request.version == b"HTTP/1.1":
+            fields = H.strip_hop_by_hop(response.headers)
+            self._write(H.serialize_response_head(response.status, response.reason, fields))
+
+    def _relay_response_head(self, upstream: Upstream, exchange: _Exchange, response) -> None:
+        exchange.response_started = True
+        exchange.status = response.status
+        exchange.upstream_keep_alive = response.keep_alive and not exchange.tunnel
+        timeouts = self.factory.settings.timeouts
+        self._arm("idle", timeouts.idle)
+        tunnel = response.body == "tunnel" and exchange.tunnel
+        fields = H.strip_hop_by_hop(response.headers, keep_upgrade=tunnel)
+        if response.body == "chunked":
+            exchange.response_chunked = True
+        elif response.body == "close":
+            # Delimited by close upstream: chunk it for an HTTP/1.1 client so the
+            # client connection stays reusable; an HTTP/1.0 client needs the close.
+            if exchange.request.version == b"HTTP/1.1":
+                exchange.response_chunked = True
+            else:
+                exchange.close_client = True
+        if exchange.response_chunked:
+            fields.append((b"Transfer-Encoding", b"chunked"))
+        if not exchange.request_done:
+            # An early answer while the request body is still arriving: the
+            # rest of that body cannot be told apart from a next request.
+            exchange.close_client = True
+        if exchange.close_client and not tunnel:
+            fields.append((b"Connection", b"close"))
+        elif exchange.request.version == b"HTTP/1.0":
+            fields.append((b"Connection", b"keep-alive"))
+        fields = H.add_via(fields, H.via_value(response.version, self._pseudonym))
+        self._write(H.serialize_response_head(response.status, response.reason, fields))
+        if response.body == "tunnel":
+            if tunnel:
+                self._become_tunnel(upstream)
+            else:
+                # 101 to a request that did not ask to upgrade: nothing sane follows.
+                self._upstream_broke(upstream, "upstream switched protocols unasked")
+
+    def _become_tunnel(self, upstream: Upstream) -> None:
+        self._tunnel = True
+        self._arm("idle", self.factory.settings.timeouts.idle)
+        pending = upstream.reader.take_buffered() if upstream.reader is not None else b""
+        if pending:
+            self._write(pending)
+        pending = self._reader.take_buffered()
+        if pending:
+            upstream.transport.write(pending)
+        self.gate.resume("pipeline")
+
+    def _finish_exchange(self, upstream: Upstream) -> None:
+        exchange = self._exchange
+        self._exchange = None
+        self._record(exchange)
+        if not exchange.upstream_keep_alive:
+            self._drop_upstream(upstream)
+        if exchange.close_client or not exchange.request_done:
+            self._flush_bytes()
+            self.transport.loseConnection()
+            self._discarding = True
+            return
+        self._reader.start_next()
+        self._arm("client_idle", self.factory.settings.timeouts.client_idle)
+        self.gate.resume("pipeline")
+        self._process()
+
+    def upstream_lost(self, upstream: Upstream, reason: Failure) -> None:
+        if upstream is not self._upstream:
+            return
+        if self.transport.producer is upstream.gate:
+            self.transport.unregisterProducer()
+        exchange = self._exchange
+        if self._tunnel:
+            self._upstream = None
+            self.transport.loseConnection()
+            return
+        if exchange is None:
+            self._upstream = None  # an idle keep-alive connection closed: fine
+            return
+        if exchange.response_started:
+            upstream.reader.feed_eof()
+            self._relay_response(upstream)
+            if self._exchange is exchange:
+                # Cut off in the middle of a body: the client must not take
+                # a truncated response for a whole one.
+                self.metrics.upstream_error("reset")
+                self._upstream = None
+                self._record(exchange)
+                self._exchange = None
+                self.transport.abortConnection()
+            return
+        self._upstream = None
+        if exchange.replayable and upstream.served and exchange.request_done:
+            # The classic keep-alive race: the origin closed an idle connection
+            # just as we reused it.  A request without a body is safe to resend.
+            exchange.replayable = False
+            self._use_upstream(upstream.destination)
+            return
+        self.metrics.upstream_error("reset")
+        self._reject(502, "upstream closed the connection without answering", None)
+
+    def _upstream_broke(self, upstream: Upstream, cause: str) -> None:
+        exchange = self._exchange
+        self._drop_upstream(upstream)
+        log.info("{cause} (from {dest})", cause=cause, dest=upstream.destination)
+        if exchange is not None and not exchange.response_started:
+            self._reject(502, cause, None)
+        else:
+            if exchange is not None:
+                self._record(exchange)
+                self._exchange = None
+            self.transport.abortConnection()
+
+    def _drop_upstream(self, upstream: Upstream) -> None:
+        if self._upstream is upstream:
+            self._upstream = None
+            if self.transport.producer is upstream.gate:
+                self.transport.unregisterProducer()
+        if not upstream.lost:
+            upstream.transport.unregisterProducer()
+            upstream.transport.loseConnection()
+        # Reading from the client may have been paused by this upstream's
+        # full send buffer; that reason is gone with it.
+        self.gate.resume("backpressure")
+
+    # --- answers, timers, bookkeeping ------------------------------------------
+
+    def _reject(self, status: int, text: str, reason: str | None) -> None:
+        """Answer with an error made by the proxy, then close the connection."""
+        exchange = self._exchange
+        if reason is not None:
+            self.metrics.rejected(reason)
+        if exchange is None:
+            exchange = _Exchange(_NO_REQUEST, self._clock.seconds())
+        exchange.status = status
+        self._exchange = None
+        self._connecting = None
+        self._record(exchange)
+        if self._upstream is not None:
+            self._drop_upstream(self._upstream)
+        self._write(
+            H.simple_response(status, REASON_PHRASES.get(status, b"Error"), text, close=True)
+        )
+        self._linger()
+
+    def _linger(self) -> None:
+        self._discarding = True
+        self._cancel_timer()
+        self.gate.resume("pipeline")
+        self.gate.resume("connect")
+        self.transport.loseWriteConnection()
+        self._timer_kind = "linger"
+        self._timer = self._clock.callLater(_LINGER_SECONDS, self.transport.abortConnection)
+
+    def _record(self, exchange: _Exchange) -> None:
+        self.metrics.request(
+            exchange.method, exchange.status, self._clock.seconds() - exchange.started
+        )
+        self._flush_bytes()
+
+    def _flush_bytes(self) -> None:
+        if self._bytes_in:
+            self.metrics.bytes_in.inc(self._bytes_in)
+            self._bytes_in = 0
+        if self._bytes_out:
+            self.metrics.bytes_out.inc(self._bytes_out)
+            self._bytes_out = 0
+
+    def _write(self, data: bytes) -> None:
+        self._bytes_out += len(data)
+        self.transport.write(data)
+
+    def _write_sequence(self, parts: list[bytes]) -> None:
+        for part in parts:
+            self._bytes_out += len(part)
+        self.transport.writeSequence(parts)
+
+    def _arm(self, kind: str, seconds: float) -> None:
+        self._timer_kind = kind
+        timer = self._timer
+        if timer is not None and timer.active():
+            timer.reset(seconds)
+        else:
+            self._timer = self._clock.callLater(seconds, self._timed_out)
+
+    def _cancel_timer(self) -> None:
+        timer = self._timer
+        self._timer = None
+        self._timer_kind = ""
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _timed_out(self) -> None:
+        kind = self._timer_kind
+        timeouts = self.factory.settings.timeouts
+        self._timer = None
+        if kind == "idle":
+            left = self._last_activity + timeouts.idle - self._clock.seconds()
+            if left > 0:
+                self._arm("idle", left)
+                return
+            log.info("closing {client}: no data either way for {s}s", client=self.client_ip,
+                     s=timeouts.idle)  # fmt: skip
+            self.metrics.rejected("timeout")
+            if self._exchange is not None and not self._exchange.response_started:
+                self._reject(504, f"no data for {timeouts.idle:g} seconds", None)
+                return
+            if self._exchange is not None:
+                self._record(self._exchange)
+                self._exchange = None
+            self.transport.abortConnection()
+        elif kind == "client_idle":
+            self.transport.loseConnection()
+        elif kind == "request_header":
+            self.metrics.rejected("timeout")
+            self._reject(
+                408, f"request head not received within {timeouts.request_header:g} seconds", None
+            )
+        elif kind == "response":
+            if self._upstream is not None:
+                self.metrics.upstream_error("timeout")
+            where = self._upstream.destination if self._upstream else self.destination
+            self._reject(
+                504,
+                f"upstream {where[0]}:{where[1]} did not answer within {timeouts.response:g}"
+                " seconds",
+                None,
+            )
+
+
+class _NoRequest:
+    method = b"-"
+    version = b"HTTP/1.1"
+    keep_alive = False
+    body = "none"
+
+
+_NO_REQUEST = _NoRequest()
+
+
+_UNREACHABLE = (errno.EHOSTUNREACH, errno.ENETUNREACH)
+
+
+def classify_connect_failure(exc: BaseException) -> tuple[int, str, str]:
+    """(status to answer, cause for humans, metric reason) for a failed connect."""
+    os_errno = getattr(exc, "osError", None)
+    if isinstance(exc, neterror.ConnectBindError) or os_errno in SPOOF_ERRNOS:
+        return 502, "could not use the client's address as source (spoofing failed)", "spoof"
+    if isinstance(exc, neterror.ConnectionRefusedError) or os_errno == errno.ECONNREFUSED:
+        return 502, "connection refused", "refused"
+    if isinstance(exc, neterror.TimeoutError | neterror.TCPTimedOutError):
+        return 504, "connect timed out", "timeout"
+    if isinstance(exc, neterror.NoRouteError) or os_errno in _UNREACHABLE:
+        return 502, "no route to host", "unreachable"
+    return 502, str(exc) or type(exc).__name__, "unreachable"

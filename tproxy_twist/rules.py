@@ -1,0 +1,245 @@
+"""The packet-diverting set-up for tproxy ports, rendered as a POSIX ``sh`` script.
+
+Two flavours: nftables (:func:`render_nftables`) and the iptables "DIVERT"
+recipe from the Squid wiki (:func:`render_iptables`). Each script
+
+- applies cleanly with ``sh -e`` as root (or with CAP_NET_ADMIN) in a fresh
+  network namespace, and
+- is idempotent: running it again leaves the same rules, routes and policy
+  rules, without errors.
+
+Behaviour when no proxy is listening differs between the two, and is part of
+what a caller may rely on (the end-to-end tests in ``tests/e2e/test_lab.py``
+assert it on a real kernel):
+
+- nftables ``tproxy`` finds no socket, the rest of the rule is skipped and the
+  packet is routed on to the original destination, unproxied (fail-open);
+- iptables ``TPROXY`` finds no socket and drops the packet (fail-closed: the
+  client's SYN goes unanswered).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import attrs
+
+__all__ = ["DivertPort", "render_iptables", "render_nftables"]
+
+NFT_TABLE = "tproxy_twist"
+IPT_CHAIN = "TPROXY_TWIST"
+
+# Routing tables the kernel already uses (unspec, default, main, local).
+_RESERVED_TABLES = frozenset({0, 253, 254, 255})
+
+
+def _check_port(value: int, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ValueError(f"{what} must be a TCP port number 1-65535, got {value!r}")
+
+
+def _validate_listen_port(instance: object, attribute: attrs.Attribute, value: int) -> None:
+    _check_port(value, "listen_port")
+
+
+def _validate_divert(instance: object, attribute: attrs.Attribute, value: tuple) -> None:
+    if not value:
+        raise ValueError("divert must name at least one destination port")
+    for port in value:
+        _check_port(port, "divert port")
+    if len(set(value)) != len(value):
+        raise ValueError(f"divert lists a port twice: {value!r}")
+
+
+@attrs.frozen
+class DivertPort:
+    """What the rules need to know about one tproxy listener.
+
+    ``listen_port`` is the proxy's tproxy listener (e.g. 3129); ``divert`` are
+    the destination ports whose forwarded TCP traffic is handed to it.
+    """
+
+    listen_port: int = attrs.field(validator=_validate_listen_port)
+    divert: tuple[int, ...] = attrs.field(
+        default=(80,), converter=tuple, validator=_validate_divert
+    )
+
+
+def _check_common(ports: Sequence[DivertPort], mark: int, table: int) -> list[DivertPort]:
+    ports = list(ports)
+    if not ports:
+        raise ValueError("no tproxy ports: nothing to divert")
+    for port in ports:
+        if not isinstance(port, DivertPort):
+            raise TypeError(f"expected DivertPort, got {port!r}")
+    seen: dict[int, int] = {}
+    for port in ports:
+        for dport in port.divert:
+            if dport in seen and seen[dport] != port.listen_port:
+                raise ValueError(
+                    f"destination port {dport} is diverted to both :{seen[dport]} and "
+                    f":{port.listen_port}; only the first rule would ever match"
+                )
+            seen[dport] = port.listen_port
+    if isinstance(mark, bool) or not isinstance(mark, int) or not 1 <= mark <= 0xFFFFFFFF:
+        raise ValueError(f"mark must be 1-0xffffffff, got {mark!r}")
+    if (
+        isinstance(table, bool)
+        or not isinstance(table, int)
+        or not 1 <= table <= 0xFFFFFFFF
+        or table in _RESERVED_TABLES
+    ):
+        raise ValueError(
+            f"table must be a routing table number 1-4294967295 other than "
+            f"253 (default), 254 (main) and 255 (local), got {table!r}"
+        )
+    return ports
+
+
+def _families(ipv4_only: bool) -> list[tuple[str, str]]:
+    """(ip command flag, name) for each address family to set up."""
+    families = [("-4", "IPv4")]
+    if not ipv4_only:
+        families.append(("-6", "IPv6"))
+    return families
+
+
+def _ports_summary(ports: Iterable[DivertPort]) -> str:
+    return "; ".join(f"tcp dport {','.join(map(str, p.divert))} -> :{p.listen_port}" for p in ports)
+
+
+def _header(kind: str, ports: Sequence[DivertPort], ipv4_only: bool) -> list[str]:
+    return [
+        "#!/bin/sh",
+        f"# tproxy-twist: {kind} set-up for tproxy ports. Run as root with `sh -e`;",
+        "# running it again leaves the same state.",
+        f"# Diverted: {_ports_summary(ports)}"
+        + (" (IPv4 only)" if ipv4_only else " (IPv4 and IPv6)"),
+        "#",
+        "# Only forwarded traffic (PREROUTING) is diverted. The proxy's own outbound",
+        "# connections, even those spoofing the client's address, are generated",
+        "# locally (OUTPUT, not PREROUTING), so they are never diverted back to it.",
+        "set -e",
+        "",
+    ]
+
+
+def _policy_routing(mark: int, table: int, ipv4_only: bool) -> list[str]:
+    lines = [
+        f"# Policy routing: packets marked {mark:#x} are delivered locally (table {table}",
+        "# routes every address to lo), so the diverted flows reach the proxy's",
+        "# transparent sockets although their destination is not one of ours.",
+        "# lo is up on every real host; a fresh network namespace starts with it down.",
+        "ip link set lo up",
+    ]
+    for flag, _name in _families(ipv4_only):
+        default = "0.0.0.0/0" if flag == "-4" else "::/0"
+        lines += [
+            f'if [ -z "$(ip {flag} rule show fwmark {mark:#x} lookup {table})" ]; then',
+            f"    ip {flag} rule add fwmark {mark:#x} lookup {table}",
+            "fi",
+            f"ip {flag} route replace local {default} dev lo table {table}",
+        ]
+    lines.append("")
+    return lines
+
+
+def render_nftables(
+    ports: Sequence[DivertPort], *, ipv4_only: bool = False, mark: int = 1, table: int = 100
+) -> str:
+    """Return an ``sh`` script that sets up nftables TPROXY and policy routing.
+
+    It owns exactly one nftables table, ``inet tproxy_twist``, which it
+    replaces atomically (one ``nft -f`` transaction) on every run.
+    """
+    ports = _check_common(ports, mark, table)
+    rules = [
+        "        # Packets of flows that already belong to one of our transparent sockets:",
+        "        # diverted connections after the first packet, and the origin's replies",
+        "        # to the proxy's upstream connections that spoof the client's address.",
+        f"        meta l4proto tcp socket transparent 1 meta mark set {mark:#x} accept",
+    ]
+    for port in ports:
+        dports = ", ".join(str(d) for d in port.divert)
+        rules.append(
+            f"        # New flows to tcp port(s) {dports}: hand them to :{port.listen_port}."
+        )
+        rules.append(
+            f"        meta nfproto ipv4 tcp dport {{ {dports} }} "
+            f"tproxy ip to :{port.listen_port} meta mark set {mark:#x} accept"
+        )
+        if not ipv4_only:
+            rules.append(
+                f"        meta nfproto ipv6 tcp dport {{ {dports} }} "
+                f"tproxy ip6 to :{port.listen_port} meta mark set {mark:#x} accept"
+            )
+    lines = _header("nftables", ports, ipv4_only)
+    lines += [
+        f"# One table, {NFT_TABLE}, replaced as a whole in one transaction: create it",
+        "# empty if missing, delete it, define it again.",
+        "# If nothing listens on a tproxy port, `tproxy` finds no socket, the rest of",
+        "# the rule is skipped and the packet is routed on unproxied (fail-open).",
+        "nft -f - <<'EOF'",
+        f"table inet {NFT_TABLE} {{}}",
+        f"delete table inet {NFT_TABLE}",
+        f"table inet {NFT_TABLE} {{",
+        "    chain prerouting {",
+        "        type filter hook prerouting priority mangle; policy accept;",
+        *rules,
+        "    }",
+        "}",
+        "EOF",
+        "",
+    ]
+    lines += _policy_routing(mark, table, ipv4_only)
+    return "\n".join(lines)
+
+
+def render_iptables(
+    ports: Sequence[DivertPort], *, ipv4_only: bool = False, mark: int = 1, table: int = 100
+) -> str:
+    """Return an ``sh`` script that sets up the Squid wiki's iptables TPROXY recipe.
+
+    Both chains it owns in the mangle table, ``DIVERT`` (the Squid recipe's) and
+    ``TPROXY_TWIST`` (the diverting rules), are flushed and refilled on every
+    run; the one jump from PREROUTING is checked with ``-C`` before appending.
+    """
+    ports = _check_common(ports, mark, table)
+    lines = _header("iptables", ports, ipv4_only)
+    lines += [
+        "# If nothing listens on a tproxy port, the TPROXY target finds no socket and",
+        "# DROPS the packet (fail-closed): unlike nftables, nothing is routed on.",
+        "",
+    ]
+    for _flag, name in _families(ipv4_only):
+        cmd = "iptables" if name == "IPv4" else "ip6tables"
+        lines += [
+            f"# {name}: the DIVERT chain marks a packet for local delivery and accepts it.",
+            f"{cmd} -t mangle -N DIVERT 2>/dev/null || true",
+            f"{cmd} -t mangle -F DIVERT",
+            f"{cmd} -t mangle -A DIVERT -j MARK --set-mark {mark:#x}",
+            f"{cmd} -t mangle -A DIVERT -j ACCEPT",
+            f"# {name}: our PREROUTING rules live in {IPT_CHAIN}, flushed and refilled, so",
+            "# a changed port list leaves no stale rule behind.",
+            f"{cmd} -t mangle -N {IPT_CHAIN} 2>/dev/null || true",
+            f"{cmd} -t mangle -F {IPT_CHAIN}",
+            "# Packets of flows that already belong to one of our transparent sockets",
+            "# (diverted connections, and the origin's replies to the proxy's spoofed",
+            "# upstream connections) go to DIVERT.",
+            f"{cmd} -t mangle -A {IPT_CHAIN} -p tcp -m socket --transparent -j DIVERT",
+        ]
+        for port in ports:
+            for dport in port.divert:
+                lines += [
+                    f"# New flows to tcp port {dport}: hand them to :{port.listen_port}.",
+                    f"{cmd} -t mangle -A {IPT_CHAIN} -p tcp --dport {dport} -j TPROXY "
+                    f"--tproxy-mark {mark:#x}/{mark:#x} --on-port {port.listen_port}",
+                ]
+        lines += [
+            f"# {name}: PREROUTING jumps to {IPT_CHAIN} once (checked before appending).",
+            f"{cmd} -t mangle -C PREROUTING -j {IPT_CHAIN} 2>/dev/null ||",
+            f"    {cmd} -t mangle -A PREROUTING -j {IPT_CHAIN}",
+            "",
+        ]
+    lines += _policy_routing(mark, table, ipv4_only)
+    return "\n".join(lines)

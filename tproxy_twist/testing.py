@@ -1,0 +1,98 @@
+"""
+Public fakes for testing the relay without sockets: a transport that
+records what was written, and an upstream connector that records where,
+and from which source address, connections were opened.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+
+def tcp_address(host: str, port: int) -> IPv4Address | IPv6Address:
+    if ":" in host:
+        return IPv6Address("TCP", host, port)
+    return IPv4Address("TCP", host, port)
+
+
+class FakeTransport(StringTransport):
+    """A StringTransport with the TCP-only methods the relay calls."""
+
+    def __init__(self, host=None, peer=None) -> None:
+        super().__init__(hostAddress=host, peerAddress=peer, lenient=True)
+        self.nodelay = False
+        self.write_closed = False
+        self.handle = None
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.nodelay = enabled
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed = True
+
+    def getHandle(self):
+        return self.handle
+
+    def unregisterProducer(self) -> None:
+        # Like Twisted's FileDescriptor: unregistering nothing is fine.
+        self.producer = None
+        self.streaming = None
+
+    @property
+    def closed(self) -> bool:
+        return self.disconnecting or self.disconnected
+
+    def take(self) -> bytes:
+        """Everything written since the last take()."""
+        data = self.value()
+        self.clear()
+        return data
+
+
+class UpstreamAttempt:
+    """One call of the connect function: succeed or fail it."""
+
+    def __init__(self, host, port, factory, timeout, source_ip) -> None:
+        self.host = host
+        self.port = port
+        self.factory = factory
+        self.timeout = timeout
+        self.source_ip = source_ip
+        self.protocol = None
+        self.transport: FakeTransport | None = None
+
+    def succeed(self) -> FakeTransport:
+        self.protocol = self.factory.buildProtocol(tcp_address(self.host, self.port))
+        self.transport = FakeTransport(
+            host=tcp_address(self.source_ip or "203.0.113.1", 40000),
+            peer=tcp_address(self.host, self.port),
+        )
+        self.protocol.makeConnection(self.transport)
+        return self.transport
+
+    def fail(self, exception: BaseException) -> None:
+        self.factory.clientConnectionFailed(None, Failure(exception))
+
+    def close(self, reason: BaseException | None = None) -> None:
+        """The upstream end closes the connection."""
+        self.transport.disconnected = True
+        self.protocol.connectionLost(Failure(reason or ConnectionDone()))
+
+
+class FakeConnect:
+    """Stands in for L{tproxy_twist.sockets.connect_upstream}'s function."""
+
+    def __init__(self) -> None:
+        self.attempts: list[UpstreamAttempt] = []
+
+    def __call__(self, host, port, factory, timeout, source_ip):
+        attempt = UpstreamAttempt(host, port, factory, timeout, source_ip)
+        self.attempts.append(attempt)
+        return attempt
+
+    @property
+    def last(self) -> UpstreamAttempt:
+        return self.attempts[-1]
