@@ -55,10 +55,15 @@ class Harness:
             clock=self.clock,
             local_addresses=ROUTER_ADDRESSES,
             metrics=PortMetrics(self.name, mode),
+            access_log=self,
         )
+        self.entries = []
         self.protocol = self.factory.buildProtocol(None)
         self.transport = FakeTransport(host=tcp_address(*destination), peer=tcp_address(*client))
         self.protocol.makeConnection(self.transport)
+
+    def log(self, entry) -> None:
+        self.entries.append(entry)
 
     def send(self, data: bytes) -> None:
         self.protocol.dataReceived(data)
@@ -568,3 +573,51 @@ def test_connect_on_a_tproxy_port_is_not_allowed():
     h.send(b"CONNECT 203.0.113.2:443 HTTP/1.1\r\nHost: 203.0.113.2:443\r\n\r\n")
     assert h.received().startswith(b"HTTP/1.1 405 ")
     assert h.connect.attempts == []
+
+
+# --- access log entries -------------------------------------------------------------
+
+
+def test_each_request_gives_one_access_log_entry_with_squid_fields():
+    h = Harness()
+    h.send(b"GET /a?b HTTP/1.1\r\nHost: example.com\r\n\r\n")
+    h.upstream()
+    h.clock.advance(0.25)
+    h.answer(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 2\r\n\r\nhi")
+    [entry] = h.entries
+    assert (entry.client, entry.method, entry.url, entry.status) == (
+        "198.51.100.2",
+        "GET",
+        "http://example.com/a?b",
+        200,
+    )
+    assert entry.result == "TCP_MISS"
+    assert entry.destination == "203.0.113.2:80"
+    assert entry.content_type == "text/html"
+    assert entry.duration == 0.25
+    assert entry.bytes_out == len(h.received())
+
+
+def test_requests_the_proxy_answers_itself_are_logged_too():
+    h = Harness(destination=("198.51.100.1", 3129))
+    h.send(GET)
+    [entry] = h.entries
+    assert (entry.status, entry.result, entry.destination) == (403, "TCP_DENIED", None)
+    h = Harness()
+    h.send(GET)
+    h.connect.last.fail(neterror.ConnectionRefusedError())
+    [entry] = h.entries
+    assert (entry.status, entry.result) == (502, "NONE")
+    h = Harness()
+    h.send(b"GARBAGE\r\n\r\n")
+    [entry] = h.entries
+    assert entry.status == 400
+
+
+def test_connect_tunnel_is_logged_as_tcp_tunnel_with_its_authority():
+    h = Harness("forward", FORWARD_ALLOW, destination=("198.51.100.1", 3128))
+    h.send(b"CONNECT 203.0.113.2:443 HTTP/1.1\r\nHost: 203.0.113.2:443\r\n\r\n")
+    h.upstream()
+    h.connect.last.close()
+    [entry] = h.entries
+    assert (entry.url, entry.result, entry.status) == ("203.0.113.2:443", "TCP_TUNNEL", 200)

@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ..accesslog import AccessEntry, AccessLog
 from ..config import Limits, PortConfig, Timeouts
 from ..metrics import PortMetrics
 from ..sockets import SPOOF_ERRNOS, UpstreamConnect, nat_original_destination, unmap
@@ -129,7 +130,9 @@ class ProxyFactory(Factory):
         clock: IReactorTime,
         local_addresses,
         metrics: PortMetrics,
+        access_log: AccessLog | None = None,
     ) -> None:
+        self.access_log = access_log
         self.port = port
         self.settings = settings
         self.connect = connect
@@ -159,6 +162,10 @@ class _Exchange:
         "connect_started",
         "replayable",
         "upstream_keep_alive",
+        "destination",
+        "url",
+        "content_type",
+        "denied",
     )
 
     def __init__(self, request: Request, started: float) -> None:
@@ -176,6 +183,10 @@ class _Exchange:
         self.connect_started = 0.0
         self.replayable = False  # may be resent once on a fresh connection
         self.upstream_keep_alive = True
+        self.destination: tuple[str, int] | None = None
+        self.url = b"-"
+        self.content_type = b"-"
+        self.denied = False  # refused by policy (403, loops): Squid's TCP_DENIED
 
 
 class Upstream(Protocol):
@@ -309,6 +320,11 @@ class ClientConnection(Protocol):
         self._closed = True
         self._cancel_timer()
         self.metrics.active.dec()
+        if self._exchange is not None:
+            # A tunnel ends, or the client left before its answer was complete
+            # (status 0 then, Squid's "000").
+            exchange, self._exchange = self._exchange, None
+            self._record(exchange)
         self._flush_bytes()
         upstream = self._upstream
         self._upstream = None
@@ -360,10 +376,13 @@ class ClientConnection(Protocol):
         except ProtocolError as e:
             self._reject(e.status, e.reason, "forbidden" if e.status == 403 else "bad_request")
             return
+        exchange.destination = destination
         if request.method == b"CONNECT":
+            exchange.url = target
             exchange.tunnel = True
             self._use_upstream(destination)
             return
+        exchange.url = _absolute_url(destination, target, host or request.get(b"host"))
         fields = request.headers
         upgrade = request.get(b"upgrade") is not None and b"upgrade" in H.connection_tokens(fields)
         fields = H.strip_hop_by_hop(fields, keep_upgrade=upgrade)
@@ -569,6 +588,7 @@ class ClientConnection(Protocol):
     def _relay_response_head(self, upstream: Upstream, exchange: _Exchange, response) -> None:
         exchange.response_started = True
         exchange.status = response.status
+        exchange.content_type = response.get(b"content-type") or b"-"
         exchange.upstream_keep_alive = response.keep_alive and not exchange.tunnel
         timeouts = self.factory.settings.timeouts
         self._arm("idle", timeouts.idle)
@@ -637,6 +657,9 @@ class ClientConnection(Protocol):
         exchange = self._exchange
         if self._tunnel:
             self._upstream = None
+            if exchange is not None:
+                self._exchange = None
+                self._record(exchange)
             self.transport.loseConnection()
             return
         if exchange is None:
@@ -695,9 +718,15 @@ class ClientConnection(Protocol):
         exchange = self._exchange
         if reason is not None:
             self.metrics.rejected(reason)
+            exchange_denied = reason in ("forbidden", "loop")
+        else:
+            exchange_denied = False
         if exchange is None:
             exchange = _Exchange(_NO_REQUEST, self._clock.seconds())
         exchange.status = status
+        exchange.denied = exchange_denied
+        if exchange.url == b"-":
+            exchange.url = exchange.request.target
         self._exchange = None
         self._connecting = None
         self._record(exchange)
@@ -718,10 +747,45 @@ class ClientConnection(Protocol):
         self._timer = self._clock.callLater(_LINGER_SECONDS, self.transport.abortConnection)
 
     def _record(self, exchange: _Exchange) -> None:
-        self.metrics.request(
-            exchange.method, exchange.status, self._clock.seconds() - exchange.started
-        )
+        now = self._clock.seconds()
+        duration = now - exchange.started
+        self.metrics.request(exchange.method, exchange.status, duration)
+        access_log = self.factory.access_log
+        if access_log is not None:
+            access_log.log(self._access_entry(exchange, now, duration))
         self._flush_bytes()
+
+    def _access_entry(self, exchange: _Exchange, now: float, duration: float) -> AccessEntry:
+        if exchange.denied:
+            result = "TCP_DENIED"
+        elif exchange.tunnel and exchange.status in (101, 200):
+            result = "TCP_TUNNEL"
+        elif exchange.status and exchange.response_started:
+            result = "TCP_MISS"
+        else:
+            result = "NONE"  # answered by the proxy itself, or not at all
+        destination = exchange.destination
+        if destination is None or not exchange.response_started:
+            where = None
+        elif ":" in destination[0]:
+            where = f"[{destination[0]}]:{destination[1]}"
+        else:
+            where = f"{destination[0]}:{destination[1]}"
+        return AccessEntry(
+            time=now,
+            duration=duration,
+            client=self.client_ip,
+            port=self.port.name,
+            mode=self.port.mode,
+            method=exchange.method.decode("ascii", "replace"),
+            url=exchange.url.decode("ascii", "replace"),
+            status=exchange.status,
+            bytes_out=self._bytes_out,
+            bytes_in=self._bytes_in,
+            destination=where,
+            result=result,
+            content_type=exchange.content_type.decode("ascii", "replace"),
+        )
 
     def _flush_bytes(self) -> None:
         if self._bytes_in:
@@ -795,12 +859,25 @@ class ClientConnection(Protocol):
 
 class _NoRequest:
     method = b"-"
+    target = b"-"
     version = b"HTTP/1.1"
     keep_alive = False
     body = "none"
 
 
 _NO_REQUEST = _NoRequest()
+
+
+def _absolute_url(destination: tuple[str, int], target: bytes, host: bytes | None) -> bytes:
+    """The URL for the access log: Squid logs absolute URLs."""
+    if target.startswith(b"/") or target == b"*":
+        if host is None:
+            ip, port = destination
+            host = (f"[{ip}]" if ":" in ip else ip).encode()
+            if port != 80:
+                host += b":%d" % port
+        return b"http://" + host + target
+    return target
 
 
 _UNREACHABLE = (errno.EHOSTUNREACH, errno.ENETUNREACH)
