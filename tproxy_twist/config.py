@@ -110,6 +110,15 @@ class Limits:
 
 
 @attrs.frozen
+class AccessLogConfig:
+    path: str | None = None  # None: no access log
+    format: str = "squid"  # "squid" (Squid's native format) or "json" (JSON lines)
+
+
+ACCESS_LOG_FORMATS = ("squid", "json")
+
+
+@attrs.frozen
 class Config:
     path: str
     workers: int
@@ -117,6 +126,10 @@ class Config:
     ports: tuple[PortConfig, ...]
     timeouts: Timeouts
     limits: Limits
+    user: str | None = None  # run the processes that relay traffic as this user
+    group: str | None = None  # ... and group (default: the user's primary group)
+    drain_timeout: float = 30.0  # reload/stop: seconds to finish in-flight requests
+    access_log: AccessLogConfig = AccessLogConfig()
 
 
 def load(path: str | os.PathLike[str]) -> Config:
@@ -152,6 +165,11 @@ def parse(data: Mapping[str, Any], path: str) -> Config:
     metrics.done()
     timeouts = _timeouts(table.table("timeouts"))
     limits = _limits(table.table("limits"))
+    access_log = _access_log(table.table("access_log"))
+    user = table.get("user", None, str)
+    group = table.get("group", None, str)
+    _check_identity(table, user, group)
+    drain_timeout = table.number("drain_timeout", default=30.0, minimum=0.0)
     raw_ports = table.get("port", [], list)
     table.done()
     if not raw_ports:
@@ -167,7 +185,40 @@ def parse(data: Mapping[str, Any], path: str) -> Config:
         ports=ports,
         timeouts=timeouts,
         limits=limits,
+        user=user,
+        group=group,
+        drain_timeout=drain_timeout,
+        access_log=access_log,
     )
+
+
+def _check_identity(table: _Table, user: str | None, group: str | None) -> None:
+    import grp
+    import pwd
+
+    if user is not None:
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            raise table.error("user", f"no such user {user!r} on this system") from None
+    if group is not None:
+        if user is None:
+            raise table.error("group", "needs `user` as well")
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            raise table.error("group", f"no such group {group!r} on this system") from None
+
+
+def _access_log(table: _Table | None) -> AccessLogConfig:
+    if table is None:
+        return AccessLogConfig()
+    path = table.get("path", "", str)
+    format = table.get("format", "squid", str)
+    if format not in ACCESS_LOG_FORMATS:
+        raise table.error("format", f"must be one of {', '.join(ACCESS_LOG_FORMATS)}")
+    table.done()
+    return AccessLogConfig(path=path or None, format=format)
 
 
 def _tables(raw: list[Any], path: str) -> list[Mapping[str, Any]]:

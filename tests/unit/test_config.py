@@ -108,6 +108,12 @@ def test_listen_addresses_parse(text, expected):
         ("port = [1]\n", "port[0]: must be a table"),
         ("[metrics]\nlisten = 9464\n" + BASE, "metrics.listen: must be a string"),
         ("x = [\n", "not valid TOML"),
+        ('user = "no-such-user-here"\n' + BASE, "user: no such user 'no-such-user-here'"),
+        ('group = "root"\n' + BASE, "group: needs `user`"),
+        ('user = "root"\ngroup = "no-such-group"\n' + BASE, "group: no such group"),
+        ("drain_timeout = -1\n" + BASE, "drain_timeout: must be at least 0"),
+        ('[access_log]\nformat = "xml"\n' + BASE, "access_log.format: must be one of squid"),
+        ('[access_log]\npth = "x"\n' + BASE, "access_log.pth: unknown key"),
     ],
 )
 def test_mistakes_name_the_key_and_the_rule(text, fragment):
@@ -159,3 +165,13 @@ def test_missing_file_is_a_config_error():
 
 def test_workers_flag_overrides_config():
     assert C.with_workers(load(BASE), 3).workers == 3
+
+
+def test_identity_drain_and_access_log_keys():
+    config = load(
+        'user = "root"\ngroup = "root"\ndrain_timeout = 5\n'
+        '[access_log]\npath = "/tmp/access.log"\nformat = "json"\n' + BASE
+    )
+    assert (config.user, config.group, config.drain_timeout) == ("root", "root", 5.0)
+    assert (config.access_log.path, config.access_log.format) == ("/tmp/access.log", "json")
+    assert load(BASE).access_log.path is None
