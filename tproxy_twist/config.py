@@ -433,3 +433,8 @@ class _Table:
 def with_workers(config: Config, workers: int) -> Config:
     """The same configuration with C{workers} overridden (the --workers flag)."""
     return attrs.evolve(config, workers=workers)
+
+
+def with_identity(config: Config, user: str, group: str | None) -> Config:
+    """The same configuration with the workers' user and group set."""
+    return attrs.evolve(config, user=user, group=group)

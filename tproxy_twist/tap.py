@@ -7,7 +7,10 @@ options, loads the configuration and wires services together.
 
 from __future__ import annotations
 
-from twisted.application.service import IService, MultiService
+import grp
+import pwd
+
+from twisted.application.service import IService
 from twisted.python import usage
 
 from . import config as configuration
@@ -20,8 +23,11 @@ class Options(usage.Options):
     longdesc = (
         "Transparent (TPROXY) HTTP proxy: relays intercepted HTTP to its original"
         " destination from the client's own IP address, plus an explicit forward"
-        " proxy port, with Prometheus metrics.  See the README and the sample"
-        " etc/tproxy.toml for the configuration reference."
+        " proxy port, with Prometheus metrics.  A master process supervises"
+        " pre-forked workers; SIGHUP reloads the configuration without dropping"
+        " requests, SIGTERM drains and stops.  twistd's --uid/--gid apply to the"
+        " workers (the master keeps root to supervise them).  See the README and"
+        " the sample etc/tproxy.toml for the configuration reference."
     )
     optParameters = [
         ["config", "c", DEFAULT_CONFIG, "The TOML configuration file."],
@@ -46,12 +52,36 @@ class Options(usage.Options):
             self["loaded"] = configuration.with_workers(self["loaded"], workers)
 
 
-def makeService(options: Options) -> IService:
-    from .worker import ProxyService, StartupError
+def _take_twistd_identity(options: Options, config: configuration.Config):
+    """
+    twistd's --uid/--gid would make the master give up root, and with it the
+    ability to start workers with transparent sockets.  Apply them to the
+    workers instead, and keep twistd from switching the master's identity.
+    """
+    parent = getattr(options, "parent", None)
+    if parent is None or parent.get("uid") is None:
+        return config
+    user = pwd.getpwuid(parent["uid"]).pw_name
+    group = grp.getgrgid(parent["gid"]).gr_name if parent.get("gid") is not None else None
+    parent["uid"] = None
+    parent["gid"] = None
+    if config.user is not None:
+        return config  # the configuration file says who the workers run as
+    return configuration.with_identity(config, user, group)
 
-    top = MultiService()
+
+def makeService(options: Options) -> IService:
+    config = _take_twistd_identity(options, options["loaded"])
+    # prometheus_client picks its storage when it is first imported: the
+    # multiprocess directory must be in the environment before that.
+    from .master import prepare_metrics_dir
+
+    prepare_metrics_dir()
+    from .master import MasterService
+    from .worker import StartupError, check_tproxy_support
+
     try:
-        ProxyService(options["loaded"]).setServiceParent(top)
+        check_tproxy_support(config)
     except StartupError as e:
         raise SystemExit(f"tproxy-twist: {e}") from None
-    return top
+    return MasterService(config, workers_override=options["workers"])

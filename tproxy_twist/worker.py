@@ -1,24 +1,33 @@
 """
-The process that serves traffic: one listener per configured port, each
-feeding a L{ProxyFactory}, plus (for now, in a single process) the
-metrics listener.
+A worker: the process that serves traffic.  It opens its own listener per
+configured port (SO_REUSEPORT: the kernel spreads connections over the
+workers), drops privileges, tells the master it is ready, and relays until
+told to drain.
+
+Run by the master as C{python -m tproxy_twist.worker --config FILE --index N}
+with C{PROMETHEUS_MULTIPROC_DIR} set in its environment; not by hand.
 """
 
 from __future__ import annotations
 
+import argparse
 import errno
+import os
+import signal
 import socket
+import sys
 
 from twisted.application.service import Service
-from twisted.internet.defer import DeferredList
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from .config import Config, PortConfig
-from .http.relay import ProxyFactory, RelaySettings
-from .metrics import PortMetrics
 from .sockets import LocalAddresses, connect_upstream, listening_socket, probe_transparent_bind
 
 log = Logger()
+
+#: Status lines a worker writes to the master on this file descriptor.
+STATUS_FD = 3
 
 
 class StartupError(Exception):
@@ -53,14 +62,14 @@ def check_tproxy_support(config: Config) -> None:
 class ProxyService(Service):
     """Listens on every configured port and relays what arrives."""
 
-    def __init__(self, config: Config, reactor=None) -> None:
+    def __init__(self, config: Config, reactor=None, access_log=None) -> None:
         if reactor is None:
             from twisted.internet import reactor
         self._reactor = reactor
         self.config = config
-        check_tproxy_support(config)
-        # Bind now, before twistd may drop privileges and before the reactor
-        # runs, so that a port in use is a start-up error, not a log line.
+        self.access_log = access_log
+        # Bind now, before privileges are dropped, so that a port in use is a
+        # start-up error with a message, not a log line.
         self._sockets: list[tuple[PortConfig, socket.socket]] = []
         for port in config.ports:
             try:
@@ -72,7 +81,7 @@ class ProxyService(Service):
                 ) from None
             self._sockets.append((port, sock))
         self._ports = []
-        self._metrics_port = None
+        self.factories = []
 
     def _close_sockets(self) -> None:
         for _, sock in self._sockets:
@@ -80,6 +89,9 @@ class ProxyService(Service):
         self._sockets = []
 
     def startService(self) -> None:
+        from .http.relay import ProxyFactory, RelaySettings
+        from .metrics import PortMetrics
+
         super().startService()
         reactor = self._reactor
         settings = RelaySettings(
@@ -97,7 +109,9 @@ class ProxyService(Service):
                 clock=reactor,
                 local_addresses=local,
                 metrics=PortMetrics(port.name, port.mode),
+                access_log=self.access_log,
             )
+            self.factories.append(factory)
             self._ports.append(reactor.adoptStreamPort(sock.fileno(), sock.family, factory))
             log.info(
                 "{mode} port {name!r} listening on {listen}",
@@ -106,28 +120,150 @@ class ProxyService(Service):
                 listen=str(port.listen),
             )
         self._close_sockets()  # the reactor holds its own duplicates
-        if self.config.metrics_listen is not None:
-            self._metrics_port = _listen_metrics(reactor, self.config.metrics_listen)
+
+    def stop_listening(self) -> defer.Deferred:
+        ports, self._ports = self._ports, []
+        return defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in ports])
+
+    @defer.inlineCallbacks
+    def drain(self, timeout: float):
+        """
+        Stop accepting, let in-flight requests finish (idle keep-alive
+        connections are closed), and abort what is left after C{timeout}.
+        """
+        yield self.stop_listening()
+        deadline = self._reactor.seconds() + timeout
+        while sum(f.drain() for f in self.factories):
+            if self._reactor.seconds() >= deadline:
+                left = sum(len(f.connections) for f in self.factories)
+                log.warn("drain timeout: aborting {n} connection(s)", n=left)
+                for factory in self.factories:
+                    factory.abort_all()
+                break
+            yield task.deferLater(self._reactor, 0.2, lambda: None)
 
     def stopService(self):
         super().stopService()
-        ports, self._ports = self._ports, []
-        if self._metrics_port is not None:
-            ports.append(self._metrics_port)
-            self._metrics_port = None
-        return DeferredList([p.stopListening() for p in ports])
+        return self.stop_listening()
 
 
-def _listen_metrics(reactor, address):
-    from prometheus_client.twisted import MetricsResource
-    from twisted.web.resource import Resource
-    from twisted.web.server import Site
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tproxy_twist.worker")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--index", type=int, default=1)
+    parser.add_argument("--generation", type=int, default=1)
+    return parser.parse_args(argv)
 
-    root = Resource()
-    root.putChild(b"metrics", MetricsResource())
-    site = Site(root)
-    site.noisy = False
-    site.log = lambda request: None  # scrapes are not worth a log line each
-    port = reactor.listenTCP(address.port, site, interface=address.host)
-    log.info("metrics on http://{listen}/metrics", listen=str(address))
-    return port
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(sys.argv[1:] if argv is None else argv)
+
+    from twisted.internet import reactor
+    from twisted.logger import globalLogBeginner, jsonFileLogObserver
+
+    from . import config as configuration
+    from . import privileges
+
+    privileges.die_with_parent(signal.SIGTERM)
+    # JSON log events on stdout: the master re-emits them into its own log.
+    sys.stdout.reconfigure(line_buffering=True)
+    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(sys.stdout)], redirectStandardIO=False)
+    status = os.fdopen(STATUS_FD, "w", buffering=1) if _is_open(STATUS_FD) else None
+
+    def report(state: str) -> None:
+        if status is not None:
+            try:
+                status.write(f"{state}\n")
+            except OSError:
+                pass  # the master is gone; PDEATHSIG will follow
+
+    # Everything the relay needs is imported now: after the switch to an
+    # unprivileged user, the interpreter's own directories may be unreadable.
+    from .http import relay  # noqa: F401
+    from .metrics import PortMetrics  # noqa: F401
+
+    try:
+        config = configuration.load(args.config)
+        service = ProxyService(config, reactor)
+        access_log = _open_access_log(config, reactor)  # as root: like nginx, open first
+        service.access_log = access_log
+        if config.user is not None:
+            identity = privileges.resolve(config.user, config.group)
+            if config.access_log.path is not None:
+                # Reopening after logrotate happens as the unprivileged user.
+                os.chown(config.access_log.path, identity.uid, identity.gid)
+            kept = privileges.drop_to(identity)
+            log.info(
+                "running as {user}:{group}, keeping capability {cap}",
+                user=identity.user,
+                group=identity.group,
+                cap="CAP_NET_RAW" if kept == privileges.CAP_NET_RAW else "CAP_NET_ADMIN",
+            )
+    except (configuration.ConfigError, StartupError, OSError, KeyError) as e:
+        log.critical("worker {index} cannot start: {error}", index=args.index, error=str(e))
+        report(f"failed {e}")
+        return 3
+
+    # Reload is the master's business: a SIGHUP sent to the whole process
+    # group (a closing terminal, `timeout`) must not kill the workers.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    if access_log is not None:
+        signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(access_log.reopen))
+    else:
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+    draining = []
+
+    @defer.inlineCallbacks
+    def drain_and_exit():
+        if draining:
+            return
+        draining.append(True)
+        report("draining")
+        log.info("draining (up to {t}s)", t=config.drain_timeout)
+        try:
+            yield service.drain(config.drain_timeout)
+            if access_log is not None:
+                yield defer.maybeDeferred(access_log.close)
+        finally:
+            reactor.stop()
+
+    def on_signal(number, frame):
+        reactor.callFromThread(drain_and_exit)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    def start():
+        try:
+            service.startService()
+        except Exception:
+            # Listening sockets nobody accepts on would swallow connections.
+            log.failure("worker {index} failed to start", index=args.index)
+            report("failed start-up error")
+            os._exit(3)
+        report("ready")
+
+    reactor.callWhenRunning(start)
+    reactor.run(installSignalHandlers=False)
+    return 0
+
+
+def _open_access_log(config: Config, reactor):
+    if config.access_log.path is None:
+        return None
+    from .accesslog import open_access_log
+
+    return open_access_log(config.access_log, reactor)
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -133,6 +133,7 @@ class ProxyFactory(Factory):
         access_log: AccessLog | None = None,
     ) -> None:
         self.access_log = access_log
+        self.connections: set[ClientConnection] = set()
         self.port = port
         self.settings = settings
         self.connect = connect
@@ -142,6 +143,20 @@ class ProxyFactory(Factory):
 
     def buildProtocol(self, addr):
         return ClientConnection(self)
+
+    def drain(self, min_idle: float = 1.0) -> int:
+        """
+        Ask every connection to finish: each closes after its current
+        response; one idle for C{min_idle} seconds closes now.  Returns how
+        many connections are still open.  Call again until it returns 0.
+        """
+        for connection in list(self.connections):
+            connection.drain(min_idle)
+        return len(self.connections)
+
+    def abort_all(self) -> None:
+        for connection in list(self.connections):
+            connection.transport.abortConnection()
 
 
 class _Exchange:
@@ -250,6 +265,7 @@ class ClientConnection(Protocol):
         self._timer_kind = ""
         self._last_activity = 0.0
         self._tunnel = False
+        self._draining = False
         self._discarding = False
         self._closed = False
         self._bytes_in = 0
@@ -264,6 +280,7 @@ class ClientConnection(Protocol):
         transport = self.transport
         transport.setTcpNoDelay(True)
         self.gate = ReadGate(transport)
+        self.factory.connections.add(self)
         self.metrics.connections.inc()
         self.metrics.active.inc()
         self.client_ip = unmap(transport.getPeer().host)
@@ -318,6 +335,7 @@ class ClientConnection(Protocol):
 
     def connectionLost(self, reason: Failure) -> None:
         self._closed = True
+        self.factory.connections.discard(self)
         self._cancel_timer()
         self.metrics.active.dec()
         if self._exchange is not None:
@@ -330,6 +348,20 @@ class ClientConnection(Protocol):
         self._upstream = None
         if upstream is not None and not upstream.lost:
             upstream.transport.abortConnection()
+
+    def drain(self, min_idle: float) -> None:
+        """Finish: close after the current response, or now if idle long enough."""
+        self._draining = True
+        if (
+            self._exchange is None
+            and self._connecting is None
+            and not self._tunnel
+            and self._reader.idle
+            and self._clock.seconds() - self._last_activity >= min_idle
+        ):
+            # Idle for a while: no request is likely to be on its way, so
+            # closing cannot race with one (a client would see a reset).
+            self.transport.loseConnection()
 
     def _process(self) -> None:
         """Handle the request events the reader has, until it needs something."""
@@ -605,9 +637,10 @@ class ClientConnection(Protocol):
                 exchange.close_client = True
         if exchange.response_chunked:
             fields.append((b"Transfer-Encoding", b"chunked"))
-        if not exchange.request_done:
+        if not exchange.request_done or self._draining:
             # An early answer while the request body is still arriving: the
             # rest of that body cannot be told apart from a next request.
+            # Draining: this is the connection's last answer.
             exchange.close_client = True
         if exchange.close_client and not tunnel:
             fields.append((b"Connection", b"close"))

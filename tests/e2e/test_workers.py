@@ -1,0 +1,199 @@
+"""
+Pre-forked workers end to end: SO_REUSEPORT listeners, respawn, hitless
+reload, draining stop, and least privilege, in the namespace lab.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tproxy_twist.lab import Lab
+from tproxy_twist.lab.origin import expected_sha256
+
+CONFIG = """
+workers = 3
+drain_timeout = 20
+
+[metrics]
+listen = "127.0.0.1:9464"
+
+[[port]]
+name = "forward"
+listen = "0.0.0.0:3128"
+mode = "forward"
+allow = ["198.51.100.0/24"]
+
+[[port]]
+name = "transparent"
+listen = "[::]:3129"
+mode = "tproxy"
+"""
+
+
+def listening_pids(lab: Lab, port: int) -> set[int]:
+    out = lab.run(lab.router, ["ss", "-Hltnp", "sport", "=", f":{port}"]).stdout.decode()
+    return {int(pid) for pid in re.findall(r"pid=(\d+)", out)}
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    pytest.fail(f"not within {timeout}s: {what() if callable(what) else what}")
+
+
+def router_pids(lab: Lab) -> set[int]:
+    out = subprocess.run(["ip", "netns", "pids", lab.router], capture_output=True).stdout
+    return {int(p) for p in out.split()}
+
+
+def test_three_workers_each_listen_on_the_tproxy_port_and_the_master_does_not(proxy, lab):
+    running = proxy(CONFIG)
+    pids = wait_for(lambda: len(listening_pids(lab, 3129)) == 3 and listening_pids(lab, 3129),
+                    10, "3 listeners")  # fmt: skip
+    assert running.pid not in pids
+    assert listening_pids(lab, 3128) == pids
+
+
+def test_a_killed_worker_is_replaced_within_two_seconds_under_load(proxy, lab):
+    proxy(CONFIG)
+    before = wait_for(lambda: len(listening_pids(lab, 3129)) == 3 and listening_pids(lab, 3129),
+                      10, "3 listeners")  # fmt: skip
+    load = lab.popen(lab.client, ["python3", "-c", LOAD, Lab.ORIGIN4, "4"], stdout=subprocess.PIPE)
+    time.sleep(1.0)
+    victim = sorted(before)[0]
+    killed = time.monotonic()
+    subprocess.run(["kill", "-9", str(victim)], check=True)
+    after = wait_for(
+        lambda: (
+            len(listening_pids(lab, 3129)) == 3
+            and victim not in listening_pids(lab, 3129)
+            and listening_pids(lab, 3129)
+        ),
+        2.0,
+        "a replacement worker listening",
+    )
+    assert time.monotonic() - killed < 2.0
+    assert len(after - before) == 1
+    ok, failed = json.loads(load.communicate(timeout=30)[0])
+    assert ok > 100
+    assert failed <= 4  # at most the requests in flight on the killed worker
+
+
+# Four concurrent clients, each doing sequential requests on fresh connections
+# for four seconds; prints [ok, failed].
+LOAD = """
+import http.client, sys, threading, time, json
+host, n = sys.argv[1], int(sys.argv[2])
+counts = [0, 0]
+def run():
+    end = time.monotonic() + 4
+    while time.monotonic() < end:
+        try:
+            c = http.client.HTTPConnection(host, 80, timeout=5)
+            c.request("GET", "/ip")
+            ok = c.getresponse().status == 200
+            c.close()
+        except Exception:
+            ok = False
+        counts[0 if ok else 1] += 1
+threads = [threading.Thread(target=run) for _ in range(n)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(json.dumps(counts))
+"""
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
+def test_two_reloads_under_keep_alive_load_lose_no_request(proxy, lab):
+    running = proxy(CONFIG)
+    old = wait_for(lambda: len(listening_pids(lab, 3129)) == 3 and listening_pids(lab, 3129),
+                   10, "3 listeners")  # fmt: skip
+    wrk = lab.popen(
+        lab.client,
+        ["wrk", "-t2", "-c20", "-d7s", f"http://{Lab.ORIGIN4}/ip"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    time.sleep(1.5)
+    running.send_signal(signal.SIGHUP)
+    time.sleep(2.5)
+    running.send_signal(signal.SIGHUP)
+    report = wrk.communicate(timeout=60)[0].decode()
+    requests = int(re.search(r"(\d+) requests in", report).group(1))
+    assert requests > 1000, report
+    assert "Socket errors" not in report, report
+    assert "Non-2xx" not in report, report
+    now = wait_for(
+        lambda: len(listening_pids(lab, 3129)) == 3 and listening_pids(lab, 3129), 10, "3 new"
+    )
+    assert not now & old
+    log = running.wait_log("generation 3 ready")
+    # Every old worker has exited, not just stopped listening.
+    expected = {running.pid, *now}
+    wait_for(
+        lambda: router_pids(lab) == expected,
+        25,
+        lambda: f"old workers gone (router has {router_pids(lab)}, expected {expected}):\n"
+        f"{running.log_text()[-3000:]}",
+    )
+    assert log.count("exited normally") >= 3
+
+
+def test_a_reload_with_a_broken_config_changes_nothing_and_names_the_key(proxy, lab, curl):
+    running = proxy(CONFIG)
+    before = wait_for(lambda: len(listening_pids(lab, 3129)) == 3 and listening_pids(lab, 3129),
+                      10, "3 listeners")  # fmt: skip
+    running.config_path.write_text(CONFIG + "\nbogus_key = 1\n")
+    running.send_signal(signal.SIGHUP)
+    log = running.wait_log("reload refused")
+    assert "bogus_key: unknown key" in log
+    assert listening_pids(lab, 3129) == before
+    assert json.loads(curl(f"http://{Lab.ORIGIN4}/ip").stdout)["client"] == Lab.CLIENT4
+
+
+def test_sigterm_lets_a_slow_download_finish_then_everything_exits(proxy, lab, tmp_path):
+    running = proxy(CONFIG)
+    wait_for(lambda: len(listening_pids(lab, 3129)) == 3, 10, "3 listeners")
+    n = 10 * 1024 * 1024
+    out = tmp_path / "download"
+    download = lab.popen(
+        lab.client,
+        ["curl", "-s", "-o", str(out), "--max-time", "60",
+         f"http://{Lab.ORIGIN4}/bytes?n={n}&rate=3000000&seed=term"],
+    )  # fmt: skip
+    time.sleep(1.0)
+    running.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert listening_pids(lab, 3129) == set()  # no new connections are taken
+    assert download.wait(timeout=60) == 0
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == expected_sha256(n, "term")
+    # twistd re-raises the signal it stopped for, so the exit status says SIGTERM.
+    assert running.popen.wait(timeout=30) in (0, -signal.SIGTERM)
+    assert router_pids(lab) == set()
+
+
+def test_workers_run_as_the_configured_user_with_one_capability_and_still_spoof(proxy, lab, curl):
+    running = proxy('user = "nobody"\n' + CONFIG)
+    pids = wait_for(lambda: len(listening_pids(lab, 3129)) == 3 and listening_pids(lab, 3129),
+                    10, "3 listeners")  # fmt: skip
+    nobody = subprocess.run(["id", "-u", "nobody"], capture_output=True).stdout.decode().strip()
+    for pid in pids:
+        status = open(f"/proc/{pid}/status").read()
+        uids = re.search(r"^Uid:\s+(.*)$", status, re.M).group(1).split()
+        assert set(uids) == {nobody}
+        assert re.search(r"^CapEff:\s+0000000000002000$", status, re.M), status  # CAP_NET_RAW
+        assert re.search(r"^CapPrm:\s+0000000000002000$", status, re.M), status
+    assert json.loads(curl(f"http://{Lab.ORIGIN4}/ip").stdout)["client"] == Lab.CLIENT4
+    assert "running as nobody" in running.log_text()
