@@ -145,8 +145,10 @@ def test_two_reloads_under_keep_alive_load_lose_no_request(proxy, lab):
     wait_for(
         lambda: router_pids(lab) == expected,
         25,
-        lambda: f"old workers gone (router has {router_pids(lab)}, expected {expected}):\n"
-        f"{running.log_text()[-3000:]}",
+        lambda: (
+            f"old workers gone (router has {router_pids(lab)}, expected {expected}):\n"
+            f"{running.log_text()[-3000:]}"
+        ),
     )
     assert log.count("exited normally") >= 3
 
