@@ -48,6 +48,7 @@ class WorkerProcess(ProcessProtocol):
         self.index = index
         self.generation = generation
         self.state = "starting"  # -> ready -> draining; "exited" at the end
+        self.was_ready = False
         self.pid: int | None = None
         self.started = supervisor.clock.seconds()
         self.last_error = ""
@@ -218,6 +219,7 @@ class WorkerSupervisor(Service):
         state, _, detail = line.partition(" ")
         if state == "ready":
             worker.state = "ready"
+            worker.was_ready = True
             log.info("worker {index} ready (pid {pid})", index=worker.index, pid=worker.pid)
             if self.pending is not None and all(w.state == "ready" for w in self.pending.values()):
                 self._switch_generation()
@@ -268,7 +270,7 @@ class WorkerSupervisor(Service):
         # A worker of the current generation died: replace it.
         WORKER_RESTARTS.inc()
         lived = self.clock.seconds() - worker.started
-        if worker.state == "ready" and lived >= _STEADY:
+        if worker.was_ready and lived >= _STEADY:
             self._failures[worker.index] = 0
             delay = 0.0
         else:
