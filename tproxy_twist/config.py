@@ -85,6 +85,8 @@ class PortConfig:
     allow: tuple[IPNetwork, ...]
     connect_ports: tuple[int, ...]
     divert: tuple[int, ...]
+    host_verify_strict: bool = False  # Host disagreeing with the original destination: 409
+    x_forwarded_for: str = "off"  # off: pass as received; append: add the client; strip
 
     def allows(self, ip: str) -> bool:
         address = ipaddress.ip_address(ip)
@@ -104,9 +106,24 @@ class Timeouts:
 
 @attrs.frozen
 class Limits:
-    max_request_line: int = 8192
-    max_header_size: int = 65536
-    max_header_fields: int = 100
+    max_request_line: int = 8192  # longer: 414
+    max_header_size: int = 65536  # larger header section: 431
+    max_header_fields: int = 100  # more fields: 431
+    max_body_size: int = 0  # request body bytes; larger: 413; 0: no limit
+    max_connections: int = 10000  # per worker; beyond, it stops accepting for a while
+    max_connections_per_client: int = 0  # per worker and client IP; beyond: 429; 0: off
+
+
+# (minimum, maximum) of each limit
+_LIMIT_RANGES = {
+    "max_request_line": (64, 1 << 20),
+    "max_header_size": (256, 1 << 24),
+    "max_header_fields": (8, 10_000),
+    "max_body_size": (0, 1 << 62),
+    "max_connections": (1, 1 << 22),
+    "max_connections_per_client": (0, 1 << 22),
+}
+X_FORWARDED_FOR = ("off", "append", "strip")
 
 
 @attrs.frozen
@@ -245,6 +262,12 @@ def _port(table: _Table, index: int) -> PortConfig:
     allow = tuple(table.network_list("allow", default_allow))
     connect_ports = table.port_list("connect_ports", (443,), only_for="forward", mode=mode)
     divert = table.port_list("divert", (80,), only_for="tproxy", mode=mode)
+    host_verify_strict = table.get("host_verify_strict", False, bool)
+    if host_verify_strict and mode == "forward":
+        raise table.error("host_verify_strict", "only applies to tproxy and intercept ports")
+    x_forwarded_for = table.get("x_forwarded_for", "off", str)
+    if x_forwarded_for not in X_FORWARDED_FOR:
+        raise table.error("x_forwarded_for", f"must be one of {', '.join(X_FORWARDED_FOR)}")
     table.done()
     return PortConfig(
         name=name,
@@ -254,6 +277,8 @@ def _port(table: _Table, index: int) -> PortConfig:
         allow=allow,
         connect_ports=connect_ports,
         divert=divert,
+        host_verify_strict=host_verify_strict,
+        x_forwarded_for=x_forwarded_for,
     )
 
 
@@ -295,10 +320,14 @@ def _limits(table: _Table | None) -> Limits:
     if table is None:
         return Limits()
     values = {
-        field.name: table.integer(field.name, default=field.default, minimum=64, maximum=1 << 24)
+        field.name: table.integer(
+            field.name,
+            default=field.default,
+            minimum=_LIMIT_RANGES[field.name][0],
+            maximum=_LIMIT_RANGES[field.name][1],
+        )
         for field in attrs.fields(Limits)
     }
-    values["max_header_fields"] = min(values["max_header_fields"], 10_000)
     table.done()
     return Limits(**values)
 

@@ -58,6 +58,13 @@ REJECTED = Counter(
     "Requests the proxy refused to relay, by reason.",
     ["port", "reason"],
 )
+HOST_MISMATCH = Counter(
+    "tproxy_host_mismatch",
+    "Requests on intercepting ports whose Host names another IP address or port than the"
+    " original destination (relayed to the original destination, or 409 under"
+    " host_verify_strict).",
+    ["port"],
+)
 WORKERS = Gauge("tproxy_workers", "Worker processes ready to serve.", multiprocess_mode="max")
 WORKER_RESTARTS = Counter("tproxy_worker_restarts", "Workers replaced after they exited.")
 
@@ -81,6 +88,7 @@ class PortMetrics:
         self.bytes_out = BYTES.labels(port, "out")
         self.duration = REQUEST_DURATION.labels(port)
         self.connect_duration = UPSTREAM_CONNECT_DURATION.labels(port)
+        self.host_mismatch = HOST_MISMATCH.labels(port)
         self._requests: dict[tuple[bytes, int], Counter] = {}
         self._upstream_errors = {r: UPSTREAM_ERRORS.labels(port, r) for r in UPSTREAM_ERROR_REASONS}
         self._rejected = {r: REJECTED.labels(port, r) for r in REJECT_REASONS}

@@ -89,7 +89,7 @@ class ProxyService(Service):
         self._sockets = []
 
     def startService(self) -> None:
-        from .http.relay import ProxyFactory, RelaySettings
+        from .http.relay import ConnectionBudget, ProxyFactory, RelaySettings
         from .metrics import PortMetrics
 
         super().startService()
@@ -101,6 +101,9 @@ class ProxyService(Service):
         )
         local = LocalAddresses(reactor)
         connect = connect_upstream(reactor)
+        budget = ConnectionBudget(
+            self.config.limits.max_connections, self._pause_accepting, self._resume_accepting
+        )
         for port, sock in self._sockets:
             factory = ProxyFactory(
                 port,
@@ -110,6 +113,7 @@ class ProxyService(Service):
                 local_addresses=local,
                 metrics=PortMetrics(port.name, port.mode),
                 access_log=self.access_log,
+                budget=budget,
             )
             self.factories.append(factory)
             self._ports.append(reactor.adoptStreamPort(sock.fileno(), sock.family, factory))
@@ -120,6 +124,16 @@ class ProxyService(Service):
                 listen=str(port.listen),
             )
         self._close_sockets()  # the reactor holds its own duplicates
+
+    # tcp.Port is a FileDescriptor: stopReading/startReading pause accept().
+    def _pause_accepting(self) -> None:
+        for port in self._ports:
+            port.stopReading()
+
+    def _resume_accepting(self) -> None:
+        for port in self._ports:
+            if port.connected:
+                port.startReading()
 
     def stop_listening(self) -> defer.Deferred:
         ports, self._ports = self._ports, []

@@ -114,6 +114,10 @@ def test_listen_addresses_parse(text, expected):
         ("drain_timeout = -1\n" + BASE, "drain_timeout: must be at least 0"),
         ('[access_log]\nformat = "xml"\n' + BASE, "access_log.format: must be one of squid"),
         ('[access_log]\npth = "x"\n' + BASE, "access_log.pth: unknown key"),
+        ("[limits]\nmax_connections = 0\n" + BASE, "limits.max_connections: must be from 1"),
+        ("[limits]\nmax_body_size = -1\n" + BASE, "limits.max_body_size: must be from 0"),
+        (BASE + "host_verify_strict = true\n", "port[0].host_verify_strict: only applies"),
+        (BASE + 'x_forwarded_for = "yes"\n', "port[0].x_forwarded_for: must be one of off"),
     ],
 )
 def test_mistakes_name_the_key_and_the_rule(text, fragment):

@@ -621,3 +621,114 @@ def test_connect_tunnel_is_logged_as_tcp_tunnel_with_its_authority():
     h.connect.last.close()
     [entry] = h.entries
     assert (entry.url, entry.result, entry.status) == ("203.0.113.2:443", "TCP_TUNNEL", 200)
+
+
+# --- hardening: limits, Host verification, X-Forwarded-For ----------------------------
+
+
+def test_a_body_over_max_body_size_is_refused_with_413_before_connecting():
+    h = Harness(timeouts="[limits]\nmax_body_size = 10\n")
+    h.send(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 11\r\n\r\n")
+    assert h.received().startswith(b"HTTP/1.1 413 ")
+    assert h.connect.attempts == []
+    assert h.metric("tproxy_rejected_total", reason="limit") == 1
+
+
+def test_a_chunked_body_growing_past_max_body_size_gets_413_and_the_upstream_is_dropped():
+    h = Harness(timeouts="[limits]\nmax_body_size = 10\n")
+    h.send(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+    upstream = h.upstream()
+    h.send(b"8\r\n12345678\r\n")
+    assert h.received() == b""
+    h.send(b"8\r\n12345678\r\n")
+    assert h.received().startswith(b"HTTP/1.1 413 ")
+    assert upstream.closed
+
+
+def test_a_body_within_max_body_size_is_relayed():
+    h = Harness(timeouts="[limits]\nmax_body_size = 10\n")
+    h.send(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n0123456789")
+    assert h.upstream().value().endswith(b"0123456789")
+
+
+def test_connections_beyond_the_per_client_limit_get_429_and_others_are_unaffected():
+    first = Harness(timeouts="[limits]\nmax_connections_per_client = 2\n")
+    factory = first.factory
+
+    def connect(client):
+        protocol = factory.buildProtocol(None)
+        transport = FakeTransport(host=tcp_address(*ORIGIN), peer=tcp_address(*client))
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    second = connect(CLIENT)
+    _, third = connect(CLIENT)
+    assert third.value().startswith(b"HTTP/1.1 429 ")
+    assert b"too many connections from 198.51.100.2" in third.value()
+    _, other = connect(("198.51.100.3", 5000))
+    assert other.value() == b""
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+
+    second[0].connectionLost(Failure(ConnectionDone()))
+    _, fourth = connect(CLIENT)
+    assert fourth.value() == b""
+
+
+def test_the_connection_budget_pauses_and_resumes_accepting():
+    from tproxy_twist.http.relay import ConnectionBudget
+
+    events = []
+    budget = ConnectionBudget(2, lambda: events.append("full"), lambda: events.append("free"))
+    budget.acquire()
+    assert events == []
+    budget.acquire()
+    assert events == ["full"]
+    budget.release()
+    assert events == ["full", "free"]
+
+
+@pytest.mark.parametrize(
+    "host, mismatch",
+    [
+        (b"example.com", False),
+        (b"203.0.113.2", False),
+        (b"203.0.113.2:80", False),
+        (b"[::ffff:203.0.113.2]", False),
+        (b"192.0.2.1", True),
+        (b"example.com:8080", True),
+        (b"203.0.113.2:81", True),
+    ],
+)
+def test_a_host_disagreeing_with_the_original_destination_is_counted_but_relayed(host, mismatch):
+    h = Harness()
+    h.send(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+    assert (h.connect.last.host, h.connect.last.port) == ORIGIN
+    assert h.metric("tproxy_host_mismatch_total") == (1 if mismatch else 0)
+
+
+def test_host_verify_strict_answers_a_forged_host_with_409():
+    h = Harness(extra="host_verify_strict = true\n")
+    h.send(b"GET / HTTP/1.1\r\nHost: 192.0.2.1\r\n\r\n")
+    data = h.received()
+    assert data.startswith(b"HTTP/1.1 409 ")
+    assert b"does not match the destination" in data
+    assert h.connect.attempts == []
+    h = Harness(extra="host_verify_strict = true\n")
+    h.send(b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n")
+    assert h.connect.attempts  # a host name cannot be checked: relayed
+
+
+@pytest.mark.parametrize(
+    "mode, expected",
+    [
+        ("off", [b"X-Forwarded-For: 192.0.2.9"]),
+        ("append", [b"X-Forwarded-For: 192.0.2.9, 198.51.100.2"]),
+        ("strip", []),
+    ],
+)
+def test_x_forwarded_for_modes(mode, expected):
+    h = Harness(extra=f'x_forwarded_for = "{mode}"\n')
+    h.send(b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 192.0.2.9\r\n\r\n")
+    _, fields = head_of(h.upstream().value())
+    assert [f for f in fields if f.lower().startswith(b"x-forwarded-for")] == expected

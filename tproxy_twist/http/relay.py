@@ -16,6 +16,8 @@ since reading from the client pauses) until the previous response is done.
 from __future__ import annotations
 
 import errno
+import ipaddress
+from collections.abc import Callable
 
 import attrs
 from twisted.internet import error as neterror
@@ -131,9 +133,12 @@ class ProxyFactory(Factory):
         local_addresses,
         metrics: PortMetrics,
         access_log: AccessLog | None = None,
+        budget: ConnectionBudget | None = None,
     ) -> None:
         self.access_log = access_log
+        self.budget = budget
         self.connections: set[ClientConnection] = set()
+        self.per_client: dict[str, int] = {}
         self.port = port
         self.settings = settings
         self.connect = connect
@@ -270,6 +275,8 @@ class ClientConnection(Protocol):
         self._closed = False
         self._bytes_in = 0
         self._bytes_out = 0
+        self._counted_client = False
+        self._body_left = 0  # bytes a request body may still have under max_body_size
         self.client_ip = ""
         self.destination: tuple[str, int] | None = None
         self._refusal: tuple[int, str, str] | None = None  # (status, text, metric reason)
@@ -280,12 +287,37 @@ class ClientConnection(Protocol):
         transport = self.transport
         transport.setTcpNoDelay(True)
         self.gate = ReadGate(transport)
-        self.factory.connections.add(self)
+        factory = self.factory
+        factory.connections.add(self)
+        if factory.budget is not None:
+            factory.budget.acquire()
         self.metrics.connections.inc()
         self.metrics.active.inc()
         self.client_ip = unmap(transport.getPeer().host)
         self._last_activity = self._clock.seconds()
         mode = self.port.mode
+        per_client_limit = factory.settings.limits.max_connections_per_client
+        if per_client_limit:
+            count = factory.per_client.get(self.client_ip, 0)
+            if count >= per_client_limit:
+                log.info(
+                    "refusing a connection from {client}: it already has {n} on this worker",
+                    client=self.client_ip,
+                    n=count,
+                )
+                self.metrics.rejected("limit")
+                self._write(
+                    H.simple_response(
+                        429,
+                        b"Too Many Requests",
+                        f"too many connections from {self.client_ip} (limit {per_client_limit})",
+                        close=True,
+                    )
+                )
+                self._linger()
+                return
+            factory.per_client[self.client_ip] = count + 1
+            self._counted_client = True
         if not self.port.allows(self.client_ip):
             self._refusal = (403, "access denied: your address may not use this proxy", "forbidden")
         elif mode == "tproxy":
@@ -335,7 +367,16 @@ class ClientConnection(Protocol):
 
     def connectionLost(self, reason: Failure) -> None:
         self._closed = True
-        self.factory.connections.discard(self)
+        factory = self.factory
+        factory.connections.discard(self)
+        if factory.budget is not None:
+            factory.budget.release()
+        if self._counted_client:
+            left = factory.per_client[self.client_ip] - 1
+            if left:
+                factory.per_client[self.client_ip] = left
+            else:
+                del factory.per_client[self.client_ip]
         self._cancel_timer()
         self.metrics.active.dec()
         if self._exchange is not None:
@@ -408,6 +449,14 @@ class ClientConnection(Protocol):
         except ProtocolError as e:
             self._reject(e.status, e.reason, "forbidden" if e.status == 403 else "bad_request")
             return
+        max_body = self.factory.settings.limits.max_body_size
+        if max_body:
+            if request.body == "length" and request.content_length > max_body:
+                self._reject(413, f"request body larger than {max_body} bytes", "limit")
+                return
+            self._body_left = max_body
+        if self.port.mode != "forward" and not self._host_agrees(request, host):
+            return
         exchange.destination = destination
         if request.method == b"CONNECT":
             exchange.url = target
@@ -422,6 +471,8 @@ class ClientConnection(Protocol):
             fields = [(n, v) for n, v in fields if n.lower() != b"host"]
             fields.insert(0, (b"Host", host))
         fields = H.add_via(fields, H.via_value(request.version, self._pseudonym))
+        if self.port.x_forwarded_for != "off":
+            fields = _x_forwarded_for(fields, self.port.x_forwarded_for, self.client_ip)
         if request.body == "chunked":
             fields.append((b"Transfer-Encoding", b"chunked"))
             exchange.chunked_out = True
@@ -429,6 +480,52 @@ class ClientConnection(Protocol):
         exchange.head = H.serialize_request_head(request.method, target, fields)
         exchange.replayable = request.body == "none"
         self._use_upstream(destination)
+
+    def _host_agrees(self, request: Request, authority: bytes | None) -> bool:
+        """
+        On intercepting ports the original destination decides where we
+        connect; a Host naming another IP address or port is logged and
+        counted, and refused with 409 under host_verify_strict (as Squid's
+        host_verify_strict).  Host names cannot be checked without DNS.
+        """
+        named = authority or request.get(b"host")
+        if named is None:
+            return True
+        try:
+            host, port = parse_authority(named, 80)
+        except ProtocolError:
+            return True  # the framing already checked its syntax
+        dest_host, dest_port = self.destination
+        if port == dest_port and (not _is_ip_literal(host) or unmap(host) == dest_host):
+            return True
+        self.metrics.host_mismatch.inc()
+        log.info(
+            "Host {named} does not match the original destination {dest} (client {client})",
+            named=named.decode("ascii", "replace"),
+            dest=f"{dest_host}:{dest_port}",
+            client=self.client_ip,
+        )
+        if not self.port.host_verify_strict:
+            return True
+        self._reject(
+            409,
+            f"Host {named.decode('ascii', 'replace')} does not match the destination"
+            f" this connection was made to ({dest_host}:{dest_port})",
+            "forbidden",
+        )
+        return False
+
+    def _body_too_large(self) -> None:
+        limit = self.factory.settings.limits.max_body_size
+        self.metrics.rejected("limit")
+        exchange = self._exchange
+        if exchange is not None and not exchange.response_started:
+            self._reject(413, f"request body larger than {limit} bytes", None)
+        else:
+            if exchange is not None:
+                self._exchange = None
+                self._record(exchange)
+            self.transport.abortConnection()
 
     def _route(self, request: Request) -> tuple[tuple[str, int], bytes, bytes | None]:
         """Where this request goes: (destination, target to send, new Host or None)."""
@@ -491,6 +588,11 @@ class ClientConnection(Protocol):
         self._arm("idle", self.factory.settings.timeouts.idle)
 
     def _send_body(self, data: bytes) -> None:
+        if self._body_left:
+            self._body_left -= len(data)
+            if self._body_left < 0:  # a chunked body grew past max_body_size
+                self._body_too_large()
+                return
         upstream = self._upstream
         if upstream is None or upstream.lost:
             return
@@ -899,6 +1001,49 @@ class _NoRequest:
 
 
 _NO_REQUEST = _NoRequest()
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _x_forwarded_for(fields, mode: str, client_ip: str):
+    kept = [(n, v) for n, v in fields if n.lower() != b"x-forwarded-for"]
+    if mode == "strip":
+        return kept
+    previous = [v for n, v in fields if n.lower() == b"x-forwarded-for"]
+    value = b", ".join([*previous, client_ip.encode()])
+    kept.append((b"X-Forwarded-For", value))
+    return kept
+
+
+class ConnectionBudget:
+    """
+    max_connections for a whole worker: when every slot is taken the
+    listeners stop accepting (new connections wait in the kernel's queue)
+    until one is free, as nginx's worker_connections does.
+    """
+
+    def __init__(self, limit: int, on_full: Callable[[], None], on_free: Callable[[], None]):
+        self.limit = limit
+        self.used = 0
+        self._on_full = on_full
+        self._on_free = on_free
+
+    def acquire(self) -> None:
+        self.used += 1
+        if self.used == self.limit:
+            log.warn("{n} connections: not accepting more until one closes", n=self.used)
+            self._on_full()
+
+    def release(self) -> None:
+        self.used -= 1
+        if self.used == self.limit - 1:
+            self._on_free()
 
 
 def _absolute_url(destination: tuple[str, int], target: bytes, host: bytes | None) -> bytes:
