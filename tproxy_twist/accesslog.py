@@ -1,13 +1,41 @@
 """
 The access log: one entry per request, handed over by the relay when the
 request is finished (answered by the origin or by the proxy itself).
+
+L{SquidFormatter} writes Squid's native C{access.log} line, so the tools
+that read Squid's logs read ours; L{JSONFormatter} writes one JSON object
+per line.  L{FileAccessLog} appends the lines to a file from a writer
+thread of its own: the reactor thread only formats a line and queues it.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import errno
+import json
+import math
+import os
+import threading
+from collections import deque
+from typing import TYPE_CHECKING, Protocol
 
 import attrs
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+if TYPE_CHECKING:
+    from .config import AccessLogConfig
+
+__all__ = [
+    "AccessEntry",
+    "AccessLog",
+    "FileAccessLog",
+    "JSONFormatter",
+    "SquidFormatter",
+    "formatter_for",
+    "open_access_log",
+]
+
+log = Logger()
 
 
 @attrs.define(slots=True)
@@ -31,3 +59,270 @@ class AccessEntry:
 
 class AccessLog(Protocol):
     def log(self, entry: AccessEntry) -> None: ...
+
+
+class Formatter(Protocol):
+    def __call__(self, entry: AccessEntry) -> str:
+        """One line for C{entry}, without its newline."""
+
+
+# --- formats -------------------------------------------------------------------------
+
+
+def _field(text: str) -> str:
+    """A field that must stay one whitespace-free token: percent-encode what would split it."""
+    if text and all(33 <= ord(c) <= 126 and c != "%" for c in text):
+        return text
+    if not text:
+        return "-"
+    return "".join(c if 33 <= ord(c) <= 126 and c != "%" else f"%{ord(c):02X}" for c in text)
+
+
+def _last_field(text: str) -> str:
+    """The last field may hold spaces (Squid writes Content-Type as it came), never a line break."""
+    if not text:
+        return "-"
+    return "".join(c if 32 <= ord(c) <= 126 and c != "%" else f"%{ord(c):02X}" for c in text)
+
+
+def destination_ip(destination: str | None) -> str | None:
+    """The IP of C{"ip:port"} or C{"[ip]:port"}."""
+    if not destination:
+        return None
+    if destination.startswith("["):
+        return destination[1 : destination.find("]")]
+    return destination.rpartition(":")[0] or destination
+
+
+class SquidFormatter:
+    """
+    Squid's native format, C{logformat squid %ts.%03tu %6tr %>a %Ss/%03>Hs
+    %<st %rm %ru %[un %Sh/%<a %mt}::
+
+        1700000000.123    250 198.51.100.2 TCP_MISS/200 1432 GET http://example.com/ -
+            HIER_DIRECT/203.0.113.2 text/html
+
+    (one line in the file).  Time (seconds.milliseconds, when the request finished), elapsed
+    milliseconds, client, result/status, bytes sent to the client, method,
+    URL, user (always C{-}), hierarchy/server (C{HIER_NONE/-} when the proxy
+    answered without an upstream), content type.
+    """
+
+    def __call__(self, entry: AccessEntry) -> str:
+        millis = math.floor(entry.time * 1000)
+        server = destination_ip(entry.destination)
+        hierarchy = f"HIER_DIRECT/{server}" if server else "HIER_NONE/-"
+        return (
+            f"{millis // 1000:9d}.{millis % 1000:03d} {round(entry.duration * 1000):6d}"
+            f" {_field(entry.client)} {_field(entry.result)}/{entry.status:03d}"
+            f" {entry.bytes_out} {_field(entry.method)} {_field(entry.url)} -"
+            f" {hierarchy} {_last_field(entry.content_type)}"
+        )
+
+
+class JSONFormatter:
+    """One JSON object per line with every field of L{AccessEntry}, under its own name."""
+
+    def __call__(self, entry: AccessEntry) -> str:
+        return json.dumps(attrs.asdict(entry), separators=(",", ":"), ensure_ascii=True)
+
+
+def formatter_for(format: str) -> Formatter:
+    """C{"squid"} or C{"json"} (the values of C{[access_log] format})."""
+    if format == "squid":
+        return SquidFormatter()
+    if format == "json":
+        return JSONFormatter()
+    raise ValueError(f"unknown access log format {format!r}: use squid or json")
+
+
+# --- the file --------------------------------------------------------------------------
+
+# Lines waiting for the writer.  At ~200 bytes a line this bounds the queue
+# to ~20 MB: if the disk stalls for long, lines are dropped (and counted)
+# rather than letting memory grow without limit or blocking the reactor.
+DEFAULT_MAX_QUEUED = 100_000
+# One write(2) at most this big, always whole lines: several worker processes
+# append to the same file, and O_APPEND keeps each write's lines together.
+_WRITE_CHUNK = 64 * 1024
+
+
+class FileAccessLog:
+    """
+    Appends one line per L{AccessEntry} to C{path}, without ever touching
+    the disk in the reactor thread.
+
+    C{log()} formats the line and appends it to an in-memory queue; a
+    dedicated writer thread takes whatever has queued up and writes it with
+    C{os.write} on an C{O_APPEND} descriptor, whole lines per call.  A
+    single writer keeps lines in order.  When the queue is full (the disk
+    has stalled), new lines are dropped and counted in C{dropped}.
+
+    The file is opened in the constructor (start-up, before the reactor
+    runs and before privileges are dropped), so a bad path is an error
+    the operator sees at once.  C{reopen()} (SIGUSR1, after logrotate
+    moved the file) makes the writer open C{path} afresh before its next
+    write.  C{close()} writes every queued line, closes the file and returns
+    a L{Deferred} that fires when that is done; later entries are ignored.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        format: str = "squid",
+        reactor=None,
+        *,
+        max_queued: int = DEFAULT_MAX_QUEUED,
+        formatter: Formatter | None = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.path = path
+        self._reactor = reactor
+        self._format = formatter or formatter_for(format)
+        self._max_queued = max_queued
+        self._fd = self._open()
+        self._queue: deque[str] = deque()
+        self._wake = threading.Condition()
+        self._reopen = False
+        self._closing = False
+        self._finished = False  # the writer has closed the file (set in the reactor thread)
+        self._waiting: list[Deferred[None]] = []
+        self._dropping = False
+        self.dropped = 0  # lines lost because the queue was full
+        self._thread = threading.Thread(target=self._writer, name=f"access-log {path}", daemon=True)
+        self._thread.start()
+
+    def _open(self) -> int:
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+
+    # --- the reactor thread's side ---
+
+    def log(self, entry: AccessEntry) -> None:
+        line = self._format(entry) + "\n"
+        with self._wake:
+            if self._closing:
+                return
+            if len(self._queue) >= self._max_queued:
+                self.dropped += 1
+                if not self._dropping:
+                    self._dropping = True
+                    log.warn(
+                        "access log {path}: the disk is not keeping up; dropping lines",
+                        path=self.path,
+                    )
+                return
+            self._dropping = False
+            self._queue.append(line)
+            self._wake.notify()
+
+    def reopen(self) -> None:
+        """Open C{path} again before the next write (logrotate moved it away)."""
+        with self._wake:
+            self._reopen = True
+            self._wake.notify()
+
+    def close(self) -> Deferred[None]:
+        """Write what is queued, close the file; the Deferred fires when done."""
+        closed: Deferred[None] = Deferred()
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+            if not self._finished:
+                self._waiting.append(closed)
+                return closed
+        closed.callback(None)
+        return closed
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the writer to finish after L{close} (for a synchronous stop)."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    # --- the writer thread ---
+
+    def _writer(self) -> None:
+        while True:
+            with self._wake:
+                while not self._queue and not self._reopen and not self._closing:
+                    self._wake.wait()
+                lines = list(self._queue)
+                self._queue.clear()
+                reopen, self._reopen = self._reopen, False
+                closing = self._closing
+            if reopen:
+                self._reopen_file()
+            if lines:
+                self._write(lines)
+            if closing:  # log() queues nothing once _closing is set
+                os.close(self._fd)
+                self._reactor.callFromThread(self._done)
+                return
+
+    def _done(self) -> None:
+        with self._wake:
+            self._finished = True
+            waiting, self._waiting = self._waiting, []
+        for closed in waiting:
+            closed.callback(None)
+
+    def _reopen_file(self) -> None:
+        try:
+            fd = self._open()
+        except OSError as e:
+            # Keep writing to the file we have: losing lines is worse.
+            self._reactor.callFromThread(
+                log.error,
+                "access log {path}: cannot reopen ({error}); still writing to the old file",
+                path=self.path,
+                error=e.strerror,
+            )
+            return
+        old, self._fd = self._fd, fd
+        os.close(old)
+
+    def _write(self, lines: list[str]) -> None:
+        chunk: list[str] = []
+        size = 0
+        for line in lines:
+            if chunk and size + len(line) > _WRITE_CHUNK:
+                self._write_all("".join(chunk).encode("utf-8", "replace"))
+                chunk, size = [], 0
+            chunk.append(line)
+            size += len(line)
+        if chunk:
+            self._write_all("".join(chunk).encode("utf-8", "replace"))
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                written = os.write(self._fd, view)
+            except InterruptedError:
+                continue
+            except OSError as e:
+                self._reactor.callFromThread(
+                    log.error,
+                    "access log {path}: write failed ({error}); {n} bytes lost",
+                    path=self.path,
+                    error=e.strerror or errno.errorcode.get(e.errno, str(e)),
+                    n=len(view),
+                )
+                return
+            view = view[written:]
+
+
+def open_access_log(config: AccessLogConfig, reactor=None) -> FileAccessLog | None:
+    """
+    The access log C{[access_log]} asks for, or C{None} when C{path} is
+    unset.  Its queued lines are written before the reactor shuts down
+    (a "before shutdown" trigger waits for L{FileAccessLog.close}).
+    Raises C{OSError} when the file cannot be opened.
+    """
+    if not config.path:
+        return None
+    if reactor is None:
+        from twisted.internet import reactor
+    access_log = FileAccessLog(config.path, config.format, reactor)
+    reactor.addSystemEventTrigger("before", "shutdown", access_log.close)
+    return access_log

@@ -9,7 +9,16 @@ counting a request costs a dict lookup and a few increments.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import os
+
+from prometheus_client import Counter, Gauge, Histogram, values
+
+if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+    # In multiprocess mode every increment checks os.getpid() (a system call)
+    # in case the process forked.  Ours never fork after this point (workers
+    # are fresh interpreters), so the pid is read once.
+    _PID = os.getpid()
+    values.ValueClass = values.MultiProcessValue(lambda: _PID)
 
 # Sub-millisecond to tens of seconds: a proxy's own overhead, LAN origins,
 # slow origins and long downloads all land in distinct buckets.

@@ -20,14 +20,34 @@ assert it on a real kernel):
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import attrs
 
-__all__ = ["DivertPort", "render_iptables", "render_nftables"]
+if TYPE_CHECKING:
+    from .config import Config
+
+__all__ = [
+    "DEFAULT_MARK",
+    "DEFAULT_TABLE",
+    "DivertPort",
+    "divert_ports",
+    "nftables_ruleset",
+    "render_for_config",
+    "render_iptables",
+    "render_kernel_settings",
+    "render_nftables",
+    "serves_ipv6",
+]
 
 NFT_TABLE = "tproxy_twist"
 IPT_CHAIN = "TPROXY_TWIST"
+
+# The Squid wiki's numbers: packets marked 1 are looked up in routing table 100.
+DEFAULT_MARK = 1
+DEFAULT_TABLE = 100
 
 # Routing tables the kernel already uses (unspec, default, main, local).
 _RESERVED_TABLES = frozenset({0, 253, 254, 255})
@@ -119,6 +139,8 @@ def _header(kind: str, ports: Sequence[DivertPort], ipv4_only: bool) -> list[str
         "# Only forwarded traffic (PREROUTING) is diverted. The proxy's own outbound",
         "# connections, even those spoofing the client's address, are generated",
         "# locally (OUTPUT, not PREROUTING), so they are never diverted back to it.",
+        "# Connections to this router's own addresses (its web UI on port 80, say)",
+        "# are not diverted either: they are delivered as usual.",
         "set -e",
         "",
     ]
@@ -144,20 +166,22 @@ def _policy_routing(mark: int, table: int, ipv4_only: bool) -> list[str]:
     return lines
 
 
-def render_nftables(
-    ports: Sequence[DivertPort], *, ipv4_only: bool = False, mark: int = 1, table: int = 100
+def nftables_ruleset(
+    ports: Sequence[DivertPort], *, ipv4_only: bool = False, mark: int = DEFAULT_MARK
 ) -> str:
-    """Return an ``sh`` script that sets up nftables TPROXY and policy routing.
+    """Return the nftables ruleset (``nft -f`` input) of :func:`render_nftables`.
 
-    It owns exactly one nftables table, ``inet tproxy_twist``, which it
-    replaces atomically (one ``nft -f`` transaction) on every run.
+    It creates the table ``inet tproxy_twist`` empty if missing, deletes it and
+    defines it again, so loading it any number of times leaves one copy.
     """
-    ports = _check_common(ports, mark, table)
+    ports = _check_common(ports, mark, DEFAULT_TABLE)
     rules = [
         "        # Packets of flows that already belong to one of our transparent sockets:",
         "        # diverted connections after the first packet, and the origin's replies",
         "        # to the proxy's upstream connections that spoof the client's address.",
         f"        meta l4proto tcp socket transparent 1 meta mark set {mark:#x} accept",
+        "        # Connections to this router's own addresses are not intercepted.",
+        "        fib daddr type local accept",
     ]
     for port in ports:
         dports = ", ".join(str(d) for d in port.divert)
@@ -173,13 +197,7 @@ def render_nftables(
                 f"        meta nfproto ipv6 tcp dport {{ {dports} }} "
                 f"tproxy ip6 to :{port.listen_port} meta mark set {mark:#x} accept"
             )
-    lines = _header("nftables", ports, ipv4_only)
-    lines += [
-        f"# One table, {NFT_TABLE}, replaced as a whole in one transaction: create it",
-        "# empty if missing, delete it, define it again.",
-        "# If nothing listens on a tproxy port, `tproxy` finds no socket, the rest of",
-        "# the rule is skipped and the packet is routed on unproxied (fail-open).",
-        "nft -f - <<'EOF'",
+    lines = [
         f"table inet {NFT_TABLE} {{}}",
         f"delete table inet {NFT_TABLE}",
         f"table inet {NFT_TABLE} {{",
@@ -188,6 +206,32 @@ def render_nftables(
         *rules,
         "    }",
         "}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def render_nftables(
+    ports: Sequence[DivertPort],
+    *,
+    ipv4_only: bool = False,
+    mark: int = DEFAULT_MARK,
+    table: int = DEFAULT_TABLE,
+) -> str:
+    """Return an ``sh`` script that sets up nftables TPROXY and policy routing.
+
+    It owns exactly one nftables table, ``inet tproxy_twist``, which it
+    replaces atomically (one ``nft -f`` transaction) on every run.
+    """
+    ports = _check_common(ports, mark, table)
+    lines = _header("nftables", ports, ipv4_only)
+    lines += [
+        f"# One table, {NFT_TABLE}, replaced as a whole in one transaction: create it",
+        "# empty if missing, delete it, define it again.",
+        "# If nothing listens on a tproxy port, `tproxy` finds no socket, the rest of",
+        "# the rule is skipped and the packet is routed on unproxied (fail-open).",
+        "nft -f - <<'EOF'",
+        *nftables_ruleset(ports, ipv4_only=ipv4_only, mark=mark).splitlines(),
         "EOF",
         "",
     ]
@@ -196,7 +240,11 @@ def render_nftables(
 
 
 def render_iptables(
-    ports: Sequence[DivertPort], *, ipv4_only: bool = False, mark: int = 1, table: int = 100
+    ports: Sequence[DivertPort],
+    *,
+    ipv4_only: bool = False,
+    mark: int = DEFAULT_MARK,
+    table: int = DEFAULT_TABLE,
 ) -> str:
     """Return an ``sh`` script that sets up the Squid wiki's iptables TPROXY recipe.
 
@@ -227,6 +275,8 @@ def render_iptables(
             "# (diverted connections, and the origin's replies to the proxy's spoofed",
             "# upstream connections) go to DIVERT.",
             f"{cmd} -t mangle -A {IPT_CHAIN} -p tcp -m socket --transparent -j DIVERT",
+            "# Connections to this router's own addresses are not intercepted.",
+            f"{cmd} -t mangle -A {IPT_CHAIN} -m addrtype --dst-type LOCAL -j RETURN",
         ]
         for port in ports:
             for dport in port.divert:
@@ -243,3 +293,74 @@ def render_iptables(
         ]
     lines += _policy_routing(mark, table, ipv4_only)
     return "\n".join(lines)
+
+
+def render_kernel_settings(*, ipv4_only: bool = False) -> str:
+    """Return ``sh`` lines for the kernel settings a TPROXY router needs.
+
+    Idempotent, and as gentle as possible: only a strict ``rp_filter`` (1) is
+    changed, to loose (2). ``etc/sysctl.d/90-tproxy-twist.conf`` makes the same
+    settings survive a reboot.
+    """
+    lines = [
+        "# Kernel settings (etc/sysctl.d/90-tproxy-twist.conf keeps them across reboots).",
+        "# Forwarding: the router must route the clients' traffic at all.",
+        "echo 1 > /proc/sys/net/ipv4/ip_forward",
+    ]
+    if not ipv4_only:
+        lines.append("echo 1 > /proc/sys/net/ipv6/conf/all/forwarding")
+    lines += [
+        "# Strict reverse-path filtering (1) can drop diverted packets; loose (2) does",
+        "# not. The kernel applies the larger of `all` and the interface's own value,",
+        "# so every strict one becomes loose; 0 (off) is left alone.",
+        "for f in /proc/sys/net/ipv4/conf/*/rp_filter; do",
+        '    if [ "$(cat "$f")" = 1 ]; then echo 2 > "$f"; fi',
+        "done",
+        "# Closing a SO_REUSEPORT listener (reload) hands its queued connections to the",
+        "# other workers instead of resetting them (Linux 5.14+).",
+        "if [ -e /proc/sys/net/ipv4/tcp_migrate_req ]; then",
+        "    echo 1 > /proc/sys/net/ipv4/tcp_migrate_req",
+        "fi",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def divert_ports(config: Config) -> list[DivertPort]:
+    """One :class:`DivertPort` per tproxy port of ``config``, in config order.
+
+    Empty when the configuration has no tproxy port.
+    """
+    return [
+        DivertPort(port.listen.port, port.divert) for port in config.ports if port.mode == "tproxy"
+    ]
+
+
+def serves_ipv6(config: Config) -> bool:
+    """Whether any tproxy port can receive IPv6 connections (``[::]`` serves both families)."""
+    return any(
+        port.listen.family == socket.AF_INET6 for port in config.ports if port.mode == "tproxy"
+    )
+
+
+def render_for_config(
+    config: Config,
+    *,
+    iptables: bool = False,
+    ipv4_only: bool = False,
+    kernel_settings: bool = True,
+) -> str:
+    """The complete set-up script for ``config``'s tproxy ports: what ``tproxy-twist rules`` prints.
+
+    IPv6 is left alone when ``ipv4_only`` is set or no tproxy port listens on
+    IPv6. Raises :class:`ValueError` with a reason when there is nothing to divert.
+    """
+    ports = divert_ports(config)
+    if not ports:
+        raise ValueError(f'{config.path}: no port has mode = "tproxy": nothing to divert')
+    ipv4_only = ipv4_only or not serves_ipv6(config)
+    render = render_iptables if iptables else render_nftables
+    script = render(ports, ipv4_only=ipv4_only)
+    if kernel_settings:
+        script += "\n" + render_kernel_settings(ipv4_only=ipv4_only)
+    return script

@@ -241,3 +241,65 @@ class LocalAddresses:
         except ValueError:
             return False
         return address.is_loopback or address.is_unspecified
+
+
+# --- writing without a trip through the reactor ---------------------------------
+# Twisted's transport.write() always buffers and asks epoll for writability:
+# an epoll_ctl(ADD), a loop iteration, a send() and an epoll_ctl(DEL) per
+# write.  When nothing is buffered, sending at once is one syscall, and
+# whatever the kernel does not take goes to Twisted's buffer as usual.  This
+# reads tcp.Connection's private buffer state (dataBuffer, offset,
+# _tempDataLen, the _write* flags, socket): the only place that does.
+
+
+def fast_writers(transport) -> tuple[Callable[[bytes], None], Callable[[list[bytes]], None]]:
+    """C{(write, write_sequence)} for C{transport}; plain Twisted for non-TCP fakes."""
+    if not isinstance(transport, tcp.Connection):
+        return transport.write, transport.writeSequence
+    sock = transport.socket
+    write = transport.write
+
+    def idle() -> bool:
+        return not (
+            transport._tempDataLen
+            or len(transport.dataBuffer) > transport.offset
+            or transport.disconnecting
+            or transport._writeDisconnected
+            or transport._writeDisconnecting
+            or not transport.connected
+        )
+
+    def write_now(data: bytes) -> None:
+        if not idle():
+            write(data)
+            return
+        try:
+            sent = sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            write(data)  # Twisted notices the error and closes the connection
+            return
+        if sent < len(data):
+            write(data[sent:])
+
+    def write_sequence_now(parts: list[bytes]) -> None:
+        if not idle():
+            transport.writeSequence(parts)
+            return
+        try:
+            sent = sock.sendmsg(parts)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            transport.writeSequence(parts)
+            return
+        for i, part in enumerate(parts):
+            if sent < len(part):
+                rest = parts[i:]
+                rest[0] = part[sent:]
+                transport.writeSequence(rest)
+                return
+            sent -= len(part)
+
+    return write_now, write_sequence_now

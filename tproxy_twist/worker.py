@@ -11,7 +11,6 @@ with C{PROMETHEUS_MULTIPROC_DIR} set in its environment; not by hand.
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import signal
 import socket
@@ -22,7 +21,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from .config import Config, PortConfig
-from .sockets import LocalAddresses, connect_upstream, listening_socket, probe_transparent_bind
+from .sockets import LocalAddresses, connect_upstream, listening_socket
 
 log = Logger()
 
@@ -40,23 +39,11 @@ def check_tproxy_support(config: Config) -> None:
     cannot bind a foreign address, so refuse to start rather than answer
     every request with 502.
     """
-    families = {p.listen.family for p in config.ports if p.mode == "tproxy"}
-    if socket.AF_INET6 in families:
-        families.add(socket.AF_INET)  # a [::] listener serves IPv4 clients too
-    for family in sorted(families):
-        problem = probe_transparent_bind(family)
-        if problem is None:
-            continue
-        name = "IPv6" if family == socket.AF_INET6 else "IPv4"
-        hint = (
-            "run as root or grant CAP_NET_ADMIN (or CAP_NET_RAW)"
-            if problem.errno in (errno.EPERM, errno.EACCES)
-            else "the kernel needs TPROXY support (NETFILTER_XT_TARGET_TPROXY / nft_tproxy)"
-        )
-        raise StartupError(
-            f"TPROXY support in the system does not work ({name}: {problem.strerror},"
-            f" errno {problem.errno}); {hint}.  Run `tproxy-twist check` for details."
-        )
+    from .preflight import startup_problems
+
+    problems = startup_problems(config)
+    if problems:
+        raise StartupError("\n".join(problems))
 
 
 class ProxyService(Service):

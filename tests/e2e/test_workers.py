@@ -135,11 +135,11 @@ def test_two_reloads_under_keep_alive_load_lose_no_request(proxy, lab):
     assert requests > 1000, report
     assert "Socket errors" not in report, report
     assert "Non-2xx" not in report, report
+    log = running.wait_log("generation 3 ready", timeout=60)
     now = wait_for(
         lambda: len(listening_pids(lab, 3129)) == 3 and listening_pids(lab, 3129), 10, "3 new"
     )
     assert not now & old
-    log = running.wait_log("generation 3 ready")
     # Every old worker has exited, not just stopped listening.
     expected = {running.pid, *now}
     wait_for(

@@ -14,9 +14,20 @@ from pathlib import Path
 
 import pytest
 
-from tproxy_twist.rules import DivertPort, render_iptables, render_nftables
+from tproxy_twist import config as C
+from tproxy_twist.rules import (
+    DivertPort,
+    divert_ports,
+    nftables_ruleset,
+    render_for_config,
+    render_iptables,
+    render_kernel_settings,
+    render_nftables,
+    serves_ipv6,
+)
 
 ONE_PORT = [DivertPort(3129, (80,))]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def lines(script: str) -> list[str]:
@@ -85,6 +96,21 @@ def test_nftables_script_says_why_proxy_traffic_is_not_diverted() -> None:
     assert "fail-open" in script
 
 
+def test_nftables_never_hooks_output_so_the_proxys_own_traffic_is_not_intercepted() -> None:
+    cmds = commands(render_nftables(ONE_PORT))
+    hooks = [c for c in cmds if c.startswith("type ")]
+    assert hooks == ["type filter hook prerouting priority mangle; policy accept;"]
+
+
+def test_nftables_lets_traffic_to_the_routers_own_addresses_through_before_diverting() -> None:
+    """A client opening the router's own web UI on port 80 must reach it, not the proxy."""
+    cmds = commands(render_nftables([DivertPort(3129, (80,)), DivertPort(3130, (81,))]))
+    local = cmds.index("fib daddr type local accept")
+    socket_rule = next(i for i, c in enumerate(cmds) if "socket transparent 1" in c)
+    tproxy_rules = [i for i, c in enumerate(cmds) if " tproxy " in c]
+    assert socket_rule < local < min(tproxy_rules)
+
+
 def test_nftables_several_ports_keep_their_order_and_share_the_socket_rule() -> None:
     script = render_nftables([DivertPort(3129, (80, 8000)), DivertPort(3130, (81,))])
     rules = [c for c in commands(script) if c.startswith("meta ")]
@@ -127,7 +153,8 @@ def test_iptables_one_port_rules() -> None:
             f"{cmd} -t mangle -A TPROXY_TWIST -p tcp --dport 80 -j TPROXY "
             "--tproxy-mark 0x1/0x1 --on-port 3129"
         )
-        assert cmds.index(socket_rule) < cmds.index(tproxy_rule)
+        local = f"{cmd} -t mangle -A TPROXY_TWIST -m addrtype --dst-type LOCAL -j RETURN"
+        assert cmds.index(socket_rule) < cmds.index(local) < cmds.index(tproxy_rule)
         check = cmds.index(f"{cmd} -t mangle -C PREROUTING -j TPROXY_TWIST 2>/dev/null ||")
         assert cmds[check + 1] == f"{cmd} -t mangle -A PREROUTING -j TPROXY_TWIST"
     assert "ip -4 rule add fwmark 0x1 lookup 100" in cmds
@@ -292,3 +319,117 @@ def test_nftables_script_passes_ruleset_to_nft_on_stdin(tmp_path: Path) -> None:
     )
     assert ruleset.rstrip().endswith("}")
     assert "EOF" not in ruleset
+
+
+# -- from a configuration ------------------------------------------------------------
+
+
+def config(text: str) -> C.Config:
+    return C.loads(text, "/etc/tproxy-twist/tproxy.toml")
+
+
+MIXED = config(
+    """
+[[port]]
+listen = "0.0.0.0:3128"
+mode = "forward"
+
+[[port]]
+listen = "[::]:3129"
+mode = "tproxy"
+divert = [80, 8000]
+
+[[port]]
+listen = "0.0.0.0:3130"
+mode = "tproxy"
+
+[[port]]
+listen = "0.0.0.0:3131"
+mode = "intercept"
+"""
+)
+
+
+def test_divert_ports_are_the_tproxy_ports_with_their_divert_lists() -> None:
+    assert divert_ports(MIXED) == [DivertPort(3129, (80, 8000)), DivertPort(3130, (80,))]
+
+
+def test_a_config_diverting_one_port_to_two_tproxy_ports_is_refused() -> None:
+    with pytest.raises(ValueError, match="diverted to both"):
+        render_for_config(MIXED)
+
+
+def test_serves_ipv6_when_a_tproxy_port_listens_on_ipv6() -> None:
+    v4 = config('[[port]]\nlisten = "0.0.0.0:3129"\nmode = "tproxy"\n')
+    v6 = config('[[port]]\nlisten = "3129"\nmode = "tproxy"\n')
+    assert not serves_ipv6(v4) and serves_ipv6(v6)
+
+
+def test_render_for_config_is_rules_plus_kernel_settings() -> None:
+    conf = config('[[port]]\nlisten = "[::]:3129"\nmode = "tproxy"\ndivert = [80, 8080]\n')
+    ports = [DivertPort(3129, (80, 8080))]
+    assert render_for_config(conf) == render_nftables(ports) + "\n" + render_kernel_settings()
+    assert render_for_config(conf, iptables=True, kernel_settings=False) == render_iptables(ports)
+    assert render_for_config(conf, ipv4_only=True, kernel_settings=False) == render_nftables(
+        ports, ipv4_only=True
+    )
+
+
+def test_render_for_config_leaves_ipv6_alone_for_ipv4_listeners() -> None:
+    conf = config('[[port]]\nlisten = "0.0.0.0:3129"\nmode = "tproxy"\n')
+    assert "ip6" not in render_for_config(conf) and "ipv6" not in render_for_config(conf)
+
+
+def test_render_for_config_without_tproxy_ports_says_so() -> None:
+    conf = config('[[port]]\nlisten = "0.0.0.0:3128"\nmode = "forward"\n')
+    with pytest.raises(ValueError, match="nothing to divert"):
+        render_for_config(conf)
+
+
+def test_kernel_settings_turn_on_forwarding_and_loosen_only_strict_rp_filter() -> None:
+    cmds = commands(render_kernel_settings())
+    assert "echo 1 > /proc/sys/net/ipv4/ip_forward" in cmds
+    assert "echo 1 > /proc/sys/net/ipv6/conf/all/forwarding" in cmds
+    assert 'if [ "$(cat "$f")" = 1 ]; then echo 2 > "$f"; fi' in cmds
+    assert "echo 1 > /proc/sys/net/ipv4/tcp_migrate_req" in cmds
+    assert "ipv6" not in render_kernel_settings(ipv4_only=True)
+
+
+# -- the files in etc/ ---------------------------------------------------------------------
+
+
+def sample() -> C.Config:
+    return C.load(REPO / "etc" / "tproxy.toml")
+
+
+def test_etc_nftables_conf_is_the_ruleset_for_the_sample_config() -> None:
+    """Regenerate with: python -c 'from tproxy_twist import config, rules;
+    print(rules.nftables_ruleset(rules.divert_ports(config.load("etc/tproxy.toml"))), end="")'
+    below etc/nftables.conf's comment header."""
+    text = (REPO / "etc" / "nftables.conf").read_text()
+    body = "\n".join(line for line in text.splitlines() if not line.startswith("#")).strip()
+    expected = nftables_ruleset(divert_ports(sample()), ipv4_only=not serves_ipv6(sample()))
+    assert body == expected.strip()
+
+
+def test_etc_iptables_sh_is_the_rules_output_for_the_sample_config() -> None:
+    """Regenerate with: tproxy-twist rules --iptables --config etc/tproxy.toml (and keep
+    its "Generated by" line)."""
+    text = (REPO / "etc" / "iptables.sh").read_text()
+    first, generated, rest = text.split("\n", 2)
+    assert generated.startswith("# Generated by `tproxy-twist rules --iptables")
+    assert first + "\n" + rest == render_for_config(sample(), iptables=True)
+
+
+def test_etc_nftables_conf_loads_as_an_nft_ruleset_file(tmp_path: Path) -> None:
+    """`nft -c` validates it with the kernel without committing anything; in a throwaway
+    network namespace (unshare --net) all the same."""
+    nft, unshare = shutil.which("nft"), shutil.which("unshare")
+    if nft is None or unshare is None or os.geteuid() != 0:
+        pytest.skip("needs nft, unshare and root")
+    proc = subprocess.run(
+        [unshare, "--net", nft, "-c", "-f", str(REPO / "etc" / "nftables.conf")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr

@@ -30,7 +30,13 @@ from zope.interface import implementer
 from ..accesslog import AccessEntry, AccessLog
 from ..config import Limits, PortConfig, Timeouts
 from ..metrics import PortMetrics
-from ..sockets import SPOOF_ERRNOS, UpstreamConnect, nat_original_destination, unmap
+from ..sockets import (
+    SPOOF_ERRNOS,
+    UpstreamConnect,
+    fast_writers,
+    nat_original_destination,
+    unmap,
+)
 from . import headers as H
 from .framing import (
     CLOSED,
@@ -223,6 +229,7 @@ class Upstream(Protocol):
     def connectionMade(self) -> None:
         self.transport.setTcpNoDelay(True)
         self.gate = ReadGate(self.transport)
+        self.write, self.write_sequence = fast_writers(self.transport)
         self.client.upstream_connected(self)
 
     def dataReceived(self, data: bytes) -> None:
@@ -268,6 +275,7 @@ class ClientConnection(Protocol):
         self._exchange: _Exchange | None = None
         self._timer: IDelayedCall | None = None
         self._timer_kind = ""
+        self._deadline = 0.0
         self._last_activity = 0.0
         self._tunnel = False
         self._draining = False
@@ -276,6 +284,7 @@ class ClientConnection(Protocol):
         self._bytes_in = 0
         self._bytes_out = 0
         self._counted_client = False
+        self._host_agreed: bytes | None = None
         self._body_left = 0  # bytes a request body may still have under max_body_size
         self.client_ip = ""
         self.destination: tuple[str, int] | None = None
@@ -287,6 +296,7 @@ class ClientConnection(Protocol):
         transport = self.transport
         transport.setTcpNoDelay(True)
         self.gate = ReadGate(transport)
+        self._send, self._send_sequence = fast_writers(transport)
         factory = self.factory
         factory.connections.add(self)
         if factory.budget is not None:
@@ -356,14 +366,15 @@ class ClientConnection(Protocol):
         self._last_activity = self._clock.seconds()
         if self._tunnel:
             if self._upstream is not None:
-                self._upstream.transport.write(data)
+                self._upstream.write(data)
             return
         if self._discarding:
             return
-        if self._timer_kind == "client_idle":
-            self._arm("request_header", self.factory.settings.timeouts.request_header)
         self._reader.feed(data)
         self._process()
+        if self._timer_kind == "client_idle" and not self._reader.idle:
+            # Part of a head came; a whole one would have started an exchange.
+            self._arm("request_header", self.factory.settings.timeouts.request_header)
 
     def connectionLost(self, reason: Failure) -> None:
         self._closed = True
@@ -425,14 +436,17 @@ class ClientConnection(Protocol):
             elif event is NEED_DATA:
                 return
             elif event is PAUSED:
-                self.gate.pause("pipeline")
+                if not reader.idle:
+                    # A pipelined request is already here: read no more until
+                    # the current one is answered.
+                    self.gate.pause("pipeline")
                 return
             elif event is CLOSED:
                 self.transport.loseConnection()
                 return
 
     def _start_request(self, request: Request) -> None:
-        self._cancel_timer()
+        self._arm("idle", self.factory.settings.timeouts.idle)
         exchange = self._exchange = _Exchange(request, self._clock.seconds())
         if self._refusal is not None:
             status, text, reason = self._refusal
@@ -489,7 +503,7 @@ class ClientConnection(Protocol):
         host_verify_strict).  Host names cannot be checked without DNS.
         """
         named = authority or request.get(b"host")
-        if named is None:
+        if named is None or named == self._host_agreed:
             return True
         try:
             host, port = parse_authority(named, 80)
@@ -497,6 +511,7 @@ class ClientConnection(Protocol):
             return True  # the framing already checked its syntax
         dest_host, dest_port = self.destination
         if port == dest_port and (not _is_ip_literal(host) or unmap(host) == dest_host):
+            self._host_agreed = named  # keep-alive requests repeat their Host
             return True
         self.metrics.host_mismatch.inc()
         log.info(
@@ -584,7 +599,7 @@ class ClientConnection(Protocol):
             self._become_tunnel(upstream)
             return
         upstream.reader.expect(exchange.method)
-        upstream.transport.write(exchange.head)
+        upstream.write(exchange.head)
         self._arm("idle", self.factory.settings.timeouts.idle)
 
     def _send_body(self, data: bytes) -> None:
@@ -597,9 +612,9 @@ class ClientConnection(Protocol):
         if upstream is None or upstream.lost:
             return
         if self._exchange.chunked_out:
-            upstream.transport.writeSequence(H.encode_chunk(data))
+            upstream.write_sequence(H.encode_chunk(data))
         else:
-            upstream.transport.write(data)
+            upstream.write(data)
 
     def _request_body_done(self, trailers) -> None:
         exchange = self._exchange
@@ -607,7 +622,7 @@ class ClientConnection(Protocol):
             return
         exchange.request_done = True
         if exchange.chunked_out and self._upstream is not None and not self._upstream.lost:
-            self._upstream.transport.write(H.last_chunk(trailers))
+            self._upstream.write(H.last_chunk(trailers))
         if exchange.response_started:
             return
         self._arm("response", self.factory.settings.timeouts.response)
@@ -765,7 +780,7 @@ class ClientConnection(Protocol):
             self._write(pending)
         pending = self._reader.take_buffered()
         if pending:
-            upstream.transport.write(pending)
+            upstream.write(pending)
         self.gate.resume("pipeline")
 
     def _finish_exchange(self, upstream: Upstream) -> None:
@@ -864,12 +879,12 @@ class ClientConnection(Protocol):
             exchange.url = exchange.request.target
         self._exchange = None
         self._connecting = None
-        self._record(exchange)
         if self._upstream is not None:
             self._drop_upstream(self._upstream)
         self._write(
             H.simple_response(status, REASON_PHRASES.get(status, b"Error"), text, close=True)
         )
+        self._record(exchange)  # after the write: the access log counts its bytes
         self._linger()
 
     def _linger(self) -> None:
@@ -932,20 +947,37 @@ class ClientConnection(Protocol):
 
     def _write(self, data: bytes) -> None:
         self._bytes_out += len(data)
-        self.transport.write(data)
+        self._send(data)
 
     def _write_sequence(self, parts: list[bytes]) -> None:
         for part in parts:
             self._bytes_out += len(part)
-        self.transport.writeSequence(parts)
+        self._send_sequence(parts)
 
     def _arm(self, kind: str, seconds: float) -> None:
+        """
+        One timer per connection, moved lazily: re-arming for a later
+        deadline (the common case, several times per request) only stores
+        it; the timer re-checks when it fires.
+        """
         self._timer_kind = kind
+        deadline = self._clock.seconds() + seconds
+        self._deadline = deadline
         timer = self._timer
         if timer is not None and timer.active():
-            timer.reset(seconds)
-        else:
-            self._timer = self._clock.callLater(seconds, self._timed_out)
+            if timer.getTime() <= deadline:
+                return
+            # Not reset(): Twisted finds the call in its heap linearly.
+            timer.cancel()
+        self._timer = self._clock.callLater(seconds, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        left = self._deadline - self._clock.seconds()
+        if left > 0:
+            self._timer = self._clock.callLater(left, self._timer_fired)
+            return
+        self._timed_out()
 
     def _cancel_timer(self) -> None:
         timer = self._timer

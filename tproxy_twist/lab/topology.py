@@ -298,7 +298,10 @@ class Lab:
         # Closing one reuseport listener hands its queued connections to the
         # others (Linux 5.14+); older kernels lack it, which tests can live with.
         self._sysctl(self.router, "net.ipv4.tcp_migrate_req", "1", check=False)
-        for ns in (self.client, self.origin):
+        # No duplicate address detection anywhere: the router's link-local
+        # addresses would stay tentative for a second or two and stall the
+        # first IPv6 flow.
+        for ns in (self.client, self.router, self.origin):
             self._sysctl(ns, "net.ipv6.conf.all.accept_dad", "0", check=False)
             self._sysctl(ns, "net.ipv6.conf.default.accept_dad", "0", check=False)
 
