@@ -77,7 +77,10 @@ class ProxyService(Service):
 
     def startService(self) -> None:
         from .http.relay import ConnectionBudget, ProxyFactory, RelaySettings
-        from .metrics import PortMetrics
+        from .metrics import NullPortMetrics, PortMetrics
+
+        # Nobody can read metrics without a listener: don't pay for them.
+        metrics_class = PortMetrics if self.config.metrics_listen is not None else NullPortMetrics
 
         super().startService()
         reactor = self._reactor
@@ -98,7 +101,7 @@ class ProxyService(Service):
                 connect=connect,
                 clock=reactor,
                 local_addresses=local,
-                metrics=PortMetrics(port.name, port.mode),
+                metrics=metrics_class(port.name, port.mode),
                 access_log=self.access_log,
                 budget=budget,
             )

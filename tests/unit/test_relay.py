@@ -732,3 +732,20 @@ def test_x_forwarded_for_modes(mode, expected):
     h.send(b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 192.0.2.9\r\n\r\n")
     _, fields = head_of(h.upstream().value())
     assert [f for f in fields if f.lower().startswith(b"x-forwarded-for")] == expected
+
+
+def test_the_relay_works_the_same_with_metrics_off():
+    from tproxy_twist.metrics import NullPortMetrics
+
+    h = Harness()
+    h.factory.metrics = NullPortMetrics(h.name, "tproxy")
+    h.protocol = h.factory.buildProtocol(None)
+    h.transport = FakeTransport(host=tcp_address(*ORIGIN), peer=tcp_address(*CLIENT))
+    h.protocol.makeConnection(h.transport)
+    h.send(GET)
+    h.upstream()
+    h.answer(OK)
+    assert h.received().endswith(b"hello")
+    h.send(b"BAD\r\n\r\n")
+    assert h.received().startswith(b"HTTP/1.1 400 ")
+    assert h.requests() == 0
