@@ -43,6 +43,16 @@ def listening_pids(lab: Lab, port: int) -> set[int]:
     return {int(pid) for pid in re.findall(r"pid=(\d+)", out)}
 
 
+def three_listeners(lab: Lab) -> set[int] | None:
+    pids = listening_pids(lab, 3129)  # one look: the set may change between two
+    return pids if len(pids) == 3 else None
+
+
+def replaced(lab: Lab, victim: int) -> set[int] | None:
+    pids = three_listeners(lab)
+    return pids if pids and victim not in pids else None
+
+
 def wait_for(condition, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -60,7 +70,7 @@ def router_pids(lab: Lab) -> set[int]:
 
 def test_three_workers_each_listen_on_the_tproxy_port_and_the_master_does_not(proxy, lab):
     running = proxy(CONFIG)
-    pids = wait_for(lambda: len(listening_pids(lab, 3129)) == 3 and listening_pids(lab, 3129),
+    pids = wait_for(lambda: three_listeners(lab),
                     10, "3 listeners")  # fmt: skip
     assert running.pid not in pids
     assert listening_pids(lab, 3128) == pids
@@ -68,22 +78,14 @@ def test_three_workers_each_listen_on_the_tproxy_port_and_the_master_does_not(pr
 
 def test_a_killed_worker_is_replaced_within_two_seconds_under_load(proxy, lab):
     proxy(CONFIG)
-    before = wait_for(lambda: len(listening_pids(lab, 3129)) == 3 and listening_pids(lab, 3129),
+    before = wait_for(lambda: three_listeners(lab),
                       10, "3 listeners")  # fmt: skip
     load = lab.popen(lab.client, ["python3", "-c", LOAD, Lab.ORIGIN4, "4"], stdout=subprocess.PIPE)
     time.sleep(1.0)
     victim = sorted(before)[0]
     killed = time.monotonic()
     subprocess.run(["kill", "-9", str(victim)], check=True)
-    after = wait_for(
-        lambda: (
-            len(listening_pids(lab, 3129)) == 3
-            and victim not in listening_pids(lab, 3129)
-            and listening_pids(lab, 3129)
-        ),
-        2.0,
-        "a replacement worker listening",
-    )
+    after = wait_for(lambda: replaced(lab, victim), 2.0, "a replacement worker listening")
     assert time.monotonic() - killed < 2.0
     assert len(after - before) == 1
     ok, failed = json.loads(load.communicate(timeout=30)[0])
@@ -118,7 +120,7 @@ print(json.dumps(counts))
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
 def test_two_reloads_under_keep_alive_load_lose_no_request(proxy, lab):
     running = proxy(CONFIG)
-    old = wait_for(lambda: len(listening_pids(lab, 3129)) == 3 and listening_pids(lab, 3129),
+    old = wait_for(lambda: three_listeners(lab),
                    10, "3 listeners")  # fmt: skip
     wrk = lab.popen(
         lab.client,
@@ -136,9 +138,7 @@ def test_two_reloads_under_keep_alive_load_lose_no_request(proxy, lab):
     assert "Socket errors" not in report, report
     assert "Non-2xx" not in report, report
     log = running.wait_log("generation 3 ready", timeout=60)
-    now = wait_for(
-        lambda: len(listening_pids(lab, 3129)) == 3 and listening_pids(lab, 3129), 10, "3 new"
-    )
+    now = wait_for(lambda: three_listeners(lab), 10, "3 new")
     assert not now & old
     # Every old worker has exited, not just stopped listening.
     expected = {running.pid, *now}
@@ -155,7 +155,7 @@ def test_two_reloads_under_keep_alive_load_lose_no_request(proxy, lab):
 
 def test_a_reload_with_a_broken_config_changes_nothing_and_names_the_key(proxy, lab, curl):
     running = proxy(CONFIG)
-    before = wait_for(lambda: len(listening_pids(lab, 3129)) == 3 and listening_pids(lab, 3129),
+    before = wait_for(lambda: three_listeners(lab),
                       10, "3 listeners")  # fmt: skip
     running.config_path.write_text(CONFIG + "\nbogus_key = 1\n")
     running.send_signal(signal.SIGHUP)
@@ -188,7 +188,7 @@ def test_sigterm_lets_a_slow_download_finish_then_everything_exits(proxy, lab, t
 
 def test_workers_run_as_the_configured_user_with_one_capability_and_still_spoof(proxy, lab, curl):
     running = proxy('user = "nobody"\n' + CONFIG)
-    pids = wait_for(lambda: len(listening_pids(lab, 3129)) == 3 and listening_pids(lab, 3129),
+    pids = wait_for(lambda: three_listeners(lab),
                     10, "3 listeners")  # fmt: skip
     nobody = subprocess.run(["id", "-u", "nobody"], capture_output=True).stdout.decode().strip()
     for pid in pids:
