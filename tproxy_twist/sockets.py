@@ -252,54 +252,71 @@ class LocalAddresses:
 # _tempDataLen, the _write* flags, socket): the only place that does.
 
 
-def fast_writers(transport) -> tuple[Callable[[bytes], None], Callable[[list[bytes]], None]]:
-    """C{(write, write_sequence)} for C{transport}; plain Twisted for non-TCP fakes."""
-    if not isinstance(transport, tcp.Connection):
-        return transport.write, transport.writeSequence
-    sock = transport.socket
-    write = transport.write
+class DirectWriter:
+    """Writes to a TCP transport, straight to its socket when nothing is buffered."""
 
-    def idle() -> bool:
+    __slots__ = ("_transport", "_sock")
+
+    def __init__(self, transport: tcp.Connection) -> None:
+        self._transport = transport
+        self._sock = transport.socket
+
+    def _idle(self) -> bool:
+        t = self._transport
         return not (
-            transport._tempDataLen
-            or len(transport.dataBuffer) > transport.offset
-            or transport.disconnecting
-            or transport._writeDisconnected
-            or transport._writeDisconnecting
-            or not transport.connected
+            t._tempDataLen
+            or len(t.dataBuffer) > t.offset
+            or t.disconnecting
+            or t._writeDisconnected
+            or t._writeDisconnecting
+            or not t.connected
         )
 
-    def write_now(data: bytes) -> None:
-        if not idle():
-            write(data)
+    def write(self, data: bytes) -> None:
+        if not self._idle():
+            self._transport.write(data)
             return
         try:
-            sent = sock.send(data)
+            sent = self._sock.send(data)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
-            write(data)  # Twisted notices the error and closes the connection
+            self._transport.write(data)  # Twisted notices the error and closes
             return
         if sent < len(data):
-            write(data[sent:])
+            self._transport.write(data[sent:])
 
-    def write_sequence_now(parts: list[bytes]) -> None:
-        if not idle():
-            transport.writeSequence(parts)
+    def write_sequence(self, parts: list[bytes]) -> None:
+        if not self._idle():
+            self._transport.writeSequence(parts)
             return
         try:
-            sent = sock.sendmsg(parts)
+            sent = self._sock.sendmsg(parts)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
-            transport.writeSequence(parts)
+            self._transport.writeSequence(parts)
             return
         for i, part in enumerate(parts):
             if sent < len(part):
                 rest = parts[i:]
                 rest[0] = part[sent:]
-                transport.writeSequence(rest)
+                self._transport.writeSequence(rest)
                 return
             sent -= len(part)
 
-    return write_now, write_sequence_now
+
+class TransportWriter:
+    """The same interface over any transport (tests' fakes), through Twisted."""
+
+    __slots__ = ("write", "write_sequence")
+
+    def __init__(self, transport) -> None:
+        self.write = transport.write
+        self.write_sequence = transport.writeSequence
+
+
+def writer_for(transport) -> DirectWriter | TransportWriter:
+    if isinstance(transport, tcp.Connection):
+        return DirectWriter(transport)
+    return TransportWriter(transport)

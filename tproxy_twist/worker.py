@@ -16,12 +16,18 @@ import signal
 import socket
 import sys
 
-from twisted.application.service import Service
-from twisted.internet import defer, task
-from twisted.logger import Logger
+if __name__ == "__main__":
+    # A worker never speaks TLS, yet twisted.internet.tcp imports pyOpenSSL
+    # and cryptography for startTLS when they can be imported: about 6 MB of
+    # memory in every worker.  Without them Twisted's TCP simply has no TLS.
+    sys.modules.setdefault("OpenSSL", None)  # type: ignore[arg-type]
 
-from .config import Config, PortConfig
-from .sockets import LocalAddresses, connect_upstream, listening_socket
+from twisted.application.service import Service  # noqa: E402
+from twisted.internet import defer, task  # noqa: E402
+from twisted.logger import Logger  # noqa: E402
+
+from .config import Config, PortConfig  # noqa: E402
+from .sockets import LocalAddresses, connect_upstream, listening_socket  # noqa: E402
 
 log = Logger()
 

@@ -386,6 +386,12 @@ class _Reader:
         if self._state != _DONE:
             raise RuntimeError("start_next() is only legal after EndOfMessage")
         self._state = _HEAD
+        if self._pos >= len(self._buf):
+            # Let go of the last piece read: an idle keep-alive connection
+            # should not hold on to up to a whole socket read of bytes.
+            self._buf = b""
+            self._pos = 0
+            self._scan = 0
 
     def take_buffered(self) -> bytes:
         """Return and forget every unparsed byte (for a connection that became a tunnel)."""

@@ -33,9 +33,9 @@ from ..metrics import PortMetrics
 from ..sockets import (
     SPOOF_ERRNOS,
     UpstreamConnect,
-    fast_writers,
     nat_original_destination,
     unmap,
+    writer_for,
 )
 from . import headers as H
 from .framing import (
@@ -218,6 +218,19 @@ class _Exchange:
 class Upstream(Protocol):
     """The connection to the origin; reports everything to its client."""
 
+    # Slots: thousands of these live at once, and a __dict__ each costs more.
+    __slots__ = (
+        "client",
+        "destination",
+        "reader",
+        "gate",
+        "served",
+        "lost",
+        "writer",
+        "transport",
+        "connected",
+    )
+
     def __init__(self, client: ClientConnection, destination: tuple[str, int]) -> None:
         self.client = client
         self.destination = destination
@@ -229,7 +242,7 @@ class Upstream(Protocol):
     def connectionMade(self) -> None:
         self.transport.setTcpNoDelay(True)
         self.gate = ReadGate(self.transport)
-        self.write, self.write_sequence = fast_writers(self.transport)
+        self.writer = writer_for(self.transport)
         self.client.upstream_connected(self)
 
     def dataReceived(self, data: bytes) -> None:
@@ -256,6 +269,40 @@ class _UpstreamFactory(ClientFactory):
 
 class ClientConnection(Protocol):
     """One accepted client connection and everything relayed for it."""
+
+    # Slots: one of these per client connection, idle ones included.
+    __slots__ = (
+        "_body_left",
+        "_bytes_in",
+        "_bytes_out",
+        "_clock",
+        "_closed",
+        "_connecting",
+        "_counted_client",
+        "_deadline",
+        "_discarding",
+        "_draining",
+        "_exchange",
+        "_host_agreed",
+        "_last_activity",
+        "_pseudonym",
+        "_reader",
+        "_refusal",
+        "_timer",
+        "_timer_kind",
+        "_tunnel",
+        "_upstream",
+        "_via_marker",
+        "_writer",
+        "client_ip",
+        "connected",
+        "destination",
+        "factory",
+        "gate",
+        "metrics",
+        "port",
+        "transport",
+    )
 
     def __init__(self, factory: ProxyFactory) -> None:
         self.factory = factory
@@ -296,7 +343,7 @@ class ClientConnection(Protocol):
         transport = self.transport
         transport.setTcpNoDelay(True)
         self.gate = ReadGate(transport)
-        self._send, self._send_sequence = fast_writers(transport)
+        self._writer = writer_for(transport)
         factory = self.factory
         factory.connections.add(self)
         if factory.budget is not None:
@@ -366,7 +413,7 @@ class ClientConnection(Protocol):
         self._last_activity = self._clock.seconds()
         if self._tunnel:
             if self._upstream is not None:
-                self._upstream.write(data)
+                self._upstream.writer.write(data)
             return
         if self._discarding:
             return
@@ -599,7 +646,7 @@ class ClientConnection(Protocol):
             self._become_tunnel(upstream)
             return
         upstream.reader.expect(exchange.method)
-        upstream.write(exchange.head)
+        upstream.writer.write(exchange.head)
         self._arm("idle", self.factory.settings.timeouts.idle)
 
     def _send_body(self, data: bytes) -> None:
@@ -612,9 +659,9 @@ class ClientConnection(Protocol):
         if upstream is None or upstream.lost:
             return
         if self._exchange.chunked_out:
-            upstream.write_sequence(H.encode_chunk(data))
+            upstream.writer.write_sequence(H.encode_chunk(data))
         else:
-            upstream.write(data)
+            upstream.writer.write(data)
 
     def _request_body_done(self, trailers) -> None:
         exchange = self._exchange
@@ -622,7 +669,7 @@ class ClientConnection(Protocol):
             return
         exchange.request_done = True
         if exchange.chunked_out and self._upstream is not None and not self._upstream.lost:
-            self._upstream.write(H.last_chunk(trailers))
+            self._upstream.writer.write(H.last_chunk(trailers))
         if exchange.response_started:
             return
         self._arm("response", self.factory.settings.timeouts.response)
@@ -780,7 +827,7 @@ class ClientConnection(Protocol):
             self._write(pending)
         pending = self._reader.take_buffered()
         if pending:
-            upstream.write(pending)
+            upstream.writer.write(pending)
         self.gate.resume("pipeline")
 
     def _finish_exchange(self, upstream: Upstream) -> None:
@@ -947,12 +994,12 @@ class ClientConnection(Protocol):
 
     def _write(self, data: bytes) -> None:
         self._bytes_out += len(data)
-        self._send(data)
+        self._writer.write(data)
 
     def _write_sequence(self, parts: list[bytes]) -> None:
         for part in parts:
             self._bytes_out += len(part)
-        self._send_sequence(parts)
+        self._writer.write_sequence(parts)
 
     def _arm(self, kind: str, seconds: float) -> None:
         """
