@@ -21,7 +21,8 @@ from collections.abc import Callable
 
 import attrs
 from twisted.internet import error as neterror
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet import task
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -74,6 +75,8 @@ _CONNECT_ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 # closing at once would reset the connection and could destroy the answer
 # before the client reads it (nginx's "lingering close").
 _LINGER_SECONDS = 2.0
+# How often deadlines are looked at: timeouts fire up to this much late.
+SWEEP_INTERVAL = 0.25
 
 
 @attrs.frozen
@@ -88,40 +91,45 @@ class RelaySettings:
         return f"{self.pseudonym} (tproxy-twist)".encode()
 
 
+# Why reading from a transport is paused (bits of ReadGate's mask).
+BACKPRESSURE = 1  # the other side's send buffer is full
+CONNECTING = 2  # waiting for the upstream connection
+PIPELINE = 4  # a pipelined request waits for the current answer
+
+
 @implementer(IPushProducer)
 class ReadGate:
     """
-    Pauses reading from a transport for any of several reasons at once
-    (backpressure from the other side, waiting for an upstream connection,
-    a pipelined request waiting its turn) and resumes only when none is left.
+    Pauses reading from a transport for any of several reasons at once and
+    resumes only when none is left.
     """
 
     __slots__ = ("_transport", "_reasons")
 
     def __init__(self, transport) -> None:
         self._transport = transport
-        self._reasons: set[str] = set()
+        self._reasons = 0
 
-    def pause(self, reason: str) -> None:
+    def pause(self, reason: int) -> None:
         if not self._reasons:
             self._transport.pauseProducing()
-        self._reasons.add(reason)
+        self._reasons |= reason
 
-    def resume(self, reason: str) -> None:
-        if reason in self._reasons:
-            self._reasons.discard(reason)
+    def resume(self, reason: int) -> None:
+        if self._reasons & reason:
+            self._reasons &= ~reason
             if not self._reasons:
                 self._transport.resumeProducing()
 
     def pauseProducing(self) -> None:
-        self.pause("backpressure")
+        self.pause(BACKPRESSURE)
 
     def resumeProducing(self) -> None:
-        self.resume("backpressure")
+        self.resume(BACKPRESSURE)
 
     def stopProducing(self) -> None:
         # The consumer went away; the connection's owner decides what closes.
-        self.resume("backpressure")
+        self.resume(BACKPRESSURE)
 
 
 class ProxyFactory(Factory):
@@ -144,6 +152,7 @@ class ProxyFactory(Factory):
         self.access_log = access_log
         self.budget = budget
         self.connections: set[ClientConnection] = set()
+        self._sweeper: task.LoopingCall | None = None
         self.per_client: dict[str, int] = {}
         self.port = port
         self.settings = settings
@@ -153,7 +162,25 @@ class ProxyFactory(Factory):
         self.metrics = metrics
 
     def buildProtocol(self, addr):
+        if self._sweeper is None:
+            self._sweeper = task.LoopingCall(self.sweep)
+            self._sweeper.clock = self.clock
+            self._sweeper.start(SWEEP_INTERVAL, now=False)
         return ClientConnection(self)
+
+    def sweep(self) -> None:
+        """Let every connection whose deadline has passed time out."""
+        now = self.clock.seconds()
+        for connection in list(self.connections):  # timing out closes some
+            try:
+                connection.check_deadline(now)
+            except Exception:
+                log.failure("timing out a connection failed")
+
+    def stopFactory(self) -> None:
+        if self._sweeper is not None and self._sweeper.running:
+            self._sweeper.stop()
+        self._sweeper = None
 
     def drain(self, min_idle: float = 1.0) -> int:
         """
@@ -288,7 +315,6 @@ class ClientConnection(Protocol):
         "_pseudonym",
         "_reader",
         "_refusal",
-        "_timer",
         "_timer_kind",
         "_tunnel",
         "_upstream",
@@ -320,7 +346,6 @@ class ClientConnection(Protocol):
         self._upstream: Upstream | None = None
         self._connecting: tuple[str, int] | None = None
         self._exchange: _Exchange | None = None
-        self._timer: IDelayedCall | None = None
         self._timer_kind = ""
         self._deadline = 0.0
         self._last_activity = 0.0
@@ -486,7 +511,7 @@ class ClientConnection(Protocol):
                 if not reader.idle:
                     # A pipelined request is already here: read no more until
                     # the current one is answered.
-                    self.gate.pause("pipeline")
+                    self.gate.pause(PIPELINE)
                 return
             elif event is CLOSED:
                 self.transport.loseConnection()
@@ -625,7 +650,7 @@ class ClientConnection(Protocol):
         if upstream is not None:
             self._drop_upstream(upstream)
         self._connecting = destination
-        self.gate.pause("connect")
+        self.gate.pause(CONNECTING)
         exchange = self._exchange
         exchange.connect_started = self._clock.seconds()
         spoof = self.client_ip if self.port.spoof_client_ip else None
@@ -696,7 +721,7 @@ class ClientConnection(Protocol):
         if self.transport.producer is not None:
             self.transport.unregisterProducer()
         self.transport.registerProducer(upstream.gate, True)
-        self.gate.resume("connect")
+        self.gate.resume(CONNECTING)
         self._send_head(upstream)
         self._process()
 
@@ -704,7 +729,7 @@ class ClientConnection(Protocol):
         if self._closed or self._connecting != destination:
             return
         self._connecting = None
-        self.gate.resume("connect")
+        self.gate.resume(CONNECTING)
         status, cause, label = classify_connect_failure(reason.value)
         where = f"{destination[0]}:{destination[1]}"
         if label == "spoof":
@@ -828,7 +853,7 @@ class ClientConnection(Protocol):
         pending = self._reader.take_buffered()
         if pending:
             upstream.writer.write(pending)
-        self.gate.resume("pipeline")
+        self.gate.resume(PIPELINE)
 
     def _finish_exchange(self, upstream: Upstream) -> None:
         exchange = self._exchange
@@ -843,7 +868,7 @@ class ClientConnection(Protocol):
             return
         self._reader.start_next()
         self._arm("client_idle", self.factory.settings.timeouts.client_idle)
-        self.gate.resume("pipeline")
+        self.gate.resume(PIPELINE)
         self._process()
 
     def upstream_lost(self, upstream: Upstream, reason: Failure) -> None:
@@ -906,7 +931,7 @@ class ClientConnection(Protocol):
             upstream.transport.loseConnection()
         # Reading from the client may have been paused by this upstream's
         # full send buffer; that reason is gone with it.
-        self.gate.resume("backpressure")
+        self.gate.resume(BACKPRESSURE)
 
     # --- answers, timers, bookkeeping ------------------------------------------
 
@@ -937,11 +962,10 @@ class ClientConnection(Protocol):
     def _linger(self) -> None:
         self._discarding = True
         self._cancel_timer()
-        self.gate.resume("pipeline")
-        self.gate.resume("connect")
+        self.gate.resume(PIPELINE)
+        self.gate.resume(CONNECTING)
         self.transport.loseWriteConnection()
-        self._timer_kind = "linger"
-        self._timer = self._clock.callLater(_LINGER_SECONDS, self.transport.abortConnection)
+        self._arm("linger", _LINGER_SECONDS)
 
     def _record(self, exchange: _Exchange) -> None:
         now = self._clock.seconds()
@@ -1003,41 +1027,26 @@ class ClientConnection(Protocol):
 
     def _arm(self, kind: str, seconds: float) -> None:
         """
-        One timer per connection, moved lazily: re-arming for a later
-        deadline (the common case, several times per request) only stores
-        it; the timer re-checks when it fires.
+        The connection's one deadline: what expires (C{kind}) and when.  No
+        timer object per connection: the factory's sweep looks at every
+        connection a few times a second (see L{ProxyFactory.sweep}).
         """
         self._timer_kind = kind
-        deadline = self._clock.seconds() + seconds
-        self._deadline = deadline
-        timer = self._timer
-        if timer is not None and timer.active():
-            if timer.getTime() <= deadline:
-                return
-            # Not reset(): Twisted finds the call in its heap linearly.
-            timer.cancel()
-        self._timer = self._clock.callLater(seconds, self._timer_fired)
-
-    def _timer_fired(self) -> None:
-        self._timer = None
-        left = self._deadline - self._clock.seconds()
-        if left > 0:
-            self._timer = self._clock.callLater(left, self._timer_fired)
-            return
-        self._timed_out()
+        self._deadline = self._clock.seconds() + seconds
 
     def _cancel_timer(self) -> None:
-        timer = self._timer
-        self._timer = None
         self._timer_kind = ""
-        if timer is not None and timer.active():
-            timer.cancel()
+
+    def check_deadline(self, now: float) -> None:
+        if self._timer_kind and now >= self._deadline:
+            self._timed_out()
 
     def _timed_out(self) -> None:
         kind = self._timer_kind
         timeouts = self.factory.settings.timeouts
-        self._timer = None
-        if kind == "idle":
+        if kind == "linger":
+            self.transport.abortConnection()
+        elif kind == "idle":
             left = self._last_activity + timeouts.idle - self._clock.seconds()
             if left > 0:
                 self._arm("idle", left)
