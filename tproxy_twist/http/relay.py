@@ -305,6 +305,7 @@ class ClientConnection(Protocol):
         "_clock",
         "_closed",
         "_connecting",
+        "_corked",
         "_counted_client",
         "_deadline",
         "_discarding",
@@ -347,6 +348,7 @@ class ClientConnection(Protocol):
         self._connecting: tuple[str, int] | None = None
         self._exchange: _Exchange | None = None
         self._timer_kind = ""
+        self._corked: list[bytes] | None = None
         self._deadline = 0.0
         self._last_activity = 0.0
         self._tunnel = False
@@ -485,7 +487,7 @@ class ClientConnection(Protocol):
         ):
             # Idle for a while: no request is likely to be on its way, so
             # closing cannot race with one (a client would see a reset).
-            self.transport.loseConnection()
+            self._lose()
 
     def _process(self) -> None:
         """Handle the request events the reader has, until it needs something."""
@@ -514,7 +516,7 @@ class ClientConnection(Protocol):
                     self.gate.pause(PIPELINE)
                 return
             elif event is CLOSED:
-                self.transport.loseConnection()
+                self._lose()
                 return
 
     def _start_request(self, request: Request) -> None:
@@ -760,9 +762,14 @@ class ClientConnection(Protocol):
             # An idle keep-alive upstream must not speak: nothing to answer.
             self._drop_upstream(upstream)
             return
-        reader = upstream.reader
-        reader.feed(data)
-        self._relay_response(upstream)
+        # Corked: a response's head and body (and the next pipelined answer)
+        # leave in one send instead of one per piece.
+        self._corked = []
+        upstream.reader.feed(data)
+        try:
+            self._relay_response(upstream)
+        finally:
+            self._uncork()
 
     def _relay_response(self, upstream: Upstream) -> None:
         reader = upstream.reader
@@ -863,7 +870,7 @@ class ClientConnection(Protocol):
             self._drop_upstream(upstream)
         if exchange.close_client or not exchange.request_done:
             self._flush_bytes()
-            self.transport.loseConnection()
+            self._lose()
             self._discarding = True
             return
         self._reader.start_next()
@@ -882,7 +889,7 @@ class ClientConnection(Protocol):
             if exchange is not None:
                 self._exchange = None
                 self._record(exchange)
-            self.transport.loseConnection()
+            self._lose()
             return
         if exchange is None:
             self._upstream = None  # an idle keep-alive connection closed: fine
@@ -959,7 +966,12 @@ class ClientConnection(Protocol):
         self._record(exchange)  # after the write: the access log counts its bytes
         self._linger()
 
+    def _lose(self) -> None:
+        self._uncork()
+        self.transport.loseConnection()
+
     def _linger(self) -> None:
+        self._uncork()
         self._discarding = True
         self._cancel_timer()
         self.gate.resume(PIPELINE)
@@ -1018,12 +1030,28 @@ class ClientConnection(Protocol):
 
     def _write(self, data: bytes) -> None:
         self._bytes_out += len(data)
-        self._writer.write(data)
+        if self._corked is not None:
+            self._corked.append(data)
+        else:
+            self._writer.write(data)
 
     def _write_sequence(self, parts: list[bytes]) -> None:
         for part in parts:
             self._bytes_out += len(part)
-        self._writer.write_sequence(parts)
+        if self._corked is not None:
+            self._corked.extend(parts)
+        else:
+            self._writer.write_sequence(parts)
+
+    def _uncork(self) -> None:
+        """Send what was written while corked, in one system call."""
+        parts = self._corked
+        self._corked = None
+        if parts:
+            if len(parts) == 1:
+                self._writer.write(parts[0])
+            else:
+                self._writer.write_sequence(parts)
 
     def _arm(self, kind: str, seconds: float) -> None:
         """
@@ -1062,7 +1090,7 @@ class ClientConnection(Protocol):
                 self._exchange = None
             self.transport.abortConnection()
         elif kind == "client_idle":
-            self.transport.loseConnection()
+            self._lose()
         elif kind == "request_header":
             self.metrics.rejected("timeout")
             self._reject(
