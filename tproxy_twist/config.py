@@ -8,6 +8,7 @@ configuration.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import tomllib
@@ -89,8 +90,14 @@ class PortConfig:
     x_forwarded_for: str = "off"  # off: pass as received; append: add the client; strip
 
     def allows(self, ip: str) -> bool:
+        if self.allows_everyone:
+            return True
         address = ipaddress.ip_address(ip)
         return any(address in network for network in self.allow)
+
+    @property
+    def allows_everyone(self) -> bool:
+        return _covers_everything(self.allow)
 
 
 @attrs.frozen
@@ -147,6 +154,13 @@ class Config:
     group: str | None = None  # ... and group (default: the user's primary group)
     drain_timeout: float = 30.0  # reload/stop: seconds to finish in-flight requests
     access_log: AccessLogConfig = AccessLogConfig()
+
+
+@functools.lru_cache(maxsize=64)
+def _covers_everything(networks: tuple[IPNetwork, ...]) -> bool:
+    return any(n.prefixlen == 0 and n.version == 4 for n in networks) and any(
+        n.prefixlen == 0 and n.version == 6 for n in networks
+    )
 
 
 def load(path: str | os.PathLike[str]) -> Config:

@@ -13,6 +13,7 @@ Every socket option the proxy uses, in one place.
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import socket
 import struct
@@ -210,6 +211,15 @@ def _addresses_in(message: bytes) -> list[str]:
     return result
 
 
+@functools.lru_cache(maxsize=4096)
+def _loopback_or_unspecified(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.is_loopback or address.is_unspecified
+
+
 class LocalAddresses:
     """
     Answers "is this address one of ours?", refreshed at most every
@@ -236,11 +246,7 @@ class LocalAddresses:
             self._expires = now + self._ttl
         if host in self._addresses:
             return True
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            return False
-        return address.is_loopback or address.is_unspecified
+        return _loopback_or_unspecified(host)
 
 
 # --- writing without a trip through the reactor ---------------------------------

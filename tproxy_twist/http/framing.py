@@ -407,6 +407,11 @@ class _Reader:
         return out
 
     @property
+    def buffered(self) -> int:
+        """Bytes received and not parsed yet."""
+        return len(self._buf) - self._pos
+
+    @property
     def idle(self) -> bool:
         """True between messages with nothing buffered (no partial message)."""
         return self._state in (_HEAD, _DONE, _CLOSED) and self._pos >= len(self._buf)

@@ -75,6 +75,8 @@ _CONNECT_ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 # closing at once would reset the connection and could destroy the answer
 # before the client reads it (nginx's "lingering close").
 _LINGER_SECONDS = 2.0
+# Bytes a client may send ahead while its upstream connection is being made.
+_CONNECTING_BUFFER = 65536
 # How often deadlines are looked at: timeouts fire up to this much late.
 SWEEP_INTERVAL = 0.25
 
@@ -151,6 +153,7 @@ class ProxyFactory(Factory):
     ) -> None:
         self.access_log = access_log
         self.budget = budget
+        self.allow_all = port.allows_everyone
         self.connections: set[ClientConnection] = set()
         self._sweeper: task.LoopingCall | None = None
         self.per_client: dict[str, int] = {}
@@ -402,7 +405,7 @@ class ClientConnection(Protocol):
                 return
             factory.per_client[self.client_ip] = count + 1
             self._counted_client = True
-        if not self.port.allows(self.client_ip):
+        if not factory.allow_all and not self.port.allows(self.client_ip):
             self._refusal = (403, "access denied: your address may not use this proxy", "forbidden")
         elif mode == "tproxy":
             host = transport.getHost()
@@ -445,6 +448,10 @@ class ClientConnection(Protocol):
         if self._discarding:
             return
         self._reader.feed(data)
+        if self._connecting is not None:
+            if self._reader.buffered > _CONNECTING_BUFFER:
+                self.gate.pause(CONNECTING)
+            return
         self._process()
         if self._timer_kind == "client_idle" and not self._reader.idle:
             # Part of a head came; a whole one would have started an exchange.
@@ -652,7 +659,9 @@ class ClientConnection(Protocol):
         if upstream is not None:
             self._drop_upstream(upstream)
         self._connecting = destination
-        self.gate.pause(CONNECTING)
+        # Reading goes on while connecting (pausing and resuming costs two
+        # epoll_ctl calls per connection); what arrives waits in the reader,
+        # and dataReceived pauses once that is more than a socket read.
         exchange = self._exchange
         exchange.connect_started = self._clock.seconds()
         spoof = self.client_ip if self.port.spoof_client_ip else None
