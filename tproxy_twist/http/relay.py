@@ -75,6 +75,9 @@ _CONNECT_ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 # closing at once would reset the connection and could destroy the answer
 # before the client reads it (nginx's "lingering close").
 _LINGER_SECONDS = 2.0
+_LARGE_BODY = 1 << 20
+_DEFAULT_READ = 1 << 16  # Twisted's FileDescriptor.bufferSize
+_LARGE_READ = 1 << 18
 # Bytes a client may send ahead while its upstream connection is being made.
 _CONNECTING_BUFFER = 65536
 # How often deadlines are looked at: timeouts fire up to this much late.
@@ -218,6 +221,7 @@ class _Exchange:
         "connect_started",
         "replayable",
         "upstream_keep_alive",
+        "large",
         "destination",
         "url",
         "content_type",
@@ -239,6 +243,7 @@ class _Exchange:
         self.connect_started = 0.0
         self.replayable = False  # may be resent once on a fresh connection
         self.upstream_keep_alive = True
+        self.large = False  # reads were made larger for a large body
         self.destination: tuple[str, int] | None = None
         self.url = b"-"
         self.content_type = b"-"
@@ -571,6 +576,9 @@ class ClientConnection(Protocol):
         if request.body == "chunked":
             fields.append((b"Transfer-Encoding", b"chunked"))
             exchange.chunked_out = True
+        if request.body == "chunked" or (request.content_length or 0) > _LARGE_BODY:
+            self.transport.bufferSize = _LARGE_READ  # a large upload: larger reads
+            exchange.large = True
         exchange.tunnel = upgrade
         exchange.head = H.serialize_request_head(request.method, target, fields)
         exchange.replayable = request.body == "none"
@@ -831,6 +839,13 @@ class ClientConnection(Protocol):
         self._arm("idle", timeouts.idle)
         tunnel = response.body == "tunnel" and exchange.tunnel
         fields = H.strip_hop_by_hop(response.headers, keep_upgrade=tunnel)
+        if response.body != "none" and (
+            response.content_length is None or response.content_length > _LARGE_BODY
+        ):
+            # A large body: fewer, larger reads (Twisted reads 64 KiB at a time);
+            # back to the default when the exchange ends.
+            upstream.transport.bufferSize = _LARGE_READ
+            exchange.large = True
         if response.body == "chunked":
             exchange.response_chunked = True
         elif response.body == "close":
@@ -874,6 +889,9 @@ class ClientConnection(Protocol):
     def _finish_exchange(self, upstream: Upstream) -> None:
         exchange = self._exchange
         self._exchange = None
+        if exchange.large:
+            upstream.transport.bufferSize = _DEFAULT_READ
+            self.transport.bufferSize = _DEFAULT_READ
         self._record(exchange)
         if not exchange.upstream_keep_alive:
             self._drop_upstream(upstream)
