@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from .contenders import CONTENDERS, Contender, fd_limit
+from .contenders import CONTENDERS, DEFAULT_CONTENDERS, Contender, fd_limit
 from .lab import SMALL_BODY, SMALL_PATH, BenchLab
 from .measure import (
     LATENCY_CONNECTIONS,
@@ -398,8 +398,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--only",
-        default=",".join(CONTENDERS),
-        help=f"comma-separated paths to run, in this order (default: {','.join(CONTENDERS)})",
+        default=",".join(DEFAULT_CONTENDERS),
+        help=f"comma-separated paths to run, in this order, of {', '.join(CONTENDERS)}"
+        f" (default: {','.join(DEFAULT_CONTENDERS)})",
     )
     parser.add_argument(
         "--quick", action="store_true", help="3 s per wrk run, 1 s warm-up, 2 downloads"

@@ -32,7 +32,16 @@ from tproxy_twist.lab.topology import REPO_ROOT, child_env
 
 from .lab import TPROXY_PORT, BenchLab
 
-__all__ = ["CONTENDERS", "Contender", "Direct", "HAProxy", "Squid", "TproxyTwist"]
+__all__ = [
+    "CONTENDERS",
+    "DEFAULT_CONTENDERS",
+    "Contender",
+    "Direct",
+    "HAProxy",
+    "Squid",
+    "TproxyTwist",
+    "TproxyTwistNoMetrics",
+]
 
 WORKERS = 2  # Squid's workers, HAProxy's threads, tproxy-twist's workers
 
@@ -433,6 +442,35 @@ mode = "tproxy"
         return f"tproxy-twist {head}{' + uncommitted changes' if dirty else ''}"
 
 
+class TproxyTwistNoMetrics(TproxyTwist):
+    """
+    The same, with metrics off (`[metrics] listen = ""`: the workers stop
+    counting): side by side with `tproxy-twist`, what metrics cost.  Not in
+    the default run; ask for it with --only.
+    """
+
+    name = "tproxy-twist-nometrics"
+
+    def prepare(self, lab: BenchLab, workdir: Path) -> list[str]:
+        argv = super().prepare(lab, workdir)
+        conf = workdir / "tproxy.toml"
+        conf.write_text(conf.read_text().replace(f'listen = "{self.METRICS}"', 'listen = ""'))
+        return argv
+
+    def wait_ready(self, lab: BenchLab) -> None:
+        # No /healthz without the metrics listener: wait for every worker's listener.
+        deadline = time.monotonic() + 30
+        while lab.listening(lab.router, TPROXY_PORT) < WORKERS:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"tproxy-twist exited with status {self.proc.returncode}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"tproxy-twist did not listen {WORKERS} times within 30s")
+            time.sleep(0.1)
+
+    def relayed_requests(self, lab: BenchLab) -> int | None:
+        return None  # nothing counts; the Via check proves the path
+
+
 def _first_line(argv: list[str]) -> str:
     try:
         proc = subprocess.run(argv, capture_output=True, timeout=10, check=False)
@@ -441,4 +479,8 @@ def _first_line(argv: list[str]) -> str:
     return (proc.stdout or proc.stderr).decode(errors="replace").strip().splitlines()[0]
 
 
-CONTENDERS: dict[str, type[Contender]] = {c.name: c for c in (Direct, HAProxy, Squid, TproxyTwist)}
+CONTENDERS: dict[str, type[Contender]] = {
+    c.name: c for c in (Direct, HAProxy, Squid, TproxyTwist, TproxyTwistNoMetrics)
+}
+#: What a run measures when --only does not say.
+DEFAULT_CONTENDERS = ("direct", "haproxy", "squid", "tproxy-twist")

@@ -357,6 +357,7 @@ def _run_lab(lab, config: Config, out: TextIO, child_env) -> int:
         out.write(f"{request.label:<60} {request.client:<15} {seen or '-':<15} {verdict}\n")
 
     if config.metrics_listen is not None:
+        time.sleep(0.5)  # workers hand their counts to /metrics a few times a second
         _print_metrics(lab, config, out)
     _print_access_log(config, out)
     check = lab.run(

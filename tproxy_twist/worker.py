@@ -151,6 +151,8 @@ class ProxyService(Service):
                     factory.abort_all()
                 break
             yield task.deferLater(self._reactor, 0.2, lambda: None)
+        for factory in self.factories:
+            factory.shutdown()
 
     def stopService(self):
         super().stopService()

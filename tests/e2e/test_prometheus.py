@@ -270,6 +270,7 @@ def test_37_and_11_requests_move_the_per_port_counters_by_exactly_37_and_11(prox
 def test_promtool_check_metrics_finds_our_exposition_clean(proxy, lab, curl):
     proxy(CONFIG)
     send_traffic(curl, 3)
+    time.sleep(0.5)  # workers hand their counts to /metrics a few times a second
     text = exposition(lab)
     assert "tproxy_requests_total{" in text
     result = subprocess.run(

@@ -205,6 +205,7 @@ def test_metrics_count_what_went_through_each_port(running, curl, lab):
     for _ in range(3):
         curl(f"{ORIGIN}/ip")
     curl("-x", f"http://{Lab.ROUTER_CLIENT4}:3128", f"http://{Lab.ORIGIN4}:8080/ip")
+    time.sleep(0.5)  # workers hand their counts to /metrics a few times a second
     metrics = lab.run(lab.router, ["curl", "-s", "http://127.0.0.1:9464/metrics"]).stdout.decode()
     assert (
         'tproxy_requests_total{code="200",method="GET",mode="tproxy",port="transparent"} 3.0'

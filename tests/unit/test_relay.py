@@ -79,6 +79,7 @@ class Harness:
         self.connect.last.protocol.dataReceived(data)
 
     def requests(self, **labels) -> float:
+        self.factory.metrics.flush()
         labels = {"port": self.name, **labels}
         total = 0.0
         for metric in REGISTRY.collect():
@@ -92,6 +93,7 @@ class Harness:
         return total
 
     def metric(self, name: str, **labels) -> float:
+        self.factory.metrics.flush()
         return REGISTRY.get_sample_value(name, {"port": self.name, **labels}) or 0.0
 
 

@@ -175,7 +175,8 @@ class ProxyFactory(Factory):
         return ClientConnection(self)
 
     def sweep(self) -> None:
-        """Let every connection whose deadline has passed time out."""
+        """Let every connection whose deadline has passed time out; flush metrics."""
+        self.metrics.flush()
         now = self.clock.seconds()
         for connection in list(self.connections):  # timing out closes some
             try:
@@ -183,7 +184,9 @@ class ProxyFactory(Factory):
             except Exception:
                 log.failure("timing out a connection failed")
 
-    def stopFactory(self) -> None:
+    def shutdown(self) -> None:
+        """After draining: count what is left and stop sweeping."""
+        self.metrics.flush()
         if self._sweeper is not None and self._sweeper.running:
             self._sweeper.stop()
         self._sweeper = None
@@ -1048,13 +1051,10 @@ class ClientConnection(Protocol):
         )
 
     def _flush_bytes(self) -> None:
-        if self._bytes_in:
-            self.metrics.bytes_in.inc(self._bytes_in)
+        if self._bytes_in or self._bytes_out:
+            self.metrics.transferred(self._bytes_in, self._bytes_out)
             self._bytes_in = 0
-        if self._bytes_out:
-            self.metrics.bytes_out.inc(self._bytes_out)
             self._bytes_out = 0
-
     def _write(self, data: bytes) -> None:
         self._bytes_out += len(data)
         if self._corked is not None:
