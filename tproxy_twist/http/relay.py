@@ -1055,6 +1055,7 @@ class ClientConnection(Protocol):
             self.metrics.transferred(self._bytes_in, self._bytes_out)
             self._bytes_in = 0
             self._bytes_out = 0
+
     def _write(self, data: bytes) -> None:
         self._bytes_out += len(data)
         if self._corked is not None:
