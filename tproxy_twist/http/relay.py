@@ -159,6 +159,7 @@ class ProxyFactory(Factory):
         self.allow_all = port.allows_everyone
         self.connections: set[ClientConnection] = set()
         self._sweeper: task.LoopingCall | None = None
+        self._via: dict[bytes, bytes] = {}
         self.per_client: dict[str, int] = {}
         self.port = port
         self.settings = settings
@@ -166,6 +167,13 @@ class ProxyFactory(Factory):
         self.clock = clock
         self.local_addresses = local_addresses
         self.metrics = metrics
+
+    def via(self, version: bytes) -> bytes:
+        """Our Via entry for a message of C{version}, made once per version."""
+        entry = self._via.get(version)
+        if entry is None:
+            entry = self._via[version] = H.via_value(version, self.settings.pseudonym)
+        return entry
 
     def buildProtocol(self, addr):
         if self._sweeper is None:
@@ -324,7 +332,6 @@ class ClientConnection(Protocol):
         "_exchange",
         "_host_agreed",
         "_last_activity",
-        "_pseudonym",
         "_reader",
         "_refusal",
         "_timer_kind",
@@ -347,7 +354,6 @@ class ClientConnection(Protocol):
         self.port = factory.port
         self.metrics = factory.metrics
         self._clock = factory.clock
-        self._pseudonym = factory.settings.pseudonym
         self._via_marker = factory.settings.via_marker
         limits = factory.settings.limits
         self._reader = RequestReader(
@@ -573,7 +579,7 @@ class ClientConnection(Protocol):
         if host is not None:
             fields = [(n, v) for n, v in fields if n.lower() != b"host"]
             fields.insert(0, (b"Host", host))
-        fields = H.add_via(fields, H.via_value(request.version, self._pseudonym))
+        fields = H.add_via(fields, self.factory.via(request.version))
         if self.port.x_forwarded_for != "off":
             fields = _x_forwarded_for(fields, self.port.x_forwarded_for, self.client_ip)
         if request.body == "chunked":
@@ -869,7 +875,7 @@ class ClientConnection(Protocol):
             fields.append((b"Connection", b"close"))
         elif exchange.request.version == b"HTTP/1.0":
             fields.append((b"Connection", b"keep-alive"))
-        fields = H.add_via(fields, H.via_value(response.version, self._pseudonym))
+        fields = H.add_via(fields, self.factory.via(response.version))
         self._write(H.serialize_response_head(response.status, response.reason, fields))
         if response.body == "tunnel":
             if tunnel:
