@@ -190,6 +190,11 @@ class WorkerSupervisor(Service):
             "--generation",
             str(generation),
         ]
+        if config.user is not None:
+            # Said here, not only in the file: twistd's --uid/--gid end up here too.
+            argv += ["--user", config.user]
+            if config.group is not None:
+                argv += ["--group", config.group]
         self.reactor.spawnProcess(
             worker, sys.executable, argv, env=env, childFDs={0: "w", 1: "r", 2: "r", 3: "r"}
         )

@@ -164,6 +164,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--config", required=True)
     parser.add_argument("--index", type=int, default=1)
     parser.add_argument("--generation", type=int, default=1)
+    parser.add_argument("--user", help="run as this user (overrides the config's `user`)")
+    parser.add_argument("--group", help="... and group")
     return parser.parse_args(argv)
 
 
@@ -196,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = configuration.load(args.config)
+        if args.user is not None:
+            config = configuration.with_identity(config, args.user, args.group)
         service = ProxyService(config, reactor)
         access_log = _open_access_log(config, reactor)  # as root: like nginx, open first
         service.access_log = access_log

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -199,3 +200,55 @@ def test_workers_run_as_the_configured_user_with_one_capability_and_still_spoof(
         assert re.search(r"^CapPrm:\s+0000000000002000$", status, re.M), status
     assert json.loads(curl(f"http://{Lab.ORIGIN4}/ip").stdout)["client"] == Lab.CLIENT4
     assert "running as nobody" in running.log_text()
+
+
+def test_twistd_uid_and_gid_apply_to_the_workers_and_the_master_keeps_root(lab, tmp_path, curl):
+    from conftest import TWISTD
+
+    from tproxy_twist.lab.topology import REPO_ROOT, child_env
+
+    config = tmp_path / "tproxy.toml"
+    config.write_text(CONFIG.replace("workers = 3", "workers = 2"))
+    log = open(tmp_path / "twistd.log", "wb")
+    argv = [*TWISTD, "-n", "--pidfile", str(tmp_path / "pid"), "--uid", "nobody",
+            "--gid", "nogroup", "tproxy", "--config", str(config)]  # fmt: skip
+    master = lab.popen(lab.router, argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+                       env=child_env(), start_new_session=True)  # fmt: skip
+    try:
+        pids = wait_for(
+            lambda: len(listening_pids(lab, 3129)) == 2 and listening_pids(lab, 3129),
+            20,
+            lambda: (tmp_path / "twistd.log").read_text(),
+        )
+        nobody = subprocess.run(["id", "-u", "nobody"], capture_output=True).stdout.strip()
+        for pid in pids:
+            uids = re.search(r"^Uid:\s+(.*)$", open(f"/proc/{pid}/status").read(), re.M)
+            assert set(uids.group(1).split()) == {nobody.decode()}
+        master_uids = re.search(r"^Uid:\s+(.*)$", open(f"/proc/{master.pid}/status").read(), re.M)
+        assert set(master_uids.group(1).split()) == {"0"}
+        assert json.loads(curl(f"http://{Lab.ORIGIN4}/ip").stdout)["client"] == Lab.CLIENT4
+    finally:
+        master.send_signal(signal.SIGTERM)
+        try:
+            master.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(master.pid, signal.SIGKILL)
+        log.close()
+
+
+def test_a_worker_that_cannot_start_is_retried_with_back_off_and_the_log_says_why(proxy, lab):
+    # Something else holds the forward port (without SO_REUSEPORT): workers cannot bind it.
+    squatter = lab.popen(
+        lab.router,
+        ["python3", "-c", "import socket, time; s = socket.socket(); "
+         "s.bind(('0.0.0.0', 3128)); s.listen(); time.sleep(60)"],
+    )  # fmt: skip
+    try:
+        lab.wait_port(lab.router, "127.0.0.1", 3128)
+        running = proxy(CONFIG.replace("workers = 3", "workers = 1"), wait=False)
+        log = running.wait_log("restarting it in 1s", timeout=20)
+        assert "restarting it in 0.5s" in log
+        assert "cannot listen on 0.0.0.0:3128" in log and "Address already in use" in log
+        assert running.alive()  # the master keeps going, and keeps trying
+    finally:
+        squatter.kill()
