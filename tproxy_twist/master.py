@@ -127,7 +127,6 @@ class WorkerSupervisor(Service):
         self._failures: dict[int, int] = {}
         self._respawns: dict[int, object] = {}
         self._stopping: defer.Deferred | None = None
-        self._reloading = False
 
     # --- counts --------------------------------------------------------------
 

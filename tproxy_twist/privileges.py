@@ -66,10 +66,6 @@ def _capset(capabilities: int) -> None:
     _check(_libc.capset(ctypes.byref(header), data), "capset")
 
 
-def has_capability(capability: int) -> bool:
-    return bool(_capget()[0] & (1 << capability))
-
-
 def transparent_capability() -> int | None:
     """The capability this process can use for IP_TRANSPARENT (NET_RAW preferred)."""
     effective, permitted = _capget()

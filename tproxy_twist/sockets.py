@@ -47,10 +47,6 @@ def unmap(host: str) -> str:
     return host
 
 
-def family_of(host: str) -> int:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
-
-
 def set_transparent(sock: socket.socket, family: int) -> None:
     """IP_TRANSPARENT (IPV6_TRANSPARENT): needs CAP_NET_ADMIN or CAP_NET_RAW."""
     if family == socket.AF_INET6:
