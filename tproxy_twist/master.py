@@ -509,6 +509,7 @@ class MasterService(MultiService):
             yield self._metrics_port.stopListening()
         yield super().stopService()
         shutil.rmtree(self.run_dir, ignore_errors=True)
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
 
 def prepare_metrics_dir() -> Path:

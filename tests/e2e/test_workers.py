@@ -5,6 +5,7 @@ reload, draining stop, and least privilege, in the namespace lab.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -12,6 +13,7 @@ import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 
 import pytest
@@ -167,6 +169,7 @@ def test_a_reload_with_a_broken_config_changes_nothing_and_names_the_key(proxy, 
 
 
 def test_sigterm_lets_a_slow_download_finish_then_everything_exits(proxy, lab, tmp_path):
+    leftovers = set(glob.glob(os.path.join(tempfile.gettempdir(), "tproxy-twist-*")))
     running = proxy(CONFIG)
     wait_for(lambda: len(listening_pids(lab, 3129)) == 3, 10, "3 listeners")
     n = 10 * 1024 * 1024
@@ -185,6 +188,8 @@ def test_sigterm_lets_a_slow_download_finish_then_everything_exits(proxy, lab, t
     # twistd re-raises the signal it stopped for, so the exit status says SIGTERM.
     assert running.popen.wait(timeout=30) in (0, -signal.SIGTERM)
     assert router_pids(lab) == set()
+    # The master's run and metrics directories went with it.
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "tproxy-twist-*"))) <= leftovers
 
 
 def test_workers_run_as_the_configured_user_with_one_capability_and_still_spoof(proxy, lab, curl):
