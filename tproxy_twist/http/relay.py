@@ -235,6 +235,8 @@ class _Exchange:
         "large",
         "destination",
         "url",
+        "target",
+        "host",
         "content_type",
         "denied",
     )
@@ -256,7 +258,9 @@ class _Exchange:
         self.upstream_keep_alive = True
         self.large = False  # reads were made larger for a large body
         self.destination: tuple[str, int] | None = None
-        self.url = b"-"
+        self.url = b"-"  # as logged when there is no target (CONNECT: its authority)
+        self.target: bytes | None = None  # what was sent upstream, for the access log
+        self.host: bytes | None = None  # a Host taken from an absolute-form target
         self.content_type = b"-"
         self.denied = False  # refused by policy (403, loops): Squid's TCP_DENIED
 
@@ -550,9 +554,6 @@ class ClientConnection(Protocol):
         if self._via_marker in b",".join(request.get_all(b"via")):
             self._reject(508, "forwarding loop: this request already passed through us", "loop")
             return
-        if request.version == b"HTTP/1.1" and request.get(b"host") is None:
-            self._reject(400, "HTTP/1.1 request without a Host header", "bad_request")
-            return
         try:
             destination, target, host = self._route(request)
         except ProtocolError as e:
@@ -572,7 +573,8 @@ class ClientConnection(Protocol):
             exchange.tunnel = True
             self._use_upstream(destination)
             return
-        exchange.url = _absolute_url(destination, target, host or request.get(b"host"))
+        exchange.target = target
+        exchange.host = host
         fields = request.headers
         upgrade = request.get(b"upgrade") is not None and b"upgrade" in H.connection_tokens(fields)
         fields = H.strip_hop_by_hop(fields, keep_upgrade=upgrade)
@@ -1024,6 +1026,12 @@ class ClientConnection(Protocol):
             access_log.log(self._access_entry(exchange, now, duration))
         self._flush_bytes()
 
+    def _url(self, exchange: _Exchange) -> bytes:
+        if exchange.target is None:  # CONNECT, or answered before routing
+            return exchange.url
+        host = exchange.host or exchange.request.get(b"host")
+        return _absolute_url(exchange.destination, exchange.target, host)
+
     def _access_entry(self, exchange: _Exchange, now: float, duration: float) -> AccessEntry:
         if exchange.denied:
             result = "TCP_DENIED"
@@ -1047,7 +1055,7 @@ class ClientConnection(Protocol):
             port=self.port.name,
             mode=self.port.mode,
             method=exchange.method.decode("ascii", "replace"),
-            url=exchange.url.decode("ascii", "replace"),
+            url=self._url(exchange).decode("ascii", "replace"),
             status=exchange.status,
             bytes_out=self._bytes_out,
             bytes_in=self._bytes_in,
