@@ -24,11 +24,10 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from tproxy_twist.lab.topology import REPO_ROOT, child_env
+from tproxy_twist.lab.topology import REPO_ROOT, TWISTD, child_env
 
 from .lab import TPROXY_PORT, BenchLab
 
@@ -362,12 +361,7 @@ listen = "0.0.0.0:{TPROXY_PORT}"
 mode = "tproxy"
 """
         )
-        twistd = [
-            sys.executable,
-            "-c",
-            "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
-        ]
-        return [*twistd, "-n", "--pidfile=", "tproxy", "--config", str(conf)]
+        return [*TWISTD, "-n", "--pidfile=", "tproxy", "--config", str(conf)]
 
     def wait_ready(self, lab: BenchLab) -> None:
         # /healthz answers 200 once every worker is ready.

@@ -158,13 +158,6 @@ _LAB_METRICS = (
     "tproxy_workers",
 )
 
-# twistd, the way users run it, with this interpreter (as tests/e2e does).
-_TWISTD = [
-    sys.executable,
-    "-c",
-    "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
-]
-
 
 @attrs.frozen
 class LabRequest:
@@ -302,8 +295,10 @@ def _run_lab(lab, config: Config, out: TextIO, child_env) -> int:
     lab.start_origin(tuple(sorted({diverted, direct})))
     out.write(f"origin: serving on ports {diverted} (diverted) and {direct} (not diverted)\n")
 
+    from .lab import TWISTD
+
     log_path = lab.tmpdir / "proxy.log"
-    argv = [*_TWISTD, "-n", "--pidfile=", "tproxy", "--config", os.path.abspath(config.path)]
+    argv = [*TWISTD, "-n", "--pidfile=", "tproxy", "--config", os.path.abspath(config.path)]
     with open(log_path, "ab") as log_file:
         proxy = lab.popen(
             lab.router,

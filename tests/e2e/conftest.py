@@ -36,19 +36,11 @@ from pathlib import Path
 
 import pytest
 
-from tproxy_twist.lab import Lab, cleanup_stale
+from tproxy_twist.lab import TWISTD, Lab, cleanup_stale
 from tproxy_twist.lab.topology import REPO_ROOT, child_env
 from tproxy_twist.rules import DivertPort, render_nftables
 
 HERE = Path(__file__).resolve().parent
-
-# twistd, the way users run the proxy, with this interpreter. (Not
-# `python -m twisted`: that is `twist`, which has no -n/--pidfile.)
-TWISTD = [
-    sys.executable,
-    "-c",
-    "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
-]
 
 # The tproxy port the session lab's rules divert port 80 to.
 TPROXY_PORT = 3129

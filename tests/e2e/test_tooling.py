@@ -20,15 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from tproxy_twist.lab import Lab
+from tproxy_twist.lab import TWISTD, Lab
 from tproxy_twist.lab.topology import REPO_ROOT, child_env
 
 CLI = [sys.executable, "-m", "tproxy_twist.cli"]
-TWISTD = [
-    sys.executable,
-    "-c",
-    "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
-]
 
 CONFIG = """\
 [metrics]

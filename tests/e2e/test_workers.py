@@ -208,8 +208,7 @@ def test_workers_run_as_the_configured_user_with_one_capability_and_still_spoof(
 
 
 def test_twistd_uid_and_gid_apply_to_the_workers_and_the_master_keeps_root(lab, tmp_path, curl):
-    from conftest import TWISTD
-
+    from tproxy_twist.lab import TWISTD
     from tproxy_twist.lab.topology import REPO_ROOT, child_env
 
     config = tmp_path / "tproxy.toml"

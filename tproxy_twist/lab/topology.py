@@ -76,6 +76,15 @@ def _run(
     return proc
 
 
+#: twistd the way users run it, with this interpreter (`python -m twisted` is
+#: `twist`, which has no -n or --pidfile).  The lab, the tests and the bench use it.
+TWISTD = [
+    sys.executable,
+    "-c",
+    "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
+]
+
+
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for Python children: the repo root first on PYTHONPATH."""
     env = dict(os.environ)
