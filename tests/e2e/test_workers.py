@@ -245,6 +245,8 @@ def test_a_worker_that_cannot_start_is_retried_with_back_off_and_the_log_says_wh
     squatter = lab.popen(
         lab.router,
         ["python3", "-c", "import socket, time; s = socket.socket(); "
+         # SO_REUSEADDR: earlier tests' connections to 3128 may be in TIME_WAIT.
+         "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
          "s.bind(('0.0.0.0', 3128)); s.listen(); time.sleep(60)"],
     )  # fmt: skip
     try:
