@@ -215,3 +215,47 @@ def test_metrics_count_what_went_through_each_port(running, curl, lab):
         'tproxy_requests_total{code="200",method="GET",mode="forward",port="forward"} 1.0'
         in metrics
     )
+
+
+def test_metrics_negotiate_openmetrics_and_healthz_reports_ready(running, lab):
+    def get(*args):
+        return lab.run(lab.router, ["curl", "-s", *args]).stdout.decode()
+
+    openmetrics = "Accept: application/openmetrics-text; version=1.0.0"
+    head = get("-D", "-", "-o", "/dev/null", "-H", openmetrics, "http://127.0.0.1:9464/metrics")
+    assert "content-type: application/openmetrics-text" in head.lower()
+    head = get("-D", "-", "-o", "/dev/null", "http://127.0.0.1:9464/metrics")
+    assert "content-type: text/plain" in head.lower()
+    assert get("http://127.0.0.1:9464/healthz").endswith("workers ready, generation 1\n")
+
+
+def test_a_tproxy_port_without_spoofing_connects_from_the_routers_address(proxy, curl):
+    proxy(CONFIG.replace('mode = "tproxy"', 'mode = "tproxy"\nspoof_client_ip = false'))
+    assert get_json(curl, f"{ORIGIN}/ip")["client"] == Lab.ROUTER_ORIGIN4
+
+
+def test_an_intercept_port_relays_nat_redirected_traffic_to_its_original_destination(
+    proxy, lab, curl
+):
+    config = CONFIG + '\n[[port]]\nname = "nat"\nlisten = "0.0.0.0:3130"\nmode = "intercept"\n'
+    proxy(config)
+    nat = (
+        "table ip tproxy_twist_test_nat {\n"
+        "  chain prerouting {\n"
+        "    type nat hook prerouting priority dstnat; policy accept;\n"
+        "    tcp dport 8080 redirect to :3130\n"
+        "  }\n"
+        "}\n"
+    )
+    lab.run(lab.router, ["nft", "-f", "-"], input=nat.encode())
+    try:
+        result = curl("-D", "-", f"{ORIGIN}:8080/ip")
+        head, _, body = result.stdout.partition(b"\r\n\r\n")
+        assert b"(tproxy-twist)" in head  # it went through the proxy
+        # Original destination from SO_ORIGINAL_DST; no spoofing on intercept ports by default.
+        assert json.loads(body)["client"] == Lab.ROUTER_ORIGIN4
+        # A connection that was not redirected has no original destination: refused.
+        direct = curl("-i", f"http://{Lab.ROUTER_CLIENT4}:3130/")
+        assert direct.stdout.startswith(b"HTTP/1.1 403 ")
+    finally:
+        lab.run(lab.router, ["nft", "delete", "table", "ip", "tproxy_twist_test_nat"], check=False)
