@@ -605,6 +605,7 @@ def test_requests_the_proxy_answers_itself_are_logged_too():
     h.send(GET)
     [entry] = h.entries
     assert (entry.status, entry.result, entry.destination) == (403, "TCP_DENIED", None)
+    assert entry.url == "http://example.com/index.html"
     h = Harness()
     h.send(GET)
     h.connect.last.fail(neterror.ConnectionRefusedError())

@@ -1028,7 +1028,11 @@ class ClientConnection(Protocol):
 
     def _url(self, exchange: _Exchange) -> bytes:
         if exchange.target is None:  # CONNECT, or answered before routing
-            return exchange.url
+            target = exchange.url
+            host = exchange.request.get(b"host") if exchange.request is not _NO_REQUEST else None
+            if target.startswith(b"/") and host is not None:
+                return b"http://" + host + target
+            return target
         host = exchange.host or exchange.request.get(b"host")
         return _absolute_url(exchange.destination, exchange.target, host)
 
