@@ -50,7 +50,7 @@ class WorkerProcess(ProcessProtocol):
         self.state = "starting"  # -> ready -> draining; "exited" at the end
         self.was_ready = False
         self.pid: int | None = None
-        self.started = supervisor.clock.seconds()
+        self.started = supervisor.reactor.seconds()
         self.last_error = ""
         self._buffers = {1: b"", 2: b"", 3: b""}
 
@@ -117,7 +117,6 @@ class WorkerSupervisor(Service):
         self.run_dir = run_dir
         self.metrics_dir = metrics_dir
         self.reactor = reactor
-        self.clock = reactor
         self.generation = 0
         self.current: dict[int, WorkerProcess] = {}
         self.retired: set[WorkerProcess] = set()  # draining or replaced
@@ -273,7 +272,7 @@ class WorkerSupervisor(Service):
             return
         # A worker of the current generation died: replace it.
         WORKER_RESTARTS.inc()
-        lived = self.clock.seconds() - worker.started
+        lived = self.reactor.seconds() - worker.started
         if worker.was_ready and lived >= _STEADY:
             self._failures[worker.index] = 0
             delay = 0.0

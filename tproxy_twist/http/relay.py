@@ -90,11 +90,6 @@ class RelaySettings:
     limits: Limits
     pseudonym: str  # how we name ourselves in Via: the host name
 
-    @property
-    def via_marker(self) -> bytes:
-        """What our own Via entries contain; seeing it on a request means a loop."""
-        return f"{self.pseudonym} (tproxy-twist)".encode()
-
 
 # Why reading from a transport is paused (bits of ReadGate's mask).
 BACKPRESSURE = 1  # the other side's send buffer is full
@@ -160,6 +155,8 @@ class ProxyFactory(Factory):
         self.connections: set[ClientConnection] = set()
         self._sweeper: task.LoopingCall | None = None
         self._via: dict[bytes, bytes] = {}
+        # What our own Via entries contain; seeing it on a request means a loop.
+        self.via_marker = f"{settings.pseudonym} (tproxy-twist)".encode()
         self.per_client: dict[str, int] = {}
         self.port = port
         self.settings = settings
@@ -219,7 +216,6 @@ class _Exchange:
 
     __slots__ = (
         "request",
-        "method",
         "started",
         "head",
         "chunked_out",
@@ -243,7 +239,6 @@ class _Exchange:
 
     def __init__(self, request: Request, started: float) -> None:
         self.request = request
-        self.method = request.method
         self.started = started
         self.head = b""  # the serialized head sent upstream
         self.chunked_out = False  # request body re-chunked upstream
@@ -341,7 +336,6 @@ class ClientConnection(Protocol):
         "_timer_kind",
         "_tunnel",
         "_upstream",
-        "_via_marker",
         "_writer",
         "client_ip",
         "connected",
@@ -358,7 +352,6 @@ class ClientConnection(Protocol):
         self.port = factory.port
         self.metrics = factory.metrics
         self._clock = factory.clock
-        self._via_marker = factory.settings.via_marker
         limits = factory.settings.limits
         self._reader = RequestReader(
             max_line=limits.max_request_line,
@@ -551,7 +544,7 @@ class ClientConnection(Protocol):
             status, text, reason = self._refusal
             self._reject(status, text, reason)
             return
-        if self._via_marker in b",".join(request.get_all(b"via")):
+        if self.factory.via_marker in b",".join(request.get_all(b"via")):
             self._reject(508, "forwarding loop: this request already passed through us", "loop")
             return
         try:
@@ -700,7 +693,7 @@ class ClientConnection(Protocol):
             exchange.response_started = True
             self._become_tunnel(upstream)
             return
-        upstream.reader.expect(exchange.method)
+        upstream.reader.expect(exchange.request.method)
         upstream.writer.write(exchange.head)
         self._arm("idle", self.factory.settings.timeouts.idle)
 
@@ -1020,7 +1013,7 @@ class ClientConnection(Protocol):
     def _record(self, exchange: _Exchange) -> None:
         now = self._clock.seconds()
         duration = now - exchange.started
-        self.metrics.request(exchange.method, exchange.status, duration)
+        self.metrics.request(exchange.request.method, exchange.status, duration)
         access_log = self.factory.access_log
         if access_log is not None:
             access_log.log(self._access_entry(exchange, now, duration))
@@ -1058,7 +1051,7 @@ class ClientConnection(Protocol):
             client=self.client_ip,
             port=self.port.name,
             mode=self.port.mode,
-            method=exchange.method.decode("ascii", "replace"),
+            method=exchange.request.method.decode("ascii", "replace"),
             url=self._url(exchange).decode("ascii", "replace"),
             status=exchange.status,
             bytes_out=self._bytes_out,
