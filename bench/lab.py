@@ -10,8 +10,6 @@ import os
 import resource
 import secrets
 import subprocess
-import time
-from pathlib import Path
 
 from tproxy_twist.lab import Lab
 from tproxy_twist.rules import DivertPort, render_nftables
@@ -101,11 +99,6 @@ class BenchLab(Lab):
         """Delete the diverting nftables table: everything is routed, nothing proxied."""
         self.run(self.router, ["nft", "delete", "table", "inet", "tproxy_twist"], check=False)
 
-    def listening(self, ns: str, port: int) -> int:
-        """How many TCP sockets listen on ``port`` in ``ns``."""
-        proc = self.run(ns, ["ss", "-Hltn", "sport", "=", f":{port}"], check=False, timeout=20)
-        return sum(1 for line in proc.stdout.decode().splitlines() if line.strip())
-
     def established(self, ns: str, port: int) -> int:
         """How many established TCP connections have local port ``port`` in ``ns``."""
         proc = self.run(
@@ -115,23 +108,6 @@ class BenchLab(Lab):
             timeout=30,
         )
         return sum(1 for line in proc.stdout.decode().splitlines() if line.strip())
-
-    def wait_listening(
-        self, ns: str, port: int, proc: subprocess.Popen, log: Path, timeout: float = 20
-    ) -> None:
-        """Return once something listens on ``port`` in ``ns``; raise if ``proc`` dies first."""
-        deadline = time.monotonic() + timeout
-        while not self.listening(ns, port):
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"{proc.args[4:]!r} exited with status {proc.returncode} before "
-                    f"listening on port {port}:\n{_tail(log)}"
-                )
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"nothing listens on port {port} in {ns} after {timeout}s:\n{_tail(log)}"
-                )
-            time.sleep(0.1)
 
     # -- the origin -----------------------------------------------------------
 
@@ -162,13 +138,5 @@ class BenchLab(Lab):
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
-        for port in (80, 8080):
-            self.wait_listening(self.origin, port, proc, tmp / "nginx-error.log")
+        self.wait_listening(self.origin, (80, 8080), proc, tmp / "nginx-error.log")
         return proc
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError as e:
-        return f"({path}: {e})"

@@ -208,11 +208,6 @@ def _lab_requests(config: Config, lab_cls, diverted: int, direct: int) -> list[L
     return requests
 
 
-def _listening(lab, port: int) -> bool:
-    proc = lab.run(lab.router, ["ss", "-Hltn", "sport", "=", f":{port}"], check=False)
-    return bool(proc.stdout.strip())
-
-
 def _listen_ports(config: Config) -> list[int]:
     ports = [p.listen.port for p in config.ports]
     if config.metrics_listen is not None:
@@ -309,24 +304,11 @@ def _run_lab(lab, config: Config, out: TextIO, child_env) -> int:
             env=child_env(),
             start_new_session=True,
         )
-    waiting = _listen_ports(config)
-    deadline = time.monotonic() + 30
-    while waiting:
-        if proxy.poll() is not None:
-            out.write(
-                f"router: twistd tproxy exited with status {proxy.returncode}; its log:\n"
-                + log_path.read_text(errors="replace")
-            )
-            return EXIT_FAILED
-        waiting = [p for p in waiting if not _listening(lab, p)]
-        if waiting and time.monotonic() > deadline:
-            out.write(
-                f"router: twistd tproxy did not listen on {waiting} within 30s; its log:\n"
-                + log_path.read_text(errors="replace")
-            )
-            return EXIT_FAILED
-        if waiting:
-            time.sleep(0.1)
+    try:
+        lab.wait_listening(lab.router, _listen_ports(config), proxy, log_path, timeout=30)
+    except RuntimeError as e:
+        out.write(f"router: twistd tproxy {e}\n")
+        return EXIT_FAILED
     out.write(f"router: twistd tproxy (pid {proxy.pid}) listening on {_listen_ports(config)}\n\n")
     _wait_for_ipv6(lab)
 

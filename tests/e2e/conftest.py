@@ -149,11 +149,6 @@ def _listen_ports(config_toml: str) -> list[int]:
     return [int(str(listen).rsplit(":", 1)[-1]) for listen in listens if str(listen)]
 
 
-def _listening_sockets(lab: Lab, port: int) -> int:
-    proc = lab.run(lab.router, ["ss", "-Hltn", "sport", "=", f":{port}"], check=False)
-    return len([line for line in proc.stdout.decode().splitlines() if line.strip()])
-
-
 @pytest.fixture
 def proxy(lab: Lab, tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
     """Start ``twistd -n tproxy --config FILE`` in the router namespace.
@@ -177,7 +172,7 @@ def proxy(lab: Lab, tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
         ``extra_args`` go after ``--config FILE`` on the tproxy command line.
         """
         ports = _listen_ports(config_toml) if wait else []
-        busy = [p for p in ports if _listening_sockets(lab, p)]
+        busy = [p for p in ports if lab.listening(lab.router, p)]
         if busy:
             pytest.fail(
                 f"port(s) {busy} already listening in the router namespace: "
@@ -210,24 +205,11 @@ def proxy(lab: Lab, tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
             )
         process = ProxyProcess(lab, popen, config_path, log_path)
         started.append(process)
-        deadline = time.monotonic() + timeout
-        waiting = list(ports)
-        while waiting:
-            if not process.alive():
-                pytest.fail(
-                    f"the proxy exited with status {popen.returncode} before listening "
-                    f"on {waiting}; its log:\n{process.log_text()}"
-                )
-            waiting = [p for p in waiting if _listening_sockets(lab, p) == 0]
-            if not waiting:
-                break
-            if time.monotonic() > deadline:
-                process.stop()
-                pytest.fail(
-                    f"the proxy did not listen on {waiting} within {timeout}s; its log:\n"
-                    f"{process.log_text()}"
-                )
-            time.sleep(0.05)
+        try:
+            lab.wait_listening(lab.router, ports, popen, log_path, timeout=timeout)
+        except RuntimeError as e:
+            process.stop()
+            pytest.fail(f"the proxy {e}")
         return process
 
     try:

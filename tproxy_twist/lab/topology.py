@@ -461,6 +461,43 @@ class Lab:
                     raise
         return proc
 
+    def listening(self, ns: str, port: int) -> int:
+        """How many TCP sockets listen on ``port`` in ``ns`` (workers each have one)."""
+        proc = self.run(ns, ["ss", "-Hltn", "sport", "=", f":{port}"], check=False, timeout=20)
+        return sum(1 for line in proc.stdout.decode().splitlines() if line.strip())
+
+    def wait_listening(
+        self,
+        ns: str,
+        ports: int | Sequence[int],
+        proc: subprocess.Popen,
+        log: Path,
+        timeout: float = 20,
+    ) -> None:
+        """Return once something listens on every port in ``ns``.
+
+        Judged with ``ss``, not by connecting: a probe connection would be
+        counted by the proxy (and refused as a loop on a tproxy port).  Raises
+        ``RuntimeError`` with the end of ``log`` if ``proc`` exits first or
+        ``timeout`` passes.
+        """
+        waiting = [ports] if isinstance(ports, int) else list(ports)
+        deadline = time.monotonic() + timeout
+        while waiting:
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"exited with status {proc.returncode} before listening on {waiting}:\n"
+                    f"{_tail(log)}"
+                )
+            waiting = [port for port in waiting if not self.listening(ns, port)]
+            if not waiting:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"nothing listens on {waiting} in {ns} after {timeout:g}s:\n{_tail(log)}"
+                )
+            time.sleep(0.05)
+
     def wait_port(self, ns: str, host: str, port: int, timeout: float = 10) -> None:
         """Return once a TCP connection to ``(host, port)`` from inside ``ns`` succeeds.
 
@@ -512,3 +549,11 @@ class Lab:
     def _addr(self, ns: str, ifname: str, addr4: str, addr6: str) -> None:
         self._ip(ns, "-4", "addr", "add", addr4, "dev", ifname)
         self._ip(ns, "-6", "addr", "add", addr6, "dev", ifname, "nodad")
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:])
