@@ -83,7 +83,11 @@ METHODS = frozenset(
                          "PATCH")
 )  # fmt: skip
 UPSTREAM_ERROR_REASONS = ("refused", "timeout", "unreachable", "spoof", "reset", "bad_response")
-REJECT_REASONS = ("bad_request", "forbidden", "loop", "limit", "timeout")
+# destination: refused by the destination rules (the router itself, link-local,
+# allow/deny_destinations); auth: proxy authentication missing or wrong (407).
+REJECT_REASONS = (
+    "bad_request", "forbidden", "loop", "limit", "timeout", "destination", "auth",
+)  # fmt: skip
 
 
 class PortMetrics:
