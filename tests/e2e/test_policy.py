@@ -530,11 +530,10 @@ def test_a_thousand_wrong_passwords_do_not_slow_other_clients_down(
     def victim(prefix: str) -> dict:
         argv = [sys.executable, "-c", VICTIM, Lab.ROUTER_CLIENT4, second_client_address,
                 prefix, str(users)]  # fmt: skip
-        result = json.loads(lab.run(lab.client, argv).stdout)
-        assert result["statuses"] == ["200"] * (2 * users)
-        return result
+        return json.loads(lab.run(lab.client, argv).stdout)
 
-    baseline = victim("base")["latencies"]
+    before = victim("base")
+    baseline = before["latencies"]
     attacker = lab.popen(
         lab.client,
         [sys.executable, "-c", ATTACK, Lab.ROUTER_CLIENT4, Lab.CLIENT4, "1000"],
@@ -549,22 +548,28 @@ def test_a_thousand_wrong_passwords_do_not_slow_other_clients_down(
         if attacker.poll() is None:
             lab.stop_process(attacker)
     statuses = report["statuses"]
-    assert sum(statuses.values()) == 1000
-    # 10 guesses in a burst, then one more every 6 s: the rest are 429 without a check.
-    allowed = 10 + int((report["ended"] - report["started"]) / 6) + 1
-    assert statuses.get("407", 0) <= allowed and statuses.get("429", 0) >= 1000 - allowed
-    assert during["ended"] > report["started"]  # the victims ran during the attack
     latencies = during["latencies"]
+
+    def ms(values) -> str:
+        return f"{statistics.median(values) * 1000:.1f}/{max(values) * 1000:.1f}"
+
+    # Even positions: a fresh bcrypt check; odd: the same credentials again, cached.
+    base_fresh, fresh = baseline[::2], latencies[::2]
     figures = (
-        f"baseline median {statistics.median(baseline) * 1000:.1f} ms,"
-        f" max {max(baseline) * 1000:.1f} ms; during the attack median"
-        f" {statistics.median(latencies) * 1000:.1f} ms, max {max(latencies) * 1000:.1f} ms;"
+        f"latency median/max ms, fresh check | cached: baseline {ms(base_fresh)} |"
+        f" {ms(baseline[1::2])}; during the attack {ms(fresh)} | {ms(latencies[1::2])};"
         f" attack: {statuses} in {report['ended'] - report['started']:.2f} s"
     )
     print("\n" + figures)
-    # Generous: the machine is shared; what must not happen is waiting behind
-    # a thousand bcrypt checks (tens of seconds).
-    assert statistics.median(latencies) < 4 * statistics.median(baseline) + 0.25, figures
+    assert before["statuses"] == during["statuses"] == ["200"] * (2 * users), figures
+    assert sum(statuses.values()) == 1000
+    # 10 guesses in a burst, then one more every 6 s: the rest are 429 without a check.
+    allowed = 10 + int((report["ended"] - report["started"]) / 6) + 1
+    assert statuses.get("407", 0) <= allowed and statuses.get("429", 0) >= 1000 - allowed, figures
+    assert during["ended"] > report["started"]  # the victims ran during the attack
+    # Generous (the machine is shared); what must not happen is a check that
+    # waits behind the guesses queued in the bcrypt pool.
+    assert statistics.median(fresh) < 3 * statistics.median(base_fresh) + 0.1, figures
     assert max(latencies) < 3.0, figures
 
 
