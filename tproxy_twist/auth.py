@@ -36,6 +36,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
+import bcrypt
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -321,8 +322,6 @@ class BcryptPool:
 
 def _check_password(password: bytes, hashed: bytes) -> bool:
     """Runs in a pool thread."""
-    import bcrypt
-
     return bcrypt.checkpw(password[:_BCRYPT_MAX_PASSWORD], hashed)
 
 
