@@ -24,7 +24,7 @@ import attrs
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import DNSLookupError
-from twisted.internet.interfaces import IHostnameResolver, IResolutionReceiver
+from twisted.internet.interfaces import IHostnameResolver, IReactorTime, IResolutionReceiver
 from zope.interface import implementer
 
 from .destinations import Decision, DestinationPolicy, check, normalize
@@ -68,7 +68,8 @@ class _Collector:
             self.addresses.append(host)
 
     def resolutionComplete(self) -> None:
-        self.done.callback(self.addresses)
+        if not self.done.called:  # not given up on (timed out) meanwhile
+            self.done.callback(self.addresses)
 
 
 def _literal(host: str) -> str | None:
@@ -89,6 +90,9 @@ class DestinationResolver:
     @param builtin: whether the built-in refusals (the router itself,
         link-local) apply: on forward ports.
     @param own: this host's addresses (L{tproxy_twist.sockets.LocalAddresses}).
+    @param clock: with C{timeout}: a name that is not resolved within
+        C{timeout} seconds fails with C{DNSLookupError} (C{getaddrinfo}
+        cannot be interrupted; its late answer is dropped).
     """
 
     def __init__(
@@ -98,11 +102,15 @@ class DestinationResolver:
         *,
         own: Container[str],
         builtin: bool,
+        clock: IReactorTime | None = None,
+        timeout: float | None = None,
     ) -> None:
         self._names = name_resolver
         self.policy = policy
         self._own = own
         self._builtin = builtin
+        self._clock = clock
+        self._timeout = timeout
 
     @property
     def checks_anything(self) -> bool:
@@ -128,7 +136,14 @@ class DestinationResolver:
             addressTypes=[IPv4Address, IPv6Address],
             transportSemantics="TCP",
         )
-        return collector.done.addCallback(self._checked, host, port)
+        d = collector.done
+        if self._clock is not None and self._timeout is not None:
+
+            def timed_out(result, timeout: float):
+                raise DNSLookupError(f"resolving {host} took longer than {timeout:g} s")
+
+            d.addTimeout(self._timeout, self._clock, onTimeoutCancel=timed_out)
+        return d.addCallback(self._checked, host, port)
 
     def _checked(self, addresses: list[str], host: str, port: int) -> Resolved:
         if not addresses:

@@ -3,6 +3,7 @@
 import pytest
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import DNSLookupError
+from twisted.internet.task import Clock
 
 from tproxy_twist import config as C
 from tproxy_twist.destinations import DestinationPolicy
@@ -135,3 +136,19 @@ def test_the_check_happens_when_the_answer_arrives():
     assert results == []
     names.pending.pop()()
     assert results[0].check(DestinationRefused)
+
+
+def test_a_name_that_takes_too_long_to_resolve_fails_and_the_late_answer_is_dropped():
+    names = FakeNames(NAMES, defer_answers=True)
+    clock = Clock()
+    r = DestinationResolver(names, DestinationPolicy(), own=OWN, builtin=True, clock=clock,
+                            timeout=5.0)  # fmt: skip
+    results = []
+    r.resolve("origin.example", 80).addBoth(results.append)
+    clock.advance(4.9)
+    assert results == []
+    clock.advance(0.2)
+    assert results[0].check(DNSLookupError)
+    assert "took longer than 5 s" in str(results[0].value)
+    names.pending.pop()()  # getaddrinfo answers at last: nothing happens
+    assert len(results) == 1
