@@ -8,6 +8,8 @@ client and an origin get from a proxy with the default configuration.
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tproxy_twist.config import Limits
 from tproxy_twist.http.framing import (
@@ -332,3 +334,56 @@ def test_out_of_range_limits_are_config_errors_naming_file_and_key(key: str, val
     with pytest.raises(ConfigError) as info:
         loads(f"[limits]\n{key} = {value}\n" + PORT, path="tproxy.toml")
     assert str(info.value).startswith(f"tproxy.toml: limits.{key}: must be from")
+
+
+# --- Host is as strict as an absolute-form authority --------------------------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"a.example:0", b"a.example:65536", b"a.example:123456", b":80", b":", b"[2001:db8::zz]"]
+    + [b"[2001:db8::1]:0", b"[::1::2]", b"a%zz.example", b"a%2"],
+)
+def test_host_with_an_invalid_port_literal_or_escape_is_400(value: bytes) -> None:
+    reader = RequestReader()
+    reader.feed(b"GET / HTTP/1.1\r\nHost: " + value + b"\r\n\r\n")
+    with pytest.raises(ProtocolError) as info:
+        reader.next_event()
+    assert (info.value.status, info.value.reason) == (400, "invalid Host header")
+
+
+@pytest.mark.parametrize(
+    "value", [b"a.example:1", b"a.example:65535", b"a.example:", b"[::1]:8080", b"a%2Eexample"]
+)
+def test_host_with_a_valid_port_literal_or_escape_is_accepted(value: bytes) -> None:
+    from tproxy_twist.http.target import parse_authority
+
+    reader = RequestReader()
+    reader.feed(b"GET / HTTP/1.1\r\nHost: " + value + b"\r\n\r\n")
+    head = reader.next_event()
+    assert isinstance(head, Request) and head.get(b"host") == value
+    parse_authority(value, 80)  # what framing accepts, routing accepts too
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        st.text(alphabet="aZ09-._~!$&'()*+,;=%:[]fF", max_size=20),
+        st.builds(
+            lambda h, p: f"[{h}]{p}", st.ip_addresses(v=6).map(str), st.sampled_from(["", ":1"])
+        ),
+    ).map(str.encode)
+)
+def test_every_non_empty_host_framing_accepts_is_an_authority_routing_accepts(
+    value: bytes,
+) -> None:
+    from tproxy_twist.http.target import parse_authority
+
+    reader = RequestReader()
+    reader.feed(b"GET / HTTP/1.1\r\nHost: " + value + b"\r\n\r\n")
+    try:
+        reader.next_event()
+    except ProtocolError:
+        return
+    if value:
+        parse_authority(value, 80)

@@ -40,8 +40,9 @@ Choices a caller may rely on (all RFC 9112 "MAY reject" cases are rejected):
   In responses anything but exactly ``chunked`` -> 502 (the relay could not
   forward the coded content once the hop-by-hop Transfer-Encoding is removed).
 * HTTP/1.1 requests must carry exactly one Host field; more than one Host field,
-  or a Host value that is not ``host[:port]``, is rejected in any version
-  (RFC 9112 §3.2).
+  or a Host value that is not ``host[:port]`` (a reg-name or a valid IPv6
+  literal; a port of 1-65535 if given; a host if a port is given), is rejected
+  in any version (RFC 9112 §3.2).  An empty Host is accepted.
 * request-target must be in a form its method allows: origin-form (``/...``) or
   absolute-form (``scheme:...``) for most methods, authority-form
   (``host:port``) for CONNECT, and ``*`` only for OPTIONS (RFC 9112 §3.2).
@@ -72,6 +73,7 @@ body, each ``Data.data`` is the very bytes object given to ``feed``.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections import deque
 from itertools import repeat
@@ -273,7 +275,9 @@ _HTTP_VERSION: Final = re.compile(rb"HTTP/[0-9]\.[0-9]")
 _SCHEME: Final = re.compile(rb"[A-Za-z][A-Za-z0-9+.\-]*:")
 _AUTHORITY: Final = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[^:/?#@\[\]]+):[0-9]+")
 # RFC 9110 §7.2: Host = uri-host [ ":" port ]; uri-host is an IP-literal or a reg-name.
-_HOST: Final = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
+_HOST: Final = re.compile(
+    rb"(\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*)(?::([0-9]*))?"
+)
 _TOKEN_RE: Final = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _QUOTED: Final = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
 _CHUNK_EXT_VALUE: Final = rb"(?:" + _TOKEN_RE + rb"|" + _QUOTED + rb")"
@@ -798,7 +802,7 @@ class RequestReader(_Reader):
             value = value.rstrip(b" \t")
             if lname == b"host":
                 host += 1
-                if _HOST.fullmatch(value) is None:
+                if not _valid_host(value):
                     raise ProtocolError(400, "invalid Host header")
             elif lname == b"content-length":
                 cl = [value] if cl is None else [*cl, value]
@@ -842,6 +846,26 @@ class RequestReader(_Reader):
         self._state = _LENGTH if body == "length" else (_CHUNK_SIZE if body == "chunked" else _END)
         self._remaining = length or 0
         return Request(method, target, version, headers, keep_alive, expect_continue, body, length)
+
+
+def _valid_host(value: bytes) -> bool:
+    """Whether a Host value is C{host[:port]}: a reg-name or a valid IPv6 literal, and a
+    port of 1-65535 if one is given.  Empty is valid (RFC 9112 §3.2); C{:80} is not."""
+    match = _HOST.fullmatch(value)
+    if match is None:
+        return False
+    host, port = match.groups()
+    if port is not None:  # there is a colon
+        if not host:
+            return False
+        if port and (len(port) > 5 or not 0 < int(port) < 65536):
+            return False
+    if host[:1] == b"[":
+        try:
+            ipaddress.IPv6Address(host[1:-1].decode("ascii"))
+        except ValueError:
+            return False
+    return True
 
 
 def _request_line(line: bytes) -> tuple[bytes, bytes, bytes]:

@@ -19,8 +19,8 @@ from .framing import ProtocolError
 
 __all__ = ["parse_authority", "split_absolute"]
 
-# RFC 3986 reg-name without pct-encoding: a host name or an IPv4 address.
-_REG_NAME: Final = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=]+")
+# RFC 3986 reg-name (a host name or an IPv4 address), as framing accepts it in Host.
+_REG_NAME: Final = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})+")
 
 
 def parse_authority(authority: bytes, default_port: int | None) -> tuple[str, int]:
