@@ -251,6 +251,19 @@ def test_invalid_absolute_form_target_is_400_and_reaches_nothing(
     assert origin.received(m) == b""
 
 
+@pytest.mark.parametrize(
+    "host", [b"203.0.113.2:0", b"203.0.113.2:65536", b":81", b"[2001:db8:2::zz]:81"]
+)
+def test_host_that_is_not_a_valid_authority_is_400_and_reaches_nothing(
+    lab: Lab, origin: RawOrigin, host: bytes
+) -> None:
+    m = marker()
+    answer = send(lab, b"GET /" + m + b" HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+    assert answer.status == 400, answer
+    assert b"Host" in answer.body, answer
+    assert origin.received(m) == b""
+
+
 def test_https_url_on_the_forward_port_is_400_saying_to_use_connect(
     lab: Lab, origin: RawOrigin
 ) -> None:
