@@ -387,3 +387,15 @@ def test_every_non_empty_host_framing_accepts_is_an_authority_routing_accepts(
         return
     if value:
         parse_authority(value, 80)
+
+
+@pytest.mark.parametrize("size", [65535, 65536, 65537, 70000])
+def test_request_line_over_the_default_limits_is_414_however_it_arrives(size: int) -> None:
+    line = b"GET /" + b"a" * size + b" HTTP/1.1\r\nHost: a\r\n\r\n"
+    for pieces in ([line], [line[:65536], line[65536:]], [line[:65537], line[65537:]]):
+        reader = default_request_reader()
+        with pytest.raises(ProtocolError) as info:
+            for piece in pieces:
+                reader.feed(piece)
+                reader.next_event()
+        assert info.value.status == 414

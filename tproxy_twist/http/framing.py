@@ -585,7 +585,9 @@ class _Reader:
             if i >= 0:
                 self._check_start_line(bytes(buf[pos:i]))
                 self._line_ok = True
-            elif n - pos >= max_line + 2:
+            elif n - pos >= max_line + 2 or n - pos >= self._max_head:
+                # Past the head limit with the start line still open: the line
+                # alone is too long (414 rather than 431).
                 raise ProtocolError(self._LINE_TOO_LONG, f"{self._START_LINE} too long")
         if n - pos >= self._max_head:
             raise ProtocolError(self._HEAD_TOO_LARGE, self._section_name(start_line) + " too large")
