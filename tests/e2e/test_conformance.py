@@ -13,6 +13,7 @@ in the router that diverts port 81 as well, and removes it again afterwards.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -156,6 +157,7 @@ def origin(lab: Lab) -> Iterator[RawOrigin]:
     finally:
         lab.stop_process(proc, grace=2)
         lab.run(lab.router, ["nft", "delete", "table", "inet", "tpt_conformance"], check=False)
+        shutil.rmtree(log_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +183,7 @@ def conformance_proxy(lab: Lab, origin: RawOrigin) -> Iterator[None]:
         yield
     finally:
         lab.stop_process(popen, grace=10)
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def send(lab: Lab, payload: bytes, host: str = Lab.ORIGIN4, port: int = PORT) -> Answer:
