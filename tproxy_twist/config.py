@@ -113,9 +113,16 @@ class Timeouts:
 
 @attrs.frozen
 class Limits:
-    max_request_line: int = 8192  # longer: 414
-    max_header_size: int = 65536  # larger header section: 431
-    max_header_fields: int = 100  # more fields: 431
+    """Bytes and counts.  The head limits are no stricter than real clients and
+    servers: heads of up to 64 KiB either way (Squid's request_header_max_size and
+    reply_header_max_size), no limit on one field line below the whole head's
+    (a 9 KB Cookie or Set-Cookie passes), URLs as long as a head may be."""
+
+    max_request_line: int = 65536  # longer request line: 414
+    max_header_size: int = 65536  # larger request header (or trailer) section: 431
+    max_response_header_size: int = 65536  # larger response head or trailer section: 502
+    max_header_fields: int = 100  # more fields in a request (431) or response (502)
+    max_chunk_extensions: int = 4096  # chunk extensions on one chunk-size line; more: 400/502
     max_body_size: int = 0  # request body bytes; larger: 413; 0: no limit
     max_connections: int = 10000  # per worker; beyond, it stops accepting for a while
     max_connections_per_client: int = 0  # per worker and client IP; beyond: 429; 0: off
@@ -125,7 +132,9 @@ class Limits:
 _LIMIT_RANGES = {
     "max_request_line": (64, 1 << 20),
     "max_header_size": (256, 1 << 24),
+    "max_response_header_size": (256, 1 << 24),
     "max_header_fields": (8, 10_000),
+    "max_chunk_extensions": (0, 1 << 20),
     "max_body_size": (0, 1 << 62),
     "max_connections": (1, 1 << 22),
     "max_connections_per_client": (0, 1 << 22),
