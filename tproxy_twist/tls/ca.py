@@ -178,7 +178,7 @@ def _write_file(path: str, data: bytes, mode: int, replace: bool) -> None:
     try:
         os.makedirs(directory, mode=0o755, exist_ok=True)
         # mkstemp creates the file with mode 0600: a key is never readable by others.
-        fd, temporary = tempfile.mkstemp(prefix=".tproxy-twist-", dir=directory)
+        fd, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
     except OSError as e:
         raise CAError(f"{path}: cannot create: {e.strerror}") from None
     try:
