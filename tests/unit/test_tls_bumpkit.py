@@ -203,3 +203,11 @@ def test_bump_metrics_count_verification_results_and_refused_certificates():
     assert sample("tproxy_tls_client_cert_rejected_total", port="bump-test") == 1
     with pytest.raises(KeyError):
         metrics.origin_verified("www.example.com")  # never an unbounded label
+
+
+def test_the_sample_configuration_shows_every_tls_key_with_its_default():
+    assert C.load(str(REPO / "etc" / "tproxy.toml")).tls == C.TLSConfig()
+    text = (REPO / "etc" / "tproxy.toml").read_text()
+    for field in ("ca_cert", "ca_key", "ca_bundle", "leaf_cache_size", "on_verify_failure",
+                  "pinned_splice_after"):  # fmt: skip
+        assert f"\n{field} = " in text, field
