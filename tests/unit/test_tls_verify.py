@@ -7,7 +7,6 @@ The reactor is iterated until the event a test waits for has happened.
 from __future__ import annotations
 
 import datetime
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from twisted.python.failure import Failure
 
 from tproxy_twist.metrics import ORIGIN_VERIFY_RESULTS
 from tproxy_twist.tls.testing import Issued, make_ca, make_server_cert, now_utc
+from tproxy_twist.tls.testing import wait_for as wait
 from tproxy_twist.tls.verify import (
     VERIFY_RESULTS,
     OriginTLS,
@@ -31,19 +31,6 @@ from tproxy_twist.tls.verify import (
 )
 
 ORIGIN = "origin.example"
-
-
-def wait(deferred: defer.Deferred, timeout: float = 15.0):
-    """Iterate the reactor until C{deferred} fires; return its result."""
-    box: list = []
-    deferred.addBoth(box.append)
-    deadline = time.monotonic() + timeout
-    while not box and time.monotonic() < deadline:
-        reactor.iterate(0.01)
-    assert box, "the event did not happen in time"
-    if isinstance(box[0], Failure):
-        box[0].raiseException()
-    return box[0]
 
 
 class Echo(protocol.Protocol):

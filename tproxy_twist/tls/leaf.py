@@ -289,6 +289,21 @@ class BumpServerTLS:
         """
         return _ServerCreator(self.context, name)
 
+    def start(self, transport, name: str, hello: bytes = b"") -> None:
+        """
+        Start the bumped TLS session on an accepted client connection whose
+        first bytes (C{hello}, the ClientHello the TLS layer read to decide)
+        were already consumed: C{startTLS} as the server with a leaf for
+        C{name}, then those bytes are fed to the new TLS layer, so nothing
+        has to be peeked at or read twice.  From then on the connection's
+        protocol receives the decrypted bytes, and what it writes is encrypted.
+        """
+        transport.startTLS(self.creator(name))
+        if hello:
+            # After startTLS the transport's protocol is Twisted's TLS protocol
+            # (twisted.internet._newtls.startTLS documents that it sets it).
+            transport.protocol.dataReceived(hello)
+
     def _install_leaf(self, connection: SSL.Connection) -> None:
         # OpenSSL calls this for every ClientHello, with or without SNI.  An
         # exception here would be lost inside OpenSSL's callback, so none is

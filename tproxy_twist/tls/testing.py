@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["Issued", "make_ca", "make_server_cert", "memory_handshake", "now_utc"]
+__all__ = ["Issued", "make_ca", "make_server_cert", "memory_handshake", "now_utc", "wait_for"]
 
 
 @attrs.frozen
@@ -134,6 +134,29 @@ def make_server_cert(
             critical=False,
         )
     return Issued(key, builder.sign(issuer.key if issuer is not None else key, hashes.SHA256()))
+
+
+def wait_for(deferred, timeout: float = 15.0, reactor=None):
+    """
+    Iterate the (global) reactor until C{deferred} fires; return its result
+    or raise its failure.  For tests that use real loopback sockets without
+    running the reactor; C{AssertionError} if nothing happened in C{timeout}.
+    """
+    import time
+
+    from twisted.python.failure import Failure
+
+    if reactor is None:
+        from twisted.internet import reactor
+    box: list = []
+    deferred.addBoth(box.append)
+    deadline = time.monotonic() + timeout
+    while not box and time.monotonic() < deadline:
+        reactor.iterate(0.01)
+    assert box, "the event did not happen in time"
+    if isinstance(box[0], Failure):
+        box[0].raiseException()
+    return box[0]
 
 
 def memory_handshake(client, server, rounds: int = 20) -> tuple[BaseException | None, ...]:
