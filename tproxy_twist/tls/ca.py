@@ -70,15 +70,18 @@ class CertificateAuthority:
     cert_path: str = ""
     key_path: str = ""
 
-    @property
-    def subject_key_identifier(self) -> x509.SubjectKeyIdentifier:
-        """The CA's SKI (computed from its key when the certificate has none)."""
+    #: The CA's SKI (computed from its key when the certificate has none);
+    #: found once, as every leaf's AKI repeats it.
+    subject_key_identifier: x509.SubjectKeyIdentifier = attrs.field(init=False, eq=False)
+
+    def __attrs_post_init__(self) -> None:
         try:
-            return self.certificate.extensions.get_extension_for_class(
+            ski = self.certificate.extensions.get_extension_for_class(
                 x509.SubjectKeyIdentifier
             ).value
         except x509.ExtensionNotFound:
-            return x509.SubjectKeyIdentifier.from_public_key(self.key.public_key())
+            ski = x509.SubjectKeyIdentifier.from_public_key(self.key.public_key())
+        object.__setattr__(self, "subject_key_identifier", ski)
 
     @property
     def not_after(self) -> datetime.datetime:
