@@ -122,11 +122,11 @@ def _creator_maker(trust_root):
 
     C{optionsForClientTLS} builds a new C{SSL.Context} on every call and
     loads the trust store into it: with the system store that is about
-    9 ms, and about 0.7 ms even with a lazy one, per connection.  So the
-    context is built once, by C{optionsForClientTLS} itself, and each
-    connection gets Twisted's own C{ClientTLSOptions} for its name on that
-    shared context: the same SNI, verify callback and service_identity
-    check as C{optionsForClientTLS}, at about 0.14 ms.
+    11 ms of CPU per connection (bench/tls_forge.py).  So the context is
+    built once, by C{optionsForClientTLS} itself, and each connection gets
+    Twisted's own C{ClientTLSOptions} for its name on that shared context:
+    the same SNI, verify callback and service_identity check as
+    C{optionsForClientTLS}, at about 0.03 ms.
 
     Private Twisted API (C{twisted.internet._sslverify.ClientTLSOptions} and
     the creator's C{_createConnection}), isolated here: when it is not
