@@ -151,6 +151,67 @@ class AccessLogConfig:
 ACCESS_LOG_FORMATS = ("squid", "json")
 
 
+# --- [tls]: bumping (the CA, leaf certificates, origin verification) ----------------
+
+ON_VERIFY_FAILURE = ("splice", "terminate")
+
+
+@attrs.frozen
+class TLSConfig:
+    """The C{[tls]} table: what bumped connections need."""
+
+    ca_cert: str = "/etc/tproxy-twist/ca.pem"  # the CA certificate (and its chain), PEM
+    ca_key: str = "/etc/tproxy-twist/ca.key"  # its key, PEM, mode 0600
+    ca_bundle: str | None = None  # origins are verified against this PEM file; None: the system's
+    leaf_cache_size: int = 1000  # forged leaves kept per worker (LRU)
+    on_verify_failure: str = "splice"  # origin fails verification: splice, or terminate
+    pinned_splice_after: int = 0  # client rejections of our certificate before a host is spliced
+
+
+def _tls(table: _Table | None) -> TLSConfig:
+    if table is None:
+        return TLSConfig()
+    defaults = TLSConfig()
+    ca_cert = _tls_path(table, "ca_cert", defaults.ca_cert)
+    ca_key = _tls_path(table, "ca_key", defaults.ca_key)
+    if ca_cert == ca_key:
+        raise table.error("ca_key", "must be a file of its own, not the certificate's file")
+    ca_bundle = _tls_path(table, "ca_bundle", "", empty=True) or None
+    leaf_cache_size = table.integer(
+        "leaf_cache_size", default=defaults.leaf_cache_size, minimum=1, maximum=1_000_000
+    )
+    on_verify_failure = table.get("on_verify_failure", defaults.on_verify_failure, str)
+    if on_verify_failure not in ON_VERIFY_FAILURE:
+        raise table.error(
+            "on_verify_failure",
+            f"must be one of {', '.join(ON_VERIFY_FAILURE)}, not {on_verify_failure!r}",
+        )
+    pinned_splice_after = table.integer(
+        "pinned_splice_after", default=defaults.pinned_splice_after, minimum=0, maximum=1_000_000
+    )
+    table.done()
+    return TLSConfig(
+        ca_cert=ca_cert,
+        ca_key=ca_key,
+        ca_bundle=ca_bundle,
+        leaf_cache_size=leaf_cache_size,
+        on_verify_failure=on_verify_failure,
+        pinned_splice_after=pinned_splice_after,
+    )
+
+
+def _tls_path(table: _Table, key: str, default: str, *, empty: bool = False) -> str:
+    value = table.get(key, default, str)
+    if not value and not empty:
+        raise table.error(key, "must name a file")
+    if "\0" in value:
+        raise table.error(key, "must be a file name (it contains a NUL character)")
+    return value
+
+
+# --- end of [tls] -----------------------------------------------------------------------
+
+
 @attrs.frozen
 class Config:
     path: str
@@ -163,6 +224,7 @@ class Config:
     group: str | None = None  # ... and group (default: the user's primary group)
     drain_timeout: float = 30.0  # reload/stop: seconds to finish in-flight requests
     access_log: AccessLogConfig = AccessLogConfig()
+    tls: TLSConfig = TLSConfig()
 
 
 @functools.lru_cache(maxsize=64)
@@ -206,6 +268,7 @@ def parse(data: Mapping[str, Any], path: str) -> Config:
     timeouts = _timeouts(table.table("timeouts"))
     limits = _limits(table.table("limits"))
     access_log = _access_log(table.table("access_log"))
+    tls = _tls(table.table("tls"))
     user = table.get("user", None, str)
     group = table.get("group", None, str)
     _check_identity(table, user, group)
@@ -229,6 +292,7 @@ def parse(data: Mapping[str, Any], path: str) -> Config:
         group=group,
         drain_timeout=drain_timeout,
         access_log=access_log,
+        tls=tls,
     )
 
 
