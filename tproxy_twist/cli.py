@@ -4,6 +4,7 @@ The C{tproxy-twist} command: what an operator runs next to the daemon.
     tproxy-twist check [--config F]   is this machine ready for the configured tproxy ports?
     tproxy-twist rules [--config F]   the set-up script for them (nftables or --iptables)
     tproxy-twist lab [--keep]         the whole path at work, in throwaway namespaces
+    tproxy-twist ca init|show         the CA for TLS bump: create it, or show how to install it
 
 A mistake in the configuration prints the configuration error and exits 2;
 no traceback reaches the user for it.
@@ -485,6 +486,10 @@ def _parser() -> argparse.ArgumentParser:
         "--clean", action="store_true", help="remove labs left up by --keep (or a crash)"
     )
     lab.set_defaults(run=cmd_lab)
+
+    from .ca_cli import add_ca_parser  # `tproxy-twist ca init|show`; cheap: no cryptography
+
+    add_ca_parser(commands, config_help, _Usage)
     return parser
 
 

@@ -120,9 +120,16 @@ class Timeouts:
 
 @attrs.frozen
 class Limits:
-    max_request_line: int = 8192  # longer: 414
-    max_header_size: int = 65536  # larger header section: 431
-    max_header_fields: int = 100  # more fields: 431
+    """Bytes and counts.  The head limits are no stricter than real clients and
+    servers: heads of up to 64 KiB either way (Squid's request_header_max_size and
+    reply_header_max_size), no limit on one field line below the whole head's
+    (a 9 KB Cookie or Set-Cookie passes), URLs as long as a head may be."""
+
+    max_request_line: int = 65536  # longer request line: 414
+    max_header_size: int = 65536  # larger request header (or trailer) section: 431
+    max_response_header_size: int = 65536  # larger response head or trailer section: 502
+    max_header_fields: int = 100  # more fields in a request (431) or response (502)
+    max_chunk_extensions: int = 4096  # chunk extensions on one chunk-size line; more: 400/502
     max_body_size: int = 0  # request body bytes; larger: 413; 0: no limit
     max_connections: int = 10000  # per worker; beyond, it stops accepting for a while
     max_connections_per_client: int = 0  # per worker and client IP; beyond: 429; 0: off
@@ -132,7 +139,9 @@ class Limits:
 _LIMIT_RANGES = {
     "max_request_line": (64, 1 << 20),
     "max_header_size": (256, 1 << 24),
+    "max_response_header_size": (256, 1 << 24),
     "max_header_fields": (8, 10_000),
+    "max_chunk_extensions": (0, 1 << 20),
     "max_body_size": (0, 1 << 62),
     "max_connections": (1, 1 << 22),
     "max_connections_per_client": (0, 1 << 22),
@@ -147,6 +156,67 @@ class AccessLogConfig:
 
 
 ACCESS_LOG_FORMATS = ("squid", "json")
+
+
+# --- [tls]: bumping (the CA, leaf certificates, origin verification) ----------------
+
+ON_VERIFY_FAILURE = ("splice", "terminate")
+
+
+@attrs.frozen
+class TLSConfig:
+    """The C{[tls]} table: what bumped connections need."""
+
+    ca_cert: str = "/etc/tproxy-twist/ca.pem"  # the CA certificate (and its chain), PEM
+    ca_key: str = "/etc/tproxy-twist/ca.key"  # its key, PEM, mode 0600
+    ca_bundle: str | None = None  # origins are verified against this PEM file; None: the system's
+    leaf_cache_size: int = 1000  # forged leaves kept per worker (LRU)
+    on_verify_failure: str = "splice"  # origin fails verification: splice, or terminate
+    pinned_splice_after: int = 0  # client rejections of our certificate before a host is spliced
+
+
+def _tls(table: _Table | None) -> TLSConfig:
+    if table is None:
+        return TLSConfig()
+    defaults = TLSConfig()
+    ca_cert = _tls_path(table, "ca_cert", defaults.ca_cert)
+    ca_key = _tls_path(table, "ca_key", defaults.ca_key)
+    if ca_cert == ca_key:
+        raise table.error("ca_key", "must be a file of its own, not the certificate's file")
+    ca_bundle = _tls_path(table, "ca_bundle", "", empty=True) or None
+    leaf_cache_size = table.integer(
+        "leaf_cache_size", default=defaults.leaf_cache_size, minimum=1, maximum=1_000_000
+    )
+    on_verify_failure = table.get("on_verify_failure", defaults.on_verify_failure, str)
+    if on_verify_failure not in ON_VERIFY_FAILURE:
+        raise table.error(
+            "on_verify_failure",
+            f"must be one of {', '.join(ON_VERIFY_FAILURE)}, not {on_verify_failure!r}",
+        )
+    pinned_splice_after = table.integer(
+        "pinned_splice_after", default=defaults.pinned_splice_after, minimum=0, maximum=1_000_000
+    )
+    table.done()
+    return TLSConfig(
+        ca_cert=ca_cert,
+        ca_key=ca_key,
+        ca_bundle=ca_bundle,
+        leaf_cache_size=leaf_cache_size,
+        on_verify_failure=on_verify_failure,
+        pinned_splice_after=pinned_splice_after,
+    )
+
+
+def _tls_path(table: _Table, key: str, default: str, *, empty: bool = False) -> str:
+    value = table.get(key, default, str)
+    if not value and not empty:
+        raise table.error(key, "must name a file")
+    if "\0" in value:
+        raise table.error(key, "must be a file name (it contains a NUL character)")
+    return value
+
+
+# --- end of [tls] -----------------------------------------------------------------------
 
 
 @attrs.frozen
@@ -178,6 +248,7 @@ class Config:
     drain_timeout: float = 30.0  # reload/stop: seconds to finish in-flight requests
     access_log: AccessLogConfig = AccessLogConfig()
     visible_hostname: str | None = None  # our name in Via; None: the host name
+    tls: TLSConfig = TLSConfig()
 
 
 @functools.lru_cache(maxsize=64)
@@ -221,6 +292,7 @@ def parse(data: Mapping[str, Any], path: str) -> Config:
     timeouts = _timeouts(table.table("timeouts"))
     limits = _limits(table.table("limits"))
     access_log = _access_log(table.table("access_log"))
+    tls = _tls(table.table("tls"))
     user = table.get("user", None, str)
     group = table.get("group", None, str)
     _check_identity(table, user, group)
@@ -246,6 +318,7 @@ def parse(data: Mapping[str, Any], path: str) -> Config:
         drain_timeout=drain_timeout,
         access_log=access_log,
         visible_hostname=visible_hostname,
+        tls=tls,
     )
 
 

@@ -78,6 +78,75 @@ HOST_MISMATCH = Counter(
 WORKERS = Gauge("tproxy_workers", "Worker processes ready to serve.", multiprocess_mode="max")
 WORKER_RESTARTS = Counter("tproxy_worker_restarts", "Workers replaced after they exited.")
 
+# --- TLS bump: leaf certificates, origin verification, clients that refuse us ---------
+
+TLS_LEAF_CACHE = Counter(
+    "tproxy_tls_leaf_cache",
+    "Forged leaf certificate lookups in a worker's cache: hit, miss (a leaf was signed)"
+    " or eviction (the least recently used leaf was dropped to stay within leaf_cache_size).",
+    ["result"],
+)
+TLS_LEAF_CACHE_ENTRIES = Gauge(
+    "tproxy_tls_leaf_cache_entries",
+    "Forged leaf certificates held in the workers' caches.",
+    multiprocess_mode="livesum",
+)
+TLS_ORIGIN_VERIFY = Counter(
+    "tproxy_tls_origin_verify",
+    "Origin TLS handshakes before a bump, by result: ok, or why the origin was not trusted"
+    " (bad_name, unknown_issuer, expired, untrusted, handshake_failed, timeout).",
+    ["port", "result"],
+)
+TLS_CLIENT_CERT_REJECTED = Counter(
+    "tproxy_tls_client_cert_rejected",
+    "Bumped handshakes the client ended by refusing the proxy's certificate (no CA"
+    " installed, or a pinned application).",
+    ["port"],
+)
+LEAF_CACHE_RESULTS = ("hit", "miss", "eviction")
+ORIGIN_VERIFY_RESULTS = (
+    "ok", "bad_name", "unknown_issuer", "expired", "untrusted", "handshake_failed", "timeout",
+)  # fmt: skip
+
+
+class LeafCacheMetrics:
+    """What a worker's leaf cache reports (see L{tproxy_twist.tls.leaf.LeafCache})."""
+
+    def __init__(self) -> None:
+        self._hit = TLS_LEAF_CACHE.labels("hit")
+        self._miss = TLS_LEAF_CACHE.labels("miss")
+        self._eviction = TLS_LEAF_CACHE.labels("eviction")
+        self._entries = TLS_LEAF_CACHE_ENTRIES
+
+    def hit(self) -> None:
+        self._hit.inc()
+
+    def miss(self) -> None:
+        self._miss.inc()
+
+    def evicted(self) -> None:
+        self._eviction.inc()
+
+    def size(self, entries: int) -> None:
+        self._entries.set(entries)
+
+
+class BumpMetrics:
+    """The bump series of one port, label children bound once."""
+
+    def __init__(self, port: str) -> None:
+        self._verify = {r: TLS_ORIGIN_VERIFY.labels(port, r) for r in ORIGIN_VERIFY_RESULTS}
+        self._rejected = TLS_CLIENT_CERT_REJECTED.labels(port)
+
+    def origin_verified(self, result: str) -> None:
+        self._verify[result].inc()
+
+    def client_rejected_certificate(self) -> None:
+        self._rejected.inc()
+
+
+# --- end of TLS bump --------------------------------------------------------------------
+
 METHODS = frozenset(
     m.encode() for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE",
                          "PATCH")

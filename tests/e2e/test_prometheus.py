@@ -187,6 +187,18 @@ class PrometheusAPI:
         return float(result[0]["value"][1]) if result else None
 
 
+# Panels over the TLS bump series (issue 13).  Nothing emits them until bump
+# is wired into the workers' TLS layer; until then CONFIG has no bump port and
+# these queries are only checked to evaluate cleanly.  Whoever wires bump
+# adds a bump port to CONFIG and empties this set.
+BUMP_NOT_WIRED_YET = frozenset(
+    {
+        "TLS bump: origin verification and refused certificates",
+        "TLS bump: leaf certificate cache",
+    }
+)
+
+
 def dashboard_queries() -> list[tuple[str, str]]:
     board = json.loads(DASHBOARD.read_text())
     return [(panel["title"], target["expr"]) for panel in board["panels"]
@@ -341,6 +353,8 @@ def test_prometheus_evaluates_every_dashboard_and_rule_expression_with_data(
             for (title, _), expr, answer in zip(queries, exprs, api.query_many(exprs), strict=True):
                 assert answer["status"] == "success", f"{title}: {expr}: {answer}"
                 assert not answer.get("warnings"), f"{title}: {expr}: {answer}"
+                if title in BUMP_NOT_WIRED_YET:
+                    continue
                 assert has_data(answer), f"{title}: no data for {expr}: {answer}"
                 if port != ALL_PORTS:
                     for series in answer["data"]["result"]:

@@ -40,17 +40,29 @@ Choices a caller may rely on (all RFC 9112 "MAY reject" cases are rejected):
   In responses anything but exactly ``chunked`` -> 502 (the relay could not
   forward the coded content once the hop-by-hop Transfer-Encoding is removed).
 * HTTP/1.1 requests must carry exactly one Host field; more than one Host field,
-  or a Host value that is not ``host[:port]``, is rejected in any version
-  (RFC 9112 §3.2).
+  or a Host value that is not ``host[:port]`` (a reg-name or a valid IPv6
+  literal; a port of 1-65535 if given; a host if a port is given), is rejected
+  in any version (RFC 9112 §3.2).  An empty Host is accepted.
 * request-target must be in a form its method allows: origin-form (``/...``) or
   absolute-form (``scheme:...``) for most methods, authority-form
   (``host:port``) for CONNECT, and ``*`` only for OPTIONS (RFC 9112 §3.2).
-* Limits: a start line over ``max_line`` -> 414; a field line over ``max_line``, a
-  head (or trailer section) over ``max_head`` bytes or with more than
-  ``max_fields`` fields -> 431; a Content-Length of more than 64 significant
-  digits -> 413; a chunk size over 16 hex digits or chunk extensions over
-  ``max_chunk_ext`` bytes -> 400.  Responses use 502 for all of them.  Limits
-  are enforced while data is still arriving, not only once a head is complete.
+* A start line is checked as soon as its CRLF arrives, before the rest of the
+  head: a request line without an HTTP version (HTTP/0.9's ``GET /``) or any
+  other invalid request line is answered at once (400, or 505 for another
+  version) rather than left waiting for a CRLFCRLF that will never come.
+* Limits: a start line over ``max_line`` -> 414; a field line over
+  ``max_field_line`` (default: ``max_line``; the relay passes the head limit, so
+  that only the whole head is bounded), a head (or trailer section) over
+  ``max_head`` bytes or with more than ``max_fields`` fields -> 431; a
+  Content-Length of more than 64 significant digits -> 413; a chunk size over 16
+  hex digits or chunk extensions over ``max_chunk_ext`` bytes -> 400.  Responses
+  use 502 for all of them.  Limits are enforced while data is still arriving,
+  not only once a head is complete.
+* Trailer fields are parsed and handed on in ``EndOfMessage.trailers`` as
+  received; what may be forwarded is the relay's policy:
+  ``headers.forwardable_trailers`` keeps only integrity checksums
+  (Content-Digest, Repr-Digest, Digest, Content-MD5) and drops every field that
+  could frame, route, authenticate or control the message (RFC 9110 §6.5.1).
 * ``Expect: 100-continue`` is ignored in HTTP/1.0 requests (RFC 9110 §10.1.1).
 * ``content_length`` is the Content-Length value only when it frames the body
   (``body`` is "length", or "none" for ``Content-Length: 0``); otherwise None.
@@ -61,6 +73,7 @@ body, each ``Data.data`` is the very bytes object given to ``feed``.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections import deque
 from itertools import repeat
@@ -262,7 +275,9 @@ _HTTP_VERSION: Final = re.compile(rb"HTTP/[0-9]\.[0-9]")
 _SCHEME: Final = re.compile(rb"[A-Za-z][A-Za-z0-9+.\-]*:")
 _AUTHORITY: Final = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[^:/?#@\[\]]+):[0-9]+")
 # RFC 9110 §7.2: Host = uri-host [ ":" port ]; uri-host is an IP-literal or a reg-name.
-_HOST: Final = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
+_HOST: Final = re.compile(
+    rb"(\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*)(?::([0-9]*))?"
+)
 _TOKEN_RE: Final = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _QUOTED: Final = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
 _CHUNK_EXT_VALUE: Final = rb"(?:" + _TOKEN_RE + rb"|" + _QUOTED + rb")"
@@ -312,6 +327,7 @@ class _Reader:
         "_eof",
         "_error",
         "_max_line",
+        "_max_field_line",
         "_max_head",
         "_max_fields",
         "_max_chunk_ext",
@@ -332,6 +348,7 @@ class _Reader:
         max_head: int = 65536,
         max_fields: int = 100,
         max_chunk_ext: int = 4096,
+        max_field_line: int | None = None,
     ) -> None:
         # _buf[_pos:] is unparsed.  _buf is the caller's bytes object while it is the
         # only data buffered (so a body slice can be handed on without a copy), and a
@@ -346,6 +363,7 @@ class _Reader:
         self._eof = False
         self._error: ProtocolError | None = None
         self._max_line = max_line
+        self._max_field_line = max_line if max_field_line is None else max_field_line
         self._max_head = max_head
         self._max_fields = max_fields
         self._max_chunk_ext = max_chunk_ext
@@ -536,6 +554,9 @@ class _Reader:
     def _check_head_allowed(self) -> None:
         """Hook: raise if no message may start here."""
 
+    def _check_start_line(self, line: bytes) -> None:
+        """Hook: raise if ``line`` (complete, head not yet) cannot start a valid message."""
+
     def _parse_head(self, head: bytes) -> Event:
         raise NotImplementedError
 
@@ -554,11 +575,20 @@ class _Reader:
         # since the last call must end a CRLF.
         if buf.count(b"\n", start, n) != buf.count(b"\r\n", start - 1 if start > pos else pos, n):
             raise ProtocolError(self._BAD, "bare LF line ending (CRLF required)")
-        max_line = self._max_line
-        if start_line and not self._line_ok and n - pos >= max_line + 2:
-            if buf.find(b"\r\n", pos, pos + max_line + 2) < 0:
+        if start_line and not self._line_ok:
+            # The start line is checked as soon as it is complete, so that a line
+            # that can never begin a valid head (an HTTP/0.9 request, say) is
+            # answered at once instead of when the head times out.  No CRLF was in
+            # the bytes searched before (else _line_ok would be set): resume there.
+            max_line = self._max_line
+            i = buf.find(b"\r\n", start, pos + max_line + 2)
+            if i >= 0:
+                self._check_start_line(bytes(buf[pos:i]))
+                self._line_ok = True
+            elif n - pos >= max_line + 2 or n - pos >= self._max_head:
+                # Past the head limit with the start line still open: the line
+                # alone is too long (414 rather than 431).
                 raise ProtocolError(self._LINE_TOO_LONG, f"{self._START_LINE} too long")
-            self._line_ok = True
         if n - pos >= self._max_head:
             raise ProtocolError(self._HEAD_TOO_LARGE, self._section_name(start_line) + " too large")
         self._scan = n - 3
@@ -583,8 +613,11 @@ class _Reader:
             raise ProtocolError(self._LINE_TOO_LONG, f"{self._START_LINE} too long")
         if size + 4 > self._max_head:
             raise ProtocolError(self._HEAD_TOO_LARGE, self._section_name(start_line) + " too large")
-        if size > max_line and max(map(len, lines)) > max_line:
-            raise ProtocolError(self._HEAD_TOO_LARGE, "header field line too long")
+        max_field = self._max_field_line
+        if size > max_field:
+            field_lines = lines[1:] if start_line else lines
+            if field_lines and max(map(len, field_lines)) > max_field:
+                raise ProtocolError(self._HEAD_TOO_LARGE, "header field line too long")
         if start_line:
             if len(lines) - 1 > self._max_fields:
                 raise ProtocolError(self._HEAD_TOO_LARGE, "too many header fields")
@@ -752,19 +785,14 @@ class RequestReader(_Reader):
 
     __slots__ = ()
 
+    def _check_start_line(self, line: bytes) -> None:
+        if line.translate(None, _FIELD_CHARS):
+            self._bad_control(line, line)
+        _request_line(line)
+
     def _parse_head(self, head: bytes) -> Event:
         start_line, headers = self._parse_block(head, True)
-        parts = start_line.split(b" ")
-        if len(parts) != 3:
-            raise ProtocolError(400, "malformed request line")
-        method, target, version = parts
-        if version != b"HTTP/1.1" and version != b"HTTP/1.0":
-            if _HTTP_VERSION.fullmatch(version):
-                raise ProtocolError(505, "HTTP version not supported")
-            raise ProtocolError(400, "malformed request line")
-        if not method or method.translate(None, _TCHAR):
-            raise ProtocolError(400, "invalid method")
-        _check_target(method, target)
+        method, target, version = _request_line(start_line)
         http11 = version == b"HTTP/1.1"
         host = 0
         cl: list[bytes] | None = None
@@ -776,7 +804,7 @@ class RequestReader(_Reader):
             value = value.rstrip(b" \t")
             if lname == b"host":
                 host += 1
-                if _HOST.fullmatch(value) is None:
+                if not _valid_host(value):
                     raise ProtocolError(400, "invalid Host header")
             elif lname == b"content-length":
                 cl = [value] if cl is None else [*cl, value]
@@ -820,6 +848,46 @@ class RequestReader(_Reader):
         self._state = _LENGTH if body == "length" else (_CHUNK_SIZE if body == "chunked" else _END)
         self._remaining = length or 0
         return Request(method, target, version, headers, keep_alive, expect_continue, body, length)
+
+
+def _valid_host(value: bytes) -> bool:
+    """Whether a Host value is C{host[:port]}: a reg-name or a valid IPv6 literal, and a
+    port of 1-65535 if one is given.  Empty is valid (RFC 9112 §3.2); C{:80} is not."""
+    match = _HOST.fullmatch(value)
+    if match is None:
+        return False
+    host, port = match.groups()
+    if port is not None:  # there is a colon
+        if not host:
+            return False
+        if port and (len(port) > 5 or not 0 < int(port) < 65536):
+            return False
+    if host[:1] == b"[":
+        try:
+            ipaddress.IPv6Address(host[1:-1].decode("ascii"))
+        except ValueError:
+            return False
+    return True
+
+
+def _request_line(line: bytes) -> tuple[bytes, bytes, bytes]:
+    """(method, target, version) of a valid request line; ProtocolError otherwise."""
+    parts = line.split(b" ")
+    if len(parts) != 3:
+        if len(parts) == 2 and parts[1][:1] == b"/" and parts[0].isalpha():
+            raise ProtocolError(
+                400, "request line without an HTTP version (HTTP/0.9 is not supported)"
+            )
+        raise ProtocolError(400, "malformed request line")
+    method, target, version = parts
+    if version != b"HTTP/1.1" and version != b"HTTP/1.0":
+        if _HTTP_VERSION.fullmatch(version):
+            raise ProtocolError(505, "HTTP version not supported")
+        raise ProtocolError(400, "malformed request line")
+    if not method or method.translate(None, _TCHAR):
+        raise ProtocolError(400, "invalid method")
+    _check_target(method, target)
+    return method, target, version
 
 
 def _check_target(method: bytes, target: bytes) -> None:
@@ -876,12 +944,14 @@ class ResponseReader(_Reader):
         max_head: int = 65536,
         max_fields: int = 100,
         max_chunk_ext: int = 4096,
+        max_field_line: int | None = None,
     ) -> None:
         super().__init__(
             max_line=max_line,
             max_head=max_head,
             max_fields=max_fields,
             max_chunk_ext=max_chunk_ext,
+            max_field_line=max_field_line,
         )
         self._methods: deque[bytes] = deque()
 
@@ -893,15 +963,14 @@ class ResponseReader(_Reader):
         if not self._methods:
             raise ProtocolError(502, "response without a request")
 
+    def _check_start_line(self, line: bytes) -> None:
+        if line.translate(None, _FIELD_CHARS):
+            self._bad_control(line, line)
+        _status_line(line)
+
     def _parse_head(self, head: bytes) -> Event:
         start_line, headers = self._parse_block(head, True)
-        version, _, rest = start_line.partition(b" ")
-        if version != b"HTTP/1.1" and version != b"HTTP/1.0":
-            raise ProtocolError(502, "malformed status line")
-        code, _, reason = rest.partition(b" ")
-        if len(code) != 3 or not code.isdigit() or not b"100" <= code <= b"599":
-            raise ProtocolError(502, "invalid status code")
-        status = int(code)
+        version, status, reason = _status_line(start_line)
         http11 = version == b"HTTP/1.1"
 
         if status < 200 and status != 101:
@@ -971,3 +1040,14 @@ class ResponseReader(_Reader):
         else:
             self._state = _TUNNEL
         return Response(version, status, reason, headers, keep_alive, body, length)
+
+
+def _status_line(line: bytes) -> tuple[bytes, int, bytes]:
+    """(version, status, reason) of a valid status line; ProtocolError 502 otherwise."""
+    version, _, rest = line.partition(b" ")
+    if version != b"HTTP/1.1" and version != b"HTTP/1.0":
+        raise ProtocolError(502, "malformed status line")
+    code, _, reason = rest.partition(b" ")
+    if len(code) != 3 or not code.isdigit() or not b"100" <= code <= b"599":
+        raise ProtocolError(502, "invalid status code")
+    return version, int(code), reason

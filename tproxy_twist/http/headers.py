@@ -18,7 +18,9 @@ __all__ = [
     "HOP_BY_HOP",
     "add_via",
     "connection_tokens",
+    "TRAILER_FIELDS",
     "encode_chunk",
+    "forwardable_trailers",
     "last_chunk",
     "serialize_request_head",
     "serialize_response_head",
@@ -46,6 +48,30 @@ HOP_BY_HOP: Final[frozenset[bytes]] = frozenset(
 in either direction, on every port mode.  Proxy-Authorization and
 Proxy-Authenticate are among them (RFC 9110 §11.7.1-2: they are for the proxy
 that asks or is asked, not for the next hop).
+"""
+
+TRAILER_FIELDS: Final[frozenset[bytes]] = frozenset(
+    {
+        b"content-digest",
+        b"repr-digest",
+        b"digest",
+        b"content-md5",
+    }
+)
+"""The only request trailer fields forwarded upstream (lowercase).
+
+A trailer arrives after the content, yet the next hop may merge it into the
+header section (RFC 9110 §6.5.2 forbids that unless a field's definition
+allows it, but not every server obeys).  A trailer field that frames, routes,
+authenticates, controls or describes the message (Content-Length,
+Transfer-Encoding, Host, Connection, TE, Trailer, Authorization, Proxy-*,
+Cookie, Expect, Range, Max-Forwards, Cache-Control, Content-Type, ...;
+RFC 9110 §6.5.1), or that the proxy manages (X-Forwarded-For, Via), could make
+the origin act on something the proxy never checked.  So we allow only fields
+whose definition permits the trailer section and that carry no such meaning:
+integrity checksums (Content-Digest and Repr-Digest of RFC 9530, the older
+Digest and Content-MD5).  Every other trailer field is dropped, as Squid drops
+them all.
 """
 
 _HOP_BY_HOP_LENGTHS: Final = frozenset(len(name) for name in HOP_BY_HOP)
@@ -98,6 +124,14 @@ def strip_hop_by_hop(headers: Headers, *, keep_upgrade: bool = False) -> Headers
     if upgrade_kept:
         out.append((b"Connection", b"upgrade"))
     return out
+
+
+def forwardable_trailers(fields: Headers) -> Headers:
+    """The trailer fields that may go upstream: those in L{TRAILER_FIELDS}, in order.
+
+    C{fields} is left untouched; names keep their case.
+    """
+    return [(name, value) for name, value in fields if name.lower() in TRAILER_FIELDS]
 
 
 def via_value(version: bytes, pseudonym: str) -> bytes:

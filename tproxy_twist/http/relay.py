@@ -356,7 +356,9 @@ class ClientConnection(Protocol):
         self._reader = RequestReader(
             max_line=limits.max_request_line,
             max_head=limits.max_header_size,
+            max_field_line=limits.max_header_size,
             max_fields=limits.max_header_fields,
+            max_chunk_ext=limits.max_chunk_extensions,
         )
         self._upstream: Upstream | None = None
         self._connecting: tuple[str, int] | None = None
@@ -717,7 +719,7 @@ class ClientConnection(Protocol):
             return
         exchange.request_done = True
         if exchange.chunked_out and self._upstream is not None and not self._upstream.lost:
-            self._upstream.writer.write(H.last_chunk(trailers))
+            self._upstream.writer.write(H.last_chunk(H.forwardable_trailers(trailers)))
         if exchange.response_started:
             return
         self._arm("response", self.factory.settings.timeouts.response)
@@ -734,9 +736,11 @@ class ClientConnection(Protocol):
         self._upstream = upstream
         limits = self.factory.settings.limits
         upstream.reader = ResponseReader(
-            max_line=limits.max_request_line,
-            max_head=limits.max_header_size,
+            max_line=limits.max_response_header_size,
+            max_head=limits.max_response_header_size,
+            max_field_line=limits.max_response_header_size,
             max_fields=limits.max_header_fields,
+            max_chunk_ext=limits.max_chunk_extensions,
         )
         # Backpressure both ways: a full send buffer on one side pauses
         # reading on the other.

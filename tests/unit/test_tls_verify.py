@@ -1,0 +1,281 @@
+"""
+Origin verification before a bump: real TLS handshakes over loopback
+sockets against local origins whose certificates come from a test CA.
+The reactor is iterated until the event a test waits for has happened.
+"""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+import pytest
+from OpenSSL import crypto
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.error import ConnectionDone
+from twisted.internet.ssl import CertificateOptions
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from tproxy_twist.metrics import ORIGIN_VERIFY_RESULTS
+from tproxy_twist.tls.testing import Issued, make_ca, make_server_cert, now_utc
+from tproxy_twist.tls.testing import wait_for as wait
+from tproxy_twist.tls.verify import (
+    VERIFY_RESULTS,
+    OriginTLS,
+    OriginTrust,
+    OriginVerdict,
+    TrustError,
+    classify_failure,
+    load_trust_root,
+)
+
+ORIGIN = "origin.example"
+
+
+class Echo(protocol.Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(data)
+
+
+class Silent(protocol.Protocol):
+    def __init__(self, lost: defer.Deferred) -> None:
+        self.lost = lost
+
+    def connectionLost(self, reason=None) -> None:
+        self.lost.callback(None)
+
+
+class Collect(protocol.Protocol):
+    def __init__(self) -> None:
+        self.data = b""
+        self.got = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        if not self.got.called:
+            self.got.callback(self.data)
+
+
+@pytest.fixture(scope="module")
+def test_ca() -> Issued:
+    return make_ca("verify test CA")
+
+
+@pytest.fixture(params=["shared context", "context per connection"])
+def trust(request, test_ca, tmp_path: Path) -> OriginTrust:
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(make_ca("unrelated CA").cert_pem + test_ca.cert_pem)
+    return OriginTrust(
+        load_trust_root(str(bundle)), shared_context=request.param == "shared context"
+    )
+
+
+@pytest.fixture
+def listen(request):
+    """Start a local origin; every port is closed after the test."""
+    ports = []
+
+    def start(factory, tls: Issued | None = None, chain=(), alpn=(b"h2", b"http/1.1")):
+        if tls is None:
+            port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        else:
+            options = CertificateOptions(
+                privateKey=crypto.PKey.from_cryptography_key(tls.key),
+                certificate=crypto.X509.from_cryptography(tls.certificate),
+                extraCertChain=[crypto.X509.from_cryptography(c) for c in chain],
+                acceptableProtocols=list(alpn),
+            )
+            port = reactor.listenSSL(0, factory, options, interface="127.0.0.1")
+        ports.append(port)
+        return port.getHost().port
+
+    yield start
+    for port in ports:
+        wait(defer.maybeDeferred(port.stopListening))
+
+
+def verify(trust: OriginTrust, port: int, name: str = ORIGIN, clock=None, timeout=10.0):
+    origin = OriginTLS(trust.creator(name), clock or reactor, timeout)
+    reactor.connectTCP("127.0.0.1", port, protocol.ClientFactory.forProtocol(lambda: origin))
+    return origin, wait(origin.verdict)
+
+
+def close(origin: OriginTLS) -> None:
+    if origin.transport is not None and origin.transport.connected:
+        origin.transport.abortConnection()
+        for _ in range(5):
+            reactor.iterate(0.01)
+
+
+# --- what the verdicts say ----------------------------------------------------------------
+
+
+def test_an_origin_with_a_valid_certificate_for_the_sni_is_verified(trust, test_ca, listen):
+    port = listen(protocol.Factory.forProtocol(Echo), make_server_cert([ORIGIN], test_ca))
+    origin, verdict = verify(trust, port)
+    assert verdict == OriginVerdict("ok", alpn=b"http/1.1")
+    close(origin)
+
+
+def test_an_origin_whose_certificate_names_another_host_fails_with_bad_name(trust, test_ca, listen):
+    port = listen(protocol.Factory.forProtocol(Echo), make_server_cert(["other.example"], test_ca))
+    _, verdict = verify(trust, port)
+    assert verdict.result == "bad_name"
+    assert ORIGIN in verdict.detail
+
+
+def test_a_self_signed_origin_fails_with_unknown_issuer(trust, listen):
+    port = listen(protocol.Factory.forProtocol(Echo), make_server_cert([ORIGIN], None))
+    _, verdict = verify(trust, port)
+    assert verdict.result == "unknown_issuer"
+    assert "self-signed" in verdict.detail
+
+
+def test_an_origin_signed_by_an_untrusted_ca_fails_with_unknown_issuer(trust, listen):
+    stranger = make_ca("stranger CA")
+    port = listen(protocol.Factory.forProtocol(Echo), make_server_cert([ORIGIN], stranger))
+    _, verdict = verify(trust, port)
+    assert verdict.result == "unknown_issuer"
+
+
+def test_an_origin_with_an_expired_certificate_fails_with_expired(trust, test_ca, listen):
+    now = now_utc()
+    expired = make_server_cert(
+        [ORIGIN],
+        test_ca,
+        not_before=now - datetime.timedelta(days=60),
+        not_after=now - datetime.timedelta(days=1),
+    )
+    port = listen(protocol.Factory.forProtocol(Echo), expired)
+    _, verdict = verify(trust, port)
+    assert verdict.result == "expired"
+    assert "expired" in verdict.detail
+
+
+def test_an_origin_sending_its_intermediate_is_verified_against_the_root(trust, test_ca, listen):
+    intermediate = make_ca("verify intermediate", issuer=test_ca, path_length=0)
+    leaf = make_server_cert([ORIGIN], intermediate)
+    port = listen(protocol.Factory.forProtocol(Echo), leaf, chain=[intermediate.certificate])
+    origin, verdict = verify(trust, port)
+    assert verdict.ok
+    close(origin)
+
+
+def test_without_sni_the_origin_must_name_the_ip_address(trust, test_ca, listen):
+    good = listen(protocol.Factory.forProtocol(Echo), make_server_cert(["127.0.0.1"], test_ca))
+    origin, verdict = verify(trust, good, name="127.0.0.1")
+    assert verdict.ok
+    close(origin)
+    named = listen(protocol.Factory.forProtocol(Echo), make_server_cert([ORIGIN], test_ca))
+    _, verdict = verify(trust, named, name="127.0.0.1")
+    assert verdict.result == "bad_name"
+
+
+def test_an_origin_that_does_not_speak_tls_fails_the_handshake(trust, listen):
+    class Plain(protocol.Protocol):
+        def dataReceived(self, data: bytes) -> None:
+            self.transport.write(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n")
+            self.transport.loseConnection()
+
+    port = listen(protocol.Factory.forProtocol(Plain))
+    _, verdict = verify(trust, port)
+    assert verdict.result == "handshake_failed"
+    assert verdict.detail
+
+
+def test_an_origin_that_closes_at_once_fails_the_handshake(trust, listen):
+    class Closer(protocol.Protocol):
+        def connectionMade(self) -> None:
+            self.transport.loseConnection()
+
+    port = listen(protocol.Factory.forProtocol(Closer))
+    _, verdict = verify(trust, port)
+    assert verdict.result == "handshake_failed"
+
+
+def test_a_silent_origin_times_out_and_its_connection_is_aborted(trust, listen):
+    lost = defer.Deferred()
+    port = listen(protocol.Factory.forProtocol(lambda: Silent(lost)))
+    clock = Clock()
+    origin = OriginTLS(trust.creator(ORIGIN), clock, 5.0)
+    connected = defer.Deferred()
+    made = origin.connectionMade
+
+    def connection_made() -> None:
+        made()
+        connected.callback(None)
+
+    origin.connectionMade = connection_made
+    reactor.connectTCP("127.0.0.1", port, protocol.ClientFactory.forProtocol(lambda: origin))
+    wait(connected)
+    clock.advance(4.9)
+    assert not origin.verdict.called
+    clock.advance(0.2)
+    verdict = wait(origin.verdict)
+    assert verdict.result == "timeout"
+    wait(lost)  # the origin saw the connection go away
+    assert not clock.getDelayedCalls()
+
+
+def test_cancelling_the_verdict_aborts_the_upstream_connection(trust, listen):
+    lost = defer.Deferred()
+    port = listen(protocol.Factory.forProtocol(lambda: Silent(lost)))
+    clock = Clock()
+    origin = OriginTLS(trust.creator(ORIGIN), clock, 5.0)
+    reactor.connectTCP("127.0.0.1", port, protocol.ClientFactory.forProtocol(lambda: origin))
+    while origin.transport is None:
+        reactor.iterate(0.01)
+    origin.verdict.cancel()
+    wait(lost)
+    assert not clock.getDelayedCalls()
+    with pytest.raises(defer.CancelledError):
+        wait(origin.verdict)
+
+
+# --- after the verdict --------------------------------------------------------------------
+
+
+def test_after_verification_the_attached_protocol_relays_over_tls(trust, test_ca, listen):
+    port = listen(protocol.Factory.forProtocol(Echo), make_server_cert([ORIGIN], test_ca))
+    origin, verdict = verify(trust, port)
+    assert verdict.ok
+    app = Collect()
+    origin.attach(app)
+    assert app.transport is origin.transport
+    app.transport.write(b"GET / HTTP/1.1\r\n\r\n")
+    assert wait(app.got) == b"GET / HTTP/1.1\r\n\r\n"
+    close(origin)
+
+
+def test_nothing_can_be_attached_to_an_origin_that_failed(trust, listen):
+    port = listen(protocol.Factory.forProtocol(Echo), make_server_cert([ORIGIN], None))
+    origin, verdict = verify(trust, port)
+    assert not verdict.ok
+    with pytest.raises(RuntimeError):
+        origin.attach(Collect())
+
+
+# --- the pieces ---------------------------------------------------------------------------
+
+
+def test_the_verify_results_are_the_metric_label_values():
+    assert VERIFY_RESULTS == ORIGIN_VERIFY_RESULTS
+
+
+def test_a_connection_lost_without_tls_state_is_a_failed_handshake():
+    verdict = classify_failure(Failure(ConnectionDone("closed")), None)
+    assert verdict.result == "handshake_failed"
+    assert "closed" in verdict.detail
+
+
+def test_a_missing_trust_bundle_is_an_error_naming_the_file(tmp_path):
+    with pytest.raises(TrustError, match=r"nothing\.pem: cannot read"):
+        load_trust_root(str(tmp_path / "nothing.pem"))
+
+
+def test_a_trust_bundle_without_certificates_is_an_error_naming_the_file(tmp_path):
+    bundle = tmp_path / "empty.pem"
+    bundle.write_text("not a certificate\n")
+    with pytest.raises(TrustError, match=r"empty\.pem: no PEM certificate"):
+        load_trust_root(str(bundle))
