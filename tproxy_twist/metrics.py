@@ -78,6 +78,19 @@ HOST_MISMATCH = Counter(
 WORKERS = Gauge("tproxy_workers", "Worker processes ready to serve.", multiprocess_mode="max")
 WORKER_RESTARTS = Counter("tproxy_worker_restarts", "Workers replaced after they exited.")
 
+# --- process life (the master and the workers' own upkeep) -------------------------------
+WORKERS_NOT_READY = Gauge(
+    "tproxy_workers_not_ready",
+    "Workers of the serving generation that are not ready: starting, restarting, or silent"
+    " (their heartbeat stopped: stopped, stuck in a loop or deadlocked).",
+    multiprocess_mode="max",
+)
+ACCESS_LOG_DROPPED = Counter(
+    "tproxy_access_log_dropped",
+    "Access-log entries lost: the disk did not keep up (the queue was full), or the"
+    " write failed (disk full, I/O error; the log says which).",
+)
+
 METHODS = frozenset(
     m.encode() for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE",
                          "PATCH")
