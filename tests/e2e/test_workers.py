@@ -281,3 +281,84 @@ def test_a_metrics_address_taken_at_start_leaves_no_worker_and_says_so_in_one_li
         assert router_pids(lab) == {squatter.pid}
     finally:
         squatter.kill()
+
+
+def metrics_text(lab: Lab, path: str = "/metrics") -> tuple[int, str]:
+    out = lab.run(
+        lab.router,
+        ["curl", "-s", "-w", "\n%{http_code}", "--max-time", "10", f"http://127.0.0.1:9464{path}"],
+        check=False,
+    ).stdout.decode()
+    body, _, code = out.rpartition("\n")
+    return int(code or 0), body
+
+
+def test_a_stopped_worker_is_shown_not_ready_then_killed_and_replaced_and_no_request_waits(
+    proxy, lab
+):
+    running = proxy("heartbeat_grace = 6\n" + CONFIG)
+    before = wait_for(lambda: three_listeners(lab), 10, "3 listeners")
+    wait_for(lambda: metrics_text(lab, "/healthz")[0] == 200, 30, "healthz 200")
+    victim = sorted(before)[0]
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        code, text = wait_for(
+            lambda: (r := metrics_text(lab, "/healthz"))[0] == 503 and r,
+            15,
+            lambda: running.log_text()[-3000:],
+        )
+        assert f"(pid {victim}): no heartbeat" in text
+        assert "tproxy_workers_not_ready 1.0" in metrics_text(lab)[1]
+        # Requests made while it is stopped are answered: after the grace it is
+        # killed and its queued connections move to the other workers.
+        load = lab.popen(
+            lab.client, ["python3", "-c", LOAD, Lab.ORIGIN4, "4"], stdout=subprocess.PIPE
+        )
+        after = wait_for(lambda: replaced(lab, victim), 60, lambda: running.log_text()[-3000:])
+        ok, failed = json.loads(load.communicate(timeout=120)[0])
+    finally:
+        try:
+            os.kill(victim, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    assert len(after - before) == 1
+    assert ok > 0 and failed == 0, running.log_text()[-3000:]
+    log = running.log_text()
+    assert f"(pid {victim}) silent for" in log and "killing it" in log
+    wait_for(lambda: metrics_text(lab, "/healthz")[0] == 200, 30, "healthz 200 again")
+
+
+def test_ten_reloads_in_five_seconds_under_connection_close_load_lose_no_request(proxy, lab):
+    running = proxy(CONFIG)
+    wait_for(lambda: three_listeners(lab), 10, "3 listeners")
+    load = lab.popen(
+        lab.client, ["python3", "-c", LOAD.replace("+ 4", "+ 8"), Lab.ORIGIN4, "4"],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    time.sleep(1.0)
+    for _ in range(10):
+        running.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+    ok, failed = json.loads(load.communicate(timeout=120)[0])
+    assert ok > 100 and failed == 0, running.log_text()[-5000:]
+    # The reloads coalesced; the log names the generation that ends up serving.
+    log = running.wait_log("ready and serving", timeout=60)
+    serving = wait_for(
+        lambda: re.findall(r"generation (\d+) ready and serving", running.log_text()),
+        60,
+        "a generation serving",
+    )
+    assert 2 <= int(serving[-1]) <= 11
+    assert "reload failed" not in log
+
+
+def test_a_master_killed_outright_leaves_no_worker_behind(proxy, lab):
+    running = proxy(CONFIG)
+    workers = wait_for(lambda: three_listeners(lab), 10, "3 listeners")
+    os.kill(running.pid, signal.SIGKILL)
+    running.popen.wait(timeout=10)
+    wait_for(
+        lambda: not router_pids(lab) & workers,
+        30,
+        lambda: f"workers still running: {router_pids(lab) & workers}",
+    )
