@@ -485,6 +485,7 @@ class Lab:
         *,
         ports: Sequence[int] = (),
         extra_args: Sequence[str] = (),
+        twistd_args: Sequence[str] = (),
         pidfile: Path | str = "",
         cwd: Path | str = REPO_ROOT,
         timeout: float = 30,
@@ -496,9 +497,10 @@ class Lab:
         group signal reaches its workers too). With ``ports``, returns once
         something listens on each, or raises ``RuntimeError`` with the end of
         ``log`` (see :meth:`wait_listening`). ``extra_args`` follow
-        ``--config CONFIG``; ``pidfile`` empty means none.
+        ``--config CONFIG``, ``twistd_args`` (``--uid``) go before ``tproxy``;
+        ``pidfile`` empty means none.
         """
-        argv = [*TWISTD, "-n", f"--pidfile={pidfile}", "tproxy", "--config",
+        argv = [*TWISTD, "-n", f"--pidfile={pidfile}", *twistd_args, "tproxy", "--config",
                 os.path.abspath(config), *extra_args]  # fmt: skip
         with open(log, "ab") as out:
             proc = self.popen(
