@@ -463,3 +463,31 @@ def test_runtime_dirs_of_masters_that_are_gone_are_removed_and_running_ones_kept
     removed = remove_stale_runtime_dirs(tmp_path)
     assert sorted(removed) == sorted([reused, gone])
     assert mine.exists() and other.exists()
+
+
+def test_a_reload_that_moves_the_metrics_listener_replaces_the_service_child(tmp_path, monkeypatch):
+    from twisted.internet.testing import MemoryReactorClock
+
+    class Reactor(MemoryReactorClock):
+        spawnProcess = FakeReactor.spawnProcess
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.spawned = []
+            self._pids = iter(range(1000, 100000))
+
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # SIGHUP, SIGUSR1 handlers
+    reactor = Reactor()
+    text = '[metrics]\nlisten = "127.0.0.1:9001"\n' + CONFIG
+    service = master_service(tmp_path, monkeypatch, reactor, text)
+    service.privilegedStartService()
+    service.startService()
+    (tmp_path / "tproxy.toml").write_text(text.replace("9001", "9002"))
+    service.reload()
+    assert [(port, host) for port, _, _, host in reactor.tcpServers] == [
+        (9001, "127.0.0.1"),
+        (9002, "127.0.0.1"),
+    ]
+    names = {child.name for child in service}
+    assert "metrics 127.0.0.1:9002" in names and "metrics 127.0.0.1:9001" not in names
+    assert service.supervisor.pending is not None  # and the workers reload
