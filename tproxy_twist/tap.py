@@ -39,7 +39,8 @@ class Options(usage.Options):
         " destination from the client's own IP address, plus an explicit forward"
         " proxy port, with Prometheus metrics.  A master process supervises"
         " pre-forked workers; SIGHUP reloads the configuration without dropping"
-        " requests, SIGTERM drains and stops.  twistd's --uid/--gid apply to the"
+        " requests, SIGTERM drains and stops; a worker that stops answering is"
+        " replaced (heartbeat_grace).  twistd's --uid/--gid apply to the"
         " workers (the master keeps root to supervise them).  See the README and"
         " the sample etc/tproxy.toml for the configuration reference."
     )

@@ -56,7 +56,6 @@ import argparse  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 from collections.abc import Callable  # noqa: E402
-from typing import IO  # noqa: E402
 
 from twisted.application.service import Service  # noqa: E402
 from twisted.internet import defer, task  # noqa: E402
@@ -282,21 +281,25 @@ class MasterLink(Service):
 
     Out: status lines (C{ready}, C{draining}, C{failed <reason>}) and a
     heartbeat (C{alive}) every C{interval} seconds, written from the reactor
-    thread, on C{status}.  In: the master holds the write end of the worker's
-    stdin and never writes to it; when it closes, the master is gone and
+    thread, on the pipe C{status_fd}.  It is non-blocking: a master that does
+    not read (stopped) must not stop the worker; a line that does not fit is
+    dropped.  In: the master holds the write end of the worker's stdin and
+    never writes to it; when it closes, the master is gone and
     C{on_master_gone} is called.
     """
 
     def __init__(
         self,
-        status: IO[str] | None,
+        status_fd: int | None,
         reactor,
         on_master_gone: Callable[[], None],
         *,
         master_fd: int | None = None,
         interval: float = HEARTBEAT_INTERVAL,
     ) -> None:
-        self._status = status
+        self._status_fd = status_fd
+        if status_fd is not None:
+            os.set_blocking(status_fd, False)
         self._reactor = reactor
         self._on_master_gone = on_master_gone
         self._master_fd = master_fd
@@ -306,13 +309,14 @@ class MasterLink(Service):
         self._pipe: _PipeEnd | None = None
 
     def report(self, state: str) -> None:
-        if self._status is None:
+        if self._status_fd is None:
             return
         try:
-            self._status.write(f"{state}\n")
-            self._status.flush()
+            os.write(self._status_fd, f"{state}\n".encode())  # a short line: all or nothing
+        except BlockingIOError:
+            pass  # the master is not reading (stopped?): it judges us when it runs again
         except OSError:  # EPIPE: the master is gone
-            self._status = None
+            self._status_fd = None
             self._reactor.callLater(0, self._on_master_gone)
 
     def startService(self) -> None:
@@ -357,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     # JSON log events on stdout: the master re-emits them into its own log.
     sys.stdout.reconfigure(line_buffering=True)
     globalLogBeginner.beginLoggingTo([jsonFileLogObserver(sys.stdout)], redirectStandardIO=False)
-    status = os.fdopen(STATUS_FD, "w", buffering=1) if _is_open(STATUS_FD) else None
+    status_fd = STATUS_FD if _is_open(STATUS_FD) else None
     stopping: list[defer.Deferred] = []
 
     def stop() -> defer.Deferred:
@@ -379,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         stop()
 
     master_fd = 0 if os.environ.get(MASTER_PID_ENV) else None
-    link = MasterLink(status, reactor, master_gone, master_fd=master_fd)
+    link = MasterLink(status_fd, reactor, master_gone, master_fd=master_fd)
 
     # Everything the relay needs is imported now: after the switch to an
     # unprivileged user, the interpreter's own directories may be unreadable.
