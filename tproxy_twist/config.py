@@ -13,6 +13,7 @@ import ipaddress
 import os
 import tomllib
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -225,6 +226,9 @@ class Config:
     drain_timeout: float = 30.0  # reload/stop: seconds to finish in-flight requests
     access_log: AccessLogConfig = AccessLogConfig()
     tls: TLSConfig = TLSConfig()
+    # A worker whose heartbeat stops (stopped, stuck in a loop, deadlocked) is
+    # shown as not ready at once, and killed and replaced after this long.
+    heartbeat_grace: float = 10.0
 
 
 @functools.lru_cache(maxsize=64)
@@ -273,6 +277,7 @@ def parse(data: Mapping[str, Any], path: str) -> Config:
     group = table.get("group", None, str)
     _check_identity(table, user, group)
     drain_timeout = table.number("drain_timeout", default=30.0, minimum=0.0)
+    heartbeat_grace = table.number("heartbeat_grace", default=10.0, minimum=1.0)
     raw_ports = table.get("port", [], list)
     table.done()
     if not raw_ports:
@@ -281,6 +286,7 @@ def parse(data: Mapping[str, Any], path: str) -> Config:
         _port(_Table(p, path, f"port[{i}]"), i) for i, p in enumerate(_tables(raw_ports, path))
     )
     _check_ports(ports, path)
+    _check_metrics_listen(metrics_listen, ports, path)
     return Config(
         path=path,
         workers=workers,
@@ -293,6 +299,7 @@ def parse(data: Mapping[str, Any], path: str) -> Config:
         drain_timeout=drain_timeout,
         access_log=access_log,
         tls=tls,
+        heartbeat_grace=heartbeat_grace,
     )
 
 
@@ -390,6 +397,19 @@ def _check_ports(ports: tuple[PortConfig, ...], path: str) -> None:
                 f" port[{names[port.name]}]; names label metrics and must be unique"
             )
         names[port.name] = i
+
+
+def _check_metrics_listen(
+    listen: ListenAddress | None, ports: tuple[PortConfig, ...], path: str
+) -> None:
+    if listen is None:
+        return
+    for i, port in enumerate(ports):
+        if listen.overlaps(port.listen):
+            raise ConfigError(
+                f"{path}: metrics.listen: {listen} is also port[{i}]'s address"
+                f" ({port.listen}); the metrics listener needs an address of its own"
+            )
 
 
 def _timeouts(table: _Table | None) -> Timeouts:
@@ -554,3 +574,32 @@ def with_workers(config: Config, workers: int) -> Config:
 def with_identity(config: Config, user: str, group: str | None) -> Config:
     """The same configuration with the workers' user and group set."""
     return attrs.evolve(config, user=user, group=group)
+
+
+# --- where the configuration is looked for ----------------------------------------------
+
+SYSTEM_PATH = "/etc/tproxy-twist/tproxy.toml"
+# A checkout's sample, for running from the source tree.
+_CHECKOUT_PATH = str(Path(__file__).resolve().parents[1] / "etc" / "tproxy.toml")
+
+
+def default_paths() -> tuple[str, ...]:
+    """
+    Where C{twistd tproxy} and C{tproxy-twist} look for the configuration
+    when C{--config} is not given, in order: the installed path, then
+    C{./etc/tproxy.toml} and the source checkout's sample (run from a checkout).
+    """
+    return tuple(dict.fromkeys((SYSTEM_PATH, "etc/tproxy.toml", _CHECKOUT_PATH)))
+
+
+def load_default() -> Config:
+    """
+    L{load} the first of L{default_paths} that exists.  When none does, the
+    L{ConfigError} names every path tried and C{--config}.
+    """
+    for candidate in default_paths():
+        if os.path.isfile(candidate):
+            return load(candidate)
+    raise ConfigError(
+        f"no configuration file: tried {', '.join(default_paths())}; give one with --config FILE"
+    )

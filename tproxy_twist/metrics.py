@@ -147,6 +147,19 @@ class BumpMetrics:
 
 # --- end of TLS bump --------------------------------------------------------------------
 
+# --- process life (the master and the workers' own upkeep) -------------------------------
+WORKERS_NOT_READY = Gauge(
+    "tproxy_workers_not_ready",
+    "Workers of the serving generation that are not ready: starting, restarting, or silent"
+    " (their heartbeat stopped: stopped, stuck in a loop or deadlocked).",
+    multiprocess_mode="max",
+)
+ACCESS_LOG_DROPPED = Counter(
+    "tproxy_access_log_dropped",
+    "Access-log entries lost: the disk did not keep up (the queue was full), or the"
+    " write failed (disk full, I/O error; the log says which).",
+)
+
 METHODS = frozenset(
     m.encode() for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE",
                          "PATCH")
