@@ -1,0 +1,1 @@
+"""TLS on intercepted ports: reading the ClientHello, deciding, splicing (and bumping)."""
