@@ -78,6 +78,56 @@ HOST_MISMATCH = Counter(
 WORKERS = Gauge("tproxy_workers", "Worker processes ready to serve.", multiprocess_mode="max")
 WORKER_RESTARTS = Counter("tproxy_worker_restarts", "Workers replaced after they exited.")
 
+# --- TLS ports (tproxy_twist.tls); the SNI is never a label: it is unbounded ----------
+TLS_CONNECTIONS = Counter(
+    "tproxy_tls_connections",
+    "Connections on TLS ports by what was done with them: splice, deny, tunnel (not TLS,"
+    " relayed as on_not_tls says) or close (no decision was possible, see"
+    " tproxy_tls_rejected_total).",
+    ["port", "action"],
+)
+TLS_REJECTED = Counter(
+    "tproxy_tls_rejected",
+    "Connections on TLS ports refused, by reason: denied (a rule or default), no_sni (the"
+    " no-SNI action denied it), not_tls, timeout (no whole ClientHello within"
+    " client_hello_timeout), too_large, malformed.",
+    ["port", "reason"],
+)
+TLS_ACTIONS = ("splice", "deny", "tunnel", "close")
+TLS_REJECT_REASONS = ("denied", "no_sni", "not_tls", "timeout", "too_large", "malformed")
+
+
+class TLSPortMetrics:
+    """The TLS series of one port, label children bound once (all exist from the start)."""
+
+    def __init__(self, port: str) -> None:
+        self._actions = {a: TLS_CONNECTIONS.labels(port, a) for a in TLS_ACTIONS}
+        self._rejected = {r: TLS_REJECTED.labels(port, r) for r in TLS_REJECT_REASONS}
+        for child in (*self._actions.values(), *self._rejected.values()):
+            child.inc(0)
+
+    def action(self, action: str) -> None:
+        self._actions[action].inc()
+
+    def rejected(self, reason: str) -> None:
+        self._rejected[reason].inc()
+
+
+class NullTLSPortMetrics:
+    """L{TLSPortMetrics} that records nothing (metrics off)."""
+
+    def __init__(self, port: str) -> None:
+        pass
+
+    def action(self, action: str) -> None:
+        pass
+
+    def rejected(self, reason: str) -> None:
+        pass
+
+
+# --- the rest -----------------------------------------------------------------------
+
 METHODS = frozenset(
     m.encode() for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE",
                          "PATCH")

@@ -101,16 +101,22 @@ class ProxyService(Service):
             self.config.limits.max_connections, self._pause_accepting, self._resume_accepting
         )
         for port, sock in self._sockets:
-            factory = ProxyFactory(
-                port,
-                settings=settings,
-                connect=connect,
-                clock=reactor,
-                local_addresses=local,
-                metrics=metrics_class(port.name, port.mode),
-                access_log=self.access_log,
-                budget=budget,
-            )
+            if port.protocol == "tls":
+                from .tls.layer import tls_factory
+
+                factory = tls_factory(port, self.config, reactor, connect, local, self.access_log,
+                                      budget)  # fmt: skip
+            else:
+                factory = ProxyFactory(
+                    port,
+                    settings=settings,
+                    connect=connect,
+                    clock=reactor,
+                    local_addresses=local,
+                    metrics=metrics_class(port.name, port.mode),
+                    access_log=self.access_log,
+                    budget=budget,
+                )
             self.factories.append(factory)
             self._ports.append(reactor.adoptStreamPort(sock.fileno(), sock.family, factory))
             log.info(
@@ -198,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     # unprivileged user, the interpreter's own directories may be unreadable.
     from .http import relay  # noqa: F401
     from .metrics import PortMetrics  # noqa: F401
+    from .tls import layer  # noqa: F401
 
     try:
         config = configuration.load(args.config)

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import os
 import ssl
-import struct
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tproxy_twist.testing import (
+    alpn_extension,
+    extension,
+    hello_message,
+    records,
+    sni_extension,
+    tls_vector,
+    versions_extension,
+)
 from tproxy_twist.tls.clienthello import (
     ClientHello,
     ClientHelloReader,
@@ -22,57 +30,6 @@ SCALE = int(os.environ.get("TPROXY_HYPOTHESIS_SCALE", "1"))
 FAST = settings(
     max_examples=150 * SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
-
-# --- building hellos ------------------------------------------------------------------
-
-
-def _vec(length_bytes: int, data: bytes) -> bytes:
-    return len(data).to_bytes(length_bytes, "big") + data
-
-
-def extension(kind: int, data: bytes) -> bytes:
-    return struct.pack("!H", kind) + _vec(2, data)
-
-
-def sni_extension(name: bytes) -> bytes:
-    return extension(0, _vec(2, b"\x00" + _vec(2, name)))
-
-
-def alpn_extension(protocols: list[bytes]) -> bytes:
-    return extension(16, _vec(2, b"".join(_vec(1, p) for p in protocols)))
-
-
-def versions_extension(versions: list[int]) -> bytes:
-    return extension(43, _vec(1, b"".join(struct.pack("!H", v) for v in versions)))
-
-
-def hello_message(
-    extensions: list[bytes] | None = None,
-    *,
-    suites: list[int] = (0x1301, 0x1302, 0xC02F),
-    legacy_version: int = 0x0303,
-    session_id: bytes = b"",
-) -> bytes:
-    """A ClientHello handshake message (header included)."""
-    body = (
-        struct.pack("!H", legacy_version)
-        + b"\x42" * 32
-        + _vec(1, session_id)
-        + _vec(2, b"".join(struct.pack("!H", s) for s in suites))
-        + _vec(1, b"\x00")
-    )
-    if extensions is not None:
-        body += _vec(2, b"".join(extensions))
-    return b"\x01" + len(body).to_bytes(3, "big") + body
-
-
-def records(handshake: bytes, cuts: list[int] = ()) -> bytes:
-    """C{handshake} in TLS records, a new record at each cut offset."""
-    bounds = [0, *sorted(set(c for c in cuts if 0 < c < len(handshake))), len(handshake)]
-    out = b""
-    for start, end in zip(bounds, bounds[1:], strict=False):
-        out += b"\x16\x03\x01" + _vec(2, handshake[start:end])
-    return out
 
 
 def read_all(data: bytes, pieces: list[int] = ()) -> ClientHello | None:
@@ -172,6 +129,7 @@ def test_anything_not_starting_with_a_handshake_record_is_not_tls(first):
     assert e.value.reason == "not_tls"
 
 
+TWO_NAMES = tls_vector(2, b"\x00" + tls_vector(2, b"a.b") + b"\x00" + tls_vector(2, b"c.d"))
 MALFORMED = {
     "application data inside": records(hello_message([])[:5]) + b"\x17\x03\x03\x00\x01\x00",
     "record version 2": b"\x16\x02\x00\x00\x04\x01\x00\x00\x00",
@@ -180,8 +138,7 @@ MALFORMED = {
     "server hello": records(b"\x02\x00\x00\x04abcd"),
     "bytes after the hello in its record": records(hello_message([]) + b"\x01"),
     "duplicate extension": records(hello_message([extension(5, b""), extension(5, b"")])),
-    "two host names": records(hello_message([extension(0, _vec(2, b"\x00" + _vec(2, b"a.b")
-                                                                + b"\x00" + _vec(2, b"c.d")))])),
+    "two host names": records(hello_message([extension(0, TWO_NAMES)])),
     "sni with a space": records(hello_message([sni_extension(b"a b.example")])),
     "sni with a NUL": records(hello_message([sni_extension(b"evil.example\x00.good")])),
     "sni is an IP": records(hello_message([sni_extension(b"203.0.113.2")])),
