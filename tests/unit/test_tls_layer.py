@@ -5,15 +5,17 @@ connects and from which address, what it replays, relays and answers.
 
 from __future__ import annotations
 
+import collections
 import errno
 import itertools
+import os
 
 from prometheus_client import REGISTRY
 from twisted.internet import error as neterror
 from twisted.internet.task import Clock
 
 from tproxy_twist import config as C
-from tproxy_twist.metrics import PortMetrics, TLSPortMetrics
+from tproxy_twist.metrics import NullPortMetrics, PortMetrics, TLSPortMetrics
 from tproxy_twist.testing import (
     FakeConnect,
     FakeTransport,
@@ -57,6 +59,8 @@ class Harness:
         destination: tuple[str, int] = ORIGIN,
         client: tuple[str, int] = CLIENT,
         top: str = "",
+        tls_metrics=None,
+        metrics=None,
     ) -> None:
         self.name = f"tls{next(_names)}"
         text = (
@@ -67,7 +71,7 @@ class Harness:
         self.port = config.ports[0]
         self.clock = Clock()
         self.connect = FakeConnect()
-        self.metrics = PortMetrics(self.name, mode)
+        self.metrics = metrics or PortMetrics(self.name, mode)
         self.factory = TLSFactory(
             self.port,
             timeouts=config.timeouts,
@@ -75,7 +79,7 @@ class Harness:
             clock=self.clock,
             local_addresses=ROUTER_ADDRESSES,
             metrics=self.metrics,
-            tls_metrics=TLSPortMetrics(self.name),
+            tls_metrics=tls_metrics or TLSPortMetrics(self.name),
             access_log=self,
         )
         self.entries = []
@@ -407,3 +411,178 @@ def test_drain_keeps_spliced_connections_and_abort_all_ends_them():
     assert h.factory.drain() == 1 and not h.transport.closed
     h.factory.abort_all()
     assert h.transport.closed
+
+
+# --- any order of events (hypothesis.stateful) -------------------------------------------------
+
+from hypothesis import settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.stateful import (  # noqa: E402
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+ACTIONS = ("splice", "deny", "tunnel", "close")
+
+
+class CountingTLSMetrics:
+    def __init__(self) -> None:
+        self.actions: collections.Counter[str] = collections.Counter()
+        self.reasons: collections.Counter[str] = collections.Counter()
+
+    def action(self, action: str) -> None:
+        assert action in ACTIONS
+        self.actions[action] += 1
+
+    def rejected(self, reason: str) -> None:
+        self.reasons[reason] += 1
+
+
+class TLSConnectionMachine(RuleBasedStateMachine):
+    """
+    Whatever the client, the upstream and the clock do, in any order: the
+    upstream only ever gets a prefix of what the client sent, the client a
+    prefix of what the upstream sent (or one alert), there is at most one
+    upstream connection, one action per connection and one log entry.
+    """
+
+    @initialize(
+        config=st.sampled_from(
+            ["", '[port.tls]\ndefault = "deny"\n', 'on_not_tls = "tunnel"\n',
+             'client_hello_timeout = 1\n[port.tls]\nno_sni = "deny"\n']
+        ),
+        hello=st.sampled_from([HELLO_BYTES, NO_SNI_HELLO, b"GET / HTTP/1.1\r\n\r\n",
+                               b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00"]),
+    )  # fmt: skip
+    def start(self, config, hello):
+        # Plain counters: a registry lookup per check would make this quadratic.
+        self.tls_metrics = CountingTLSMetrics()
+        self.h = Harness(config, tls_metrics=self.tls_metrics,
+                         metrics=NullPortMetrics("machine", "tproxy"))  # fmt: skip
+        self.hello = hello
+        self.sent = 0  # bytes of the hello sent
+        self.client_bytes = b""
+        self.upstream_bytes = b""
+        self.upstream_got = b""
+        self.client_got = b""
+        self.client_eof = self.upstream_eof = self.lost = False
+
+    def _attempt(self):
+        return self.h.connect.attempts[0] if self.h.connect.attempts else None
+
+    def _upstream_open(self) -> bool:
+        attempt = self._attempt()
+        return (
+            attempt is not None and attempt.transport is not None and not attempt.transport.closed
+        )
+
+    @precondition(lambda self: not self.lost and not self.client_eof)
+    @rule(size=st.integers(1, 200), extra=st.binary(max_size=20))
+    def client_sends(self, size, extra):
+        if self.sent < len(self.hello):
+            data = self.hello[self.sent : self.sent + size]
+            self.sent += len(data)
+        else:
+            data = extra
+        self.client_bytes += data
+        self.h.send(data)
+
+    @precondition(lambda self: not self.lost and not self.client_eof)
+    @rule()
+    def client_eof_(self):
+        self.client_eof = True
+        self.h.protocol.readConnectionLost()
+
+    @precondition(lambda self: not self.lost)
+    @rule()
+    def client_lost(self):
+        self.lost = True
+        self.h.lose()
+
+    @rule()
+    def upstream_connects(self):
+        attempt = self._attempt()
+        if attempt is not None and attempt.protocol is None and attempt.transport is None:
+            attempt.succeed()
+
+    @rule()
+    def upstream_fails(self):
+        attempt = self._attempt()
+        if attempt is not None and attempt.protocol is None:
+            attempt.protocol = "failed"
+            attempt.fail(neterror.ConnectionRefusedError())
+
+    @precondition(lambda self: not self.upstream_eof)
+    @rule(data=st.binary(min_size=1, max_size=20))
+    def upstream_sends(self, data):
+        if self._upstream_open() and self.h.protocol.state != CLOSED:
+            self.upstream_bytes += data
+            self._attempt().protocol.dataReceived(data)
+
+    @precondition(lambda self: not self.upstream_eof)
+    @rule()
+    def upstream_eof_(self):
+        if self._upstream_open():
+            self.upstream_eof = True
+            self._attempt().protocol.readConnectionLost()
+
+    @rule()
+    def upstream_closes(self):
+        if self._upstream_open():
+            self._attempt().close()
+
+    @rule(seconds=st.sampled_from([0.25, 1.0, 3.0]))
+    def time_passes(self, seconds):
+        self.h.advance(seconds)
+
+    @invariant()
+    def relayed_bytes_are_prefixes(self):
+        attempt = self._attempt()
+        if attempt is not None and attempt.transport is not None:
+            self.upstream_got += attempt.transport.take()
+            assert self.client_bytes.startswith(self.upstream_got)
+        self.client_got += self.h.received()
+        if self.client_got in (ACCESS_DENIED, DECODE_ERROR):
+            assert attempt is None or attempt.transport is None
+        else:
+            assert self.upstream_bytes.startswith(self.client_got)
+
+    @invariant()
+    def at_most_one_upstream_connection(self):
+        assert len(self.h.connect.attempts) <= 1
+
+    @invariant()
+    def one_action_and_one_log_entry_per_connection(self):
+        actions = sum(self.tls_metrics.actions.values())
+        assert actions <= 1
+        if self.h.protocol.state == CLOSED:
+            assert actions == 1
+            assert len(self.h.entries) == 1
+            assert self.h.factory.connections == set()
+        else:
+            assert self.h.entries == []
+
+    @invariant()
+    def nothing_is_read_while_connecting(self):
+        if self.h.protocol.state == CONNECTING:
+            assert self.h.transport.producerState == "paused"
+
+
+TLSConnectionMachine.TestCase.settings = settings(
+    max_examples=60 * int(os.environ.get("TPROXY_HYPOTHESIS_SCALE", "1")),
+    stateful_step_count=25,
+    deadline=None,
+)
+test_tls_connection_in_any_order_of_events = TLSConnectionMachine.TestCase
+
+
+def test_a_client_that_half_closes_before_its_hello_is_closed_and_counted_once():
+    h = Harness("client_hello_timeout = 1\n")
+    h.send(HELLO_BYTES[:10])
+    h.protocol.readConnectionLost()
+    assert h.transport.closed
+    h.advance(2)  # the hello deadline must not count it a second time
+    assert h.actions("close") == 1 and h.rejected("timeout") == 0

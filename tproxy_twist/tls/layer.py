@@ -370,6 +370,7 @@ class TLSConnection(Protocol):
 
     def _finish_without_decision(self) -> None:
         self.factory.tls_metrics.action("close")
+        self._timer = ""
         self.state = CLOSING
         self.transport.loseConnection()
 
