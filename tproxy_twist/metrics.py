@@ -98,19 +98,38 @@ TLS_REJECT_REASONS = ("denied", "no_sni", "not_tls", "timeout", "too_large", "ma
 
 
 class TLSPortMetrics:
-    """The TLS series of one port, label children bound once (all exist from the start)."""
+    """
+    The TLS series of one port, label children bound once (all exist from
+    the start).  Counts are added up in memory and handed over by L{flush},
+    as L{PortMetrics} does with requests.
+    """
 
     def __init__(self, port: str) -> None:
-        self._actions = {a: TLS_CONNECTIONS.labels(port, a) for a in TLS_ACTIONS}
-        self._rejected = {r: TLS_REJECTED.labels(port, r) for r in TLS_REJECT_REASONS}
-        for child in (*self._actions.values(), *self._rejected.values()):
+        self._children = {
+            **{("action", a): TLS_CONNECTIONS.labels(port, a) for a in TLS_ACTIONS},
+            **{("reason", r): TLS_REJECTED.labels(port, r) for r in TLS_REJECT_REASONS},
+        }
+        for child in self._children.values():
             child.inc(0)
+        self._pending = dict.fromkeys(self._children, 0)
+        self._any = False
 
     def action(self, action: str) -> None:
-        self._actions[action].inc()
+        self._pending[("action", action)] += 1
+        self._any = True
 
     def rejected(self, reason: str) -> None:
-        self._rejected[reason].inc()
+        self._pending[("reason", reason)] += 1
+        self._any = True
+
+    def flush(self) -> None:
+        if not self._any:
+            return
+        for key, count in self._pending.items():
+            if count:
+                self._children[key].inc(count)
+                self._pending[key] = 0
+        self._any = False
 
 
 class NullTLSPortMetrics:
@@ -123,6 +142,9 @@ class NullTLSPortMetrics:
         pass
 
     def rejected(self, reason: str) -> None:
+        pass
+
+    def flush(self) -> None:
         pass
 
 

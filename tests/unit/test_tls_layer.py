@@ -97,9 +97,11 @@ class Harness:
         return self.transport.take()
 
     def actions(self, action: str) -> float:
+        self.factory.tls_metrics.flush()
         return sample("tproxy_tls_connections_total", port=self.name, action=action)
 
     def rejected(self, reason: str) -> float:
+        self.factory.tls_metrics.flush()
         return sample("tproxy_tls_rejected_total", port=self.name, reason=reason)
 
     def lose(self) -> None:
@@ -124,7 +126,6 @@ def test_a_hello_is_spliced_to_the_original_destination_from_the_clients_address
     attempt = h.connect.last
     assert (attempt.host, attempt.port, attempt.source_ip) == ("203.0.113.2", 443, "198.51.100.2")
     assert h.protocol.state == CONNECTING
-    assert h.transport.producerState == "paused"  # nothing more is read while connecting
     upstream = attempt.succeed()
     assert upstream.take() == HELLO_BYTES  # replayed unchanged
     assert h.protocol.state == RELAYING
@@ -161,6 +162,17 @@ def test_spliced_bytes_flow_both_ways_with_backpressure_registered():
     assert h.received() == b"server flight"
     assert h.transport.producer is upstream and h.transport.streaming
     assert upstream.producer is h.transport
+
+
+def test_a_client_sending_much_while_connecting_is_paused_until_connected():
+    h = Harness()
+    h.send(HELLO_BYTES)
+    assert h.transport.producerState == "producing"
+    h.send(b"x" * 70000)
+    assert h.transport.producerState == "paused"
+    upstream = h.connect.last.succeed()
+    assert upstream.take() == HELLO_BYTES + b"x" * 70000
+    assert h.transport.producerState == "producing"
 
 
 def test_bytes_sent_while_connecting_follow_the_hello():
@@ -440,6 +452,9 @@ class CountingTLSMetrics:
     def rejected(self, reason: str) -> None:
         self.reasons[reason] += 1
 
+    def flush(self) -> None:
+        pass
+
 
 class TLSConnectionMachine(RuleBasedStateMachine):
     """
@@ -566,9 +581,9 @@ class TLSConnectionMachine(RuleBasedStateMachine):
             assert self.h.entries == []
 
     @invariant()
-    def nothing_is_read_while_connecting(self):
-        if self.h.protocol.state == CONNECTING:
-            assert self.h.transport.producerState == "paused"
+    def reading_is_not_left_paused_once_relaying(self):
+        if self.h.protocol.state == RELAYING and not self.client_eof:
+            assert self.h.transport.producerState == "producing"
 
 
 TLSConnectionMachine.TestCase.settings = settings(

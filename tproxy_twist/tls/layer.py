@@ -42,6 +42,8 @@ _LINGER_SECONDS = 2.0
 # splicing: bulk transfers dominate, larger reads halve the system calls.
 _SPLICE_READ = 1 << 18
 ALERT_DECODE_ERROR = 50
+# Bytes a client may send (hello included) while its upstream connection is made.
+_CONNECTING_BUFFER = 1 << 16
 
 # States of a TLSConnection
 HELLO = "hello"
@@ -118,6 +120,7 @@ class TLSFactory(Factory):
             except Exception:
                 log.failure("sweeping a TLS connection failed")
         self.metrics.flush()
+        self.tls_metrics.flush()
 
     def drain(self, min_idle: float = 1.0) -> int:
         """
@@ -133,6 +136,7 @@ class TLSFactory(Factory):
 
     def shutdown(self) -> None:
         self.metrics.flush()
+        self.tls_metrics.flush()
         if self._sweeper is not None and self._sweeper.running:
             self._sweeper.stop()
         self._sweeper = None
@@ -209,6 +213,7 @@ class TLSConnection(Protocol):
         self._unflushed_in = 0
         self._unflushed_out = 0
         self._writer = None
+        self._paused = False  # reading paused: too much arrived while connecting
 
     # --- the client side -------------------------------------------------------
 
@@ -260,11 +265,15 @@ class TLSConnection(Protocol):
             if hello is not None:
                 self._decide(hello)
         elif state == CONNECTING:
-            # Reading is paused while connecting; a read already under way lands here.
+            # Reading goes on while connecting (pausing and resuming would cost two
+            # epoll_ctl calls per connection) up to one socket read ahead.
             if self.hello is not None:
                 self.reader.feed(data)
             else:
                 self._pending += data
+            if self._bytes_in > _CONNECTING_BUFFER and not self._paused:
+                self._paused = True
+                self.transport.pauseProducing()
         # CLOSING, CLOSED: discarded
 
     def readConnectionLost(self) -> None:
@@ -378,7 +387,6 @@ class TLSConnection(Protocol):
 
     def _connect(self) -> None:
         self.state = CONNECTING
-        self.transport.pauseProducing()
         host, port = self.destination
         source = self.client_ip if self.port.spoof_client_ip else None
         self._connect_started = self._clock.seconds()
@@ -406,7 +414,8 @@ class TLSConnection(Protocol):
         self._arm("idle", self.factory.timeouts.idle)
         if self._client_eof:
             server.loseWriteConnection()
-        else:
+        elif self._paused:
+            self._paused = False
             client.resumeProducing()
 
     def upstream_data(self, data: bytes) -> None:
