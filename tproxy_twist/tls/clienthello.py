@@ -226,56 +226,88 @@ class _Cursor:
         return inner
 
 
+_GREASE = frozenset(0x0A0A + 0x1010 * i for i in range(16))
+
+
 def parse_client_hello_body(body: bytes, size: int) -> ClientHello:
-    """Read a ClientHello's body (after the 4-byte handshake header)."""
-    hello = _Cursor(body, "ClientHello")
-    legacy_version = hello.u16()
-    hello.take(32)  # random
-    session_id = hello.vector(1, "session id")
-    if session_id.left() > 32:
+    """
+    Read a ClientHello's body (after the 4-byte handshake header).  The fixed
+    part and the extension list are read with offsets and C{struct} (this runs
+    once per connection); the few extensions we look into get a L{_Cursor}.
+    """
+    end = len(body)
+    if end < 35:
+        raise _malformed("ClientHello is cut short")
+    legacy_version = (body[0] << 8) | body[1]
+    pos = 34  # after the version and the 32-byte random
+    session_id = body[pos]
+    if session_id > 32:
         raise _malformed("session id longer than 32 bytes")
-    suites = hello.vector(2, "cipher suites")
-    if suites.left() < 2 or suites.left() % 2:
+    pos += 1 + session_id
+    if pos + 2 > end:
+        raise _malformed("ClientHello is cut short")
+    suites_length = (body[pos] << 8) | body[pos + 1]
+    pos += 2
+    if suites_length < 2 or suites_length % 2:
         raise _malformed("cipher suites must be a non-empty list of 2-byte values")
-    grease = False
-    while suites.left():
-        grease = is_grease(suites.u16()) or grease
-    compression = hello.vector(1, "compression methods")
-    if compression.left() < 1:
+    if pos + suites_length > end:
+        raise _malformed("cipher suites overrun ClientHello")
+    grease = not _GREASE.isdisjoint(struct.unpack_from(f"!{suites_length // 2}H", body, pos))
+    pos += suites_length
+    if pos >= end:
+        raise _malformed("ClientHello is cut short")
+    compression = body[pos]
+    pos += 1
+    if compression < 1:
         raise _malformed("no compression methods")
+    if pos + compression > end:
+        raise _malformed("compression methods overrun ClientHello")
+    pos += compression
     sni: str | None = None
     alpn: tuple[str, ...] = ()
     versions: list[int] = []
     ech = False
-    if hello.left():
-        extensions = hello.vector(2, "extensions")
-        if hello.left():
+    if pos < end:
+        if pos + 2 > end:
+            raise _malformed("ClientHello is cut short")
+        extensions_end = pos + 2 + ((body[pos] << 8) | body[pos + 1])
+        pos += 2
+        if extensions_end > end:
+            raise _malformed("extensions overrun ClientHello")
+        if extensions_end < end:
             raise _malformed("bytes after the extensions")
         seen: set[int] = set()
-        while extensions.left():
-            kind = extensions.u16()
-            content = extensions.vector(2, f"extension {kind}")
+        while pos < end:
+            if pos + 4 > end:
+                raise _malformed("extensions are cut short")
+            kind, length = struct.unpack_from("!HH", body, pos)
+            pos += 4
+            content_end = pos + length
+            if content_end > end:
+                raise _malformed(f"extension {kind} overruns extensions")
             if kind in seen:
                 raise _malformed(f"extension {kind} appears twice")
             seen.add(kind)
-            if is_grease(kind):
+            if kind in _GREASE:
                 grease = True
             elif kind == EXT_SERVER_NAME:
-                sni = _server_name(content)
+                sni = _server_name(_Cursor(body, "server_name", pos, content_end))
             elif kind == EXT_ALPN:
-                alpn = _alpn(content)
+                alpn = _alpn(_Cursor(body, "ALPN", pos, content_end))
             elif kind == EXT_SUPPORTED_VERSIONS:
+                content = _Cursor(body, "supported_versions", pos, content_end)
                 listed = content.vector(1, "supported versions")
                 if content.left() or listed.left() < 2 or listed.left() % 2:
                     raise _malformed("supported versions must be a list of 2-byte values")
                 while listed.left():
                     version = listed.u16()
-                    if is_grease(version):
+                    if version in _GREASE:
                         grease = True
                     else:
                         versions.append(version)
             elif kind == EXT_ECH:
                 ech = True
+            pos = content_end
     return ClientHello(
         sni=sni,
         alpn=alpn,
