@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import errno
 import itertools
+import json
 import os
 
 from prometheus_client import REGISTRY
@@ -601,3 +602,20 @@ def test_a_client_that_half_closes_before_its_hello_is_closed_and_counted_once()
     assert h.transport.closed
     h.advance(2)  # the hello deadline must not count it a second time
     assert h.actions("close") == 1 and h.rejected("timeout") == 0
+
+
+def test_log_lines_of_a_spliced_connection_in_both_formats():
+    from tproxy_twist.accesslog import JSONFormatter, SquidFormatter
+
+    h = Harness()
+    h.send(HELLO_BYTES)
+    h.connect.last.succeed()
+    h.lose()
+    (entry,) = h.entries
+    squid = SquidFormatter()(entry).split()
+    assert squid[3:8] == ["TCP_TUNNEL/200", "0", "CONNECT", "www.example.org:443", "-"]
+    assert squid[8] == "HIER_DIRECT/203.0.113.2"
+    line = json.loads(JSONFormatter()(entry))
+    assert {k: line[k] for k in ("sni", "alpn", "tls_version", "ech")} == {
+        "sni": "www.example.org", "alpn": "h2,http/1.1", "tls_version": "TLSv1.3", "ech": False,
+    }  # fmt: skip
