@@ -58,6 +58,14 @@ class AccessEntry:
     destination: str | None  # "ip:port" (or "[ip]:port") the upstream connection went to
     result: str  # Squid's result code: TCP_MISS, TCP_TUNNEL, TCP_DENIED, NONE
     content_type: str  # of the answer, "-" when none
+    # TLS ports only (None elsewhere, and left out of JSON lines): what the ClientHello said.
+    sni: str | None = None
+    alpn: str | None = None  # the offered protocols, comma-separated
+    tls_version: str | None = None  # the highest version offered, e.g. "TLSv1.3"
+    ech: bool | None = None  # an encrypted_client_hello extension was present
+
+
+_TLS_FIELDS = frozenset({"sni", "alpn", "tls_version", "ech"})
 
 
 class AccessLog(Protocol):
@@ -124,10 +132,18 @@ class SquidFormatter:
 
 
 class JSONFormatter:
-    """One JSON object per line with every field of L{AccessEntry}, under its own name."""
+    """
+    One JSON object per line with every field of L{AccessEntry}, under its
+    own name; the TLS fields (C{sni}, C{alpn}, C{tls_version}, C{ech}) only
+    for connections on TLS ports.
+    """
 
     def __call__(self, entry: AccessEntry) -> str:
-        return json.dumps(attrs.asdict(entry), separators=(",", ":"), ensure_ascii=True)
+        if entry.tls_version is None:
+            fields = attrs.asdict(entry, filter=lambda a, v: a.name not in _TLS_FIELDS)
+        else:
+            fields = attrs.asdict(entry)
+        return json.dumps(fields, separators=(",", ":"), ensure_ascii=True)
 
 
 def formatter_for(format: str) -> Formatter:

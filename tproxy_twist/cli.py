@@ -80,6 +80,7 @@ def cmd_rules(args: argparse.Namespace, out: TextIO) -> int:
             iptables=args.iptables,
             ipv4_only=args.ipv4_only,
             kernel_settings=not args.no_sysctl,
+            block_quic=args.block_quic,
         )
     except ValueError as e:
         raise _Usage(str(e)) from None
@@ -156,6 +157,12 @@ def _parser() -> argparse.ArgumentParser:
     rules.add_argument("--ipv4-only", action="store_true", help="leave IPv6 alone")
     rules.add_argument(
         "--no-sysctl", action="store_true", help="leave the kernel settings (sysctls) alone"
+    )
+    rules.add_argument(
+        "--block-quic",
+        action="store_true",
+        help="reject QUIC (UDP to the diverted ports) from the clients of every TLS port, even"
+        " those with block_quic = false, so that browsers fall back to TCP",
     )
     rules.set_defaults(run=cmd_rules)
 

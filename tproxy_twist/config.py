@@ -18,7 +18,11 @@ from typing import Any
 
 import attrs
 
+from .tls.decide import ACTIONS, TLSPolicy, TLSRule
+
 MODES = ("tproxy", "forward", "intercept")
+PROTOCOLS = ("http", "tls")
+ON_NOT_TLS = ("close", "tunnel")
 
 # Squid's `http_access allow localnet` default, as networks: a forward port
 # is not an open relay unless the operator says so.
@@ -89,6 +93,8 @@ class PortConfig:
     divert: tuple[int, ...]
     host_verify_strict: bool = False  # Host disagreeing with the original destination: 409
     x_forwarded_for: str = "off"  # off: pass as received; append: add the client; strip
+    protocol: str = "http"  # "tls": the port carries TLS (a ClientHello first), see tls/
+    tls: TLSPortConfig | None = None  # set exactly when protocol == "tls"
 
     def allows(self, ip: str) -> bool:
         if self.allows_everyone:
@@ -99,6 +105,16 @@ class PortConfig:
     @property
     def allows_everyone(self) -> bool:
         return _covers_everything(self.allow)
+
+
+@attrs.frozen
+class TLSPortConfig:
+    """What a C{protocol = "tls"} port does with a connection (see L{tproxy_twist.tls})."""
+
+    policy: TLSPolicy = TLSPolicy()
+    on_not_tls: str = "close"  # data that is not TLS: "close", or "tunnel" it to the destination
+    client_hello_timeout: float = 5.0  # seconds for the whole ClientHello to arrive
+    block_quic: bool = True  # `tproxy-twist rules` rejects UDP to the diverted ports
 
 
 @attrs.frozen
@@ -355,7 +371,16 @@ def _port(table: _Table, index: int) -> PortConfig:
     default_allow = DEFAULT_FORWARD_ALLOW if mode == "forward" else ALLOW_EVERYONE
     allow = tuple(table.network_list("allow", default_allow))
     connect_ports = table.port_list("connect_ports", (443,), only_for="forward", mode=mode)
-    divert = table.port_list("divert", (80,), only_for="tproxy", mode=mode)
+    protocol = table.get("protocol", "http", str)
+    if protocol not in PROTOCOLS:
+        raise table.error("protocol", f"must be one of {', '.join(PROTOCOLS)}, not {protocol!r}")
+    if protocol == "tls" and mode == "forward":
+        raise table.error(
+            "protocol", '"tls" needs a tproxy or intercept port (forward ports carry CONNECT)'
+        )
+    divert_default = (443,) if protocol == "tls" else (80,)
+    divert = table.port_list("divert", divert_default, only_for="tproxy", mode=mode)
+    tls = _tls_port(table) if protocol == "tls" else _no_tls_keys(table)
     host_verify_strict = table.get("host_verify_strict", False, bool)
     if host_verify_strict and mode == "forward":
         raise table.error("host_verify_strict", "only applies to tproxy and intercept ports")
@@ -373,7 +398,53 @@ def _port(table: _Table, index: int) -> PortConfig:
         divert=divert,
         host_verify_strict=host_verify_strict,
         x_forwarded_for=x_forwarded_for,
+        protocol=protocol,
+        tls=tls,
     )
+
+
+_TLS_KEYS = ("on_not_tls", "client_hello_timeout", "block_quic", "tls")
+
+
+def _no_tls_keys(table: _Table) -> None:
+    for key in _TLS_KEYS:
+        if key in table._data:
+            raise table.error(key, 'only applies to ports with protocol = "tls"')
+    return None
+
+
+def _tls_port(table: _Table) -> TLSPortConfig:
+    on_not_tls = table.get("on_not_tls", "close", str)
+    if on_not_tls not in ON_NOT_TLS:
+        raise table.error("on_not_tls", f"must be one of {', '.join(ON_NOT_TLS)}")
+    timeout = table.number("client_hello_timeout", default=5.0, minimum=0.001)
+    block_quic = table.get("block_quic", True, bool)
+    policy = _tls_policy(table.table("tls"))
+    return TLSPortConfig(
+        policy=policy, on_not_tls=on_not_tls, client_hello_timeout=timeout, block_quic=block_quic
+    )
+
+
+def _tls_policy(table: _Table | None) -> TLSPolicy:
+    if table is None:
+        return TLSPolicy()
+    default = table.action("default", "splice")
+    no_sni = table.action("no_sni", default)
+    raw_rules = table.get("rule", [], list)
+    rules = []
+    for i, raw in enumerate(raw_rules):
+        where = f"{table._prefix}.rule[{i}]"
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{table._path}: {where}: must be a table ([[port.tls.rule]])")
+        rule = _Table(raw, table._path, where)
+        action = rule.action("action", None)
+        sni = rule.sni_list("sni")
+        clients = rule.network_list("clients", ())
+        destinations = rule.network_list("destinations", ())
+        rule.done()
+        rules.append(TLSRule(action=action, sni=sni, clients=clients, destinations=destinations))
+    table.done()
+    return TLSPolicy(rules=tuple(rules), default=default, no_sni=no_sni)
 
 
 def _check_ports(ports: tuple[PortConfig, ...], path: str) -> None:
@@ -545,6 +616,32 @@ class _Table:
                 raise ValueError(f'{value!r} is not an IP network such as "10.0.0.0/8"') from None
 
         return self._list(key, default, network)
+
+    def action(self, key: str, default: str | None) -> str:
+        value = self.get(key, default, str)
+        if value is None:
+            raise self.error(key, f"is required; one of {', '.join(ACTIONS)}")
+        if value not in ACTIONS:
+            raise self.error(key, f"must be one of {', '.join(ACTIONS)}, not {value!r}")
+        return value
+
+    def sni_list(self, key: str) -> tuple[str, ...]:
+        def name(value: Any) -> str:
+            if not isinstance(value, str):
+                raise TypeError(f'must be a server name such as "example.com", not {value!r}')
+            text = value.lower().rstrip(".")
+            bare = text[1:] if text.startswith(".") else text
+            labels = bare.split(".")
+            if not bare or any(
+                not label or not all(c.isalnum() or c in "-_" for c in label) for label in labels
+            ):
+                raise ValueError(
+                    f'{value!r} is not a server name: "example.com" (that name) or'
+                    ' ".example.com" (it and every name below it)'
+                )
+            return text
+
+        return self._list(key, (), name)
 
     def port_list(
         self, key: str, default: tuple[int, ...], *, only_for: str, mode: str

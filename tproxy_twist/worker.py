@@ -171,6 +171,18 @@ class ProxyService(Service):
 
     def _factory(self, port: PortConfig, shared: dict):
         """The protocol factory that serves one configured port."""
+        if port.protocol == "tls":
+            from .tls.layer import tls_factory
+
+            return tls_factory(
+                port,
+                self.config,
+                self._reactor,
+                shared["connect"],
+                shared["local_addresses"],
+                self.access_log,
+                self.budget,
+            )
         from .http.relay import ProxyFactory
         from .metrics import NullPortMetrics, PortMetrics
 
@@ -389,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     # unprivileged user, the interpreter's own directories may be unreadable.
     from .http import relay  # noqa: F401
     from .metrics import PortMetrics  # noqa: F401
+    from .tls import layer  # noqa: F401
 
     try:
         config = configuration.load(args.config)

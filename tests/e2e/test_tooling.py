@@ -311,7 +311,7 @@ def test_the_lab_command_shows_the_clients_own_address_and_leaves_nothing_behind
         'tproxy_requests_total{code="200",method="GET",mode="tproxy",port="transparent"} 2.0'
         in (out)
     )
-    assert "all 15 checks passed" in out
+    assert "all 19 checks passed" in out  # 15, and the TLS port's diversion and QUIC
     prefix = _lab_prefix(out)
     assert not {ns for ns in _namespaces() if ns.startswith(prefix)}
     assert not list(Path("/tmp").glob(f"{prefix}-*"))

@@ -109,6 +109,14 @@ mode = "tproxy"
 spoof_client_ip = true
 divert = [80]
 allow = ["0.0.0.0/0", "::/0"]
+
+[[port]]
+name = "tls"
+listen = "[::]:3130"
+mode = "tproxy"
+protocol = "tls"
+divert = [443]
+allow = ["0.0.0.0/0", "::/0"]
 """
 
 # The metrics worth showing beside what the origin saw.
