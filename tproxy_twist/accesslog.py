@@ -16,11 +16,14 @@ import math
 import os
 import threading
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import attrs
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+
+from .logthrottle import LogThrottle
 
 if TYPE_CHECKING:
     from .config import AccessLogConfig
@@ -56,6 +59,14 @@ class AccessEntry:
     result: str  # Squid's result code: TCP_MISS, TCP_TUNNEL, TCP_DENIED, NONE
     content_type: str  # of the answer, "-" when none
     user: str | None = None  # the proxy-authenticated user (forward ports with auth)
+    # TLS ports only (None elsewhere, and left out of JSON lines): what the ClientHello said.
+    sni: str | None = None
+    alpn: str | None = None  # the offered protocols, comma-separated
+    tls_version: str | None = None  # the highest version offered, e.g. "TLSv1.3"
+    ech: bool | None = None  # an encrypted_client_hello extension was present
+
+
+_TLS_FIELDS = frozenset({"sni", "alpn", "tls_version", "ech"})
 
 
 class AccessLog(Protocol):
@@ -123,10 +134,18 @@ class SquidFormatter:
 
 
 class JSONFormatter:
-    """One JSON object per line with every field of L{AccessEntry}, under its own name."""
+    """
+    One JSON object per line with every field of L{AccessEntry}, under its
+    own name; the TLS fields (C{sni}, C{alpn}, C{tls_version}, C{ech}) only
+    for connections on TLS ports.
+    """
 
     def __call__(self, entry: AccessEntry) -> str:
-        return json.dumps(attrs.asdict(entry), separators=(",", ":"), ensure_ascii=True)
+        if entry.tls_version is None:
+            fields = attrs.asdict(entry, filter=lambda a, v: a.name not in _TLS_FIELDS)
+        else:
+            fields = attrs.asdict(entry)
+        return json.dumps(fields, separators=(",", ":"), ensure_ascii=True)
 
 
 def formatter_for(format: str) -> Formatter:
@@ -158,7 +177,10 @@ class FileAccessLog:
     dedicated writer thread takes whatever has queued up and writes it with
     C{os.write} on an C{O_APPEND} descriptor, whole lines per call.  A
     single writer keeps lines in order.  When the queue is full (the disk
-    has stalled), new lines are dropped and counted in C{dropped}.
+    has stalled), new lines are dropped; when a write fails (a full disk),
+    its lines are lost.  Both are counted in C{dropped} and reported to
+    C{on_dropped(n)}, and logged at most once per C{LogThrottle} interval
+    with a count, however many lines are lost.
 
     The file is opened in the constructor (start-up, before the reactor
     runs and before privileges are dropped), so a bad path is an error
@@ -176,6 +198,7 @@ class FileAccessLog:
         *,
         max_queued: int = DEFAULT_MAX_QUEUED,
         formatter: Formatter | None = None,
+        on_dropped: Callable[[int], None] | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
@@ -190,8 +213,9 @@ class FileAccessLog:
         self._closing = False
         self._finished = False  # the writer has closed the file (set in the reactor thread)
         self._waiting: list[Deferred[None]] = []
-        self._dropping = False
-        self.dropped = 0  # lines lost because the queue was full
+        self._throttle = LogThrottle(reactor)
+        self._on_dropped = on_dropped
+        self.dropped = 0  # lines lost: the queue was full, or their write failed
         self._thread = threading.Thread(target=self._writer, name=f"access-log {path}", daemon=True)
         self._thread.start()
 
@@ -205,18 +229,33 @@ class FileAccessLog:
         with self._wake:
             if self._closing:
                 return
-            if len(self._queue) >= self._max_queued:
-                self.dropped += 1
-                if not self._dropping:
-                    self._dropping = True
-                    log.warn(
-                        "access log {path}: the disk is not keeping up; dropping lines",
-                        path=self.path,
-                    )
-                return
-            self._dropping = False
-            self._queue.append(line)
-            self._wake.notify()
+            full = len(self._queue) >= self._max_queued
+            if not full:
+                self._queue.append(line)
+                self._wake.notify()
+        if full:
+            self._lost(1)
+            self._throttle.emit(
+                log.warn,
+                "queue-full",
+                "access log {path}: the disk is not keeping up; dropping lines",
+                path=self.path,
+            )
+
+    def _lost(self, lines: int) -> None:
+        self.dropped += lines
+        if self._on_dropped is not None:
+            self._on_dropped(lines)
+
+    def _write_failed(self, error: str, lines: int) -> None:
+        self._lost(lines)
+        self._throttle.emit(
+            log.error,
+            "write:" + error,
+            "access log {path}: write failed ({error}); lines lost",
+            path=self.path,
+            error=error,
+        )
 
     def reopen(self) -> None:
         """Open C{path} again before the next write (logrotate moved it away)."""
@@ -288,14 +327,14 @@ class FileAccessLog:
         size = 0
         for line in lines:
             if chunk and size + len(line) > _WRITE_CHUNK:
-                self._write_all("".join(chunk).encode("utf-8", "replace"))
+                self._write_all("".join(chunk).encode("utf-8", "replace"), len(chunk))
                 chunk, size = [], 0
             chunk.append(line)
             size += len(line)
         if chunk:
-            self._write_all("".join(chunk).encode("utf-8", "replace"))
+            self._write_all("".join(chunk).encode("utf-8", "replace"), len(chunk))
 
-    def _write_all(self, data: bytes) -> None:
+    def _write_all(self, data: bytes, lines: int) -> None:
         view = memoryview(data)
         while view:
             try:
@@ -303,13 +342,8 @@ class FileAccessLog:
             except InterruptedError:
                 continue
             except OSError as e:
-                self._reactor.callFromThread(
-                    log.error,
-                    "access log {path}: write failed ({error}); {n} bytes lost",
-                    path=self.path,
-                    error=e.strerror or errno.errorcode.get(e.errno, str(e)),
-                    n=len(view),
-                )
+                why = e.strerror or errno.errorcode.get(e.errno, str(e))
+                self._reactor.callFromThread(self._write_failed, why, lines)
                 return
             view = view[written:]
 
@@ -325,6 +359,10 @@ def open_access_log(config: AccessLogConfig, reactor=None) -> FileAccessLog | No
         return None
     if reactor is None:
         from twisted.internet import reactor
-    access_log = FileAccessLog(config.path, config.format, reactor)
+    from .metrics import ACCESS_LOG_DROPPED
+
+    access_log = FileAccessLog(
+        config.path, config.format, reactor, on_dropped=ACCESS_LOG_DROPPED.inc
+    )
     reactor.addSystemEventTrigger("before", "shutdown", access_log.close)
     return access_log

@@ -99,14 +99,15 @@ def _paths(args: argparse.Namespace) -> tuple[str, str]:
     if args.dir is not None:
         return os.path.join(args.dir, CERT_NAME), os.path.join(args.dir, KEY_NAME)
     from . import config as configuration
-    from .cli import default_config_path
 
-    path = args.config or default_config_path()
-    if args.config is None and not os.path.isfile(path):
-        defaults = configuration.TLSConfig()
-        return defaults.ca_cert, defaults.ca_key
     try:
-        tls = configuration.load(path).tls
+        if args.config is not None:
+            tls = configuration.load(args.config).tls
+        elif any(os.path.isfile(p) for p in configuration.default_paths()):
+            tls = configuration.load_default().tls
+        else:
+            defaults = configuration.TLSConfig()
+            return defaults.ca_cert, defaults.ca_key
     except configuration.ConfigError as e:
         raise args.usage_error(str(e)) from None
     return tls.ca_cert, tls.ca_key

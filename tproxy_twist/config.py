@@ -14,13 +14,17 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import attrs
 
 from .destinations import ALL_PORTS, DestinationPolicy, DestinationRule
+from .tls.decide import ACTIONS, TLSPolicy, TLSRule
 
 MODES = ("tproxy", "forward", "intercept")
+PROTOCOLS = ("http", "tls")
+ON_NOT_TLS = ("close", "tunnel")
 
 # Squid's `http_access allow localnet` default, as networks: a forward port
 # is not an open relay unless the operator says so.
@@ -95,6 +99,8 @@ class PortConfig:
     via: bool = True  # add our Via entry to requests and responses
     destinations: DestinationPolicy = DestinationPolicy()  # allow/deny_destinations
     auth: AuthConfig | None = None  # forward ports: proxy authentication (407)
+    protocol: str = "http"  # "tls": the port carries TLS (a ClientHello first), see tls/
+    tls: TLSPortConfig | None = None  # set exactly when protocol == "tls"
 
     def allows(self, ip: str) -> bool:
         if self.allows_everyone:
@@ -105,6 +111,16 @@ class PortConfig:
     @property
     def allows_everyone(self) -> bool:
         return _covers_everything(self.allow)
+
+
+@attrs.frozen
+class TLSPortConfig:
+    """What a C{protocol = "tls"} port does with a connection (see L{tproxy_twist.tls})."""
+
+    policy: TLSPolicy = TLSPolicy()
+    on_not_tls: str = "close"  # data that is not TLS: "close", or "tunnel" it to the destination
+    client_hello_timeout: float = 5.0  # seconds for the whole ClientHello to arrive
+    block_quic: bool = True  # `tproxy-twist rules` rejects UDP to the diverted ports
 
 
 @attrs.frozen
@@ -249,6 +265,9 @@ class Config:
     access_log: AccessLogConfig = AccessLogConfig()
     visible_hostname: str | None = None  # our name in Via; None: the host name
     tls: TLSConfig = TLSConfig()
+    # A worker whose heartbeat stops (stopped, stuck in a loop, deadlocked) is
+    # shown as not ready at once, and killed and replaced after this long.
+    heartbeat_grace: float = 10.0
 
 
 @functools.lru_cache(maxsize=64)
@@ -298,6 +317,7 @@ def parse(data: Mapping[str, Any], path: str) -> Config:
     _check_identity(table, user, group)
     drain_timeout = table.number("drain_timeout", default=30.0, minimum=0.0)
     visible_hostname = _visible_hostname(table)
+    heartbeat_grace = table.number("heartbeat_grace", default=10.0, minimum=1.0)
     raw_ports = table.get("port", [], list)
     table.done()
     if not raw_ports:
@@ -306,6 +326,7 @@ def parse(data: Mapping[str, Any], path: str) -> Config:
         _port(_Table(p, path, f"port[{i}]"), i) for i, p in enumerate(_tables(raw_ports, path))
     )
     _check_ports(ports, path)
+    _check_metrics_listen(metrics_listen, ports, path)
     return Config(
         path=path,
         workers=workers,
@@ -319,6 +340,7 @@ def parse(data: Mapping[str, Any], path: str) -> Config:
         access_log=access_log,
         visible_hostname=visible_hostname,
         tls=tls,
+        heartbeat_grace=heartbeat_grace,
     )
 
 
@@ -374,7 +396,16 @@ def _port(table: _Table, index: int) -> PortConfig:
     default_allow = DEFAULT_FORWARD_ALLOW if mode == "forward" else ALLOW_EVERYONE
     allow = tuple(table.network_list("allow", default_allow))
     connect_ports = table.port_list("connect_ports", (443,), only_for="forward", mode=mode)
-    divert = table.port_list("divert", (80,), only_for="tproxy", mode=mode)
+    protocol = table.get("protocol", "http", str)
+    if protocol not in PROTOCOLS:
+        raise table.error("protocol", f"must be one of {', '.join(PROTOCOLS)}, not {protocol!r}")
+    if protocol == "tls" and mode == "forward":
+        raise table.error(
+            "protocol", '"tls" needs a tproxy or intercept port (forward ports carry CONNECT)'
+        )
+    divert_default = (443,) if protocol == "tls" else (80,)
+    divert = table.port_list("divert", divert_default, only_for="tproxy", mode=mode)
+    tls = _tls_port(table) if protocol == "tls" else _no_tls_keys(table)
     host_verify_strict = table.get("host_verify_strict", False, bool)
     if host_verify_strict and mode == "forward":
         raise table.error("host_verify_strict", "only applies to tproxy and intercept ports")
@@ -387,6 +418,8 @@ def _port(table: _Table, index: int) -> PortConfig:
         allow=table.destination_list("allow_destinations", allow=True),
     )
     auth = _auth(table, mode)
+    if protocol == "tls":
+        _no_http_policy_keys(table)
     table.done()
     return PortConfig(
         name=name,
@@ -401,6 +434,8 @@ def _port(table: _Table, index: int) -> PortConfig:
         via=via,
         destinations=destinations,
         auth=auth,
+        protocol=protocol,
+        tls=tls,
     )
 
 
@@ -483,6 +518,17 @@ def _port_ranges(text: str, ports_text: str) -> tuple[tuple[int, int], ...]:
     return tuple(ranges)
 
 
+def _no_http_policy_keys(table: _Table) -> None:
+    """A TLS port relays no HTTP: Via and these rules would silently not apply."""
+    for key in ("via", "deny_destinations", "allow_destinations"):
+        if key in table._data:
+            raise table.error(
+                key,
+                'does not apply to TLS ports (protocol = "tls"); their [port.tls] rules'
+                " match destinations",
+            )
+
+
 def _auth(port: _Table, mode: str) -> AuthConfig | None:
     table = port.table("auth")
     if table is None:
@@ -519,6 +565,50 @@ def _auth(port: _Table, mode: str) -> AuthConfig | None:
     )
 
 
+_TLS_KEYS = ("on_not_tls", "client_hello_timeout", "block_quic", "tls")
+
+
+def _no_tls_keys(table: _Table) -> None:
+    for key in _TLS_KEYS:
+        if key in table._data:
+            raise table.error(key, 'only applies to ports with protocol = "tls"')
+    return None
+
+
+def _tls_port(table: _Table) -> TLSPortConfig:
+    on_not_tls = table.get("on_not_tls", "close", str)
+    if on_not_tls not in ON_NOT_TLS:
+        raise table.error("on_not_tls", f"must be one of {', '.join(ON_NOT_TLS)}")
+    timeout = table.number("client_hello_timeout", default=5.0, minimum=0.001)
+    block_quic = table.get("block_quic", True, bool)
+    policy = _tls_policy(table.table("tls"))
+    return TLSPortConfig(
+        policy=policy, on_not_tls=on_not_tls, client_hello_timeout=timeout, block_quic=block_quic
+    )
+
+
+def _tls_policy(table: _Table | None) -> TLSPolicy:
+    if table is None:
+        return TLSPolicy()
+    default = table.action("default", "splice")
+    no_sni = table.action("no_sni", default)
+    raw_rules = table.get("rule", [], list)
+    rules = []
+    for i, raw in enumerate(raw_rules):
+        where = f"{table._prefix}.rule[{i}]"
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{table._path}: {where}: must be a table ([[port.tls.rule]])")
+        rule = _Table(raw, table._path, where)
+        action = rule.action("action", None)
+        sni = rule.sni_list("sni")
+        clients = rule.network_list("clients", ())
+        destinations = rule.network_list("destinations", ())
+        rule.done()
+        rules.append(TLSRule(action=action, sni=sni, clients=clients, destinations=destinations))
+    table.done()
+    return TLSPolicy(rules=tuple(rules), default=default, no_sni=no_sni)
+
+
 def _check_ports(ports: tuple[PortConfig, ...], path: str) -> None:
     names: dict[str, int] = {}
     for i, port in enumerate(ports):
@@ -540,6 +630,19 @@ def _check_ports(ports: tuple[PortConfig, ...], path: str) -> None:
                 f" port[{names[port.name]}]; names label metrics and must be unique"
             )
         names[port.name] = i
+
+
+def _check_metrics_listen(
+    listen: ListenAddress | None, ports: tuple[PortConfig, ...], path: str
+) -> None:
+    if listen is None:
+        return
+    for i, port in enumerate(ports):
+        if listen.overlaps(port.listen):
+            raise ConfigError(
+                f"{path}: metrics.listen: {listen} is also port[{i}]'s address"
+                f" ({port.listen}); the metrics listener needs an address of its own"
+            )
 
 
 def _timeouts(table: _Table | None) -> Timeouts:
@@ -684,6 +787,32 @@ class _Table:
 
         return self._list(key, (), rule)
 
+    def action(self, key: str, default: str | None) -> str:
+        value = self.get(key, default, str)
+        if value is None:
+            raise self.error(key, f"is required; one of {', '.join(ACTIONS)}")
+        if value not in ACTIONS:
+            raise self.error(key, f"must be one of {', '.join(ACTIONS)}, not {value!r}")
+        return value
+
+    def sni_list(self, key: str) -> tuple[str, ...]:
+        def name(value: Any) -> str:
+            if not isinstance(value, str):
+                raise TypeError(f'must be a server name such as "example.com", not {value!r}')
+            text = value.lower().rstrip(".")
+            bare = text[1:] if text.startswith(".") else text
+            labels = bare.split(".")
+            if not bare or any(
+                not label or not all(c.isalnum() or c in "-_" for c in label) for label in labels
+            ):
+                raise ValueError(
+                    f'{value!r} is not a server name: "example.com" (that name) or'
+                    ' ".example.com" (it and every name below it)'
+                )
+            return text
+
+        return self._list(key, (), name)
+
     def port_list(
         self, key: str, default: tuple[int, ...], *, only_for: str, mode: str
     ) -> tuple[int, ...]:
@@ -712,3 +841,32 @@ def with_workers(config: Config, workers: int) -> Config:
 def with_identity(config: Config, user: str, group: str | None) -> Config:
     """The same configuration with the workers' user and group set."""
     return attrs.evolve(config, user=user, group=group)
+
+
+# --- where the configuration is looked for ----------------------------------------------
+
+SYSTEM_PATH = "/etc/tproxy-twist/tproxy.toml"
+# A checkout's sample, for running from the source tree.
+_CHECKOUT_PATH = str(Path(__file__).resolve().parents[1] / "etc" / "tproxy.toml")
+
+
+def default_paths() -> tuple[str, ...]:
+    """
+    Where C{twistd tproxy} and C{tproxy-twist} look for the configuration
+    when C{--config} is not given, in order: the installed path, then
+    C{./etc/tproxy.toml} and the source checkout's sample (run from a checkout).
+    """
+    return tuple(dict.fromkeys((SYSTEM_PATH, "etc/tproxy.toml", _CHECKOUT_PATH)))
+
+
+def load_default() -> Config:
+    """
+    L{load} the first of L{default_paths} that exists.  When none does, the
+    L{ConfigError} names every path tried and C{--config}.
+    """
+    for candidate in default_paths():
+        if os.path.isfile(candidate):
+            return load(candidate)
+    raise ConfigError(
+        f"no configuration file: tried {', '.join(default_paths())}; give one with --config FILE"
+    )

@@ -147,6 +147,91 @@ class BumpMetrics:
 
 # --- end of TLS bump --------------------------------------------------------------------
 
+# --- process life (the master and the workers' own upkeep) -------------------------------
+WORKERS_NOT_READY = Gauge(
+    "tproxy_workers_not_ready",
+    "Workers of the serving generation that are not ready: starting, restarting, or silent"
+    " (their heartbeat stopped: stopped, stuck in a loop or deadlocked).",
+    multiprocess_mode="max",
+)
+ACCESS_LOG_DROPPED = Counter(
+    "tproxy_access_log_dropped",
+    "Access-log entries lost: the disk did not keep up (the queue was full), or the"
+    " write failed (disk full, I/O error; the log says which).",
+)
+
+# --- TLS ports (tproxy_twist.tls); the SNI is never a label: it is unbounded ----------
+TLS_CONNECTIONS = Counter(
+    "tproxy_tls_connections",
+    "Connections on TLS ports by what was done with them: splice, deny, tunnel (not TLS,"
+    " relayed as on_not_tls says) or close (no decision was possible, see"
+    " tproxy_tls_rejected_total).",
+    ["port", "action"],
+)
+TLS_REJECTED = Counter(
+    "tproxy_tls_rejected",
+    "Connections on TLS ports refused, by reason: denied (a rule or default), no_sni (the"
+    " no-SNI action denied it), not_tls, timeout (no whole ClientHello within"
+    " client_hello_timeout), too_large, malformed.",
+    ["port", "reason"],
+)
+TLS_ACTIONS = ("splice", "deny", "tunnel", "close")
+TLS_REJECT_REASONS = ("denied", "no_sni", "not_tls", "timeout", "too_large", "malformed")
+
+
+class TLSPortMetrics:
+    """
+    The TLS series of one port, label children bound once (all exist from
+    the start).  Counts are added up in memory and handed over by L{flush},
+    as L{PortMetrics} does with requests.
+    """
+
+    def __init__(self, port: str) -> None:
+        self._children = {
+            **{("action", a): TLS_CONNECTIONS.labels(port, a) for a in TLS_ACTIONS},
+            **{("reason", r): TLS_REJECTED.labels(port, r) for r in TLS_REJECT_REASONS},
+        }
+        for child in self._children.values():
+            child.inc(0)
+        self._pending = dict.fromkeys(self._children, 0)
+        self._any = False
+
+    def action(self, action: str) -> None:
+        self._pending[("action", action)] += 1
+        self._any = True
+
+    def rejected(self, reason: str) -> None:
+        self._pending[("reason", reason)] += 1
+        self._any = True
+
+    def flush(self) -> None:
+        if not self._any:
+            return
+        for key, count in self._pending.items():
+            if count:
+                self._children[key].inc(count)
+                self._pending[key] = 0
+        self._any = False
+
+
+class NullTLSPortMetrics:
+    """L{TLSPortMetrics} that records nothing (metrics off)."""
+
+    def __init__(self, port: str) -> None:
+        pass
+
+    def action(self, action: str) -> None:
+        pass
+
+    def rejected(self, reason: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+# --- the rest -----------------------------------------------------------------------
+
 METHODS = frozenset(
     m.encode() for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE",
                          "PATCH")

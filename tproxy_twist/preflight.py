@@ -36,6 +36,9 @@ __all__ = [
     "check_forwarding",
     "check_migrate_req",
     "check_policy_routing",
+    "check_quic_blocked",
+    "parse_nft_quic_rejects",
+    "parse_iptables_quic_rejects",
     "check_rp_filter",
     "check_transparent_bind",
     "families",
@@ -730,6 +733,146 @@ def _divert_check(
     return Check(name, False, detail, fix)
 
 
+# --- QUIC ---------------------------------------------------------------------------
+
+_QUIC_WHY = (
+    "browsers speak QUIC (HTTP/3 over UDP) to servers that offer it; UDP passes a TCP"
+    " proxy by, so that HTTPS is neither seen, nor checked by the port's TLS rules, nor"
+    " counted or logged; rejecting it makes browsers fall back to TCP at once"
+)
+
+
+@attrs.frozen
+class QuicReject:
+    """A rule that rejects or drops UDP to some ports (forwarded traffic)."""
+
+    family: int
+    dports: PortRanges
+
+    def covers(self, dport: int) -> bool:
+        return self.dports is None or any(lo <= dport <= hi for lo, hi in self.dports)
+
+
+def parse_nft_quic_rejects(text: str) -> list[QuicReject]:
+    """Rules in prerouting or forward chains of C{nft -j list ruleset} that reject or
+    drop UDP by destination port."""
+    try:
+        items = json.loads(text).get("nftables", [])
+    except (ValueError, AttributeError):
+        return []
+    hooked = set()
+    for item in items:
+        chain = item.get("chain") if isinstance(item, dict) else None
+        if isinstance(chain, dict) and chain.get("hook") in ("prerouting", "forward"):
+            hooked.add((chain.get("family"), chain.get("table"), chain.get("name")))
+    found = []
+    for item in items:
+        rule = item.get("rule") if isinstance(item, dict) else None
+        if not isinstance(rule, dict):
+            continue
+        if (rule.get("family"), rule.get("table"), rule.get("chain")) not in hooked:
+            continue
+        fams = set(_NFT_FAMILIES.get(rule.get("family"), set()))
+        dports: PortRanges = None
+        udp = verdict = False
+        for expr in rule.get("expr", []):
+            if not isinstance(expr, dict):
+                continue
+            if "reject" in expr or "drop" in expr:
+                verdict = True
+            match = expr.get("match")
+            if not isinstance(match, dict) or not isinstance(match.get("left"), dict):
+                continue
+            left, right = match["left"], match.get("right")
+            if match.get("op", "==") not in ("==", "in"):
+                udp = False
+                break  # negated selectors: too clever to vouch for
+            payload = left.get("payload")
+            if isinstance(payload, dict):
+                if payload.get("field") == "dport" and payload.get("protocol") == "udp":
+                    udp = True
+                    dports = _port_ranges(right, rule, {})
+                elif payload.get("field") == "saddr":
+                    fams &= {
+                        {"ip": socket.AF_INET, "ip6": socket.AF_INET6}.get(payload.get("protocol"))
+                    }
+            elif isinstance(left.get("meta"), dict) and left["meta"].get("key") == "nfproto":
+                fams &= {
+                    {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}.get(v) for v in _values(right)
+                }
+        if udp and verdict and dports is not None:
+            found += [QuicReject(fam, dports) for fam in sorted(fams)]
+    return found
+
+
+def parse_iptables_quic_rejects(text: str, family: int) -> list[QuicReject]:
+    """C{iptables-save -t filter} rules that reject or drop UDP by destination port."""
+    found = []
+    table = ""
+    for line in text.splitlines():
+        if line.startswith("*"):
+            table = line[1:].strip()
+            continue
+        if table != "filter" or not line.startswith("-A ") or "!" in line:
+            continue
+        try:
+            words = shlex.split(line)
+        except ValueError:
+            continue
+        if _option(words, "-p") == "udp" and _option(words, "-j") in ("REJECT", "DROP"):
+            dports = _iptables_dports(words)
+            if dports:
+                found.append(QuicReject(family, dports))
+    return found
+
+
+def check_quic_blocked(
+    host: Host, config: Config, family_list: Sequence[int], *, fix: str
+) -> list[Check]:
+    """For each tproxy TLS port and family: is UDP to its diverted ports rejected?"""
+    tls_ports = [p for p in config.ports if p.mode == "tproxy" and p.tls is not None]
+    if not tls_ports:
+        return []
+    found: list[QuicReject] = []
+    nft = host.run(["nft", "-j", "list", "ruleset"])
+    if nft.returncode == 0:
+        found += parse_nft_quic_rejects(nft.stdout)
+    for family in family_list:
+        command = "iptables-save" if family == socket.AF_INET else "ip6tables-save"
+        saved = host.run([command, "-t", "filter"])
+        if saved.returncode == 0:
+            found += parse_iptables_quic_rejects(saved.stdout, family)
+    checks = []
+    for port in tls_ports:
+        dports = ",".join(str(d) for d in port.divert)
+        for family in family_list:
+            fam = FAMILY_NAMES[family]
+            name = f"{fam} QUIC blocked for TLS port :{port.listen.port} (udp dport {dports})"
+            if not port.tls.block_quic:
+                checks.append(
+                    Check(
+                        name, True, f"not blocked, as configured (block_quic = false): {_QUIC_WHY}"
+                    )
+                )
+                continue
+            missing = [
+                d for d in port.divert if not any(r.family == family and r.covers(d) for r in found)
+            ]
+            if not missing:
+                checks.append(Check(name, True, "UDP to the diverted ports is rejected"))
+            else:
+                checks.append(
+                    Check(
+                        name,
+                        False,
+                        f"no {fam} rule rejects udp port(s) {','.join(map(str, missing))}"
+                        f" from the clients: {_QUIC_WHY}",
+                        fix,
+                    )
+                )
+    return checks
+
+
 def _json_list(text: str) -> list:
     try:
         value = json.loads(text or "[]")
@@ -780,6 +923,9 @@ def run_checks(
     for family in family_list:
         checks += check_policy_routing(host, family)
     checks += check_divert_rules(host, config, family_list, fix=fix)
+    checks += check_quic_blocked(
+        host, config, family_list, fix=fix(False) if callable(fix) else fix
+    )
     checks += [check_forwarding(host, family) for family in family_list]
     checks.append(check_rp_filter(host))
     checks.append(check_migrate_req(host))

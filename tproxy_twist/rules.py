@@ -20,6 +20,7 @@ assert it on a real kernel):
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
     from .config import Config
 
 __all__ = [
+    "QuicBlock",
+    "quic_blocks",
     "DEFAULT_MARK",
     "DEFAULT_TABLE",
     "DivertPort",
@@ -44,6 +47,7 @@ __all__ = [
 
 NFT_TABLE = "tproxy_twist"
 IPT_CHAIN = "TPROXY_TWIST"
+IPT_QUIC_CHAIN = "TPROXY_TWIST_QUIC"
 
 # The Squid wiki's numbers: packets marked 1 are looked up in routing table 100.
 DEFAULT_MARK = 1
@@ -83,6 +87,37 @@ class DivertPort:
     divert: tuple[int, ...] = attrs.field(
         default=(80,), converter=tuple, validator=_validate_divert
     )
+
+
+@attrs.frozen
+class QuicBlock:
+    """UDP to ``dports`` (QUIC: HTTP/3) from ``sources`` is rejected, so that browsers
+    fall back to TCP, where a TLS port sees them. Empty ``sources``: from everyone."""
+
+    dports: tuple[int, ...] = attrs.field(converter=tuple, validator=_validate_divert)
+    sources: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+
+
+def _quic_sources(block: QuicBlock, version: int) -> list[str] | None:
+    """The block's source networks of one IP version; None: from everyone."""
+    if not block.sources:
+        return None
+    return [s for s in block.sources if ipaddress.ip_network(s).version == version]
+
+
+def _nft_quic_rules(quic: Sequence[QuicBlock], ipv4_only: bool) -> list[str]:
+    rules = []
+    for block in quic:
+        dports = ", ".join(str(d) for d in block.dports)
+        for version, nfproto, addr in ((4, "ipv4", "ip"), (6, "ipv6", "ip6")):
+            if version == 6 and ipv4_only:
+                continue
+            sources = _quic_sources(block, version)
+            if sources == []:
+                continue
+            match = f" {addr} saddr {{ {', '.join(sources)} }}" if sources else ""
+            rules.append(f"        meta nfproto {nfproto}{match} udp dport {{ {dports} }} reject")
+    return rules
 
 
 def _check_common(ports: Sequence[DivertPort], mark: int, table: int) -> list[DivertPort]:
@@ -167,7 +202,11 @@ def _policy_routing(mark: int, table: int, ipv4_only: bool) -> list[str]:
 
 
 def nftables_ruleset(
-    ports: Sequence[DivertPort], *, ipv4_only: bool = False, mark: int = DEFAULT_MARK
+    ports: Sequence[DivertPort],
+    *,
+    ipv4_only: bool = False,
+    mark: int = DEFAULT_MARK,
+    quic: Sequence[QuicBlock] = (),
 ) -> str:
     """Return the nftables ruleset (``nft -f`` input) of :func:`render_nftables`.
 
@@ -205,9 +244,18 @@ def nftables_ruleset(
         "        type filter hook prerouting priority mangle; policy accept;",
         *rules,
         "    }",
-        "}",
-        "",
     ]
+    quic_rules = _nft_quic_rules(quic, ipv4_only)
+    if quic_rules:
+        lines += [
+            "    chain forward {",
+            "        type filter hook forward priority filter; policy accept;",
+            "        # QUIC (HTTP/3, UDP) would pass the TLS port by: reject it, so that",
+            "        # browsers fall back to TCP at once.",
+            *quic_rules,
+            "    }",
+        ]
+    lines += ["}", ""]
     return "\n".join(lines)
 
 
@@ -217,6 +265,7 @@ def render_nftables(
     ipv4_only: bool = False,
     mark: int = DEFAULT_MARK,
     table: int = DEFAULT_TABLE,
+    quic: Sequence[QuicBlock] = (),
 ) -> str:
     """Return an ``sh`` script that sets up nftables TPROXY and policy routing.
 
@@ -231,7 +280,7 @@ def render_nftables(
         "# If nothing listens on a tproxy port, `tproxy` finds no socket, the rest of",
         "# the rule is skipped and the packet is routed on unproxied (fail-open).",
         "nft -f - <<'EOF'",
-        *nftables_ruleset(ports, ipv4_only=ipv4_only, mark=mark).splitlines(),
+        *nftables_ruleset(ports, ipv4_only=ipv4_only, mark=mark, quic=quic).splitlines(),
         "EOF",
         "",
     ]
@@ -245,6 +294,7 @@ def render_iptables(
     ipv4_only: bool = False,
     mark: int = DEFAULT_MARK,
     table: int = DEFAULT_TABLE,
+    quic: Sequence[QuicBlock] = (),
 ) -> str:
     """Return an ``sh`` script that sets up the Squid wiki's iptables TPROXY recipe.
 
@@ -291,8 +341,35 @@ def render_iptables(
             f"    {cmd} -t mangle -A PREROUTING -j {IPT_CHAIN}",
             "",
         ]
+        if quic:
+            lines += _iptables_quic(cmd, 4 if name == "IPv4" else 6, quic)
     lines += _policy_routing(mark, table, ipv4_only)
     return "\n".join(lines)
+
+
+def _iptables_quic(cmd: str, version: int, quic: Sequence[QuicBlock]) -> list[str]:
+    lines = [
+        "# QUIC (HTTP/3, UDP) would pass the TLS port by: reject it in the filter table's",
+        f"# FORWARD chain (via {IPT_QUIC_CHAIN}), so that browsers fall back to TCP at once.",
+        f"{cmd} -t filter -N {IPT_QUIC_CHAIN} 2>/dev/null || true",
+        f"{cmd} -t filter -F {IPT_QUIC_CHAIN}",
+    ]
+    for block in quic:
+        sources = _quic_sources(block, version)
+        if sources == []:
+            continue
+        for dport in block.dports:
+            for source in sources or [None]:
+                match = f" -s {source}" if source else ""
+                lines.append(
+                    f"{cmd} -t filter -A {IPT_QUIC_CHAIN}{match} -p udp --dport {dport} -j REJECT"
+                )
+    lines += [
+        f"{cmd} -t filter -C FORWARD -j {IPT_QUIC_CHAIN} 2>/dev/null ||",
+        f"    {cmd} -t filter -I FORWARD -j {IPT_QUIC_CHAIN}",
+        "",
+    ]
+    return lines
 
 
 def render_kernel_settings(*, ipv4_only: bool = False) -> str:
@@ -336,6 +413,17 @@ def divert_ports(config: Config) -> list[DivertPort]:
     ]
 
 
+def quic_blocks(config: Config, *, force: bool = False) -> list[QuicBlock]:
+    """The QUIC rejections for ``config``: one per tproxy TLS port with ``block_quic``
+    (every tproxy TLS port with ``force``, the ``--block-quic`` flag), from the port's
+    ``allow`` networks (everyone when it allows everyone)."""
+    return [
+        QuicBlock(port.divert, () if port.allows_everyone else tuple(str(n) for n in port.allow))
+        for port in config.ports
+        if port.mode == "tproxy" and port.tls is not None and (port.tls.block_quic or force)
+    ]
+
+
 def serves_ipv6(config: Config) -> bool:
     """Whether any tproxy port can receive IPv6 connections (``[::]`` serves both families)."""
     return any(
@@ -349,18 +437,21 @@ def render_for_config(
     iptables: bool = False,
     ipv4_only: bool = False,
     kernel_settings: bool = True,
+    block_quic: bool = False,
 ) -> str:
     """The complete set-up script for ``config``'s tproxy ports: what ``tproxy-twist rules`` prints.
 
     IPv6 is left alone when ``ipv4_only`` is set or no tproxy port listens on
-    IPv6. Raises :class:`ValueError` with a reason when there is nothing to divert.
+    IPv6. QUIC is rejected for the TLS ports that set ``block_quic`` (all of them
+    with ``block_quic``, the ``--block-quic`` flag). Raises :class:`ValueError` with a
+    reason when there is nothing to divert.
     """
     ports = divert_ports(config)
     if not ports:
         raise ValueError(f'{config.path}: no port has mode = "tproxy": nothing to divert')
     ipv4_only = ipv4_only or not serves_ipv6(config)
     render = render_iptables if iptables else render_nftables
-    script = render(ports, ipv4_only=ipv4_only)
+    script = render(ports, ipv4_only=ipv4_only, quic=quic_blocks(config, force=block_quic))
     if kernel_settings:
         script += "\n" + render_kernel_settings(ipv4_only=ipv4_only)
     return script

@@ -3,19 +3,33 @@ C{twistd tproxy}: command-line options and the service tree.
 
 The plugin file in C{twisted/plugins} points here; this module only parses
 options, loads the configuration and wires services together.
+
+A mistake in the configuration is printed alone, in one line, and twistd
+exits 1 (not after twistd's usage text).
 """
 
 from __future__ import annotations
 
 import grp
+import os
 import pwd
+import sys
 
 from twisted.application.service import IService
 from twisted.python import usage
 
 from . import config as configuration
 
-DEFAULT_CONFIG = "/etc/tproxy-twist/tproxy.toml"
+
+def version() -> str:
+    """tproxy-twist's own version (its installed distribution's)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as distribution_version
+
+    try:
+        return distribution_version("tproxy-twist")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 class Options(usage.Options):
@@ -25,12 +39,20 @@ class Options(usage.Options):
         " destination from the client's own IP address, plus an explicit forward"
         " proxy port, with Prometheus metrics.  A master process supervises"
         " pre-forked workers; SIGHUP reloads the configuration without dropping"
-        " requests, SIGTERM drains and stops.  twistd's --uid/--gid apply to the"
+        " requests, SIGTERM drains and stops; a worker that stops answering is"
+        " replaced (heartbeat_grace).  twistd's --uid/--gid apply to the"
         " workers (the master keeps root to supervise them).  See the README and"
         " the sample etc/tproxy.toml for the configuration reference."
     )
     optParameters = [
-        ["config", "c", DEFAULT_CONFIG, "The TOML configuration file."],
+        [
+            "config",
+            "c",
+            None,
+            "The TOML configuration file (default: the first that exists of "
+            + ", ".join(configuration.default_paths())
+            + ").",
+        ],
         [
             "workers",
             "w",
@@ -40,11 +62,20 @@ class Options(usage.Options):
         ],
     ]
 
+    def opt_version(self) -> None:
+        """Print tproxy-twist's version and exit."""
+        sys.stdout.write(f"tproxy-twist {version()}\n")
+        sys.exit(0)
+
     def postOptions(self) -> None:
         try:
-            self["loaded"] = configuration.load(self["config"])
+            if self["config"] is None:
+                self["loaded"] = configuration.load_default()
+            else:
+                self["loaded"] = configuration.load(self["config"])
         except configuration.ConfigError as e:
-            raise usage.UsageError(str(e)) from None
+            # Alone and first: twistd would print its usage text before a UsageError.
+            raise SystemExit(f"tproxy-twist: {e}") from None
         workers = self["workers"]
         if workers is not None:
             if not 0 <= workers <= 1024:
@@ -70,13 +101,42 @@ def _take_twistd_identity(options: Options, config: configuration.Config):
     return configuration.with_identity(config, user, group)
 
 
+def access_log_problem(config: configuration.Config) -> str | None:
+    """Why the workers could not write the configured access log, or None."""
+    path = config.access_log.path
+    if path is None:
+        return None
+    from .privileges import Identity, can_write_directory, resolve
+
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        return f"{config.path}: access_log.path: directory {directory} does not exist"
+    if config.user is not None:
+        identity = resolve(config.user, config.group)
+    else:
+        identity = Identity(os.geteuid(), os.getegid(), "root", "root")
+    try:
+        writable = can_write_directory(directory, identity)
+    except OSError as e:
+        return f"{config.path}: access_log.path: directory {directory}: {e.strerror}"
+    if not writable:
+        return (
+            f"{config.path}: access_log.path: directory {directory} is not writable by"
+            f" {identity.user}, the user the workers run as"
+        )
+    return None
+
+
 def makeService(options: Options) -> IService:
     config = _take_twistd_identity(options, options["loaded"])
+    problem = access_log_problem(config)
+    if problem is not None:
+        raise SystemExit(f"tproxy-twist: {problem}")
     # prometheus_client picks its storage when it is first imported: the
     # multiprocess directory must be in the environment before that.
-    from .master import prepare_metrics_dir
+    from .master import prepare_runtime_dir
 
-    prepare_metrics_dir()
+    run_dir = prepare_runtime_dir()
     from .master import MasterService
     from .worker import StartupError, check_tproxy_support
 
@@ -84,4 +144,4 @@ def makeService(options: Options) -> IService:
         check_tproxy_support(config)
     except StartupError as e:
         raise SystemExit(f"tproxy-twist: {e}") from None
-    return MasterService(config, workers_override=options["workers"])
+    return MasterService(config, workers_override=options["workers"], run_dir=run_dir)

@@ -1,10 +1,13 @@
 """
 Public fakes for testing the relay without sockets: a transport that
-records what was written, and an upstream connector that records where,
-and from which source address, connections were opened.
+records what was written, an upstream connector that records where, and
+from which source address, connections were opened, and TLS ClientHellos
+built byte by byte.
 """
 
 from __future__ import annotations
+
+import struct
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone
@@ -96,3 +99,55 @@ class FakeConnect:
     @property
     def last(self) -> UpstreamAttempt:
         return self.attempts[-1]
+
+
+# --- TLS ClientHellos, built byte by byte -------------------------------------------
+
+
+def tls_vector(length_bytes: int, data: bytes) -> bytes:
+    return len(data).to_bytes(length_bytes, "big") + data
+
+
+def extension(kind: int, data: bytes) -> bytes:
+    return struct.pack("!H", kind) + tls_vector(2, data)
+
+
+def sni_extension(name: bytes) -> bytes:
+    return extension(0, tls_vector(2, b"\x00" + tls_vector(2, name)))
+
+
+def alpn_extension(protocols: list[bytes]) -> bytes:
+    return extension(16, tls_vector(2, b"".join(tls_vector(1, p) for p in protocols)))
+
+
+def versions_extension(versions: list[int]) -> bytes:
+    return extension(43, tls_vector(1, b"".join(struct.pack("!H", v) for v in versions)))
+
+
+def hello_message(
+    extensions: list[bytes] | None = None,
+    *,
+    suites: tuple[int, ...] | list[int] = (0x1301, 0x1302, 0xC02F),
+    legacy_version: int = 0x0303,
+    session_id: bytes = b"",
+) -> bytes:
+    """A ClientHello handshake message (header included)."""
+    body = (
+        struct.pack("!H", legacy_version)
+        + b"\x42" * 32
+        + tls_vector(1, session_id)
+        + tls_vector(2, b"".join(struct.pack("!H", s) for s in suites))
+        + tls_vector(1, b"\x00")
+    )
+    if extensions is not None:
+        body += tls_vector(2, b"".join(extensions))
+    return b"\x01" + len(body).to_bytes(3, "big") + body
+
+
+def records(handshake: bytes, cuts: tuple[int, ...] | list[int] = ()) -> bytes:
+    """C{handshake} in TLS records, a new record at each cut offset."""
+    bounds = [0, *sorted(set(c for c in cuts if 0 < c < len(handshake))), len(handshake)]
+    out = b""
+    for start, end in zip(bounds, bounds[1:], strict=False):
+        out += b"\x16\x03\x01" + tls_vector(2, handshake[start:end])
+    return out

@@ -5,26 +5,63 @@ workers), drops privileges, tells the master it is ready, and relays until
 told to drain.
 
 Run by the master as C{python -m tproxy_twist.worker --config FILE --index N}
-with C{PROMETHEUS_MULTIPROC_DIR} set in its environment; not by hand.
+with C{PROMETHEUS_MULTIPROC_DIR} and C{TPROXY_TWIST_MASTER_PID} set in its
+environment; not by hand.
+
+The worker never outlives its master: the kernel sends it SIGTERM when the
+master dies (PR_SET_PDEATHSIG, set before anything else), and the master's
+end of the worker's stdin closing means the same.  While its reactor runs it
+writes a heartbeat line to the master every L{HEARTBEAT_INTERVAL} seconds
+from the reactor thread, so a stopped, looping or deadlocked worker falls
+silent and the master notices.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import signal
-import socket
 import sys
 
+#: The master's pid, in the environment of every worker it spawns.
+MASTER_PID_ENV = "TPROXY_TWIST_MASTER_PID"
+
+
+def _die_with_master() -> None:
+    """
+    Ask for SIGTERM when the master dies, then check it has not died
+    already (before the request, when nothing would be sent).  Cheap on
+    purpose: it runs before the heavy imports.
+    """
+    import ctypes
+    import signal
+
+    expected = os.environ.get(MASTER_PID_ENV)
+    if expected is None:
+        return  # not started by a master (a test, or by hand)
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    if str(os.getppid()) != expected:
+        sys.stderr.write("the master is gone; not starting\n")
+        os._exit(3)
+
+
 if __name__ == "__main__":
+    _die_with_master()
     # A worker never speaks TLS, yet twisted.internet.tcp imports pyOpenSSL
     # and cryptography for startTLS when they can be imported: about 6 MB of
     # memory in every worker.  Without them Twisted's TCP simply has no TLS.
     sys.modules.setdefault("OpenSSL", None)  # type: ignore[arg-type]
 
+import argparse  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+
 from twisted.application.service import Service  # noqa: E402
 from twisted.internet import defer, task  # noqa: E402
+from twisted.internet.interfaces import IReadDescriptor  # noqa: E402
 from twisted.logger import Logger  # noqa: E402
+from zope.interface import implementer  # noqa: E402
 
 from .config import Config, PortConfig  # noqa: E402
 from .sockets import LocalAddresses, connect_upstream, listening_socket  # noqa: E402
@@ -33,6 +70,8 @@ log = Logger()
 
 #: Status lines a worker writes to the master on this file descriptor.
 STATUS_FD = 3
+#: Seconds between two heartbeat lines ("alive") on the status pipe.
+HEARTBEAT_INTERVAL = 1.0
 
 
 class StartupError(Exception):
@@ -53,18 +92,35 @@ def check_tproxy_support(config: Config) -> None:
 
 
 class ProxyService(Service):
-    """Listens on every configured port and relays what arrives."""
+    """
+    Listens on every configured port and relays what arrives.
 
-    def __init__(self, config: Config, reactor=None, access_log=None) -> None:
+    L{privilegedStartService} binds the listening sockets (before privileges
+    are dropped, so that a port in use is a start-up error with a message);
+    L{startService} starts accepting on them; L{stopService} drains: it stops
+    accepting, lets in-flight requests finish for up to C{drain_timeout}
+    seconds, and returns a L{Deferred} that fires when that is done.
+    """
+
+    def __init__(
+        self, config: Config, reactor=None, access_log=None, *, max_connections: int | None = None
+    ) -> None:
         if reactor is None:
             from twisted.internet import reactor
         self._reactor = reactor
         self.config = config
         self.access_log = access_log
-        # Bind now, before privileges are dropped, so that a port in use is a
-        # start-up error with a message, not a log line.
+        #: The connections this worker takes at most (C{limits.max_connections},
+        #: or fewer when the open-file limit is lower: see L{resources}).
+        self.max_connections = max_connections or config.limits.max_connections
         self._sockets: list[tuple[PortConfig, socket.socket]] = []
-        for port in config.ports:
+        self._ports = []
+        self.factories = []
+        self.budget = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        for port in self.config.ports:
             try:
                 sock = listening_socket(port.listen, transparent=port.mode == "tproxy")
             except OSError as e:
@@ -73,8 +129,6 @@ class ProxyService(Service):
                     f"cannot listen on {port.listen} (port {port.name!r}): {e.strerror}"
                 ) from None
             self._sockets.append((port, sock))
-        self._ports = []
-        self.factories = []
 
     def _close_sockets(self) -> None:
         for _, sock in self._sockets:
@@ -82,11 +136,7 @@ class ProxyService(Service):
         self._sockets = []
 
     def startService(self) -> None:
-        from .http.relay import ConnectionBudget, ProxyFactory, RelaySettings
-        from .metrics import NullPortMetrics, PortMetrics
-
-        # Nobody can read metrics without a listener: don't pay for them.
-        metrics_class = PortMetrics if self.config.metrics_listen is not None else NullPortMetrics
+        from .http.relay import ConnectionBudget, RelaySettings
 
         super().startService()
         reactor = self._reactor
@@ -95,24 +145,22 @@ class ProxyService(Service):
             limits=self.config.limits,
             pseudonym=socket.gethostname(),
         )
-        local = LocalAddresses(reactor)
-        connect = connect_upstream(reactor)
-        budget = ConnectionBudget(
-            self.config.limits.max_connections, self._pause_accepting, self._resume_accepting
+        shared = {
+            "settings": settings,
+            "connect": connect_upstream(reactor),
+            "clock": reactor,
+            "local_addresses": LocalAddresses(reactor),
+            "access_log": self.access_log,
+        }
+        self.budget = ConnectionBudget(
+            self.max_connections, self._pause_accepting, self._resume_accepting
         )
         for port, sock in self._sockets:
-            factory = ProxyFactory(
-                port,
-                settings=settings,
-                connect=connect,
-                clock=reactor,
-                local_addresses=local,
-                metrics=metrics_class(port.name, port.mode),
-                access_log=self.access_log,
-                budget=budget,
-            )
+            factory = self._factory(port, shared)
             self.factories.append(factory)
-            self._ports.append(reactor.adoptStreamPort(sock.fileno(), sock.family, factory))
+            listening = reactor.adoptStreamPort(sock.fileno(), sock.family, factory)
+            _accept_within_budget(listening, self.budget)
+            self._ports.append(listening)
             log.info(
                 "{mode} port {name!r} listening on {listen}",
                 mode=port.mode,
@@ -120,6 +168,29 @@ class ProxyService(Service):
                 listen=str(port.listen),
             )
         self._close_sockets()  # the reactor holds its own duplicates
+
+    def _factory(self, port: PortConfig, shared: dict):
+        """The protocol factory that serves one configured port."""
+        if port.protocol == "tls":
+            from .tls.layer import tls_factory
+
+            return tls_factory(
+                port,
+                self.config,
+                self._reactor,
+                shared["connect"],
+                shared["local_addresses"],
+                self.access_log,
+                self.budget,
+            )
+        from .http.relay import ProxyFactory
+        from .metrics import NullPortMetrics, PortMetrics
+
+        # Nobody can read metrics without a listener: don't pay for them.
+        metrics = PortMetrics if self.config.metrics_listen is not None else NullPortMetrics
+        return ProxyFactory(
+            port, metrics=metrics(port.name, port.mode), budget=self.budget, **shared
+        )
 
     # tcp.Port is a FileDescriptor: stopReading/startReading pause accept().
     def _pause_accepting(self) -> None:
@@ -154,9 +225,127 @@ class ProxyService(Service):
         for factory in self.factories:
             factory.shutdown()
 
-    def stopService(self):
+    def stopService(self) -> defer.Deferred:
+        """Drain (see L{drain}) for up to C{drain_timeout} seconds."""
         super().stopService()
-        return self.stop_listening()
+        self._close_sockets()  # bound but never started: nothing to drain
+        return self.drain(self.config.drain_timeout)
+
+
+def _accept_within_budget(port, budget) -> None:
+    """
+    Never accept more connections than C{budget} has room for.
+
+    Twisted's C{tcp.Port.doRead} accepts up to C{port.numberAccepts}
+    connections in one go and does not look at whether reading was paused
+    in between, so a full budget could be overshot by a whole batch.  Cap
+    the batch at the free slots before each read.  (C{numberAccepts} is a
+    public attribute of C{tcp.Port}; C{doRead} is wrapped on this instance.)
+    """
+    read = port.doRead
+
+    def doRead():
+        free = budget.limit - budget.used
+        if free <= 0:
+            return None  # another port filled the budget in this reactor turn
+        port.numberAccepts = max(1, min(port.numberAccepts, free))
+        return read()
+
+    port.doRead = doRead
+
+
+@implementer(IReadDescriptor)
+class _PipeEnd:
+    """Reads a pipe and discards what comes; calls C{on_eof} once when it closes."""
+
+    def __init__(self, fd: int, on_eof: Callable[[], None]) -> None:
+        self._fd = fd
+        self._on_eof = on_eof
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def logPrefix(self) -> str:
+        return "master-pipe"
+
+    def doRead(self):
+        try:
+            data = os.read(self._fd, 4096)
+        except BlockingIOError:
+            return None
+        except OSError:
+            data = b""
+        if not data:
+            from twisted.internet import main
+
+            return main.CONNECTION_DONE  # the reactor removes us and calls connectionLost
+        return None
+
+    def connectionLost(self, reason) -> None:
+        on_eof, self._on_eof = self._on_eof, None
+        if on_eof is not None:
+            on_eof()
+
+
+class MasterLink(Service):
+    """
+    The worker's side of its pipes to the master.
+
+    Out: status lines (C{ready}, C{draining}, C{failed <reason>}) and a
+    heartbeat (C{alive}) every C{interval} seconds, written from the reactor
+    thread, on the pipe C{status_fd}.  It is non-blocking: a master that does
+    not read (stopped) must not stop the worker; a line that does not fit is
+    dropped.  In: the master holds the write end of the worker's stdin and
+    never writes to it; when it closes, the master is gone and
+    C{on_master_gone} is called.
+    """
+
+    def __init__(
+        self,
+        status_fd: int | None,
+        reactor,
+        on_master_gone: Callable[[], None],
+        *,
+        master_fd: int | None = None,
+        interval: float = HEARTBEAT_INTERVAL,
+    ) -> None:
+        self._status_fd = status_fd
+        if status_fd is not None:
+            os.set_blocking(status_fd, False)
+        self._reactor = reactor
+        self._on_master_gone = on_master_gone
+        self._master_fd = master_fd
+        self._heartbeat = task.LoopingCall(self.report, "alive")
+        self._heartbeat.clock = reactor
+        self._interval = interval
+        self._pipe: _PipeEnd | None = None
+
+    def report(self, state: str) -> None:
+        if self._status_fd is None:
+            return
+        try:
+            os.write(self._status_fd, f"{state}\n".encode())  # a short line: all or nothing
+        except BlockingIOError:
+            pass  # the master is not reading (stopped?): it judges us when it runs again
+        except OSError:  # EPIPE: the master is gone
+            self._status_fd = None
+            self._reactor.callLater(0, self._on_master_gone)
+
+    def startService(self) -> None:
+        super().startService()
+        self._heartbeat.start(self._interval, now=True)
+        if self._master_fd is not None:
+            os.set_blocking(self._master_fd, False)
+            self._pipe = _PipeEnd(self._master_fd, self._on_master_gone)
+            self._reactor.addReader(self._pipe)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._heartbeat.running:
+            self._heartbeat.stop()
+        if self._pipe is not None:
+            self._reactor.removeReader(self._pipe)
+            self._pipe = None
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -179,33 +368,49 @@ def main(argv: list[str] | None = None) -> int:
     from twisted.logger import globalLogBeginner, jsonFileLogObserver
 
     from . import config as configuration
-    from . import privileges
+    from . import privileges, resources
 
-    privileges.die_with_parent(signal.SIGTERM)
     # JSON log events on stdout: the master re-emits them into its own log.
     sys.stdout.reconfigure(line_buffering=True)
     globalLogBeginner.beginLoggingTo([jsonFileLogObserver(sys.stdout)], redirectStandardIO=False)
-    status = os.fdopen(STATUS_FD, "w", buffering=1) if _is_open(STATUS_FD) else None
+    status_fd = STATUS_FD if _is_open(STATUS_FD) else None
+    stopping: list[defer.Deferred] = []
 
-    def report(state: str) -> None:
-        if status is not None:
-            try:
-                status.write(f"{state}\n")
-            except OSError:
-                pass  # the master is gone; PDEATHSIG will follow
+    def stop() -> defer.Deferred:
+        """Drain, close the access log, stop the reactor; once."""
+        if stopping:
+            return stopping[0]
+        link.report("draining")
+        log.info("draining (up to {t}s)", t=service.config.drain_timeout)
+        d = defer.maybeDeferred(service.stopService)
+        if service.access_log is not None:
+            d.addBoth(lambda _: service.access_log.close())
+        d.addErrback(lambda f: log.failure("draining failed", f))
+        d.addBoth(lambda _: reactor.stop())
+        stopping.append(d)
+        return d
+
+    def master_gone() -> None:
+        log.warn("the master is gone: draining and exiting")
+        stop()
+
+    master_fd = 0 if os.environ.get(MASTER_PID_ENV) else None
+    link = MasterLink(status_fd, reactor, master_gone, master_fd=master_fd)
 
     # Everything the relay needs is imported now: after the switch to an
     # unprivileged user, the interpreter's own directories may be unreadable.
     from .http import relay  # noqa: F401
     from .metrics import PortMetrics  # noqa: F401
+    from .tls import layer  # noqa: F401
 
     try:
         config = configuration.load(args.config)
         if args.user is not None:
             config = configuration.with_identity(config, args.user, args.group)
-        service = ProxyService(config, reactor)
-        access_log = _open_access_log(config, reactor)  # as root: like nginx, open first
-        service.access_log = access_log
+        capacity = resources.connection_capacity(config.limits.max_connections)
+        service = ProxyService(config, reactor, max_connections=capacity.effective)
+        service.privilegedStartService()
+        service.access_log = _open_access_log(config, reactor)  # as root: like nginx
         if config.user is not None:
             identity = privileges.resolve(config.user, config.group)
             if config.access_log.path is not None:
@@ -220,38 +425,19 @@ def main(argv: list[str] | None = None) -> int:
             )
     except (configuration.ConfigError, StartupError, OSError, KeyError) as e:
         log.critical("worker {index} cannot start: {error}", index=args.index, error=str(e))
-        report(f"failed {e}")
+        link.report(f"failed {e}")
         return 3
 
     # Reload is the master's business: a SIGHUP sent to the whole process
     # group (a closing terminal, `timeout`) must not kill the workers.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    access_log = service.access_log
     if access_log is not None:
         signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(access_log.reopen))
     else:
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-
-    draining = []
-
-    @defer.inlineCallbacks
-    def drain_and_exit():
-        if draining:
-            return
-        draining.append(True)
-        report("draining")
-        log.info("draining (up to {t}s)", t=config.drain_timeout)
-        try:
-            yield service.drain(config.drain_timeout)
-            if access_log is not None:
-                yield defer.maybeDeferred(access_log.close)
-        finally:
-            reactor.stop()
-
-    def on_signal(number, frame):
-        reactor.callFromThread(drain_and_exit)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(stop))
+    signal.signal(signal.SIGINT, lambda *_: reactor.callFromThread(stop))
 
     def start():
         try:
@@ -259,9 +445,10 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:
             # Listening sockets nobody accepts on would swallow connections.
             log.failure("worker {index} failed to start", index=args.index)
-            report("failed start-up error")
+            link.report("failed start-up error")
             os._exit(3)
-        report("ready")
+        link.startService()
+        link.report("ready")
 
     reactor.callWhenRunning(start)
     reactor.run(installSignalHandlers=False)

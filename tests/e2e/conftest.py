@@ -30,14 +30,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tproxy_twist.lab import TWISTD, Lab, cleanup_stale
-from tproxy_twist.lab.topology import REPO_ROOT, child_env
+from tproxy_twist.lab import Lab, cleanup_stale, listen_ports
 from tproxy_twist.rules import DivertPort, render_nftables
 
 HERE = Path(__file__).resolve().parent
@@ -138,17 +136,6 @@ class ProxyProcess:
         return self.popen.returncode
 
 
-def _listen_ports(config_toml: str) -> list[int]:
-    """The TCP ports the proxy should listen on: every [[port]] and the metrics listener."""
-    config = tomllib.loads(config_toml)
-    listens = [p["listen"] for p in config.get("port", []) if "listen" in p]
-    metrics = config.get("metrics", {})
-    if isinstance(metrics, dict) and "listen" in metrics:
-        listens.append(metrics["listen"])
-    # "host:port", "[v6]:port" or a bare port number; "" turns a listener off.
-    return [int(str(listen).rsplit(":", 1)[-1]) for listen in listens if str(listen)]
-
-
 @pytest.fixture
 def proxy(lab: Lab, tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
     """Start ``twistd -n tproxy --config FILE`` in the router namespace.
@@ -163,7 +150,7 @@ def proxy(lab: Lab, tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
         config_toml: str,
         *,
         wait: bool = True,
-        timeout: float = 20,
+        timeout: float = 60,
         extra_args: tuple[str, ...] = (),
     ) -> ProxyProcess:
         """Start the proxy; with ``wait``, return once every configured port listens.
@@ -171,7 +158,7 @@ def proxy(lab: Lab, tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
         ``wait=False`` returns at once (for configurations meant to fail).
         ``extra_args`` go after ``--config FILE`` on the tproxy command line.
         """
-        ports = _listen_ports(config_toml) if wait else []
+        ports = listen_ports(config_toml) if wait else []
         busy = [p for p in ports if lab.listening(lab.router, p)]
         if busy:
             pytest.fail(
@@ -183,33 +170,19 @@ def proxy(lab: Lab, tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
         config_path.write_text(config_toml)
         log_path = tmp_path / f"proxy{index}.log"
         run_dir = Path(tempfile.mkdtemp(prefix=f"proxy{index}-", dir=tmp_path))
-        argv = [
-            *TWISTD,
-            "-n",
-            "--pidfile",
-            str(run_dir / "twistd.pid"),
-            "tproxy",
-            "--config",
-            str(config_path),
-            *extra_args,
-        ]
-        with open(log_path, "ab") as log:
-            popen = lab.popen(
-                lab.router,
-                argv,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=REPO_ROOT,
-                env=child_env(),
-                start_new_session=True,
+        try:
+            popen = lab.start_proxy(
+                config_path,
+                log_path,
+                ports=ports,
+                extra_args=extra_args,
+                pidfile=run_dir / "twistd.pid",
+                timeout=timeout,
             )
+        except RuntimeError as e:
+            pytest.fail(f"the proxy {e}")
         process = ProxyProcess(lab, popen, config_path, log_path)
         started.append(process)
-        try:
-            lab.wait_listening(lab.router, ports, popen, log_path, timeout=timeout)
-        except RuntimeError as e:
-            process.stop()
-            pytest.fail(f"the proxy {e}")
         return process
 
     try:

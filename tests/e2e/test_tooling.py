@@ -14,13 +14,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tproxy_twist.lab import TWISTD, Lab
+from tproxy_twist.lab import Lab, cleanup_stale
 from tproxy_twist.lab.topology import REPO_ROOT, child_env
 
 CLI = [sys.executable, "-m", "tproxy_twist.cli"]
@@ -210,23 +209,12 @@ def run_proxy(tmp_path: Path) -> Iterator[Callable[[Lab, Path], subprocess.Popen
     started: list[tuple[Lab, subprocess.Popen]] = []
 
     def start(lab: Lab, config: Path, ports=(3128, 3129, 9464)) -> subprocess.Popen:
-        log = open(tmp_path / f"proxy{len(started)}.log", "ab")
-        popen = lab.popen(
-            lab.router,
-            [*TWISTD, "-n", "--pidfile=", "tproxy", "--config", str(config)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO_ROOT,
-            env=child_env(),
-            start_new_session=True,
-        )
-        log.close()
+        log = tmp_path / f"proxy{len(started)}.log"
+        try:
+            popen = lab.start_proxy(config, log, ports=ports, timeout=60)
+        except RuntimeError as e:
+            pytest.fail(f"the proxy {e}")
         started.append((lab, popen))
-        deadline = time.monotonic() + 20
-        while not all(_listening(lab, port) for port in ports):
-            assert popen.poll() is None, (tmp_path / f"proxy{len(started) - 1}.log").read_text()
-            assert time.monotonic() < deadline, "the proxy did not listen within 20 s"
-            time.sleep(0.05)
         return popen
 
     yield start
@@ -323,7 +311,7 @@ def test_the_lab_command_shows_the_clients_own_address_and_leaves_nothing_behind
         'tproxy_requests_total{code="200",method="GET",mode="tproxy",port="transparent"} 2.0'
         in (out)
     )
-    assert "all 15 checks passed" in out
+    assert "all 19 checks passed" in out  # 15, and the TLS port's diversion and QUIC
     prefix = _lab_prefix(out)
     assert not {ns for ns in _namespaces() if ns.startswith(prefix)}
     assert not list(Path("/tmp").glob(f"{prefix}-*"))
@@ -331,7 +319,7 @@ def test_the_lab_command_shows_the_clients_own_address_and_leaves_nothing_behind
     assert leaked == []
 
 
-def test_the_lab_command_keeps_the_lab_up_until_clean():
+def test_the_lab_command_keeps_the_lab_up_until_clean_even_past_other_sessions_cleanup():
     proc = run_lab_command("--keep")
     prefix = _lab_prefix(proc.stdout)
     try:
@@ -346,6 +334,9 @@ def test_the_lab_command_keeps_the_lab_up_until_clean():
             capture_output=True, text=True, check=True,
         )  # fmt: skip
         assert json.loads(result.stdout)["client"] == Lab.CLIENT4
+        # Another test session starting now cleans up stale labs: a kept one is not stale.
+        assert not [ns for ns in cleanup_stale() if ns.startswith(prefix)]
+        assert {f"{prefix}-{role}" for role in ("client", "router", "origin")} <= set(_namespaces())
     finally:
         clean = run_lab_command("--clean")
     assert clean.returncode == 0

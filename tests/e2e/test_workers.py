@@ -74,22 +74,21 @@ def router_pids(lab: Lab) -> set[int]:
 def test_three_workers_each_listen_on_the_tproxy_port_and_the_master_does_not(proxy, lab):
     running = proxy(CONFIG)
     pids = wait_for(lambda: three_listeners(lab),
-                    10, "3 listeners")  # fmt: skip
+                    60, "3 listeners")  # fmt: skip
     assert running.pid not in pids
     assert listening_pids(lab, 3128) == pids
 
 
-def test_a_killed_worker_is_replaced_within_two_seconds_under_load(proxy, lab):
-    proxy(CONFIG)
+def test_a_killed_worker_is_replaced_under_load(proxy, lab):
+    # How fast is measured in bench/ (bench/process_life.py); here: that it happens.
+    running = proxy(CONFIG)
     before = wait_for(lambda: three_listeners(lab),
-                      10, "3 listeners")  # fmt: skip
+                      60, "3 listeners")  # fmt: skip
     load = lab.popen(lab.client, ["python3", "-c", LOAD, Lab.ORIGIN4, "4"], stdout=subprocess.PIPE)
     time.sleep(1.0)
     victim = sorted(before)[0]
-    killed = time.monotonic()
     os.kill(victim, signal.SIGKILL)
-    after = wait_for(lambda: replaced(lab, victim), 2.0, "a replacement worker listening")
-    assert time.monotonic() - killed < 2.0
+    after = wait_for(lambda: replaced(lab, victim), 30, lambda: running.log_text()[-3000:])
     assert len(after - before) == 1
     ok, failed = json.loads(load.communicate(timeout=30)[0])
     assert ok > 100
@@ -106,7 +105,7 @@ def run():
     end = time.monotonic() + 4
     while time.monotonic() < end:
         try:
-            c = http.client.HTTPConnection(host, 80, timeout=5)
+            c = http.client.HTTPConnection(host, 80, timeout=30)
             c.request("GET", "/ip")
             ok = c.getresponse().status == 200
             c.close()
@@ -124,7 +123,7 @@ print(json.dumps(counts))
 def test_two_reloads_under_keep_alive_load_lose_no_request(proxy, lab):
     running = proxy(CONFIG)
     old = wait_for(lambda: three_listeners(lab),
-                   10, "3 listeners")  # fmt: skip
+                   60, "3 listeners")  # fmt: skip
     wrk = lab.popen(
         lab.client,
         ["wrk", "-t2", "-c20", "-d7s", f"http://{Lab.ORIGIN4}/ip"],
@@ -140,8 +139,8 @@ def test_two_reloads_under_keep_alive_load_lose_no_request(proxy, lab):
     assert requests > 1000, report
     assert "Socket errors" not in report, report
     assert "Non-2xx" not in report, report
-    log = running.wait_log("generation 3 ready", timeout=60)
-    now = wait_for(lambda: three_listeners(lab), 10, "3 new")
+    running.wait_log("generation 3 ready", timeout=60)
+    now = wait_for(lambda: three_listeners(lab), 60, "3 new")
     assert not now & old
     # Every old worker has exited, not just stopped listening.
     expected = {running.pid, *now}
@@ -153,13 +152,13 @@ def test_two_reloads_under_keep_alive_load_lose_no_request(proxy, lab):
             f"{running.log_text()[-3000:]}"
         ),
     )
-    assert log.count("exited normally") >= 3
+    assert running.log_text().count("exited normally") >= 3
 
 
 def test_a_reload_with_a_broken_config_changes_nothing_and_names_the_key(proxy, lab, curl):
     running = proxy(CONFIG)
     before = wait_for(lambda: three_listeners(lab),
-                      10, "3 listeners")  # fmt: skip
+                      60, "3 listeners")  # fmt: skip
     running.config_path.write_text(CONFIG + "\nbogus_key = 1\n")
     running.send_signal(signal.SIGHUP)
     log = running.wait_log("reload refused")
@@ -169,9 +168,9 @@ def test_a_reload_with_a_broken_config_changes_nothing_and_names_the_key(proxy, 
 
 
 def test_sigterm_lets_a_slow_download_finish_then_everything_exits(proxy, lab, tmp_path):
-    leftovers = set(glob.glob(os.path.join(tempfile.gettempdir(), "tproxy-twist-*")))
     running = proxy(CONFIG)
-    wait_for(lambda: len(listening_pids(lab, 3129)) == 3, 10, "3 listeners")
+    assert glob.glob(os.path.join(tempfile.gettempdir(), f"tproxy-twist-{running.pid}.*"))
+    wait_for(lambda: len(listening_pids(lab, 3129)) == 3, 60, "3 listeners")
     n = 10 * 1024 * 1024
     out = tmp_path / "download"
     download = lab.popen(
@@ -181,21 +180,20 @@ def test_sigterm_lets_a_slow_download_finish_then_everything_exits(proxy, lab, t
     )  # fmt: skip
     time.sleep(1.0)
     running.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
-    assert listening_pids(lab, 3129) == set()  # no new connections are taken
+    wait_for(lambda: listening_pids(lab, 3129) == set(), 30, "listeners closed")  # no new ones
     assert download.wait(timeout=60) == 0
     assert hashlib.sha256(out.read_bytes()).hexdigest() == expected_sha256(n, "term")
     # twistd re-raises the signal it stopped for, so the exit status says SIGTERM.
     assert running.popen.wait(timeout=30) in (0, -signal.SIGTERM)
     assert router_pids(lab) == set()
-    # The master's run and metrics directories went with it.
-    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "tproxy-twist-*"))) <= leftovers
+    # The master's runtime directory (config snapshots, metrics files) went with it.
+    assert glob.glob(os.path.join(tempfile.gettempdir(), f"tproxy-twist-{running.pid}.*")) == []
 
 
 def test_workers_run_as_the_configured_user_with_one_capability_and_still_spoof(proxy, lab, curl):
     running = proxy('user = "nobody"\n' + CONFIG)
     pids = wait_for(lambda: three_listeners(lab),
-                    10, "3 listeners")  # fmt: skip
+                    60, "3 listeners")  # fmt: skip
     nobody = subprocess.run(["id", "-u", "nobody"], capture_output=True).stdout.decode().strip()
     for pid in pids:
         status = open(f"/proc/{pid}/status").read()
@@ -208,20 +206,18 @@ def test_workers_run_as_the_configured_user_with_one_capability_and_still_spoof(
 
 
 def test_twistd_uid_and_gid_apply_to_the_workers_and_the_master_keeps_root(lab, tmp_path, curl):
-    from tproxy_twist.lab import TWISTD
-    from tproxy_twist.lab.topology import REPO_ROOT, child_env
-
     config = tmp_path / "tproxy.toml"
     config.write_text(CONFIG.replace("workers = 3", "workers = 2"))
-    log = open(tmp_path / "twistd.log", "wb")
-    argv = [*TWISTD, "-n", "--pidfile", str(tmp_path / "pid"), "--uid", "nobody",
-            "--gid", "nogroup", "tproxy", "--config", str(config)]  # fmt: skip
-    master = lab.popen(lab.router, argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
-                       env=child_env(), start_new_session=True)  # fmt: skip
+    master = lab.start_proxy(
+        config,
+        tmp_path / "twistd.log",
+        twistd_args=("--uid", "nobody", "--gid", "nogroup"),
+        pidfile=tmp_path / "pid",
+    )
     try:
         pids = wait_for(
             lambda: len(listening_pids(lab, 3129)) == 2 and listening_pids(lab, 3129),
-            20,
+            60,
             lambda: (tmp_path / "twistd.log").read_text(),
         )
         nobody = subprocess.run(["id", "-u", "nobody"], capture_output=True).stdout.strip()
@@ -237,10 +233,9 @@ def test_twistd_uid_and_gid_apply_to_the_workers_and_the_master_keeps_root(lab, 
             master.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(master.pid, signal.SIGKILL)
-        log.close()
 
 
-def test_a_worker_that_cannot_start_is_retried_with_back_off_and_the_log_says_why(proxy, lab):
+def test_a_proxy_port_taken_at_start_makes_the_master_exit_non_zero_with_one_line(proxy, lab):
     # Something else holds the forward port (without SO_REUSEPORT): workers cannot bind it.
     squatter = lab.popen(
         lab.router,
@@ -251,10 +246,115 @@ def test_a_worker_that_cannot_start_is_retried_with_back_off_and_the_log_says_wh
     )  # fmt: skip
     try:
         lab.wait_port(lab.router, "127.0.0.1", 3128)
-        running = proxy(CONFIG.replace("workers = 3", "workers = 1"), wait=False)
-        log = running.wait_log("restarting it in 1s", timeout=20)
-        assert "restarting it in 0.5s" in log
-        assert "cannot listen on 0.0.0.0:3128" in log and "Address already in use" in log
-        assert running.alive()  # the master keeps going, and keeps trying
+        running = proxy(CONFIG.replace("workers = 3", "workers = 2"), wait=False)
+        assert running.popen.wait(timeout=60) == 1
+        log = running.log_text()
+        [line] = [
+            line for line in log.splitlines() if "cannot start:" in line and "critical" in line
+        ]
+        assert "every worker of generation 1 failed to start" in line
+        assert "cannot listen on 0.0.0.0:3128" in line and "Address already in use" in line
+        assert router_pids(lab) == {squatter.pid}  # no worker left behind
     finally:
         squatter.kill()
+
+
+def test_a_metrics_address_taken_at_start_leaves_no_worker_and_says_so_in_one_line(proxy, lab):
+    squatter = lab.popen(
+        lab.router,
+        ["python3", "-c", "import socket, time; s = socket.socket(); "
+         "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+         "s.bind(('127.0.0.1', 9464)); s.listen(); time.sleep(60)"],
+    )  # fmt: skip
+    try:
+        lab.wait_port(lab.router, "127.0.0.1", 9464)
+        running = proxy(CONFIG, wait=False)
+        assert running.popen.wait(timeout=60) == 1
+        log = running.log_text()
+        assert "tproxy-twist: cannot listen for metrics on 127.0.0.1:9464" in log
+        assert "Traceback" not in log
+        assert "worker 1 started" not in log
+        assert router_pids(lab) == {squatter.pid}
+    finally:
+        squatter.kill()
+
+
+def metrics_text(lab: Lab, path: str = "/metrics") -> tuple[int, str]:
+    out = lab.run(
+        lab.router,
+        ["curl", "-s", "-w", "\n%{http_code}", "--max-time", "10", f"http://127.0.0.1:9464{path}"],
+        check=False,
+    ).stdout.decode()
+    body, _, code = out.rpartition("\n")
+    return int(code or 0), body
+
+
+def test_a_stopped_worker_is_shown_not_ready_then_killed_and_replaced_and_no_request_waits(
+    proxy, lab
+):
+    running = proxy("heartbeat_grace = 6\n" + CONFIG)
+    before = wait_for(lambda: three_listeners(lab), 60, "3 listeners")
+    wait_for(lambda: metrics_text(lab, "/healthz")[0] == 200, 30, "healthz 200")
+    victim = sorted(before)[0]
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        code, text = wait_for(
+            lambda: (r := metrics_text(lab, "/healthz"))[0] == 503 and r,
+            15,
+            lambda: running.log_text()[-3000:],
+        )
+        assert f"(pid {victim}): no heartbeat" in text
+        assert "tproxy_workers_not_ready 1.0" in metrics_text(lab)[1]
+        # Requests made while it is stopped are answered: after the grace it is
+        # killed and its queued connections move to the other workers.
+        load = lab.popen(
+            lab.client, ["python3", "-c", LOAD, Lab.ORIGIN4, "4"], stdout=subprocess.PIPE
+        )
+        after = wait_for(lambda: replaced(lab, victim), 60, lambda: running.log_text()[-3000:])
+        ok, failed = json.loads(load.communicate(timeout=120)[0])
+    finally:
+        try:
+            os.kill(victim, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    assert len(after - before) == 1
+    assert ok > 0 and failed == 0, running.log_text()[-3000:]
+    log = running.log_text()
+    assert f"(pid {victim}) silent for" in log and "killing it" in log
+    wait_for(lambda: metrics_text(lab, "/healthz")[0] == 200, 30, "healthz 200 again")
+
+
+def test_ten_reloads_in_five_seconds_under_connection_close_load_lose_no_request(proxy, lab):
+    running = proxy(CONFIG)
+    wait_for(lambda: three_listeners(lab), 60, "3 listeners")
+    load = lab.popen(
+        lab.client, ["python3", "-c", LOAD.replace("+ 4", "+ 8"), Lab.ORIGIN4, "4"],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    time.sleep(1.0)
+    for _ in range(10):
+        running.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+    ok, failed = json.loads(load.communicate(timeout=120)[0])
+    assert ok > 100 and failed == 0, running.log_text()[-5000:]
+    # The reloads coalesced; the log names the generation that ends up serving.
+    log = running.wait_log("ready and serving", timeout=60)
+    serving = wait_for(
+        lambda: re.findall(r"generation (\d+) ready and serving", running.log_text()),
+        60,
+        "a generation serving",
+    )
+    assert 2 <= int(serving[-1]) <= 11
+    assert "reload failed" not in log
+
+
+def test_a_master_killed_outright_leaves_no_worker_behind(proxy, lab):
+    running = proxy(CONFIG)
+    workers = wait_for(lambda: three_listeners(lab), 60, "3 listeners")
+    os.kill(running.pid, signal.SIGKILL)
+    running.popen.wait(timeout=10)
+    wait_for(
+        lambda: not router_pids(lab) & workers,
+        30,
+        lambda: f"workers still running: {router_pids(lab) & workers}",
+    )

@@ -6,7 +6,9 @@ logrotate and loses nothing on a clean close.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import queue
 import re
 import threading
@@ -160,6 +162,11 @@ class ThreadedReactor:
     def callFromThread(self, f, *args, **kwargs) -> None:
         self.calls.put((f, args, kwargs))
 
+    def seconds(self) -> float:
+        return self.now
+
+    now = 0.0
+
     def addSystemEventTrigger(self, phase, event, f, *args) -> None:
         self.triggers.append((phase, event, f))
 
@@ -223,11 +230,11 @@ class RecordingLog(FileAccessLog):
         self.disk.set()
         super().__init__(*args, **kwargs)
 
-    def _write_all(self, data: bytes) -> None:
+    def _write_all(self, data: bytes, lines: int) -> None:
         self.disk.wait(10)
         self.writers.add(threading.get_ident())
         self.chunks.append(data)
-        super()._write_all(data)
+        super()._write_all(data, lines)
 
 
 def test_log_never_writes_in_the_calling_thread(tmp_path, reactor):
@@ -243,7 +250,10 @@ def test_log_never_writes_in_the_calling_thread(tmp_path, reactor):
 
 
 def test_a_stalled_disk_drops_lines_beyond_the_queue_bound_and_counts_them(tmp_path, reactor):
-    access_log = RecordingLog(str(tmp_path / "access.log"), "squid", reactor, max_queued=5)
+    dropped = []
+    access_log = RecordingLog(
+        str(tmp_path / "access.log"), "squid", reactor, max_queued=5, on_dropped=dropped.append
+    )
     access_log.disk.clear()
     access_log.log(entry(url="http://example.com/first"))
     # Let the writer take the first line and block on the "disk".
@@ -254,9 +264,36 @@ def test_a_stalled_disk_drops_lines_beyond_the_queue_bound_and_counts_them(tmp_p
     for i in range(20):
         access_log.log(entry(url=f"http://example.com/{i}"))
     assert access_log.dropped == 15
+    assert dropped == [1] * 15
     access_log.disk.set()
     reactor.run_until(access_log.close())
     assert len(lines(tmp_path / "access.log")) == 6
+
+
+def test_a_full_disk_logs_one_line_per_interval_with_a_count_and_counts_every_lost_entry(
+    tmp_path, reactor
+):
+    from twisted.logger import globalLogPublisher
+
+    lost = []
+    events = []
+    access_log = FileAccessLog(
+        str(tmp_path / "access.log"), "squid", reactor, on_dropped=lost.append
+    )
+    globalLogPublisher.addObserver(events.append)
+    try:
+        # What the writer thread hands to the reactor thread for each failed write.
+        for i in range(200):
+            access_log._write_failed(os.strerror(errno.ENOSPC), 3)
+            if i == 100:
+                reactor.now += 11  # past the throttle interval
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    reactor.run_until(access_log.close())
+    failures = [e for e in events if "write failed" in e.get("log_format", "")]
+    assert len(failures) == 2
+    assert failures[1]["suppressed"] == 100
+    assert sum(lost) == access_log.dropped == 600
 
 
 def test_writes_are_whole_lines_of_at_most_64k_each(tmp_path, reactor):

@@ -128,14 +128,96 @@ def test_no_command_is_a_usage_error():
 
 def test_default_config_prefers_the_installed_one_then_the_checkout(tmp_path, monkeypatch):
     installed = tmp_path / "etc-tproxy-twist.toml"
-    monkeypatch.setattr(cli, "SYSTEM_CONFIG", str(installed))
+    monkeypatch.setattr(C, "SYSTEM_PATH", str(installed))
     monkeypatch.chdir(tmp_path)
-    assert cli.default_config_path() == str(cli._CHECKOUT_CONFIG)
+    assert C.load_default().path == C._CHECKOUT_PATH
     (tmp_path / "etc").mkdir()
     (tmp_path / "etc" / "tproxy.toml").write_text(CONFIG)
-    assert cli.default_config_path() == "etc/tproxy.toml"
+    assert C.load_default().path == "etc/tproxy.toml"
     installed.write_text(CONFIG)
-    assert cli.default_config_path() == str(installed)
+    assert C.load_default().path == str(installed)
+
+
+def test_no_config_anywhere_names_every_path_tried_and_the_option(tmp_path, monkeypatch):
+    monkeypatch.setattr(C, "SYSTEM_PATH", str(tmp_path / "nowhere.toml"))
+    monkeypatch.setattr(C, "_CHECKOUT_PATH", str(tmp_path / "checkout" / "etc" / "tproxy.toml"))
+    monkeypatch.chdir(tmp_path)
+    status, out, err = run("check")
+    assert status == 2
+    for path in (tmp_path / "nowhere.toml", "etc/tproxy.toml", tmp_path / "checkout"):
+        assert str(path) in err
+    assert "--config" in err
+
+
+def test_twistd_tproxy_and_tproxy_twist_use_the_same_default_config():
+    from tproxy_twist.tap import Options
+
+    options = Options()
+    assert options["config"] is None  # postOptions loads C.load_default(), as the CLI does
+    for path in C.default_paths():
+        assert path in options.docs["config"]
+
+
+def twistd(*argv: str) -> subprocess.CompletedProcess:
+    from tproxy_twist.lab import TWISTD
+
+    return subprocess.run(
+        [*TWISTD, "tproxy", *argv], capture_output=True, text=True, timeout=60, cwd=REPO
+    )
+
+
+def test_a_config_error_under_twistd_is_said_first_and_alone(tmp_path):
+    path = tmp_path / "tproxy.toml"
+    path.write_text(CONFIG + "bogus = 1\n")
+    result = twistd("--config", str(path))
+    assert result.returncode == 1
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"tproxy-twist: {path}: port[1].bogus: unknown key (allowed here: ")
+    assert "listen, mode, name" in lines[0]
+
+
+def test_an_access_log_directory_that_does_not_exist_is_one_line_at_start(tmp_path):
+    path = tmp_path / "tproxy.toml"
+    path.write_text(f'[access_log]\npath = "{tmp_path}/missing/access.log"\n' + CONFIG)
+    result = twistd("--config", str(path))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"tproxy-twist: {path}: access_log.path: directory {tmp_path}/missing does not exist"
+    ]
+
+
+def test_an_access_log_directory_the_workers_cannot_write_is_one_line_at_start(tmp_path):
+    directory = tmp_path / "logs"
+    directory.mkdir(mode=0o755)
+    path = tmp_path / "tproxy.toml"
+    path.write_text(f'user = "nobody"\n[access_log]\npath = "{directory}/access.log"\n' + CONFIG)
+    result = twistd("--config", str(path))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"tproxy-twist: {path}: access_log.path: directory {directory} is not writable by"
+        " nobody, the user the workers run as"
+    ]
+
+
+def test_metrics_on_a_proxy_port_is_a_config_error():
+    with pytest.raises(C.ConfigError, match="metrics.listen: 0.0.0.0:3128 is also port.0"):
+        C.loads('[metrics]\nlisten = "0.0.0.0:3128"\n' + CONFIG)
+
+
+def test_version_is_tproxy_twists_own_under_both_commands():
+    from importlib.metadata import version
+
+    expected = f"tproxy-twist {version('tproxy-twist')}"
+    assert twistd("--version").stdout.strip() == expected
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["--version"])
+    assert exit.value.code == 0
+    result = subprocess.run(
+        [sys.executable, "-m", "tproxy_twist.cli", "--version"], capture_output=True, text=True
+    )
+    assert result.stdout.strip() == expected
 
 
 def test_help_documents_the_default_config(capsys):
@@ -232,7 +314,9 @@ def test_lab_keep_and_clean_exclude_each_other():
 
 
 def test_the_built_in_lab_config_is_the_sample_with_the_lab_client_allowed(tmp_path):
-    text = cli.LAB_CONFIG.format(access_log='"/tmp/lab/access.log"')
+    from tproxy_twist.lab.scenario import LAB_CONFIG
+
+    text = LAB_CONFIG.format(access_log='"/tmp/lab/access.log"')
     lab = C.loads(text)
     sample = C.load(REPO / "etc" / "tproxy.toml")
     assert [(p.name, p.listen, p.mode, p.divert) for p in lab.ports] == [

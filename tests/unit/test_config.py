@@ -28,6 +28,7 @@ def test_sample_config_loads_with_forward_and_tproxy_ports():
     assert [(p.name, p.mode, str(p.listen)) for p in config.ports] == [
         ("forward", "forward", "[::]:3128"),
         ("transparent", "tproxy", "[::]:3129"),
+        ("tls", "tproxy", "[::]:3130"),
     ]
     assert config.workers == 2
     assert str(config.metrics_listen) == "127.0.0.1:9464"

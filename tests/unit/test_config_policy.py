@@ -147,3 +147,10 @@ def test_sample_config_forward_port_listens_on_ipv6_too():
     config = C.load("etc/tproxy.toml")
     forward = next(p for p in config.ports if p.mode == "forward")
     assert forward.listen.host == "::"
+
+
+@pytest.mark.parametrize("key", ["via = false", 'deny_destinations = ["10.0.0.0/8"]'])
+def test_http_policy_keys_are_refused_on_tls_ports(key):
+    text = '[[port]]\nlisten = "[::]:3130"\nmode = "tproxy"\nprotocol = "tls"\n' + key + "\n"
+    message = error(text)
+    assert message.startswith(f"test.toml: port[0].{key.split(' ')[0]}: does not apply to TLS")

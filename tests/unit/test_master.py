@@ -49,8 +49,10 @@ def make(tmp_path, workers: int = 3, text: str = CONFIG) -> tuple[WorkerSupervis
     path.write_text(f"workers = {workers}\ndrain_timeout = 10\n" + text)
     reactor = FakeReactor()
     metrics = tmp_path / "metrics"
-    metrics.mkdir()
+    metrics.mkdir(exist_ok=True)
     supervisor = WorkerSupervisor(C.load(path), tmp_path, reactor, metrics)
+    supervisor.fatal = []
+    supervisor.on_fatal = supervisor.fatal.append
     supervisor.startService()
     return supervisor, reactor
 
@@ -100,8 +102,9 @@ def test_a_worker_that_dies_after_running_steadily_is_replaced_at_once(tmp_path)
     assert len(reactor.spawned) == 4
 
 
-def test_a_worker_that_keeps_dying_at_start_backs_off_exponentially(tmp_path):
+def test_after_the_first_generation_was_up_a_failing_respawn_backs_off_exponentially(tmp_path):
     supervisor, reactor = make(tmp_path, workers=1)
+    ready(supervisor.current[1])
     delays = []
     for _ in range(8):
         worker = supervisor.current[1]
@@ -115,6 +118,30 @@ def test_a_worker_that_keeps_dying_at_start_backs_off_exponentially(tmp_path):
         delays.append(waited)
     assert delays[:6] == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0]
     assert delays[7] == 30.0  # capped
+    assert supervisor.fatal == []
+
+
+def test_every_worker_of_the_first_generation_failing_is_fatal_and_names_the_reason(tmp_path):
+    supervisor, reactor = make(tmp_path, workers=2)
+    for worker in list(supervisor.current.values()):
+        worker.childDataReceived(
+            3, b"failed cannot listen on 0.0.0.0:3128: Address already in use\n"
+        )
+        exit_(worker, code=3)
+    [reason] = supervisor.fatal
+    assert "every worker of generation 1 failed to start" in reason
+    assert reason.count("Address already in use") == 1  # the same way: said once
+    reactor.advance(60)
+    assert len(reactor.spawned) == 2  # nothing retried
+
+
+def test_one_worker_failing_at_start_while_another_is_ready_is_retried(tmp_path):
+    supervisor, reactor = make(tmp_path, workers=2)
+    ready(supervisor.current[1])
+    exit_(supervisor.current[2], code=3)
+    reactor.advance(0.5)
+    assert supervisor.fatal == []
+    assert len(reactor.spawned) == 3
 
 
 def test_reload_retires_the_old_generation_only_once_the_new_one_is_ready(tmp_path):
@@ -148,7 +175,8 @@ def test_reload_whose_worker_fails_keeps_the_running_generation(tmp_path):
     assert supervisor.current == old
     assert supervisor.pending is None
     other = [p for p, *_ in reactor.spawned[-2:] if p is not failing][0]
-    assert other.transport.signals == [signal.SIGKILL]
+    # It may be accepting already: drained, not killed.
+    assert other.transport.signals == [signal.SIGTERM]
     assert all(w.transport.signals == [] for w in old.values())
 
 
@@ -222,10 +250,244 @@ def test_twistd_uid_and_gid_go_to_the_workers_and_the_master_keeps_root(tmp_path
     assert options.parent == {"uid": None, "gid": None}
 
 
-def test_a_bad_config_is_a_usage_error_naming_the_key(tmp_path):
-    from twisted.python import usage
-
+def test_a_bad_config_is_said_alone_in_one_line_naming_the_file_and_key(tmp_path):
     path = tmp_path / "tproxy.toml"
     path.write_text(CONFIG + "speling = 1\n")
-    with pytest.raises(usage.UsageError, match="speling: unknown key"):
+    with pytest.raises(SystemExit) as raised:
         Options().parseOptions(["--config", str(path)])
+    message = str(raised.value.code)
+    assert message.startswith(f"tproxy-twist: {path}: port[0].speling: unknown key")
+    assert "\n" not in message
+
+
+# --- heartbeats ---------------------------------------------------------------------
+
+
+def beat(worker) -> None:
+    worker.childDataReceived(3, b"alive\n")
+
+
+def test_a_silent_worker_is_not_ready_within_seconds_then_killed_and_replaced_after_the_grace(
+    tmp_path,
+):
+    from twisted.web.test.requesthelper import DummyRequest
+
+    supervisor, reactor = make(tmp_path, workers=2, text="heartbeat_grace = 8\n" + CONFIG)
+    first, second = supervisor.current.values()
+    ready(first), ready(second)
+    reactor.advance(60)  # a long, steady life with heartbeats
+    for _ in range(4):  # the second worker stops: only the first still beats
+        beat(first)
+        reactor.advance(1)
+    assert second.silent and not first.silent
+    assert supervisor.ready_count() == 1 and not supervisor.all_ready()
+    request = DummyRequest([b""])
+    text = _Health(supervisor).render_GET(request)
+    assert request.responseCode == 503
+    assert f"worker 2 (pid {second.pid}): no heartbeat".encode() in text
+    assert second.transport.signals == []  # not killed before the grace
+    for _ in range(4):
+        beat(first)
+        reactor.advance(1)
+    assert second.transport.signals == [signal.SIGKILL]
+    exit_(second, code=None, sig=9)
+    reactor.advance(0)
+    assert supervisor.current[2] is not second  # replaced at once: it had run steadily
+    assert first.transport.signals == []
+
+
+def test_a_worker_that_speaks_again_before_the_grace_is_ready_again(tmp_path):
+    supervisor, reactor = make(tmp_path, workers=1)
+    worker = supervisor.current[1]
+    ready(worker)
+    for _ in range(4):
+        reactor.advance(1)
+    assert worker.silent and supervisor.ready_count() == 0
+    beat(worker)  # SIGCONT
+    assert not worker.silent and supervisor.all_ready()
+    reactor.advance(1)
+    assert worker.transport.signals == []
+
+
+def test_a_master_that_did_not_run_for_a_while_does_not_take_its_workers_for_hung(tmp_path):
+    supervisor, reactor = make(tmp_path, workers=1)
+    worker = supervisor.current[1]
+    ready(worker)
+    reactor.advance(1)
+    # The master was stopped for 30 s: its heartbeat check runs before it reads the pipes.
+    reactor.advance(30)
+    assert not worker.silent and worker.transport.signals == []
+    beat(worker)
+    reactor.advance(1)
+    assert supervisor.all_ready()
+
+
+def test_workers_that_are_starting_or_draining_are_not_judged_by_heartbeat(tmp_path):
+    supervisor, reactor = make(tmp_path, workers=1)
+    reactor.advance(20)
+    assert supervisor.current[1].transport.signals == []
+
+
+# --- reloads ------------------------------------------------------------------------------
+
+
+def test_reloads_while_a_generation_starts_coalesce_into_one_more_generation(tmp_path):
+    supervisor, reactor = make(tmp_path, workers=2)
+    for worker in supervisor.current.values():
+        ready(worker)
+    for _ in range(10):  # ten SIGHUPs in quick succession
+        supervisor.reload(supervisor.config)
+    assert len(reactor.spawned) == 4  # generation 2 only, so far
+    second = list(supervisor.pending.values())
+    for worker in second:
+        ready(worker)
+    assert supervisor.generation == 2
+    third = list(supervisor.pending.values())  # the coalesced reloads, once
+    assert {w.generation for w in third} == {3}
+    for worker in third:
+        ready(worker)
+    assert supervisor.generation == 3 and supervisor.pending is None
+    assert len(reactor.spawned) == 6
+    assert all(w.transport.signals == [signal.SIGTERM] for w in second)  # drained
+
+
+def test_a_reload_queued_behind_a_failing_generation_still_runs(tmp_path):
+    supervisor, reactor = make(tmp_path, workers=1)
+    ready(supervisor.current[1])
+    supervisor.reload(supervisor.config)
+    supervisor.reload(supervisor.config)
+    exit_(supervisor.pending[1], code=3)
+    assert supervisor.pending is not None
+    assert {w.generation for w in supervisor.pending.values()} == {2}
+
+
+# --- whatever fails in the exit handler, the worker is replaced ----------------------------
+
+
+def test_a_worker_is_replaced_even_when_its_metrics_files_cannot_be_tidied(tmp_path, monkeypatch):
+    from tproxy_twist import master
+
+    def broken(metrics_dir, pid):
+        raise PermissionError(13, "Permission denied", str(metrics_dir))
+
+    monkeypatch.setattr(master, "retire_metric_files", broken)
+    supervisor, reactor = make(tmp_path, workers=2)
+    for worker in supervisor.current.values():
+        ready(worker)
+    reactor.advance(60)
+    exit_(supervisor.current[1], code=None, sig=9)
+    reactor.advance(0)
+    assert len(supervisor.current) == 2
+    assert len(reactor.spawned) == 3
+
+
+def test_dead_workers_metric_files_fold_into_one_archive_and_totals_stay(tmp_path):
+    from prometheus_client import CollectorRegistry, multiprocess
+    from prometheus_client.mmap_dict import MmapedDict, mmap_key
+
+    from tproxy_twist.master import retire_metric_files
+
+    key = mmap_key("tproxy_connections", "tproxy_connections_total", ["port"], ["p"], "help")
+    for pid in (101, 102, 103):
+        f = MmapedDict(str(tmp_path / f"counter_{pid}.db"))
+        f.write_value(key, 10.0 * pid, 0.0)
+        f.close()
+        live = MmapedDict(str(tmp_path / f"gauge_livesum_{pid}.db"))
+        live.close()
+    retire_metric_files(tmp_path, 101)
+    retire_metric_files(tmp_path, 102)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["counter_103.db", "counter_archive.db", "gauge_livesum_103.db"]
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(tmp_path))
+    assert registry.get_sample_value("tproxy_connections_total", {"port": "p"}) == 3060.0
+
+
+# --- the metrics listener and the runtime directory -----------------------------------------
+
+
+def master_service(tmp_path, monkeypatch, reactor, text: str = CONFIG):
+    from tproxy_twist.master import MasterService
+
+    metrics = tmp_path / "run" / "metrics"
+    metrics.mkdir(parents=True)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(metrics))
+    path = tmp_path / "tproxy.toml"
+    path.write_text(text)
+    return MasterService(C.load(path), reactor=reactor)
+
+
+def test_the_metrics_listener_is_a_service_child_that_binds_before_any_worker(
+    tmp_path, monkeypatch
+):
+    from twisted.internet.testing import MemoryReactorClock
+
+    reactor = MemoryReactorClock()
+    service = master_service(
+        tmp_path, monkeypatch, reactor, '[metrics]\nlisten = "[::1]:9999"\n' + CONFIG
+    )
+    service.privilegedStartService()
+    [(port, _factory, _backlog, interface)] = reactor.tcpServers
+    assert (port, interface) == (9999, "::1")
+    assert service.getServiceNamed("metrics [::1]:9999") is not None
+
+
+def test_a_metrics_address_in_use_stops_the_start_with_one_line_before_any_worker(
+    tmp_path, monkeypatch
+):
+    from twisted.internet.error import CannotListenError
+    from twisted.internet.testing import RaisingMemoryReactor
+
+    taken = CannotListenError("127.0.0.1", 9464, OSError(98, "Address already in use"))
+    reactor = RaisingMemoryReactor(listenException=taken)
+    service = master_service(tmp_path, monkeypatch, reactor)
+    with pytest.raises(SystemExit) as raised:
+        service.privilegedStartService()
+    message = str(raised.value.code)
+    assert message.startswith("tproxy-twist: cannot listen for metrics on 127.0.0.1:9464")
+    assert message.endswith("Address already in use") and "\n" not in message
+    assert service.supervisor.current == {}
+
+
+def test_runtime_dirs_of_masters_that_are_gone_are_removed_and_running_ones_kept(tmp_path):
+    import os
+
+    from tproxy_twist.master import _start_time, remove_stale_runtime_dirs
+
+    mine = tmp_path / f"tproxy-twist-{os.getpid()}.{_start_time(os.getpid())}"
+    reused = tmp_path / f"tproxy-twist-{os.getpid()}.1"  # our pid, another start time
+    gone = tmp_path / "tproxy-twist-999999999.5"
+    other = tmp_path / "tproxy-twist-unrelated"
+    for path in (mine, reused, gone, other):
+        (path / "metrics").mkdir(parents=True)
+    removed = remove_stale_runtime_dirs(tmp_path)
+    assert sorted(removed) == sorted([reused, gone])
+    assert mine.exists() and other.exists()
+
+
+def test_a_reload_that_moves_the_metrics_listener_replaces_the_service_child(tmp_path, monkeypatch):
+    from twisted.internet.testing import MemoryReactorClock
+
+    class Reactor(MemoryReactorClock):
+        spawnProcess = FakeReactor.spawnProcess
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.spawned = []
+            self._pids = iter(range(1000, 100000))
+
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # SIGHUP, SIGUSR1 handlers
+    reactor = Reactor()
+    text = '[metrics]\nlisten = "127.0.0.1:9001"\n' + CONFIG
+    service = master_service(tmp_path, monkeypatch, reactor, text)
+    service.privilegedStartService()
+    service.startService()
+    (tmp_path / "tproxy.toml").write_text(text.replace("9001", "9002"))
+    service.reload()
+    assert [(port, host) for port, _, _, host in reactor.tcpServers] == [
+        (9001, "127.0.0.1"),
+        (9002, "127.0.0.1"),
+    ]
+    names = {child.name for child in service}
+    assert "metrics 127.0.0.1:9002" in names and "metrics 127.0.0.1:9001" not in names
+    assert service.supervisor.pending is not None  # and the workers reload

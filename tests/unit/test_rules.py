@@ -19,6 +19,7 @@ from tproxy_twist.rules import (
     DivertPort,
     divert_ports,
     nftables_ruleset,
+    quic_blocks,
     render_for_config,
     render_iptables,
     render_kernel_settings,
@@ -404,11 +405,14 @@ def sample() -> C.Config:
 
 def test_etc_nftables_conf_is_the_ruleset_for_the_sample_config() -> None:
     """Regenerate with: python -c 'from tproxy_twist import config, rules;
-    print(rules.nftables_ruleset(rules.divert_ports(config.load("etc/tproxy.toml"))), end="")'
+    c = config.load("etc/tproxy.toml"); print(rules.nftables_ruleset(rules.divert_ports(c),
+    quic=rules.quic_blocks(c)), end="")'
     below etc/nftables.conf's comment header."""
     text = (REPO / "etc" / "nftables.conf").read_text()
     body = "\n".join(line for line in text.splitlines() if not line.startswith("#")).strip()
-    expected = nftables_ruleset(divert_ports(sample()), ipv4_only=not serves_ipv6(sample()))
+    expected = nftables_ruleset(
+        divert_ports(sample()), ipv4_only=not serves_ipv6(sample()), quic=quic_blocks(sample())
+    )
     assert body == expected.strip()
 
 

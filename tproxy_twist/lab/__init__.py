@@ -5,6 +5,6 @@ with documentation-range addresses; :mod:`tproxy_twist.lab.origin` is the test
 origin HTTP server that runs in the origin namespace.
 """
 
-from tproxy_twist.lab.topology import TWISTD, Lab, LabCommandError, cleanup_stale
+from tproxy_twist.lab.topology import TWISTD, Lab, LabCommandError, cleanup_stale, listen_ports
 
-__all__ = ["TWISTD", "Lab", "LabCommandError", "cleanup_stale"]
+__all__ = ["TWISTD", "Lab", "LabCommandError", "cleanup_stale", "listen_ports"]

@@ -31,7 +31,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["Lab", "LabCommandError", "cleanup_stale", "REPO_ROOT"]
+__all__ = ["Lab", "LabCommandError", "cleanup_stale", "listen_ports", "REPO_ROOT"]
 
 # The checkout holding the tproxy_twist package: children get it on PYTHONPATH,
 # so the lab works from a checkout as well as from an installed package.
@@ -181,22 +181,34 @@ def _owner_file(prefix: str) -> Path:
     return OWNERS_DIR / prefix
 
 
+# The owner file of a lab left up on purpose (``tproxy-twist lab --keep``).
+_KEPT = "kept"
+
+
 def _owner_alive(prefix: str) -> bool:
     try:
-        pid_text, start = _owner_file(prefix).read_text().split()
+        pid_text, start = _owner_file(prefix).read_text().split()[:2]
         pid = int(pid_text)
     except (OSError, ValueError):
         return False
     return _alive(pid) and _start_time(pid) == start
 
 
-def cleanup_stale(prefix_pattern: str = "tpt") -> list[str]:
+def _kept(prefix: str) -> bool:
+    try:
+        return _KEPT in _owner_file(prefix).read_text().split()[2:]
+    except OSError:
+        return False
+
+
+def cleanup_stale(prefix_pattern: str = "tpt", *, kept: bool = False) -> list[str]:
     """Remove namespaces left by crashed lab runs; return their names.
 
     A namespace is stale when its name starts with ``prefix_pattern`` and the
     process that created its lab is gone. Labs of other test sessions that are
-    still running (on the same machine, at the same time) are left alone.
-    Never raises.
+    still running (on the same machine, at the same time) are left alone, and
+    so are labs left up on purpose (:meth:`Lab.keep`) unless ``kept`` is true
+    (``tproxy-twist lab --clean``). Never raises.
     """
     removed: list[str] = []
     try:
@@ -205,7 +217,7 @@ def cleanup_stale(prefix_pattern: str = "tpt") -> list[str]:
             if name.startswith(prefix_pattern) and "-" in name:
                 groups.setdefault(name.rsplit("-", 1)[0], []).append(name)
         for prefix, names in groups.items():
-            if _owner_alive(prefix):
+            if _owner_alive(prefix) or (_kept(prefix) and not kept):
                 continue
             _delete_namespaces(names)
             _owner_file(prefix).unlink(missing_ok=True)
@@ -346,6 +358,11 @@ class Lab:
             self._ip(ns, "-4", "route", "replace", "default", "via", gw4, "dev", ifname)
             self._ip(ns, "-6", "route", "replace", "default", "via", gw6, "dev", ifname)
 
+    def keep(self) -> None:
+        """Leave this lab up after its owner exits: only ``cleanup_stale(kept=True)`` removes it."""
+        owner = _owner_file(self.prefix)
+        owner.write_text(owner.read_text().strip() + f" {_KEPT}\n")
+
     def teardown(self) -> None:
         """Kill every process in the lab's namespaces and delete them.
 
@@ -477,6 +494,53 @@ class Lab:
                     raise
         return proc
 
+    def start_proxy(
+        self,
+        config: Path | str,
+        log: Path,
+        *,
+        ports: Sequence[int] = (),
+        extra_args: Sequence[str] = (),
+        twistd_args: Sequence[str] = (),
+        pidfile: Path | str = "",
+        cwd: Path | str = REPO_ROOT,
+        timeout: float = 30,
+    ) -> subprocess.Popen:
+        """Run ``twistd -n tproxy --config CONFIG`` in the router: the one place the lab,
+        the tests and the bench start the proxy.
+
+        Its output goes to ``log``; it runs in a session of its own (so that a
+        group signal reaches its workers too). With ``ports``, returns once
+        something listens on each, or raises ``RuntimeError`` with the end of
+        ``log`` (see :meth:`wait_listening`). ``extra_args`` follow
+        ``--config CONFIG``, ``twistd_args`` (``--uid``) go before ``tproxy``;
+        ``pidfile`` empty means none.
+        """
+        argv = [*TWISTD, "-n", f"--pidfile={pidfile}", *twistd_args, "tproxy", "--config",
+                os.path.abspath(config), *extra_args]  # fmt: skip
+        with open(log, "ab") as out:
+            proc = self.popen(
+                self.router,
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=cwd,
+                start_new_session=True,
+            )
+        if ports:
+            try:
+                self.wait_listening(self.router, ports, proc, log, timeout=timeout)
+            except RuntimeError:
+                # Not serving: take it and its workers (its session) down before saying so.
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+                proc.wait(timeout=10)
+                raise
+        return proc
+
     def listening(self, ns: str, port: int) -> int:
         """How many TCP sockets listen on ``port`` in ``ns`` (workers each have one)."""
         proc = self.run(ns, ["ss", "-Hltn", "sport", "=", f":{port}"], check=False, timeout=20)
@@ -573,3 +637,16 @@ def _tail(path: Path, lines: int = 40) -> str:
     except OSError:
         return "(no log)"
     return "\n".join(text.splitlines()[-lines:])
+
+
+def listen_ports(config_toml: str) -> list[int]:
+    """The TCP ports a proxy configuration listens on: every ``[[port]]`` and the
+    metrics listener (read from the TOML alone, so configurations meant to fail work too)."""
+    import tomllib
+
+    config = tomllib.loads(config_toml)
+    listens = [p["listen"] for p in config.get("port", []) if "listen" in p]
+    metrics = config.get("metrics", {})
+    listens.append(metrics.get("listen", "127.0.0.1:9464") if isinstance(metrics, dict) else "")
+    # "host:port", "[v6]:port" or a bare port number; "" turns a listener off.
+    return [int(str(listen).rsplit(":", 1)[-1]) for listen in listens if str(listen)]

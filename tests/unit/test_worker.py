@@ -1,0 +1,239 @@
+"""
+The worker on a fake reactor (MemoryReactorClock): binding in
+privilegedStartService, accepting within the connection budget, draining in
+stopService, heartbeats and the master's pipe.  The real process is covered
+end to end in tests/e2e/test_workers.py.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+from twisted.internet.testing import MemoryReactorClock
+
+from tproxy_twist import config as C
+from tproxy_twist.testing import FakeTransport, tcp_address
+from tproxy_twist.worker import MasterLink, ProxyService, StartupError
+
+FORWARD = """\
+[metrics]
+listen = ""
+
+[[port]]
+name = "forward"
+listen = "127.0.0.1:{port}"
+mode = "forward"
+allow = ["127.0.0.0/8"]
+"""
+
+
+class FakePort:
+    """What ProxyService uses of tcp.Port: reading on/off, the accept batch, doRead."""
+
+    def __init__(self, factory) -> None:
+        self.factory = factory
+        self.reading = True
+        self.connected = True
+        self.numberAccepts = 100
+        self.batches: list[int] = []
+        self.stopped = False
+
+    def stopReading(self) -> None:
+        self.reading = False
+
+    def startReading(self) -> None:
+        self.reading = True
+
+    def stopListening(self) -> None:
+        self.stopped = True
+        self.connected = False
+        self.reading = False
+
+    def doRead(self) -> None:
+        """Accept as many as the batch allows (the kernel has plenty queued)."""
+        self.batches.append(self.numberAccepts)
+        for i in range(self.numberAccepts):
+            protocol = self.factory.buildProtocol(tcp_address("127.0.0.1", 40000 + i))
+            protocol.makeConnection(
+                FakeTransport(tcp_address("127.0.0.1", 3128), tcp_address("127.0.0.1", 40000 + i))
+            )
+
+
+class Reactor(MemoryReactorClock):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ports: list[FakePort] = []
+
+    def adoptStreamPort(self, fileno, addressFamily, factory):
+        super().adoptStreamPort(fileno, addressFamily, factory)
+        port = FakePort(factory)
+        self.ports.append(port)
+        return port
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def service(text: str | None = None, **kwargs) -> tuple[ProxyService, Reactor]:
+    text = text or FORWARD.format(port=free_port())
+    reactor = Reactor()
+    return ProxyService(C.loads(text), reactor, **kwargs), reactor
+
+
+def test_privileged_start_binds_every_port_and_start_accepts_on_them():
+    proxy, reactor = service()
+    proxy.privilegedStartService()
+    assert reactor.adoptedPorts == []  # bound, not accepting yet
+    proxy.startService()
+    [(fileno, family, factory)] = reactor.adoptedPorts
+    assert family == socket.AF_INET
+    assert factory.port.name == "forward"
+    proxy.stopService()
+
+
+def test_a_port_in_use_is_a_startup_error_naming_the_port_and_the_reason():
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        proxy, reactor = service(FORWARD.format(port=port))
+        with pytest.raises(
+            StartupError, match=rf"cannot listen on 127.0.0.1:{port} \(port 'forward'\)"
+        ):
+            proxy.privilegedStartService()
+
+
+def test_a_full_budget_pauses_every_port_and_one_closing_resumes_them():
+    proxy, reactor = service(max_connections=3)
+    proxy.privilegedStartService()
+    proxy.startService()
+    [port] = reactor.ports
+    port.doRead()
+    assert port.batches == [3]  # never more than the free slots in one batch
+    assert proxy.budget.used == 3
+    assert not port.reading
+    next(iter(proxy.factories[0].connections)).transport.loseConnection()
+    connection = next(iter(proxy.factories[0].connections))
+    connection.connectionLost(None)
+    assert proxy.budget.used == 2 and port.reading
+    proxy.stopService()
+
+
+def test_a_read_event_with_a_full_budget_accepts_nothing():
+    proxy, reactor = service(max_connections=2)
+    proxy.privilegedStartService()
+    proxy.startService()
+    [port] = reactor.ports
+    port.doRead()
+    port.doRead()  # already queued in this reactor turn: must not overshoot
+    assert port.batches == [2]
+    assert proxy.budget.used == 2
+    proxy.stopService()
+
+
+def test_stop_service_stops_accepting_and_returns_a_deferred_that_fires_when_drained():
+    proxy, reactor = service()
+    proxy.privilegedStartService()
+    proxy.startService()
+    [port] = reactor.ports
+    done = proxy.stopService()
+    assert port.stopped
+    assert done.called  # nothing in flight
+
+
+def test_stop_service_waits_for_in_flight_requests_until_the_drain_timeout():
+    text = "drain_timeout = 5\n" + FORWARD.format(port=free_port())
+    proxy, reactor = service(text)
+    proxy.privilegedStartService()
+    proxy.startService()
+    [port] = reactor.ports
+    port.numberAccepts = 1
+    port.doRead()
+    [connection] = proxy.factories[0].connections
+    connection.dataReceived(b"GET http://198.51.100.7/ HTTP/1.1\r\nHost: 198.51.100.7\r\n\r\n")
+    done = proxy.stopService()
+    reactor.advance(1)
+    assert not done.called  # a request is in flight
+    for _ in range(30):
+        reactor.advance(0.2)
+    assert done.called  # aborted at the drain timeout
+    assert connection.transport.disconnecting
+
+
+def test_stop_before_start_closes_the_bound_sockets():
+    proxy, reactor = service()
+    proxy.privilegedStartService()
+    sockets = [sock for _, sock in proxy._sockets]
+    proxy.stopService()
+    assert all(sock.fileno() == -1 for sock in sockets)
+
+
+# --- the link to the master -----------------------------------------------------------
+
+
+def read_all(fd: int) -> str:
+    try:
+        return os.read(fd, 1 << 20).decode()
+    except BlockingIOError:
+        return ""
+
+
+def test_the_heartbeat_is_written_from_the_reactor_every_interval():
+    reactor = MemoryReactorClock()
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    link = MasterLink(write_end, reactor, lambda: None, interval=1.0)
+    link.startService()
+    link.report("ready")
+    reactor.advance(1)
+    reactor.advance(1)
+    assert read_all(read_end) == "alive\nready\nalive\nalive\n"
+    link.stopService()
+    reactor.advance(5)
+    assert read_all(read_end) == ""
+    os.close(read_end), os.close(write_end)
+
+
+def test_a_master_that_does_not_read_never_blocks_the_worker():
+    reactor = MemoryReactorClock()
+    read_end, write_end = os.pipe()
+    gone = []
+    link = MasterLink(write_end, reactor, lambda: gone.append(True), interval=1.0)
+    for _ in range(100_000):  # far more than a pipe holds
+        link.report("alive")
+    assert gone == []
+    os.close(read_end), os.close(write_end)
+
+
+def test_the_master_closing_the_pipe_means_it_is_gone():
+    reactor = MemoryReactorClock()
+    gone = []
+    read_end, write_end = os.pipe()
+    link = MasterLink(None, reactor, lambda: gone.append(True), master_fd=read_end)
+    link.startService()
+    [pipe] = reactor.getReaders()
+    assert pipe.doRead() is None and gone == []  # nothing to read yet: still there
+    os.close(write_end)
+    reason = pipe.doRead()
+    assert reason is not None  # the reactor removes it and calls connectionLost
+    pipe.connectionLost(reason)
+    assert gone == [True]
+    link.stopService()
+    os.close(read_end)
+
+
+def test_a_status_pipe_that_fails_means_the_master_is_gone():
+    reactor = MemoryReactorClock()
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    gone = []
+    link = MasterLink(write_end, reactor, lambda: gone.append(True))
+    link.report("ready")  # EPIPE (Python ignores SIGPIPE)
+    reactor.advance(0)
+    assert gone == [True]
+    os.close(write_end)

@@ -1,0 +1,557 @@
+"""
+The TLS layer of a C{protocol = "tls"} port: Twisted protocols around the
+sans-IO L{ClientHelloReader} and the pure rules of L{decide}.
+
+A connection goes through these states::
+
+    hello ──(ClientHello read, decided)──┬─ deny: alert access_denied (49), close
+      │                                  └─ splice: connecting ─► relaying ─► closed
+      ├─(not TLS)── on_not_tls: close, or tunnel: connecting ─► relaying
+      └─(timeout, too large, malformed)── close (an alert where TLS was spoken)
+
+Splicing connects to the original destination address (the SNI is only
+advisory: it is never looked up), from the client's own address on spoofing
+ports, writes the bytes read so far, then relays bytes both ways with
+backpressure (each side's transport is the other's producer), half-close
+(an EOF from one side becomes a write shutdown towards the other) and the
+idle timeout.  One access log entry and one action per connection.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import task
+from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ..accesslog import AccessEntry
+from ..config import PortConfig, Timeouts
+from ..sockets import UpstreamConnect, nat_original_destination, unmap, writer_for
+from .clienthello import ALERT_ACCESS_DENIED, ClientHello, ClientHelloReader, HelloError, alert
+from .decide import Decision, decide
+
+log = Logger()
+
+# How often deadlines are looked at (timeouts fire up to this much late) and
+# bytes are handed to the metrics.
+SWEEP_INTERVAL = 0.25
+_LINGER_SECONDS = 2.0
+# Reads (and the send buffer a producer may fill before it is paused) while
+# splicing: bulk transfers dominate, larger reads halve the system calls.
+_SPLICE_READ = 1 << 18
+ALERT_DECODE_ERROR = 50
+# Bytes a client may send (hello included) while its upstream connection is made.
+_CONNECTING_BUFFER = 1 << 16
+
+# States of a TLSConnection
+HELLO = "hello"
+CONNECTING = "connecting"
+RELAYING = "relaying"
+CLOSING = "closing"
+CLOSED = "closed"
+
+
+def tls_factory(port, config, reactor, connect, local_addresses, access_log, budget) -> TLSFactory:
+    """The factory of a C{protocol = "tls"} port, as the worker builds it."""
+    from ..metrics import NullPortMetrics, NullTLSPortMetrics, PortMetrics, TLSPortMetrics
+
+    metrics_on = config.metrics_listen is not None
+    return TLSFactory(
+        port,
+        timeouts=config.timeouts,
+        connect=connect,
+        clock=reactor,
+        local_addresses=local_addresses,
+        metrics=(PortMetrics if metrics_on else NullPortMetrics)(port.name, port.mode),
+        tls_metrics=(TLSPortMetrics if metrics_on else NullTLSPortMetrics)(port.name),
+        access_log=access_log,
+        budget=budget,
+    )
+
+
+class TLSFactory(Factory):
+    """Builds a L{TLSConnection} for each connection on one TLS port."""
+
+    noisy = False
+
+    def __init__(
+        self,
+        port: PortConfig,
+        *,
+        timeouts: Timeouts,
+        connect: UpstreamConnect,
+        clock: IReactorTime,
+        local_addresses,
+        metrics,
+        tls_metrics,
+        access_log=None,
+        budget=None,
+    ) -> None:
+        assert port.tls is not None, "a TLS factory needs a protocol = 'tls' port"
+        self.port = port
+        self.tls = port.tls
+        self.timeouts = timeouts
+        self.connect = connect
+        self.clock = clock
+        self.local_addresses = local_addresses
+        self.metrics = metrics
+        self.tls_metrics = tls_metrics
+        self.access_log = access_log
+        self.budget = budget
+        self.connections: set[TLSConnection] = set()
+        self._sweeper: task.LoopingCall | None = None
+
+    def buildProtocol(self, addr):
+        if self._sweeper is None:
+            self._sweeper = task.LoopingCall(self.sweep)
+            self._sweeper.clock = self.clock
+            self._sweeper.start(SWEEP_INTERVAL, now=False)
+        return TLSConnection(self)
+
+    def sweep(self) -> None:
+        """Time out what has to; hand byte counts of long splices to the metrics."""
+        now = self.clock.seconds()
+        for connection in list(self.connections):
+            try:
+                connection.check_deadline(now)
+                connection.flush_bytes()
+            except Exception:
+                log.failure("sweeping a TLS connection failed")
+        self.metrics.flush()
+        self.tls_metrics.flush()
+
+    def drain(self, min_idle: float = 1.0) -> int:
+        """
+        Reload or stop: spliced connections carry on (until they end, or the
+        drain timeout aborts them), as HTTP tunnels do.  Returns how many are
+        still open.
+        """
+        return len(self.connections)
+
+    def abort_all(self) -> None:
+        for connection in list(self.connections):
+            connection.abort()
+
+    def shutdown(self) -> None:
+        self.metrics.flush()
+        self.tls_metrics.flush()
+        if self._sweeper is not None and self._sweeper.running:
+            self._sweeper.stop()
+        self._sweeper = None
+
+
+@implementer(IHalfCloseableProtocol)
+class SpliceUpstream(Protocol):
+    """The connection to the original destination; reports everything to its client."""
+
+    def __init__(self, client: TLSConnection) -> None:
+        self.client = client
+        self.lost = False
+        self.writer = None
+
+    def connectionMade(self) -> None:
+        self.transport.setTcpNoDelay(True)
+        self.writer = writer_for(self.transport)
+        self.client.upstream_connected(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.client.upstream_data(data)
+
+    def readConnectionLost(self) -> None:
+        self.client.upstream_eof()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.lost = True
+        self.client.upstream_lost(self, reason)
+
+
+class _UpstreamFactory(ClientFactory):
+    noisy = False
+
+    def __init__(self, client: TLSConnection) -> None:
+        self.client = client
+
+    def buildProtocol(self, addr):
+        return SpliceUpstream(self.client)
+
+    def clientConnectionFailed(self, connector, reason: Failure) -> None:
+        self.client.upstream_failed(reason)
+
+
+@implementer(IHalfCloseableProtocol)
+class TLSConnection(Protocol):
+    """One accepted connection on a TLS port."""
+
+    def __init__(self, factory: TLSFactory) -> None:
+        self.factory = factory
+        self.port = factory.port
+        self._clock = factory.clock
+        self.state = HELLO
+        self.reader = ClientHelloReader()
+        self.hello: ClientHello | None = None
+        self.action = "close"  # what the access log and metrics say was done
+        self.status = 0  # the access log's status: 200 relayed, 403 denied, 502 no upstream
+        self.client_ip = ""
+        self.destination: tuple[str, int] | None = None
+        self.upstream: SpliceUpstream | None = None
+        self._pending = b""  # bytes of a connection that is not TLS, for the tunnel
+        self._refusal: str | None = None  # "forbidden" or "loop": deny whatever the rules say
+        self._client_eof = False
+        self._upstream_eof = False
+        self._started = 0.0
+        self._connect_started = 0.0
+        self._last_activity = 0.0
+        self._timer = ""
+        self._deadline = 0.0
+        self._bytes_in = 0
+        self._bytes_out = 0
+        self._unflushed_in = 0
+        self._unflushed_out = 0
+        self._writer = None
+        self._paused = False  # reading paused: too much arrived while connecting
+
+    # --- the client side -------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        factory = self.factory
+        transport = self.transport
+        transport.setTcpNoDelay(True)
+        self._writer = writer_for(transport)
+        factory.connections.add(self)
+        if factory.budget is not None:
+            factory.budget.acquire()
+        factory.metrics.connections.inc()
+        factory.metrics.active.inc()
+        now = self._clock.seconds()
+        self._started = self._last_activity = now
+        self.client_ip = unmap(transport.getPeer().host)
+        if self.port.mode == "intercept":
+            try:
+                self.destination = nat_original_destination(transport.getHandle())
+            except OSError:
+                self._refusal = "loop"
+        else:
+            host = transport.getHost()
+            self.destination = (unmap(host.host), host.port)
+        if self.destination is not None and self.destination[0] in factory.local_addresses:
+            log.warn(
+                "refusing direct connection from {client} to TLS port {name!r}: the original"
+                " destination {dest} is this host's own address (relaying would loop)",
+                client=self.client_ip,
+                name=self.port.name,
+                dest=self.destination[0],
+            )
+            self._refusal = "loop"
+        elif not self.port.allows_everyone and not self.port.allows(self.client_ip):
+            self._refusal = "forbidden"
+        self._arm("hello", factory.tls.client_hello_timeout)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._count_in(len(data))
+        state = self.state
+        if state == RELAYING:
+            self.upstream.writer.write(data)
+        elif state == HELLO:
+            try:
+                hello = self.reader.feed(data)
+            except HelloError as e:
+                self._bad_hello(e, data)
+                return
+            if hello is not None:
+                self._decide(hello)
+        elif state == CONNECTING:
+            # Reading goes on while connecting (pausing and resuming would cost two
+            # epoll_ctl calls per connection) up to one socket read ahead.
+            if self.hello is not None:
+                self.reader.feed(data)
+            else:
+                self._pending += data
+            if self._bytes_in > _CONNECTING_BUFFER and not self._paused:
+                self._paused = True
+                self.transport.pauseProducing()
+        # CLOSING, CLOSED: discarded
+
+    def readConnectionLost(self) -> None:
+        self._client_eof = True
+        if self.state == RELAYING:
+            self.upstream.transport.loseWriteConnection()
+            if self._upstream_eof:
+                self._close_both()
+        elif self.state == HELLO:
+            self._finish_without_decision()  # the client gave up before its hello was complete
+        elif self.state == CLOSING:
+            self.transport.loseConnection()
+        # CONNECTING: the write shutdown follows the replay (upstream_connected)
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure) -> None:
+        previous, self.state = self.state, CLOSED
+        factory = self.factory
+        factory.connections.discard(self)
+        if factory.budget is not None:
+            factory.budget.release()
+        factory.metrics.active.dec()
+        self._timer = ""
+        upstream = self.upstream
+        if upstream is not None and not upstream.lost:
+            if previous == RELAYING and self._client_eof:
+                upstream.transport.loseConnection()  # what is buffered for it still goes out
+            else:
+                upstream.transport.abortConnection()
+        if previous == HELLO:
+            factory.tls_metrics.action("close")  # the client left before its hello was whole
+        self.flush_bytes()
+        self._log_entry()
+
+    # --- deciding ---------------------------------------------------------------
+
+    def _decide(self, hello: ClientHello) -> None:
+        self.hello = hello
+        self._timer = ""
+        if self._refusal is not None:
+            self.factory.metrics.rejected(self._refusal)
+            log.info(
+                "denying {client} -> {sni}: {why}",
+                client=self.client_ip,
+                sni=hello.sni,
+                why="not allowed on this port" if self._refusal == "forbidden" else "a loop",
+            )
+            self._deny(Decision("deny", "default"))
+            return
+        decision = decide(self.factory.tls.policy, hello.sni, self.client_ip, self.destination[0])
+        getattr(self, _ACTIONS[decision.action])(decision)
+
+    def _deny(self, decision: Decision) -> None:
+        tls_metrics = self.factory.tls_metrics
+        tls_metrics.action("deny")
+        tls_metrics.rejected("no_sni" if decision.because == "no_sni" else "denied")
+        self.action = "deny"
+        self.status = 403
+        self._send_alert_and_close(ALERT_ACCESS_DENIED)
+
+    def _splice(self, decision: Decision) -> None:
+        self.factory.tls_metrics.action("splice")
+        self.action = "splice"
+        self._connect()
+
+    def _bad_hello(self, error: HelloError, data: bytes) -> None:
+        tls = self.factory.tls
+        tls_metrics = self.factory.tls_metrics
+        if error.reason == "not_tls" and tls.on_not_tls == "tunnel":
+            tls_metrics.action("tunnel")
+            self.action = "tunnel"
+            self._timer = ""
+            self._pending = data
+            self._connect()
+            return
+        tls_metrics.rejected(error.reason)
+        tls_metrics.action("close")
+        log.info(
+            "closing {client} on TLS port {name!r}: {error}",
+            client=self.client_ip,
+            name=self.port.name,
+            error=str(error),
+        )
+        if error.reason == "not_tls":
+            self._close_gently()
+        else:
+            self._send_alert_and_close(ALERT_DECODE_ERROR)
+
+    def _send_alert_and_close(self, description: int) -> None:
+        self._write(alert(description))
+        self._close_gently()
+
+    def _close_gently(self) -> None:
+        """Half-close, discard what the client still sends, abort if it lingers."""
+        self.state = CLOSING
+        self.transport.loseWriteConnection()
+        if self._client_eof:
+            self.transport.loseConnection()
+        else:
+            self._arm("linger", _LINGER_SECONDS)
+
+    def _finish_without_decision(self) -> None:
+        self.factory.tls_metrics.action("close")
+        self._timer = ""
+        self.state = CLOSING
+        self.transport.loseConnection()
+
+    # --- the upstream side -----------------------------------------------------------
+
+    def _connect(self) -> None:
+        self.state = CONNECTING
+        host, port = self.destination
+        source = self.client_ip if self.port.spoof_client_ip else None
+        self._connect_started = self._clock.seconds()
+        self.factory.connect(
+            host, port, _UpstreamFactory(self), self.factory.timeouts.connect, source
+        )
+
+    def upstream_connected(self, upstream: SpliceUpstream) -> None:
+        if self.state != CONNECTING:
+            upstream.transport.abortConnection()  # the client left meanwhile
+            return
+        self.factory.metrics.connect_duration.observe(self._clock.seconds() - self._connect_started)
+        self.upstream = upstream
+        self.state = RELAYING
+        self.status = 200
+        replay = self.reader.buffered if self.hello is not None else self._pending
+        self._pending = b""
+        if replay:
+            upstream.writer.write(replay)
+        client, server = self.transport, upstream.transport
+        client.bufferSize = server.bufferSize = _SPLICE_READ
+        # Backpressure both ways: a full send buffer pauses reading on the other side.
+        client.registerProducer(server, True)
+        server.registerProducer(client, True)
+        self._arm("idle", self.factory.timeouts.idle)
+        if self._client_eof:
+            server.loseWriteConnection()
+        elif self._paused:
+            self._paused = False
+            client.resumeProducing()
+
+    def upstream_data(self, data: bytes) -> None:
+        self._last_activity = self._clock.seconds()
+        self._write(data)
+
+    def upstream_eof(self) -> None:
+        self._upstream_eof = True
+        if self.state == RELAYING:
+            self.transport.loseWriteConnection()
+            if self._client_eof:
+                self._close_both()
+
+    def upstream_lost(self, upstream: SpliceUpstream, reason: Failure) -> None:
+        if upstream is not self.upstream or self.state == CLOSED:
+            return
+        # What is buffered for the client still goes out, then the connection closes.
+        self.state = CLOSING
+        self.transport.loseConnection()
+
+    def upstream_failed(self, reason: Failure) -> None:
+        if self.state != CONNECTING:
+            return
+        from ..http.relay import classify_connect_failure
+
+        status, cause, metric = classify_connect_failure(reason.value)
+        self.factory.metrics.upstream_error(metric)
+        self.status = status
+        host, port = self.destination
+        log.info(
+            "cannot splice {client} to {dest}: {cause}",
+            client=self.client_ip,
+            dest=f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+            cause=cause,
+        )
+        # A reset is the nearest a relay can come to "connection refused".
+        self.state = CLOSING
+        self.transport.abortConnection()
+
+    def _close_both(self) -> None:
+        self.transport.loseConnection()
+        if self.upstream is not None and not self.upstream.lost:
+            self.upstream.transport.loseConnection()
+
+    def abort(self) -> None:
+        self.transport.abortConnection()
+
+    # --- timers, bytes, the access log -----------------------------------------------
+
+    def _arm(self, kind: str, seconds: float) -> None:
+        self._timer = kind
+        self._deadline = self._clock.seconds() + seconds
+
+    def check_deadline(self, now: float) -> None:
+        kind = self._timer
+        if not kind or now < self._deadline:
+            return
+        if kind == "idle":
+            idle = self.factory.timeouts.idle
+            left = self._last_activity + idle - now
+            if left > 0:
+                self._deadline = now + left
+                return
+            log.info("closing {client}: no data either way for {s}s", client=self.client_ip, s=idle)
+            self.factory.metrics.rejected("timeout")
+            self._timer = ""
+            self.abort()
+        elif kind == "hello":
+            log.info(
+                "closing {client} on TLS port {name!r}: no whole ClientHello within {s}s",
+                client=self.client_ip,
+                name=self.port.name,
+                s=self.factory.tls.client_hello_timeout,
+            )
+            self.factory.tls_metrics.rejected("timeout")
+            self.factory.tls_metrics.action("close")
+            self._timer = ""
+            self.state = CLOSING
+            self.transport.loseConnection()
+        elif kind == "linger":
+            self._timer = ""
+            self.abort()
+
+    def _count_in(self, n: int) -> None:
+        self._bytes_in += n
+        self._unflushed_in += n
+        self._last_activity = self._clock.seconds()
+
+    def _write(self, data: bytes) -> None:
+        self._bytes_out += len(data)
+        self._unflushed_out += len(data)
+        self._writer.write(data)
+
+    def flush_bytes(self) -> None:
+        if self._unflushed_in or self._unflushed_out:
+            self.factory.metrics.transferred(self._unflushed_in, self._unflushed_out)
+            self._unflushed_in = self._unflushed_out = 0
+
+    def _log_entry(self) -> None:
+        access_log = self.factory.access_log
+        if access_log is None:
+            return
+        now = self._clock.seconds()
+        hello = self.hello
+        host, port = self.destination or ("-", 0)
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if self.action == "deny":
+            result = "TCP_DENIED"
+        elif self.status == 200:
+            result = "TCP_TUNNEL"
+        else:
+            result = "NONE"
+        access_log.log(
+            AccessEntry(
+                time=now,
+                duration=now - self._started,
+                client=self.client_ip,
+                port=self.port.name,
+                mode=self.port.mode,
+                method="CONNECT",
+                # Squid logs a spliced connection as CONNECT to the SNI and port.
+                url=f"{hello.sni}:{port}" if hello is not None and hello.sni else address,
+                status=self.status,
+                bytes_out=self._bytes_out,
+                bytes_in=self._bytes_in,
+                destination=address if self.upstream is not None else None,
+                result=result,
+                content_type="-",
+                sni=hello.sni if hello is not None else None,
+                alpn=",".join(hello.alpn) if hello is not None else None,
+                tls_version=hello.tls_version if hello is not None else None,
+                ech=hello.ech if hello is not None else None,
+            )
+        )
+
+
+#: Decision action -> the L{TLSConnection} method that carries it out.
+#: Bump (the next issue) is one more entry.
+_ACTIONS = {"splice": "_splice", "deny": "_deny"}
