@@ -1028,6 +1028,11 @@ class Session:
     def _abort(self) -> None:
         self.state = State.CLOSED
         self.deadline_kind = None
+        self._connecting = None  # a connection still being made is refused when it comes
+        up = self._up
+        self._up = None
+        if up is not None and not up.lost:
+            self._io.upstream_abort(up.link)
         self._io.abort()
 
     def _record(self, exchange: _Exchange) -> None:
