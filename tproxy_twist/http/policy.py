@@ -103,7 +103,8 @@ def route(
             raise Refusal(405, f"CONNECT is not allowed on a {port.mode} port", "bad_request")
         assert destination is not None
         if target[0] == 47 or target == b"*":  # origin-form or asterisk-form
-            if request.get(b"host") is None:
+            # (The framing lets only HTTP/1.0 requests go without Host.)
+            if request.version == b"HTTP/1.0" and request.get(b"host") is None:
                 return destination, target, authority_of(destination)
             return destination, target, None
         scheme, authority, path = split_absolute(target)

@@ -266,6 +266,7 @@ class ClientConnection(Protocol):
         "client_ip",
         "connected",
         "factory",
+        "finished",
         "gate",
         "metrics",
         "session",
@@ -276,6 +277,8 @@ class ClientConnection(Protocol):
         self.factory = factory
         self.metrics = factory.metrics
         self.session: Session | None = None
+        # SessionIO.finished: the record goes straight to the metrics and the access log.
+        self.finished: Callable[[ExchangeRecord], None] = factory.sink
         self._corked: list[bytes] | None = None
         self._counted_client = False
         self.client_ip = ""
@@ -486,9 +489,6 @@ class ClientConnection(Protocol):
         self.transport.bufferSize = _DEFAULT_READ
         if link is not None and link.handle is not None:
             link.handle.transport.bufferSize = _DEFAULT_READ
-
-    def finished(self, record: ExchangeRecord) -> None:
-        self.factory.sink(record)
 
 
 class ConnectionBudget:

@@ -99,35 +99,56 @@ CONNECTING_READS = 2  # waiting for the upstream connection with enough buffered
 PIPELINE = 4  # a pipelined request waits for the current answer
 
 
-class State(enum.Enum):
+# IntEnum rather than Enum: the hot path tests set membership, and Enum's
+# __hash__ is a Python-level call.
+class State(enum.IntEnum):
     """Where a client connection is; see the module docstring for the transitions."""
 
-    IDLE = "idle"  # between requests, nothing buffered
-    HEAD = "head"  # part of a request head arrived
-    CONNECTING = "connecting"  # the upstream connection is being made
-    SENDING = "sending"  # the head went upstream; the request body is still arriving
-    AWAITING = "awaiting"  # the whole request went upstream; no response yet
-    RESPONDING = "responding"  # a response is being relayed to the client
-    TUNNEL = "tunnel"  # CONNECT or an upgrade: bytes both ways
-    LINGER = "linger"  # answered by the proxy: input is read and dropped, then close
-    CLOSING = "closing"  # the connection closes once what was written is sent
-    CLOSED = "closed"  # gone (or aborted): nothing more is written
+    IDLE = 1  # between requests, nothing buffered
+    HEAD = 2  # part of a request head arrived
+    CONNECTING = 3  # the upstream connection is being made
+    SENDING = 4  # the head went upstream; the request body is still arriving
+    AWAITING = 5  # the whole request went upstream; no response yet
+    RESPONDING = 6  # a response is being relayed to the client
+    TUNNEL = 7  # CONNECT or an upgrade: bytes both ways
+    LINGER = 8  # answered by the proxy: input is read and dropped, then close
+    CLOSING = 9  # the connection closes once what was written is sent
+    CLOSED = 10  # gone (or aborted): nothing more is written
 
 
-class Deadline(enum.Enum):
+class Deadline(enum.IntEnum):
     """What the one deadline of a session bounds."""
 
-    CLIENT_IDLE = "client_idle"  # a keep-alive connection's next request
-    REQUEST_HEADER = "request_header"  # the rest of a request head
-    IDLE = "idle"  # no bytes either way while connecting, sending, relaying or tunnelling
-    RESPONSE = "response"  # the whole request was sent: the response's first bytes
-    LINGER = "linger"  # lingering close
-    CLOSING = "closing"  # a client that does not read what is left
+    CLIENT_IDLE = 1  # a keep-alive connection's next request
+    REQUEST_HEADER = 2  # the rest of a request head
+    IDLE = 3  # no bytes either way while connecting, sending, relaying or tunnelling
+    RESPONSE = 4  # the whole request was sent: the response's first bytes
+    LINGER = 5  # lingering close
+    CLOSING = 6  # a client that does not read what is left
 
+
+# Members as module globals: the hot path reads them several times per request,
+# and an Enum class attribute costs about three times a global.
+_IDLE = State.IDLE
+_HEAD = State.HEAD
+_CONNECTING = State.CONNECTING
+_SENDING = State.SENDING
+_AWAITING = State.AWAITING
+_RESPONDING = State.RESPONDING
+_TUNNEL = State.TUNNEL
+_LINGER = State.LINGER
+_CLOSING = State.CLOSING
+_CLOSED = State.CLOSED
+_DL_CLIENT_IDLE = Deadline.CLIENT_IDLE
+_DL_REQUEST_HEADER = Deadline.REQUEST_HEADER
+_DL_IDLE = Deadline.IDLE
+_DL_RESPONSE = Deadline.RESPONSE
+_DL_LINGER = Deadline.LINGER
+_DL_CLOSING = Deadline.CLOSING
 
 # States that read request events from the client's reader.
-_READING = frozenset({State.IDLE, State.HEAD, State.SENDING, State.AWAITING, State.RESPONDING})
-_GONE = frozenset({State.LINGER, State.CLOSING, State.CLOSED})
+_READING = frozenset({_IDLE, _HEAD, _SENDING, _AWAITING, _RESPONDING})
+_GONE = frozenset({_LINGER, _CLOSING, _CLOSED})
 
 
 class SessionIO(Protocol):
@@ -307,6 +328,7 @@ class Session:
         "_host_agreed",
         "_io",
         "_last_activity",
+        "_pipeline_paused",
         "_reader",
         "_refusal",
         "_up",
@@ -342,11 +364,12 @@ class Session:
         self._bytes_out = 0
         self._client_eof = False
         self._draining = False
+        self._pipeline_paused = False
         self._last_activity = clock.seconds()
-        self.state = State.IDLE
+        self.state = _IDLE
         self.deadline_kind: Deadline | None = None
         self.deadline_at = 0.0
-        self._arm(Deadline.CLIENT_IDLE, config.timeouts.client_idle)
+        self._arm(_DL_CLIENT_IDLE, config.timeouts.client_idle)
 
     # --- what the adapter asks ----------------------------------------------------
 
@@ -377,7 +400,7 @@ class Session:
         self._bytes_in += len(data)
         self._last_activity = self._clock.seconds()
         state = self.state
-        if state is State.TUNNEL:
+        if state is _TUNNEL:
             up = self._up
             if up is not None and not up.lost:
                 self._io.upstream_write(up.link, data)
@@ -386,12 +409,12 @@ class Session:
             return
         reader = self._reader
         reader.feed(data)
-        if state is State.CONNECTING:
+        if state is _CONNECTING:
             if reader.buffered > CONNECTING_BUFFER:
                 self._io.pause(CONNECTING_READS)
             return
         self._process()
-        if self.state is State.IDLE and not reader.idle:
+        if self.state is _IDLE and not reader.idle:
             # Part of a head came; a whole one would have started an exchange.
             self._to_head()
 
@@ -401,22 +424,22 @@ class Session:
             return
         self._client_eof = True
         state = self.state
-        if state is State.TUNNEL:
+        if state is _TUNNEL:
             if self._up is not None and not self._up.lost:
                 self._io.upstream_shutdown_write(self._up.link)
             return
-        if state is State.LINGER:
+        if state is _LINGER:
             self._close()
             return
         if state in _GONE:
             return
         self._reader.feed_eof()
-        if state is not State.CONNECTING:
+        if state is not _CONNECTING:
             self._process()
 
     def client_lost(self) -> None:
         """The client connection is gone (closed, reset or aborted)."""
-        self.state = State.CLOSED
+        self.state = _CLOSED
         self.deadline_kind = None
         self._connecting = None
         exchange = self._exchange
@@ -437,7 +460,7 @@ class Session:
         """Finish: close after the current response, or now if idle long enough."""
         self._draining = True
         if (
-            self.state is State.IDLE
+            self.state is _IDLE
             and self._reader.idle
             and self._clock.seconds() - self._last_activity >= min_idle
         ):
@@ -450,10 +473,10 @@ class Session:
         End the connection now (C{reason}: C{drain} for the drain timeout).
         Whatever was in progress is recorded as incomplete.
         """
-        if self.state is State.CLOSED:
+        if self.state is _CLOSED:
             return
         exchange = self._exchange
-        if exchange is None and self.state is State.HEAD:
+        if exchange is None and self.state is _HEAD:
             exchange = self._new_exchange(None)
         if exchange is not None:
             self._exchange = None
@@ -468,14 +491,14 @@ class Session:
             return
         self.deadline_kind = None
         timeouts = self._config.timeouts
-        if kind is Deadline.LINGER or kind is Deadline.CLOSING:
+        if kind is _DL_LINGER or kind is _DL_CLOSING:
             self._abort()
-        elif kind is Deadline.CLIENT_IDLE:
+        elif kind is _DL_CLIENT_IDLE:
             self._close()
-        elif kind is Deadline.IDLE:
+        elif kind is _DL_IDLE:
             left = self._last_activity + timeouts.idle - now
             if left > 0:
-                self._arm(Deadline.IDLE, left)
+                self._arm(_DL_IDLE, left)
                 return
             log.info(
                 "closing {client}: no data either way for {s}s", client=self.client_ip,
@@ -485,13 +508,13 @@ class Session:
             if exchange is not None:
                 exchange.record.rejected = "timeout"
             self._fail(504, f"no data for {timeouts.idle:g} seconds", incomplete="timeout")
-        elif kind is Deadline.REQUEST_HEADER:
+        elif kind is _DL_REQUEST_HEADER:
             self._answer(
                 408,
                 f"request head not received within {timeouts.request_header:g} seconds",
                 rejected="timeout",
             )
-        elif kind is Deadline.RESPONSE:
+        elif kind is _DL_RESPONSE:
             exchange = self._exchange
             where = None
             if exchange is not None:
@@ -529,6 +552,7 @@ class Session:
                 if not reader.idle:
                     # A pipelined request is already here: read no more until
                     # the current one is answered.
+                    self._pipeline_paused = True
                     self._io.pause(PIPELINE)
                 return
             elif event is CLOSED:
@@ -547,9 +571,12 @@ class Session:
 
     def _start_request(self, request: Request) -> None:
         config = self._config
-        self._arm(Deadline.IDLE, config.timeouts.idle)
-        exchange = self._exchange = self._new_exchange(request)
-        record = exchange.record
+        self._arm(_DL_IDLE, config.timeouts.idle)
+        record = ExchangeRecord(
+            self._clock.seconds(), self.client_ip, request.method, request.target
+        )
+        record.request_host = request.get(b"host")
+        exchange = self._exchange = _Exchange(request, record)
         refusal = self._refusal
         if refusal is not None:
             self._answer(refusal.status, refusal.reason, rejected=refusal.metric_reason)
@@ -618,7 +645,7 @@ class Session:
         logged, and refused with 409 under host_verify_strict (as Squid's
         host_verify_strict).  An invalid authority is a 400.
         """
-        named = host if host is not None else request.get(b"host")
+        named = host if host is not None else self._exchange.record.request_host
         if named is None or named == self._host_agreed:
             return True
         try:
@@ -654,7 +681,7 @@ class Session:
             return
         if up is not None:
             self._drop_upstream()
-        self.state = State.CONNECTING
+        self.state = _CONNECTING
         # Reading goes on while connecting (pausing and resuming costs two
         # epoll_ctl calls per connection); what arrives waits in the reader,
         # and client_data pauses once that is more than a socket read.
@@ -678,16 +705,16 @@ class Session:
         if exchange.request_done:  # a request replayed on a fresh connection
             self._to_awaiting()
         else:
-            self.state = State.SENDING
-            self._arm(Deadline.IDLE, self._config.timeouts.idle)
+            self.state = _SENDING
+            self._arm(_DL_IDLE, self._config.timeouts.idle)
 
     def _to_awaiting(self) -> None:
-        self.state = State.AWAITING
-        self._arm(Deadline.RESPONSE, self._config.timeouts.response)
+        self.state = _AWAITING
+        self._arm(_DL_RESPONSE, self._config.timeouts.response)
 
     def _to_head(self) -> None:
-        self.state = State.HEAD
-        self._arm(Deadline.REQUEST_HEADER, self._config.timeouts.request_header)
+        self.state = _HEAD
+        self._arm(_DL_REQUEST_HEADER, self._config.timeouts.request_header)
 
     def _send_body(self, data: bytes) -> None:
         if self._body_left:
@@ -713,8 +740,9 @@ class Session:
         up = self._up
         if exchange.chunked_out and up is not None and not up.lost:
             self._io.upstream_write(up.link, H.last_chunk(trailers))
-        if self.state is State.SENDING:
-            self._to_awaiting()
+        if self.state is _SENDING:
+            self.state = _AWAITING
+            self._arm(_DL_RESPONSE, self._config.timeouts.response)
 
     # --- upstream events --------------------------------------------------------------
 
@@ -775,7 +803,7 @@ class Session:
         if up is None or up.link is not link:
             return
         self._last_activity = self._clock.seconds()
-        if self.state is State.TUNNEL:
+        if self.state is _TUNNEL:
             self._write(data)
             return
         if self._exchange is None:
@@ -792,7 +820,7 @@ class Session:
             return
         up.lost = True
         exchange = self._exchange
-        if self.state is State.TUNNEL:
+        if self.state is _TUNNEL:
             self._up = None
             if exchange is not None:
                 self._exchange = None
@@ -875,8 +903,8 @@ class Session:
         record.status = response.status
         record.content_type = response.get(b"content-type") or b"-"
         exchange.upstream_keep_alive = response.keep_alive and not exchange.tunnel
-        self.state = State.RESPONDING
-        self._arm(Deadline.IDLE, self._config.timeouts.idle)
+        self.state = _RESPONDING
+        self._arm(_DL_IDLE, self._config.timeouts.idle)
         fields = H.strip_hop_by_hop(response.headers, keep_upgrade=tunnel)
         body = response.body
         if body != "none" and (
@@ -911,9 +939,9 @@ class Session:
             self._become_tunnel()
 
     def _become_tunnel(self) -> None:
-        self.state = State.TUNNEL
+        self.state = _TUNNEL
         self._exchange.record.tunnel = True
-        self._arm(Deadline.IDLE, self._config.timeouts.idle)
+        self._arm(_DL_IDLE, self._config.timeouts.idle)
         up = self._up
         pending = up.reader.take_buffered()
         if pending:
@@ -921,7 +949,7 @@ class Session:
         pending = self._reader.take_buffered()
         if pending:
             self._io.upstream_write(up.link, pending)
-        self._io.resume(PIPELINE)
+        self._resume_pipeline()
         if self._client_eof:
             self._io.upstream_shutdown_write(up.link)
 
@@ -940,11 +968,11 @@ class Session:
             self._close()
             return
         self._reader.start_next()
-        self.state = State.IDLE
-        self._arm(Deadline.CLIENT_IDLE, self._config.timeouts.client_idle)
-        self._io.resume(PIPELINE)
+        self.state = _IDLE
+        self._arm(_DL_CLIENT_IDLE, self._config.timeouts.client_idle)
+        self._resume_pipeline()
         self._process()
-        if self.state is State.IDLE and not self._reader.idle:
+        if self.state is _IDLE and not self._reader.idle:
             self._to_head()
 
     def _upstream_broke(self, cause: str) -> None:
@@ -1009,24 +1037,29 @@ class Session:
         self._record(exchange)  # after the write: the record counts its bytes
         self._linger()
 
+    def _resume_pipeline(self) -> None:
+        if self._pipeline_paused:
+            self._pipeline_paused = False
+            self._io.resume(PIPELINE)
+
     def _linger(self) -> None:
-        self.state = State.LINGER
+        self.state = _LINGER
         io = self._io
-        io.resume(PIPELINE)
+        self._resume_pipeline()
         io.resume(CONNECTING_READS)
         if self._client_eof:
             self._close()
             return
         io.shutdown_write()
-        self._arm(Deadline.LINGER, LINGER_SECONDS)
+        self._arm(_DL_LINGER, LINGER_SECONDS)
 
     def _close(self) -> None:
-        self.state = State.CLOSING
-        self._arm(Deadline.CLOSING, self._config.timeouts.idle)
+        self.state = _CLOSING
+        self._arm(_DL_CLOSING, self._config.timeouts.idle)
         self._io.close()
 
     def _abort(self) -> None:
-        self.state = State.CLOSED
+        self.state = _CLOSED
         self.deadline_kind = None
         self._connecting = None  # a connection still being made is refused when it comes
         up = self._up
