@@ -500,9 +500,9 @@ class Session:
             if left > 0:
                 self._arm(_DL_IDLE, left)
                 return
-            log.info(
-                "closing {client}: no data either way for {s}s", client=self.client_ip,
-                s=timeouts.idle,
+            self._config.throttle.emit(
+                log.info, "idle-timeout", "closing {client}: no data either way for {s}s",
+                client=self.client_ip, s=timeouts.idle,
             )  # fmt: skip
             exchange = self._exchange
             if exchange is not None:
@@ -658,7 +658,9 @@ class Session:
             return True
         self._exchange.record.host_mismatch = True
         dest_host, dest_port = self.destination
-        log.info(
+        self._config.throttle.emit(
+            log.info,
+            "host-mismatch",
             "Host {named} does not match the original destination {dest} (client {client})",
             named=_text(named),
             dest=f"{dest_host}:{dest_port}",
@@ -978,7 +980,11 @@ class Session:
     def _upstream_broke(self, cause: str) -> None:
         up = self._up
         self._drop_upstream()
-        log.info("{cause} (from {dest})", cause=cause, dest=up.destination)
+        reason = self._exchange.record.upstream_error if self._exchange else None
+        self._config.throttle.emit(
+            log.info, f"upstream-{reason}", "{cause} (from {dest})", cause=cause,
+            dest=up.destination,
+        )  # fmt: skip
         self._fail(502, cause, incomplete="upstream")
 
     def _drop_upstream(self) -> None:
