@@ -143,7 +143,8 @@ class AuthResult:
     The verdict on one request's credentials.  C{status} is 0 when the
     request may go on (C{user} says who it is), else the answer to send:
     407 (missing or wrong credentials), 429 (too many wrong passwords from
-    this address; C{retry_after} seconds) or 503 (the pool is full).
+    this address; C{retry_after} seconds) or 503 (the pool is full), with
+    C{fields} added to it (C{Proxy-Authenticate}, C{Retry-After}).
     """
 
     status: int
@@ -151,6 +152,7 @@ class AuthResult:
     user: str | None = None
     retry_after: int = 0
     metric: str | None = None  # the tproxy_rejected_total reason
+    fields: tuple[tuple[bytes, bytes], ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -161,9 +163,10 @@ def _accepted(user: str) -> AuthResult:
     return AuthResult(0, "authenticated", user)
 
 
-_MISSING = AuthResult(407, "proxy authentication required", metric="auth")
-_WRONG = AuthResult(407, "wrong user name or password", metric="auth")
-_BUSY = AuthResult(503, "too many password checks in progress; try again", 0, 1, "limit")
+_BUSY = AuthResult(
+    503, "too many password checks in progress; try again", None, 1, "limit",
+    ((b"Retry-After", b"1"),),
+)  # fmt: skip
 
 
 class CredentialCache:
@@ -352,6 +355,11 @@ class Authenticator:
         self.cache = CredentialCache(clock, config.credentials_ttl)
         self.limiter = FailureLimiter(clock, config.max_failures, config.failure_window)
         self._throttle = LogThrottle(clock)
+        challenge = (self.challenge(),)
+        self._missing = AuthResult(407, "proxy authentication required", metric="auth",
+                                   fields=challenge)  # fmt: skip
+        self._wrong = AuthResult(407, "wrong user name or password", metric="auth",
+                                 fields=challenge)  # fmt: skip
 
     def challenge(self) -> tuple[bytes, bytes]:
         """The C{Proxy-Authenticate} field for a 407."""
@@ -360,12 +368,12 @@ class Authenticator:
     def check(self, client_ip: str, proxy_authorization: bytes | None) -> defer.Deferred:
         credentials = parse_basic(proxy_authorization)
         if credentials is None:
-            return defer.succeed(_MISSING)
+            return defer.succeed(self._missing)
         user, password = credentials
         key = self.cache.key(user, password)
         known = self.cache.get(key)
         if known is not None:
-            return defer.succeed(_accepted(user) if known else _WRONG)
+            return defer.succeed(_accepted(user) if known else self._wrong)
         client = client_key(client_ip)
         wait = self.limiter.take(client)
         if wait:
@@ -375,19 +383,21 @@ class Authenticator:
                 "too many wrong passwords from {client}: answering 429 without checking",
                 client=client,
             )
+            seconds = math.ceil(wait)
             return defer.succeed(
                 AuthResult(
                     429,
-                    f"too many wrong passwords from {client}; try again in {math.ceil(wait)} s",
+                    f"too many wrong passwords from {client}; try again in {seconds} s",
                     None,
-                    math.ceil(wait),
+                    seconds,
                     "limit",
+                    ((b"Retry-After", b"%d" % seconds),),
                 )
             )
         hashed = self._users.get(user)
         target = hashed if hashed is not None else self._decoy
         if target is None:  # an empty file: nobody can log in
-            return defer.succeed(_WRONG)
+            return defer.succeed(self._wrong)
         d = self._pool.submit(self._check_password, password, target)
         if d is None:
             self.limiter.give_back(client)
@@ -403,10 +413,10 @@ class Authenticator:
                 log.info, "wrong", "wrong password for {user!r} from {client}", user=user,
                 client=client_ip,
             )  # fmt: skip
-            return _WRONG
+            return self._wrong
 
         def failed(failure) -> AuthResult:
             log.failure("checking a password failed", failure)
-            return _WRONG
+            return self._wrong
 
         return d.addCallbacks(verdict, failed)

@@ -196,6 +196,17 @@ def test_a_full_pool_answers_503_at_once_and_charges_nothing():
     assert h.check(basic("alice", "g"), run=False).status == 429  # 5 failures, not 6
 
 
+def test_refusals_carry_the_fields_their_answer_needs():
+    h = Harness(realm="lab", max_failures=1, pool_size=1)
+    challenge = (b"Proxy-Authenticate", b'Basic realm="lab", charset="UTF-8"')
+    assert h.check(None).fields == (challenge,)
+    assert h.check(basic("alice", "x")).fields == (challenge,)
+    assert h.check(basic("alice", "y"), run=False).fields == ((b"Retry-After", b"60"),)
+    h.check(basic("bob", "a"), client="192.0.2.1", run=False)  # fills the pool
+    busy = h.check(basic("bob", "b"), client="192.0.2.2", run=False)
+    assert (busy.status, busy.fields) == (503, ((b"Retry-After", b"1"),))
+
+
 def test_the_challenge_names_the_realm():
     h = Harness(realm="Staff only")
     field = (b"Proxy-Authenticate", b'Basic realm="Staff only", charset="UTF-8"')
