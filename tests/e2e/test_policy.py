@@ -194,7 +194,7 @@ def seen_headers(body: str) -> dict[str, str]:
 def hosts(lab: Lab):
     lab.set_hosts(lab.router, HOSTS)
     yield HOSTS
-    lab.set_hosts(lab.router, {})
+    lab.set_hosts(lab.router, None)
 
 
 @pytest.fixture

@@ -448,12 +448,16 @@ class Lab:
             self._procs.remove(proc)
         return proc.returncode
 
-    def set_hosts(self, ns: str, names: dict[str, str]) -> None:
+    def set_hosts(self, ns: str, names: dict[str, str] | None) -> None:
         """Give ``ns`` an /etc/hosts of its own: localhost and ``names`` (name -> address).
 
         Processes started in ``ns`` from now on resolve these names (``ip netns
-        exec`` bind-mounts /etc/netns/NS/hosts); teardown removes the file.
+        exec`` bind-mounts /etc/netns/NS/hosts); ``None`` gives it the host's
+        /etc/hosts again.  Teardown removes the file.
         """
+        if names is None:
+            shutil.rmtree(NETNS_ETC / ns, ignore_errors=True)
+            return
         lines = ["127.0.0.1 localhost", "::1 localhost"]
         lines += [f"{address} {name}" for name, address in names.items()]
         (NETNS_ETC / ns).mkdir(parents=True, exist_ok=True)
