@@ -44,6 +44,7 @@ class ExchangeRecord:
         "host_mismatch",
         "connect_duration",
         "incomplete",
+        "user",
     )
 
     def __init__(self, started: float, client: str, method: bytes, request_target: bytes) -> None:
@@ -68,6 +69,7 @@ class ExchangeRecord:
         self.host_mismatch = False
         self.connect_duration: float | None = None
         self.incomplete: str | None = None
+        self.user: str | None = None  # the proxy-authenticated user (never a metric label)
 
     @property
     def duration(self) -> float:
@@ -162,4 +164,5 @@ class RecordSink:
             destination=where,
             result=record.result,
             content_type=record.content_type.decode("ascii", "replace"),
+            user=record.user,
         )
