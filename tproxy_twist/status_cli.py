@@ -229,25 +229,25 @@ def cmd_status(
     url = status_url(args, usage_error)
     if args.watch is not None and args.watch <= 0:
         raise usage_error("tproxy-twist status: --watch needs a positive number of seconds")
-    while True:
-        try:
-            doc = get(url)
-        except (OSError, ValueError) as e:
-            text = f"tproxy-twist status: cannot read {url}: {e}\n"
+    try:
+        while True:
+            status = _show(url, args, out, get)
             if args.watch is None:
-                out.write(text)
-                return 1
-            out.write(_CLEAR + text)
-        else:
-            if args.json:
-                text = json.dumps(doc, indent=1) + "\n"
-            else:
-                text = format_status(doc)
-            out.write(text if args.watch is None else _CLEAR + text)
-        out.flush()
-        if args.watch is None:
-            return 0
-        try:
+                return status
             sleep(args.watch)
-        except KeyboardInterrupt:
-            return 0
+    except KeyboardInterrupt:  # how --watch ends
+        return 0
+
+
+def _show(url: str, args: argparse.Namespace, out: TextIO, get: Callable[[str], dict]) -> int:
+    clear = "" if args.watch is None else _CLEAR
+    try:
+        doc = get(url)
+    except (OSError, ValueError) as e:
+        out.write(f"{clear}tproxy-twist status: cannot read {url}: {e}\n")
+        out.flush()
+        return 1
+    text = json.dumps(doc, indent=1) + "\n" if args.json else format_status(doc)
+    out.write(clear + text)
+    out.flush()
+    return 0
