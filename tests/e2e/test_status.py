@@ -288,3 +288,44 @@ def test_status_allow_keeps_other_clients_out_and_metrics_stays(proxy, lab):
     proc = lab.run(lab.router, [sys.executable, "-m", "tproxy_twist.cli", "status", "--url",
                                 "127.0.0.1:9464"], check=False)  # fmt: skip
     assert proc.returncode == 1 and b"HTTP 403" in proc.stdout
+
+
+def test_a_replaced_worker_and_a_reload_show_on_the_status_page(proxy, lab):
+    import signal
+
+    process = proxy(CONFIG)
+    doc = wait_for(lambda: (d := status(lab))["master"]["workers_ready"] == 2 and d, "2 ready")
+    assert doc["master"]["last_reload"] is None
+    victim = next(w for w in doc["workers"] if w["index"] == 1)
+    os.kill(victim["pid"], signal.SIGKILL)
+
+    def replaced():
+        d = status(lab)
+        slot = [w for w in d["workers"] if w["index"] == 1]
+        ok = slot and slot[0]["pid"] != victim["pid"] and slot[0]["state"] == "ready"
+        return ok and slot[0]["restarts"] == 1 and d
+
+    doc = wait_for(replaced, "worker 1 replaced, with one restart", timeout=60)
+    assert next(w for w in doc["workers"] if w["index"] == 2)["restarts"] == 0
+
+    process.config_path.write_text(CONFIG.replace("[timeouts]", "[timeouts]\nidle = 301"))
+    process.send_signal(signal.SIGHUP)
+
+    def reloaded():
+        d = status(lab)
+        reload = d["master"]["last_reload"]
+        serving = [w for w in d["workers"] if w["generation"] == 2 and w["state"] == "ready"]
+        return reload and reload["result"] == "ok" and len(serving) == 2 and d
+
+    doc = wait_for(reloaded, "generation 2 serving", timeout=90)
+    assert (
+        doc["master"]["generation"] == 2
+        and "generation 2" in doc["master"]["last_reload"]["detail"]
+    )
+
+    process.config_path.write_text(CONFIG + "\nnonsense = 1\n")
+    process.send_signal(signal.SIGHUP)
+    doc = wait_for(lambda: (d := status(lab))["master"]["last_reload"]["result"] == "refused" and d,
+                   "the bad reload refused")  # fmt: skip
+    assert "nonsense" in doc["master"]["last_reload"]["detail"]
+    assert doc["master"]["generation"] == 2
