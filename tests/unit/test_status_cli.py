@@ -6,7 +6,7 @@ import io
 import json
 
 import pytest
-from test_status import sample_document
+from test_status_document import sample_document
 
 from tproxy_twist import cli
 from tproxy_twist.status_cli import DEFAULT_URL, format_status
