@@ -144,7 +144,6 @@ def test_a_request_without_a_problem_leaves_the_access_log_and_makes_no_problem(
 def test_a_problem_without_an_entry_is_still_told_at_the_next_reactor_turn():
     port = Port()
     port.factory.metrics.upstream_error("reset")
-    assert port.problems == []
     port.clock.advance(0)
     [problem] = port.problems
     assert (problem.reason, problem.client, problem.destination) == ("reset", "-", "-")
@@ -519,3 +518,106 @@ def test_a_problem_is_a_frozen_value():
     problem = Problem(time=1.0, port="p", kind="rejected", reason="limit")
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         problem.reason = "x"
+
+
+# --- the session relay's record sink (main's http/record.py shape) -------------------------
+
+
+class FakeRecord:
+    """An exchange record as the session relay hands it to the factory's sink."""
+
+    def __init__(self, **fields) -> None:
+        self.finished = 12.5
+        self.client = "198.51.100.2"
+        self.method = b"GET"
+        self.destination = ("203.0.113.2", 81)
+        self.status = 502
+        self.rejected = None
+        self.upstream_error = None
+        self.target_url = b"http://example.com:81/private?token=secret"
+        self.__dict__.update(fields)
+
+    def url(self) -> bytes:
+        return self.target_url
+
+
+class RecordFactory:
+    """A factory with a record sink that, like the relay's, is rebuilt when its metrics are set."""
+
+    def __init__(self) -> None:
+        self.records = []
+        self.counted = []
+        self._metrics = Counting(self.counted)
+        self.sink = self._sink_for(self._metrics)
+
+    def _sink_for(self, metrics):
+        def sink(record):
+            self.records.append(record)
+            if record.rejected is not None:
+                metrics.rejected(record.rejected)
+            if record.upstream_error is not None:
+                metrics.upstream_error(record.upstream_error)
+
+        return sink
+
+    @property
+    def metrics(self):
+        return self._metrics
+
+    @metrics.setter
+    def metrics(self, metrics) -> None:
+        self._metrics = metrics
+        self.sink = self._sink_for(metrics)
+
+
+class Counting:
+    def __init__(self, counted: list) -> None:
+        self.counted = counted
+        self.connections = "the connections child"
+
+    def rejected(self, reason: str) -> None:
+        self.counted.append(("rejected", reason))
+
+    def upstream_error(self, reason: str) -> None:
+        self.counted.append(("upstream_error", reason))
+
+
+def watched_records() -> tuple[RecordFactory, list[Problem], Clock]:
+    factory, told, clock = RecordFactory(), [], Clock()
+    watch_factory(factory, "fwd", clock, told.append)
+    return factory, told, clock
+
+
+def test_a_record_with_an_upstream_error_is_told_with_client_and_host_only():
+    factory, told, _ = watched_records()
+    factory.sink(FakeRecord(upstream_error="refused"))
+    [problem] = told
+    assert problem == Problem(time=12.5, port="fwd", kind="upstream_error", reason="refused",
+                              client="198.51.100.2", destination="example.com:81",
+                              method="GET", status=502)  # fmt: skip
+    assert factory.counted == [("upstream_error", "refused")]  # still counted, once
+    assert len(factory.records) == 1
+
+
+def test_a_record_without_a_problem_tells_nothing_and_the_metrics_keep_their_children():
+    factory, told, _ = watched_records()
+    factory.sink(FakeRecord(status=200))
+    assert told == [] and len(factory.records) == 1
+    assert factory.metrics.connections == "the connections child"
+
+
+def test_a_rejection_outside_any_record_is_told_at_once_without_a_client():
+    factory, told, clock = watched_records()
+    clock.advance(3)
+    factory.metrics.rejected("limit")  # a connection turned away before any exchange
+    [problem] = told
+    assert (problem.time, problem.kind, problem.reason, problem.client) == (
+        3.0, "rejected", "limit", "-",
+    )  # fmt: skip
+
+
+def test_a_refused_request_to_an_address_shows_the_address_when_the_url_has_no_host():
+    factory, told, _ = watched_records()
+    factory.sink(FakeRecord(rejected="forbidden", status=403, target_url=b"-",
+                            destination=("2001:db8::2", 22)))  # fmt: skip
+    assert told[0].destination == "[2001:db8::2]:22"

@@ -2,13 +2,17 @@
 Recent problems: the upstream errors and rejections of a worker, with
 time, client, destination and reason, for the status page.
 
-A port's metrics object is told the reason (C{upstream_error(reason)},
-C{rejected(reason)}); the access-log entry the relay writes right after it
-knows the client and where the request went.  L{watch_factory} puts a thin
-view in front of a port factory's C{metrics} (and C{tls_metrics}) that, on
-a problem only, points the factory's C{access_log} at a tee for the rest of
-that reactor turn.  A request without a problem costs nothing more: the
-relay's C{access_log is None} test stays as it was.
+L{watch_factory} hooks a port's protocol factory without adding work to a
+request that has no problem:
+
+  - the session relay ends every exchange in a record handed to the
+    factory's record sink (C{factory.sink}); the record names the client,
+    the destination and the reasons, so the sink is wrapped;
+  - a factory without one (a TLS port's) is told the reason by its metrics
+    object (C{upstream_error(reason)}, C{rejected(reason)}); a thin view in
+    front of it points the factory's C{access_log} at a tee for the rest of
+    that reactor turn, and the entry written then names client and
+    destination (else they show as C{-}).
 
 Nothing secret leaves: the destination is the URL's host and port only (no
 user information, path or query), never a header.
@@ -190,28 +194,115 @@ class _WatchedMetrics:
     from the real object once, so the relay's per-request calls cost the same.
     """
 
-    def __init__(self, real, watch: _FactoryWatch, kinds: dict[str, str]) -> None:
+    def __init__(
+        self,
+        real,
+        watch: _FactoryWatch | None,
+        kinds: dict[str, str],
+        reporter: Callable[[str], Callable[[str], None]] | None = None,
+    ) -> None:
         for name in dir(real):
             if not name.startswith("_") and name not in kinds:
                 setattr(self, name, getattr(real, name))
         for method, kind in kinds.items():
-            setattr(self, method, _reporter(getattr(real, method), watch, kind))
+            tell = reporter(kind) if reporter is not None else _arming(watch, kind)
+            setattr(self, method, _counting(getattr(real, method), tell))
 
 
-def _reporter(count: Callable[[str], None], watch: _FactoryWatch, kind: str):
+def _arming(watch: _FactoryWatch, kind: str) -> Callable[[str], None]:
+    return lambda reason: watch.problem(kind, reason)
+
+
+def _counting(count: Callable[[str], None], tell: Callable[[str], None]):
     def report(reason: str) -> None:
         count(reason)
-        watch.problem(kind, reason)
+        tell(reason)
 
     return report
+
+
+class _RecordWatch:
+    """
+    The session relay's record sink (C{factory.sink}: one call per finished
+    exchange, the record naming client, destination and reasons), also
+    telling the exchanges that ended in an upstream error or a rejection.
+    """
+
+    __slots__ = ("sink", "port", "tell", "busy")
+
+    def __init__(self, sink, port: str, tell: Callable[[Problem], None]) -> None:
+        self.sink = sink
+        self.port = port
+        self.tell = tell
+        self.busy = False  # inside a record: its metrics calls are told from the record
+
+    def __call__(self, record) -> None:
+        self.busy = True
+        try:
+            self.sink(record)
+        finally:
+            self.busy = False
+        if record.upstream_error is not None:
+            self.tell(self.problem(record, UPSTREAM_ERROR, record.upstream_error))
+        if record.rejected is not None:
+            self.tell(self.problem(record, REJECTED, record.rejected))
+
+    def problem(self, record, kind: str, reason: str) -> Problem:
+        address = record.destination
+        if address is None:
+            upstream = None
+        elif ":" in address[0]:
+            upstream = f"[{address[0]}]:{address[1]}"
+        else:
+            upstream = f"{address[0]}:{address[1]}"
+        return Problem(
+            time=record.finished,
+            port=self.port,
+            kind=kind,
+            reason=reason,
+            client=_text(record.client or "-"),
+            destination=_text(where(record.url().decode("ascii", "replace"), upstream)),
+            method=_text(record.method.decode("ascii", "replace"), 20),
+            status=int(record.status),
+        )
+
+
+def _watch_records(factory, port: str, clock, tell: Callable[[Problem], None]) -> None:
+    """L{watch_factory} for a factory with a record sink (the session relay)."""
+    watch = _RecordWatch(None, port, tell)
+
+    def outside_records(kind: str):
+        def report(reason: str) -> None:
+            if not watch.busy:  # e.g. a connection turned away before any exchange
+                tell(Problem(time=clock.seconds(), port=port, kind=kind, reason=reason))
+
+        return report
+
+    # Setting the metrics rebuilds the factory's sink around them: wrap that one.
+    factory.metrics = _WatchedMetrics(
+        factory.metrics,
+        None,
+        {"upstream_error": UPSTREAM_ERROR, "rejected": REJECTED},
+        outside_records,
+    )
+    watch.sink = factory.sink
+    factory.sink = watch
 
 
 def watch_factory(factory, port: str, clock, sink: Callable[[Problem], None]) -> None:
     """
     Report the upstream errors and rejections of C{factory} (a port's
-    protocol factory with C{metrics}, C{access_log} and optionally
-    C{tls_metrics} attributes) to C{sink}.  Call before it builds protocols.
+    protocol factory) to C{sink}.  Call before it builds protocols.
+
+    A factory with a record sink (C{factory.sink}, called once per finished
+    exchange with its record) is watched there: the record names the client
+    and destination.  Otherwise (a TLS port's factory) its C{metrics} and
+    C{tls_metrics} are watched, and the access-log entry that follows a
+    problem in the same reactor turn names them.
     """
+    if callable(getattr(factory, "sink", None)):
+        _watch_records(factory, port, clock, sink)
+        return
     watch = _FactoryWatch(factory, port, clock, sink)
     factory.metrics = _WatchedMetrics(
         factory.metrics, watch, {"upstream_error": UPSTREAM_ERROR, "rejected": REJECTED}
