@@ -221,59 +221,38 @@ def _counting(count: Callable[[str], None], tell: Callable[[str], None]):
     return report
 
 
-class _RecordWatch:
-    """
-    The session relay's record sink (C{factory.sink}: one call per finished
-    exchange, the record naming client, destination and reasons), also
-    telling the exchanges that ended in an upstream error or a rejection.
-    """
-
-    __slots__ = ("sink", "port", "tell", "busy")
-
-    def __init__(self, sink, port: str, tell: Callable[[Problem], None]) -> None:
-        self.sink = sink
-        self.port = port
-        self.tell = tell
-        self.busy = False  # inside a record: its metrics calls are told from the record
-
-    def __call__(self, record) -> None:
-        self.busy = True
-        try:
-            self.sink(record)
-        finally:
-            self.busy = False
-        if record.upstream_error is not None:
-            self.tell(self.problem(record, UPSTREAM_ERROR, record.upstream_error))
-        if record.rejected is not None:
-            self.tell(self.problem(record, REJECTED, record.rejected))
-
-    def problem(self, record, kind: str, reason: str) -> Problem:
-        address = record.destination
-        if address is None:
-            upstream = None
-        elif ":" in address[0]:
-            upstream = f"[{address[0]}]:{address[1]}"
-        else:
-            upstream = f"{address[0]}:{address[1]}"
-        return Problem(
-            time=record.finished,
-            port=self.port,
-            kind=kind,
-            reason=reason,
-            client=_text(record.client or "-"),
-            destination=_text(where(record.url().decode("ascii", "replace"), upstream)),
-            method=_text(record.method.decode("ascii", "replace"), 20),
-            status=int(record.status),
-        )
+def _record_problem(record, port: str, kind: str, reason: str) -> Problem:
+    """The problem an exchange record tells (the session relay's C{ExchangeRecord})."""
+    address = record.destination
+    if address is None:
+        upstream = None
+    elif ":" in address[0]:
+        upstream = f"[{address[0]}]:{address[1]}"
+    else:
+        upstream = f"{address[0]}:{address[1]}"
+    return Problem(
+        time=record.finished,
+        port=port,
+        kind=kind,
+        reason=reason,
+        client=_text(record.client or "-"),
+        destination=_text(where(record.url().decode("ascii", "replace"), upstream)),
+        method=_text(record.method.decode("ascii", "replace"), 20),
+        status=int(record.status),
+    )
 
 
 def _watch_records(factory, port: str, clock, tell: Callable[[Problem], None]) -> None:
-    """L{watch_factory} for a factory with a record sink (the session relay)."""
-    watch = _RecordWatch(None, port, tell)
+    """
+    L{watch_factory} for a factory with a record sink (the session relay):
+    the sink is wrapped in a plain function (about 80 ns per exchange), and
+    its metrics only tell the rejections made outside any record.
+    """
+    inside = [False]  # in a record: its metrics calls are told from the record itself
 
-    def outside_records(kind: str):
+    def outside_records(kind: str) -> Callable[[str], None]:
         def report(reason: str) -> None:
-            if not watch.busy:  # e.g. a connection turned away before any exchange
+            if not inside[0]:  # e.g. a connection turned away before any exchange
                 tell(Problem(time=clock.seconds(), port=port, kind=kind, reason=reason))
 
         return report
@@ -285,8 +264,20 @@ def _watch_records(factory, port: str, clock, tell: Callable[[Problem], None]) -
         {"upstream_error": UPSTREAM_ERROR, "rejected": REJECTED},
         outside_records,
     )
-    watch.sink = factory.sink
-    factory.sink = watch
+    sink = factory.sink
+
+    def watched_sink(record) -> None:
+        inside[0] = True
+        try:
+            sink(record)
+        finally:
+            inside[0] = False
+        if record.upstream_error is not None:
+            tell(_record_problem(record, port, UPSTREAM_ERROR, record.upstream_error))
+        if record.rejected is not None:
+            tell(_record_problem(record, port, REJECTED, record.rejected))
+
+    factory.sink = watched_sink
 
 
 def watch_factory(factory, port: str, clock, sink: Callable[[Problem], None]) -> None:
