@@ -166,7 +166,7 @@ class ProxyService(Service):
             if self.problems is not None:
                 from .status.problems import watch_factory
 
-                # The status page's recent problems: nothing is added per request.
+                # The status page's recent problems (their cost: tproxy_twist.status.problems).
                 watch_factory(factory, port.name, reactor, self.problems.add)
             self.factories.append(factory)
             listening = reactor.adoptStreamPort(sock.fileno(), sock.family, factory)
