@@ -5,6 +5,7 @@ The C{tproxy-twist} command: what an operator runs next to the daemon.
     tproxy-twist rules [--config F]   the set-up script for them (nftables or --iptables)
     tproxy-twist lab [--keep]         the whole path at work, in throwaway namespaces
     tproxy-twist ca init|show         the CA for TLS bump: create it, or show how to install it
+    tproxy-twist status [--watch]     what the running proxy is doing (its /status.json)
 
 A mistake in the configuration prints the configuration error and exits 2;
 no traceback reaches the user for it.
@@ -189,6 +190,9 @@ def _parser() -> argparse.ArgumentParser:
     from .ca_cli import add_ca_parser  # `tproxy-twist ca init|show`; cheap: no cryptography
 
     add_ca_parser(commands, config_help, _Usage)
+    from .status_cli import add_status_parser  # `tproxy-twist status [--url] [--watch]`
+
+    add_status_parser(commands, config_help, _Usage)
     return parser
 
 

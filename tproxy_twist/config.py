@@ -268,6 +268,10 @@ class Config:
     # A worker whose heartbeat stops (stopped, stuck in a loop, deadlocked) is
     # shown as not ready at once, and killed and replaced after this long.
     heartbeat_grace: float = 10.0
+    # [metrics] status_allow: the networks /status and /status.json answer.
+    status_allow: tuple[IPNetwork, ...] = attrs.field(
+        factory=lambda: tuple(ipaddress.ip_network(n) for n in ALLOW_EVERYONE)
+    )
 
 
 @functools.lru_cache(maxsize=64)
@@ -307,6 +311,8 @@ def parse(data: Mapping[str, Any], path: str) -> Config:
     metrics_listen = None  # listen = "" turns the metrics listener off
     if metrics.get("listen", None, str) != "":
         metrics_listen = metrics.address("listen", default="127.0.0.1:9464")
+    # /status and /status.json: only these clients of the metrics listener (default: all).
+    status_allow = tuple(metrics.network_list("status_allow", ALLOW_EVERYONE))
     metrics.done()
     timeouts = _timeouts(table.table("timeouts"))
     limits = _limits(table.table("limits"))
@@ -341,6 +347,7 @@ def parse(data: Mapping[str, Any], path: str) -> Config:
         visible_hostname=visible_hostname,
         tls=tls,
         heartbeat_grace=heartbeat_grace,
+        status_allow=status_allow,
     )
 
 

@@ -68,6 +68,7 @@ class WorkerProcess(ProcessProtocol):
         self.started = supervisor.reactor.seconds()
         self.last_heard = self.started
         self.last_error = ""
+        self.connections: int | None = None  # open, as its last heartbeat said
         self._buffers = {1: b"", 2: b"", 3: b""}
 
     def connectionMade(self) -> None:
@@ -177,6 +178,11 @@ class WorkerSupervisor(Service):
         self._heartbeat.clock = reactor
         self._last_check = 0.0
         self._throttle = LogThrottle(reactor)
+        # For the status page (tproxy_twist.status).
+        self.restarts: dict[int, int] = {}  # replacements per worker slot
+        self.config_loaded: float | None = None  # when the serving configuration was read
+        self.last_reload: dict | None = None  # {"time", "result", "detail"}
+        self.on_problem: Callable[[object], None] | None = None  # a worker told a problem
 
     # --- counts --------------------------------------------------------------
 
@@ -208,6 +214,7 @@ class WorkerSupervisor(Service):
     def startService(self) -> None:
         super().startService()
         self.generation = 1
+        self.config_loaded = self.reactor.seconds()
         snapshot = self._snapshot(self.config, self.generation)
         log.info("starting {n} worker(s), generation {g}", n=self.worker_count, g=self.generation)
         for index in range(1, self.worker_count + 1):
@@ -335,6 +342,11 @@ class WorkerSupervisor(Service):
                      pid=worker.pid)  # fmt: skip
             self._update_gauge()
         if state == "alive":
+            if detail.isdigit():
+                worker.connections = int(detail)
+            return
+        if state == "problem":
+            self._problem(worker, detail)
             return
         if state == "ready":
             worker.state = "ready"
@@ -349,6 +361,17 @@ class WorkerSupervisor(Service):
         elif state == "failed":
             worker.last_error = detail
         self._update_gauge()
+
+    def _problem(self, worker: WorkerProcess, detail: str) -> None:
+        from .status.problems import decode
+
+        problem = decode(detail, worker.index)
+        if problem is not None and self.on_problem is not None:
+            self.on_problem(problem)
+
+    def note_reload(self, result: str, detail: str) -> None:
+        """Remember the last reload's outcome: started, ok, refused or failed."""
+        self.last_reload = {"time": self.reactor.seconds(), "result": result, "detail": detail}
 
     def worker_exited(self, worker: WorkerProcess, how: str) -> None:
         # Whatever fails in here, the worker is still replaced.
@@ -393,6 +416,11 @@ class WorkerSupervisor(Service):
                 why=worker.last_error or "no reason given",
                 g=self.generation,
             )
+            self.note_reload(
+                "failed",
+                f"new worker {worker.index} {how} before it was ready"
+                f" ({worker.last_error or 'no reason given'}); kept generation {self.generation}",
+            )
             self._abandon_pending()
             self._update_gauge()
             self._run_queued_reload()
@@ -424,6 +452,7 @@ class WorkerSupervisor(Service):
                     )
                     return
         WORKER_RESTARTS.inc()
+        self.restarts[worker.index] = self.restarts.get(worker.index, 0) + 1
         lived = self.reactor.seconds() - worker.started
         if worker.was_ready and lived >= _STEADY:
             self._failures[worker.index] = 0
@@ -479,6 +508,7 @@ class WorkerSupervisor(Service):
         count = config.workers or os.cpu_count() or 1
         log.info("reload: starting generation {g} ({n} worker(s))", g=generation, n=count)
         self.pending = {i: self._spawn(i, generation, snapshot) for i in range(1, count + 1)}
+        self.note_reload("started", f"generation {generation} starting")
         self._pending_timer = self.reactor.callLater(_START_TIMEOUT, self._pending_timed_out)
 
     def _run_queued_reload(self) -> None:
@@ -492,6 +522,11 @@ class WorkerSupervisor(Service):
             "reload failed: the new workers were not ready within {t:g}s; keeping generation {g}",
             t=_START_TIMEOUT,
             g=self.generation,
+        )
+        self.note_reload(
+            "failed",
+            f"the new workers were not ready within {_START_TIMEOUT:g}s;"
+            f" kept generation {self.generation}",
         )
         self._abandon_pending()
         self._run_queued_reload()
@@ -521,6 +556,8 @@ class WorkerSupervisor(Service):
         self.config = self._pending_config
         self.generation = max(w.generation for w in pending.values())
         self.current = dict(pending)
+        self.config_loaded = self.reactor.seconds()
+        self.note_reload("ok", f"generation {self.generation} serving")
         self._failures.clear()
         for index, call in list(self._respawns.items()):
             call.cancel()
@@ -656,11 +693,23 @@ class _Health(Resource):
         return text.encode()
 
 
-def metrics_site(metrics_dir: Path, supervisor: WorkerSupervisor) -> Site:
-    """The master's HTTP site: C{/metrics} and C{/healthz}; add pages here."""
+def metrics_site(metrics_dir: Path, supervisor: WorkerSupervisor, board=None) -> Site:
+    """
+    The master's HTTP site: C{/metrics} and C{/healthz}; with a status
+    C{board} (L{tproxy_twist.status.board.StatusBoard}), C{/status} and
+    C{/status.json} for the clients in C{[metrics] status_allow}.
+    """
     root = Resource()
     root.putChild(b"metrics", _Metrics(metrics_dir))
     root.putChild(b"healthz", _Health(supervisor))
+    if board is not None:
+        from .status.web import StatusResource
+
+        def allowed() -> tuple:
+            return supervisor.config.status_allow
+
+        root.putChild(b"status", StatusResource(board.document, allowed, as_json=False))
+        root.putChild(b"status.json", StatusResource(board.document, allowed, as_json=True))
     site = Site(root)
     site.noisy = False
     site.log = lambda request: None  # scrapes are not worth a log line each
@@ -704,8 +753,14 @@ class MasterService(MultiService):
         self.supervisor = WorkerSupervisor(
             config, self.run_dir, reactor, self.metrics_dir, on_fatal=self.fail
         )
+        from .status.board import StatusBoard
+        from .tap import version
+
+        self.status = StatusBoard(self, self.metrics_dir, reactor, version())
+        self.supervisor.on_problem = self.status.problems.add
         self._set_metrics_listener(config)
         self.supervisor.setServiceParent(self)
+        self.status.setServiceParent(self)
 
     def _set_metrics_listener(self, config: Config) -> None:
         """Make the metrics listener listen on C{config}'s address (replacing any)."""
@@ -716,7 +771,9 @@ class MasterService(MultiService):
         if address is None:
             return
         service = strports.service(
-            _endpoint(address), metrics_site(self.metrics_dir, self.supervisor), self.reactor
+            _endpoint(address),
+            metrics_site(self.metrics_dir, self.supervisor, self.status),
+            self.reactor,
         )
         service.setName(f"metrics {address}")
         # StreamServerEndpointService only raises a listen error (instead of
@@ -744,6 +801,9 @@ class MasterService(MultiService):
         capacity = resources.connection_capacity(self.config.limits.max_connections)
         if capacity.lowered:
             log.warn("{warning}", warning=capacity.warning())
+        from .status.board import startup_probes
+
+        self.status.probes = startup_probes(self.config, capacity)
         try:
             super().privilegedStartService()
         except error.CannotListenError as e:
@@ -785,6 +845,7 @@ class MasterService(MultiService):
         except configuration.ConfigError as e:
             log.error("reload refused, still running the previous configuration: {error}",
                       error=str(e))  # fmt: skip
+            self.supervisor.note_reload("refused", str(e))
             return
         log.info("reloading {path}", path=path)
         if config.metrics_listen != self.config.metrics_listen:

@@ -37,7 +37,9 @@ class Options(usage.Options):
     longdesc = (
         "Transparent (TPROXY) HTTP proxy: relays intercepted HTTP to its original"
         " destination from the client's own IP address, plus an explicit forward"
-        " proxy port, with Prometheus metrics.  A master process supervises"
+        " proxy port, with Prometheus metrics and a status page (/status on the"
+        " metrics listener, for the networks in [metrics] status_allow).  A master"
+        " process supervises"
         " pre-forked workers; SIGHUP reloads the configuration without dropping"
         " requests, SIGTERM drains and stops; a worker that stops answering is"
         " replaced (heartbeat_grace).  twistd's --uid/--gid apply to the"

@@ -151,3 +151,21 @@ def records(handshake: bytes, cuts: tuple[int, ...] | list[int] = ()) -> bytes:
     for start, end in zip(bounds, bounds[1:], strict=False):
         out += b"\x16\x03\x01" + tls_vector(2, handshake[start:end])
     return out
+
+
+class FakeNames:
+    """An IHostnameResolver answering at once from a dict of name → addresses."""
+
+    def __init__(self, names: dict[str, list[str]]) -> None:
+        self.names = names
+        self.asked: list[str] = []
+
+    def resolveHostName(
+        self, receiver, hostName, portNumber=0, addressTypes=None, transportSemantics="TCP"
+    ):
+        self.asked.append(hostName)
+        receiver.resolutionBegan(None)
+        for address in self.names.get(hostName, []):
+            receiver.addressResolved(tcp_address(address, portNumber))
+        receiver.resolutionComplete()
+        return receiver

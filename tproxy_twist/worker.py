@@ -119,6 +119,8 @@ class ProxyService(Service):
         self.factories = []
         self.budget = None
         self._bcrypt_pool = None  # password checks (auth.BcryptPool), when a port has auth
+        #: The recent upstream errors and rejections, not yet told to the master.
+        self.problems = None
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -162,8 +164,17 @@ class ProxyService(Service):
 
             self._bcrypt_pool = BcryptPool(reactor)
             self._bcrypt_pool.start()
+        if self.config.metrics_listen is not None:
+            from .status.problems import ProblemLog
+
+            self.problems = ProblemLog()
         for port, sock in self._sockets:
             factory = self._factory(port, shared)
+            if self.problems is not None:
+                from .status.problems import watch_factory
+
+                # The status page's recent problems (their cost: tproxy_twist.status.problems).
+                watch_factory(factory, port.name, reactor, self.problems.add)
             self.factories.append(factory)
             listening = reactor.adoptStreamPort(sock.fileno(), sock.family, factory)
             _accept_within_budget(listening, self.budget)
@@ -227,6 +238,10 @@ class ProxyService(Service):
         for port in self._ports:
             if port.connected:
                 port.startReading()
+
+    def connection_count(self) -> int:
+        """Client connections this worker has open."""
+        return self.budget.used if self.budget is not None else 0
 
     def stop_listening(self) -> defer.Deferred:
         ports, self._ports = self._ports, []
@@ -318,8 +333,11 @@ class MasterLink(Service):
     The worker's side of its pipes to the master.
 
     Out: status lines (C{ready}, C{draining}, C{failed <reason>}) and a
-    heartbeat (C{alive}) every C{interval} seconds, written from the reactor
-    thread, on the pipe C{status_fd}.  It is non-blocking: a master that does
+    heartbeat (C{alive <open connections>}) every C{interval} seconds,
+    written from the reactor thread, on the pipe C{status_fd}; before each
+    heartbeat, one C{problem <JSON>} line per upstream error or rejection
+    since the last (at most L{tproxy_twist.status.problems.RECENT}: older
+    ones are dropped).  It is non-blocking: a master that does
     not read (stopped) must not stop the worker; a line that does not fit is
     dropped.  In: the master holds the write end of the worker's stdin and
     never writes to it; when it closes, the master is gone and
@@ -334,6 +352,8 @@ class MasterLink(Service):
         *,
         master_fd: int | None = None,
         interval: float = HEARTBEAT_INTERVAL,
+        connections: Callable[[], int] | None = None,
+        problems=None,
     ) -> None:
         self._status_fd = status_fd
         if status_fd is not None:
@@ -341,10 +361,17 @@ class MasterLink(Service):
         self._reactor = reactor
         self._on_master_gone = on_master_gone
         self._master_fd = master_fd
-        self._heartbeat = task.LoopingCall(self.report, "alive")
+        self._connections = connections
+        self._problems = problems  # a tproxy_twist.status.problems.ProblemLog, or None
+        self._heartbeat = task.LoopingCall(self.beat)
         self._heartbeat.clock = reactor
         self._interval = interval
         self._pipe: _PipeEnd | None = None
+
+    def set_sources(self, connections: Callable[[], int] | None, problems) -> None:
+        """Where the heartbeat reads the open connections and the recent problems."""
+        self._connections = connections
+        self._problems = problems
 
     def report(self, state: str) -> None:
         if self._status_fd is None:
@@ -356,6 +383,18 @@ class MasterLink(Service):
         except OSError:  # EPIPE: the master is gone
             self._status_fd = None
             self._reactor.callLater(0, self._on_master_gone)
+
+    def beat(self) -> None:
+        """Tell the recent problems, then C{alive} with the open connections."""
+        if self._problems is not None:
+            from .status.problems import encode
+
+            for problem in self._problems.take():
+                self.report(encode(problem))
+        if self._connections is None:
+            self.report("alive")
+        else:
+            self.report(f"alive {self._connections()}")
 
     def startService(self) -> None:
         super().startService()
@@ -473,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
             log.failure("worker {index} failed to start", index=args.index)
             link.report("failed start-up error")
             os._exit(3)
+        link.set_sources(service.connection_count, service.problems)
         link.startService()
         link.report("ready")
 

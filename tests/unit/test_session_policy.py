@@ -11,7 +11,6 @@ import bcrypt
 import pytest
 from prometheus_client import CollectorRegistry
 from test_session import CLIENT_IP, OK, FakeIO, Rig, head_fields
-from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import DNSLookupError
 from twisted.internet.task import Clock
 
@@ -23,7 +22,7 @@ from tproxy_twist.http.relay import ProxyFactory, RelaySettings
 from tproxy_twist.http.session import Session, State
 from tproxy_twist.metrics import PortMetrics
 from tproxy_twist.resolver import DestinationRefused
-from tproxy_twist.testing import FakeConnect, FakeTransport, tcp_address
+from tproxy_twist.testing import FakeConnect, FakeNames, FakeTransport, tcp_address
 
 FORWARD_ALLOW = 'allow = ["198.51.100.0/24"]\n'
 GET_ABS = b"GET http://203.0.113.2/a HTTP/1.1\r\nHost: 203.0.113.2\r\n"
@@ -225,24 +224,6 @@ def test_upstream_fields_without_via_add_none():
 
 
 # --- the adapter: resolve -> check -> connect, and authentication -----------------------
-
-
-class FakeNames:
-    """An IHostnameResolver answering from a dict."""
-
-    def __init__(self, names: dict[str, list[str]]) -> None:
-        self.names = names
-        self.asked: list[str] = []
-
-    def resolveHostName(self, receiver, hostName, portNumber=0, addressTypes=None,
-                        transportSemantics="TCP"):  # fmt: skip
-        self.asked.append(hostName)
-        receiver.resolutionBegan(None)
-        for address in self.names.get(hostName, []):
-            kind = IPv6Address if ":" in address else IPv4Address
-            receiver.addressResolved(kind("TCP", address, portNumber))
-        receiver.resolutionComplete()
-        return receiver
 
 
 class FakePool:
