@@ -246,6 +246,11 @@ class Config:
     # shown as not ready at once, and killed and replaced after this long.
     heartbeat_grace: float = 10.0
 
+    @property
+    def bumps(self) -> bool:
+        """Whether a TLS port may bump: the workers then need the C{[tls]} CA (and OpenSSL)."""
+        return any(port.tls is not None and port.tls.policy.bumps for port in self.ports)
+
 
 @functools.lru_cache(maxsize=64)
 def _covers_everything(networks: tuple[IPNetwork, ...]) -> bool:
