@@ -91,8 +91,8 @@ http {{
     scgi_temp_path {tmp}/nginx-scgi;
     default_type text/html;
     server {{
-        listen 443 ssl default_server;
-        listen [::]:443 ssl default_server;
+        listen 443 ssl http2 default_server;
+        listen [::]:443 ssl http2 default_server;
         listen {direct} ssl;
         listen [::]:{direct} ssl;
         ssl_certificate {tmp}/good.pem;
@@ -133,10 +133,12 @@ class BumpLab:
 
     def curl(self, *args: str, ca: bool = True) -> subprocess.CompletedProcess:
         trust = ["--cacert", str(self.tmp / "proxy-ca.pem")] if ca else []
+        resolve = []
+        for port in (443, *BAD_PORTS.values()):
+            resolve += ["--resolve", f"{NAME}:{port}:{Lab.ORIGIN4}"]
         return self.client(
-            ["curl", "--silent", "--show-error", "--max-time", "20", *trust,
-             "--resolve", f"{NAME}:443:{Lab.ORIGIN4}", *args]
-        )  # fmt: skip
+            ["curl", "--silent", "--show-error", "--max-time", "20", *trust, *resolve, *args]
+        )
 
     def s_client(self, port: int, *args: str) -> tuple[str, x509.Certificate]:
         """openssl s_client's report, and the certificate it was shown (the leaf)."""
@@ -344,6 +346,7 @@ def test_an_origin_that_fails_verification_is_spliced_and_never_gets_a_proxy_lea
 
 def test_a_client_offering_only_h2_is_spliced(bump):
     out, shown = bump.s_client(443, "-servername", NAME, "-alpn", "h2")
+    assert "ALPN protocol: h2" in out  # the origin's own answer: bumping speaks only http/1.1
     assert shown.fingerprint(hashes.SHA256()).hex() == _fingerprint(
         (bump.tmp / "good.pem").read_bytes()
     )
