@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -467,3 +468,34 @@ def test_headless_chromium_trusting_the_proxy_ca_loads_a_page_through_bump(bump)
     assert "hello through bump" in proc.stdout.decode(), stderr
     entry = bump.wait_access_entry(lambda e: e["url"] == f"https://{NAME}/?chromium")
     assert (entry["status"], entry["client"]) == (200, Lab.CLIENT4)
+
+
+# --- reload ---------------------------------------------------------------------------------------
+
+
+def test_a_reload_with_a_key_others_may_read_is_refused_and_bumping_goes_on(bump):
+    key = bump.tmp / "proxy-ca.key"
+    log = bump.tmp / "proxy.log"
+    before = log.read_text(errors="replace").count("reload refused")
+    os.chmod(key, 0o644)
+    try:
+        bump.proxy.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while log.read_text(errors="replace").count("reload refused") == before:
+            assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.1)
+        assert "tls.ca_key" in log.read_text(errors="replace").split("reload refused")[-1]
+    finally:
+        os.chmod(key, 0o600)
+    proc = bump.curl(f"https://{NAME}/")
+    assert proc.returncode == 0 and b"hello through bump" in proc.stdout, proc.stderr
+    # With the key safe again, a reload starts new workers, and they bump.
+    old_workers = set(bump.worker_pids())
+    bump.proxy.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while not (bump.worker_pids() and not old_workers & set(bump.worker_pids())):
+        assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+        time.sleep(0.1)
+    proc = bump.curl(f"https://{NAME}/?after-reload")
+    assert proc.returncode == 0 and b"hello through bump" in proc.stdout, proc.stderr
+    bump.wait_access_entry(lambda e: e["url"] == f"https://{NAME}/?after-reload")
