@@ -434,3 +434,16 @@ def test_on_a_bumped_connection_the_host_must_name_the_verified_server(named, se
 def test_an_invalid_host_on_a_bumped_connection_is_a_bad_request():
     with pytest.raises(ProtocolError):
         policy.host_names_server(b"a b", "www.example.org", ORIGIN)
+
+
+def test_draining_closes_an_idle_bumped_connection_and_lets_a_busy_one_finish(origins):
+    h = Harness(origins)
+    origin, origin_transport = h.bumped()
+    h.protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: www.example.org\r\n\r\n")
+    assert h.factory.drain(min_idle=0) == 1
+    assert not h.transport.closed  # its response is still to come
+    origin.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert h.transport.value().endswith(b"ok")
+    assert b"Connection: close" in h.transport.value()
+    h.factory.drain(min_idle=0)
+    assert h.transport.closed

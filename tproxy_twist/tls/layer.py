@@ -647,7 +647,8 @@ class TLSConnection(Protocol):
         self.status = status
         host, port = self.destination
         log.info(
-            "cannot splice {client} to {dest}: {cause}",
+            "cannot {action} {client} to {dest}: {cause}",
+            action=self.action,
             client=self.client_ip,
             dest=f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
             cause=cause,
