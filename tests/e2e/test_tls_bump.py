@@ -415,6 +415,8 @@ def test_thousands_of_hosts_leave_the_leaf_cache_at_its_cap_and_the_rss_bounded(
     assert evictions >= MANY - LEAF_CACHE_SIZE
     # 4,000 more leaves of about 5.5 KB each would be 22 MB; the cache keeps 200.
     assert rss_after - rss_warm < 10 * 1024 * 1024, (rss_warm, rss_after)
+    print(f"worker RSS after {warm} hosts {rss_warm / 2**20:.1f} MiB,"
+          f" after {MANY} {rss_after / 2**20:.1f} MiB")  # fmt: skip
 
 
 # --- the CA key ---------------------------------------------------------------------------------
