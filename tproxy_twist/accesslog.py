@@ -58,6 +58,7 @@ class AccessEntry:
     destination: str | None  # "ip:port" (or "[ip]:port") the upstream connection went to
     result: str  # Squid's result code: TCP_MISS, TCP_TUNNEL, TCP_DENIED, NONE
     content_type: str  # of the answer, "-" when none
+    user: str | None = None  # the proxy-authenticated user (forward ports with auth)
     # TLS ports only (None elsewhere, and left out of JSON lines): what the ClientHello said.
     sni: str | None = None
     alpn: str | None = None  # the offered protocols, comma-separated
@@ -115,8 +116,8 @@ class SquidFormatter:
 
     (one line in the file).  Time (seconds.milliseconds, when the request finished), elapsed
     milliseconds, client, result/status, bytes sent to the client, method,
-    URL, user (always C{-}), hierarchy/server (C{HIER_NONE/-} when the proxy
-    answered without an upstream), content type.
+    URL, user (the authenticated proxy user, else C{-}), hierarchy/server
+    (C{HIER_NONE/-} when the proxy answered without an upstream), content type.
     """
 
     def __call__(self, entry: AccessEntry) -> str:
@@ -126,7 +127,8 @@ class SquidFormatter:
         return (
             f"{millis // 1000:9d}.{millis % 1000:03d} {round(entry.duration * 1000):6d}"
             f" {_field(entry.client)} {_field(entry.result)}/{entry.status:03d}"
-            f" {entry.bytes_out} {_field(entry.method)} {_field(entry.url)} -"
+            f" {entry.bytes_out} {_field(entry.method)} {_field(entry.url)}"
+            f" {_field(entry.user) if entry.user else '-'}"
             f" {hierarchy} {_last_field(entry.content_type)}"
         )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 import attrs
 
+from .destinations import ALL_PORTS, DestinationPolicy, DestinationRule
 from .tls.decide import ACTIONS, TLSPolicy, TLSRule
 
 MODES = ("tproxy", "forward", "intercept")
@@ -93,6 +95,10 @@ class PortConfig:
     divert: tuple[int, ...]
     host_verify_strict: bool = False  # Host disagreeing with the original destination: 409
     x_forwarded_for: str = "off"  # off: pass as received; append: add the client; strip
+    # Proxy policy (issue 11): Via on or off, where clients may make us connect, who may.
+    via: bool = True  # add our Via entry to requests and responses
+    destinations: DestinationPolicy = DestinationPolicy()  # allow/deny_destinations
+    auth: AuthConfig | None = None  # forward ports: proxy authentication (407)
     protocol: str = "http"  # "tls": the port carries TLS (a ClientHello first), see tls/
     tls: TLSPortConfig | None = None  # set exactly when protocol == "tls"
 
@@ -230,6 +236,22 @@ def _tls_path(table: _Table, key: str, default: str, *, empty: bool = False) -> 
 
 
 @attrs.frozen
+class AuthConfig:
+    """
+    A forward port's C{auth} table: Basic proxy authentication against an
+    htpasswd file of bcrypt entries (C{htpasswd -B}).  C{users} is the file
+    as read when the configuration was loaded (a reload reads it again).
+    """
+
+    htpasswd: str  # absolute path
+    users: tuple[tuple[str, bytes], ...]  # (user name, bcrypt hash), in file order
+    realm: str = "tproxy-twist"
+    credentials_ttl: float = 60.0  # seconds a verified user:password is remembered
+    max_failures: int = 10  # wrong passwords per client address in a burst (then 429) ...
+    failure_window: float = 60.0  # ... and the seconds in which that allowance refills
+
+
+@attrs.frozen
 class Config:
     path: str
     workers: int
@@ -241,6 +263,7 @@ class Config:
     group: str | None = None  # ... and group (default: the user's primary group)
     drain_timeout: float = 30.0  # reload/stop: seconds to finish in-flight requests
     access_log: AccessLogConfig = AccessLogConfig()
+    visible_hostname: str | None = None  # our name in Via; None: the host name
     tls: TLSConfig = TLSConfig()
     # A worker whose heartbeat stops (stopped, stuck in a loop, deadlocked) is
     # shown as not ready at once, and killed and replaced after this long.
@@ -298,6 +321,7 @@ def parse(data: Mapping[str, Any], path: str) -> Config:
     group = table.get("group", None, str)
     _check_identity(table, user, group)
     drain_timeout = table.number("drain_timeout", default=30.0, minimum=0.0)
+    visible_hostname = _visible_hostname(table)
     heartbeat_grace = table.number("heartbeat_grace", default=10.0, minimum=1.0)
     raw_ports = table.get("port", [], list)
     table.done()
@@ -319,6 +343,7 @@ def parse(data: Mapping[str, Any], path: str) -> Config:
         group=group,
         drain_timeout=drain_timeout,
         access_log=access_log,
+        visible_hostname=visible_hostname,
         tls=tls,
         heartbeat_grace=heartbeat_grace,
     )
@@ -392,6 +417,14 @@ def _port(table: _Table, index: int) -> PortConfig:
     x_forwarded_for = table.get("x_forwarded_for", "off", str)
     if x_forwarded_for not in X_FORWARDED_FOR:
         raise table.error("x_forwarded_for", f"must be one of {', '.join(X_FORWARDED_FOR)}")
+    via = table.get("via", True, bool)
+    destinations = DestinationPolicy(
+        deny=table.destination_list("deny_destinations", allow=False),
+        allow=table.destination_list("allow_destinations", allow=True),
+    )
+    auth = _auth(table, mode)
+    if protocol == "tls":
+        _no_http_policy_keys(table)
     table.done()
     return PortConfig(
         name=name,
@@ -403,8 +436,137 @@ def _port(table: _Table, index: int) -> PortConfig:
         divert=divert,
         host_verify_strict=host_verify_strict,
         x_forwarded_for=x_forwarded_for,
+        via=via,
+        destinations=destinations,
+        auth=auth,
         protocol=protocol,
         tls=tls,
+    )
+
+
+# --- proxy policy (issue 11): Via name, destination rules, proxy authentication ---
+
+
+def _visible_hostname(table: _Table) -> str | None:
+    name = table.get("visible_hostname", None, str)
+    if name is not None and not _HOSTNAME.fullmatch(name):
+        raise table.error(
+            "visible_hostname",
+            f"{name!r} must be a host name: 1 to 253 letters, digits, '-', '_' and '.'",
+        )
+    return name
+
+
+_HOSTNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,252}")
+# Goes into Proxy-Authenticate's quoted-string: printable ASCII without '"' and '\'.
+_REALM = re.compile(r"[ !#-\[\]-~]{1,200}")
+
+
+def parse_destination(text: str, *, allow: bool) -> DestinationRule:
+    """
+    Parse one C{allow_destinations} / C{deny_destinations} entry: a network
+    (C{"203.0.113.0/24"}, C{"198.51.100.7"}, C{"2001:db8::/32"}) or C{"*"}
+    (every address), optionally followed by C{:} and ports or port ranges
+    (C{"203.0.113.0/24:80,443,8000-8999"}; an IPv6 network with ports is
+    written in brackets, C{"[2001:db8::/32]:443"}).  Raises C{ValueError}
+    with a reason.
+    """
+    spec = text.strip()
+    ports_text = None
+    if spec.startswith("["):
+        end = spec.find("]")
+        if end < 0 or (len(spec) > end + 1 and spec[end + 1] != ":"):
+            raise ValueError(f"{text!r}: write an IPv6 network with ports as [2001:db8::/32]:443")
+        network_text = spec[1:end]
+        if len(spec) > end + 1:
+            ports_text = spec[end + 2 :]
+    elif spec.count(":") == 1:
+        network_text, _, ports_text = spec.partition(":")
+    else:
+        network_text = spec  # IPv4, "*" or an IPv6 network without ports
+    network = None
+    if network_text != "*":
+        try:
+            network = ipaddress.ip_network(network_text, strict=False)
+        except ValueError:
+            raise ValueError(
+                f"{text!r}: {network_text!r} is not an IP network such as 203.0.113.0/24,"
+                " [2001:db8::/32] or *"
+            ) from None
+        network = _unmapped(network)
+    ports = ALL_PORTS if ports_text is None else _port_ranges(text, ports_text)
+    return DestinationRule(allow=allow, network=network, ports=ports, text=spec)
+
+
+def _unmapped(network: IPNetwork) -> IPNetwork:
+    """::ffff:10.0.0.0/104 -> 10.0.0.0/8: addresses are checked in their IPv4 form."""
+    mapped = ipaddress.ip_network("::ffff:0:0/96")
+    if network.version == 6 and network.prefixlen >= 96 and network.subnet_of(mapped):
+        ipv4 = network.network_address.ipv4_mapped
+        return ipaddress.ip_network(f"{ipv4}/{network.prefixlen - 96}")
+    return network
+
+
+_DIGITS = re.compile(r"[0-9]{1,5}")
+
+
+def _port_ranges(text: str, ports_text: str) -> tuple[tuple[int, int], ...]:
+    ranges = []
+    for item in ports_text.split(","):
+        low, dash, high = item.strip().partition("-")
+        if not _DIGITS.fullmatch(low) or (dash and not _DIGITS.fullmatch(high)):
+            raise ValueError(f"{text!r}: ports must look like 80,443,8000-8999, not {item!r}")
+        first, last = int(low), int(high) if dash else int(low)
+        if not 0 < first <= last < 65536:
+            raise ValueError(f"{text!r}: port range {item!r} must be within 1-65535, low-high")
+        ranges.append((first, last))
+    return tuple(ranges)
+
+
+def _no_http_policy_keys(table: _Table) -> None:
+    """A TLS port relays no HTTP: Via and these rules would silently not apply."""
+    for key in ("via", "deny_destinations", "allow_destinations"):
+        if key in table._data:
+            raise table.error(
+                key,
+                'does not apply to TLS ports (protocol = "tls"); their [port.tls] rules'
+                " match destinations",
+            )
+
+
+def _auth(port: _Table, mode: str) -> AuthConfig | None:
+    table = port.table("auth")
+    if table is None:
+        return None
+    if mode != "forward":
+        raise port.error("auth", f"only applies to forward ports, this port's mode is {mode}")
+    path = table.get("htpasswd", None, str)
+    if path is None:
+        raise table.error("htpasswd", 'is required, e.g. "/etc/tproxy-twist/htpasswd"')
+    if not os.path.isabs(path):
+        raise table.error("htpasswd", f"{path!r} must be an absolute path")
+    from .auth import HtpasswdError, read_htpasswd
+
+    try:
+        users = read_htpasswd(path)
+    except OSError as e:
+        raise table.error("htpasswd", f"cannot read {path}: {e.strerror}") from None
+    except HtpasswdError as e:
+        raise table.error("htpasswd", str(e)) from None
+    realm = table.get("realm", "tproxy-twist", str)
+    if not _REALM.fullmatch(realm):
+        raise table.error("realm", 'must be 1 to 200 printable ASCII characters without " or \\')
+    ttl = table.number("credentials_ttl", default=60.0, minimum=0.0)
+    max_failures = table.integer("max_failures", default=10, minimum=1, maximum=1_000_000)
+    window = table.number("failure_window", default=60.0, minimum=0.001)
+    table.done()
+    return AuthConfig(
+        htpasswd=path,
+        users=users,
+        realm=realm,
+        credentials_ttl=ttl,
+        max_failures=max_failures,
+        failure_window=window,
     )
 
 
@@ -621,6 +783,14 @@ class _Table:
                 raise ValueError(f'{value!r} is not an IP network such as "10.0.0.0/8"') from None
 
         return self._list(key, default, network)
+
+    def destination_list(self, key: str, *, allow: bool) -> tuple[DestinationRule, ...]:
+        def rule(value: Any) -> DestinationRule:
+            if not isinstance(value, str):
+                raise TypeError(f'must be a string such as "203.0.113.0/24:80,443", not {value!r}')
+            return parse_destination(value, allow=allow)
+
+        return self._list(key, (), rule)
 
     def action(self, key: str, default: str | None) -> str:
         value = self.get(key, default, str)

@@ -309,7 +309,11 @@ METHODS = frozenset(
 UPSTREAM_ERROR_REASONS = (
     "refused", "timeout", "unreachable", "spoof", "reset", "bad_response", "no_descriptors",
 )  # fmt: skip
-REJECT_REASONS = ("bad_request", "forbidden", "loop", "limit", "timeout")
+# destination: refused by the destination rules (the router itself, link-local,
+# allow/deny_destinations); auth: proxy authentication missing or wrong (407).
+REJECT_REASONS = (
+    "bad_request", "forbidden", "loop", "limit", "timeout", "destination", "auth",
+)  # fmt: skip
 INCOMPLETE_REASONS = ("upstream", "drain", "timeout", "client")
 
 

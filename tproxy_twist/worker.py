@@ -68,6 +68,7 @@ from twisted.logger import Logger  # noqa: E402
 from zope.interface import implementer  # noqa: E402
 
 from .config import Config, PortConfig  # noqa: E402
+from .resolver import DestinationResolver  # noqa: E402
 from .sockets import LocalAddresses, connect_upstream, listening_socket  # noqa: E402
 
 log = Logger()
@@ -130,6 +131,7 @@ class ProxyService(Service):
         self._ports = []
         self.factories = []
         self.budget = None
+        self._bcrypt_pool = None  # password checks (auth.BcryptPool), when a port has auth
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -156,7 +158,7 @@ class ProxyService(Service):
         settings = RelaySettings(
             timeouts=self.config.timeouts,
             limits=self.config.limits,
-            pseudonym=socket.gethostname(),
+            pseudonym=self.config.visible_hostname or socket.gethostname(),
         )
         shared = {
             "settings": settings,
@@ -168,6 +170,11 @@ class ProxyService(Service):
         self.budget = ConnectionBudget(
             self.max_connections, self._pause_accepting, self._resume_accepting
         )
+        if any(port.auth is not None for port, _ in self._sockets):
+            from .auth import BcryptPool
+
+            self._bcrypt_pool = BcryptPool(reactor)
+            self._bcrypt_pool.start()
         for port, sock in self._sockets:
             factory = self._factory(port, shared)
             self.factories.append(factory)
@@ -202,8 +209,27 @@ class ProxyService(Service):
 
         # Nobody can read metrics without a listener: don't pay for them.
         metrics = PortMetrics if self.config.metrics_listen is not None else NullPortMetrics
+        # Resolve -> check -> connect (forward ports, and ports with destination rules).
+        resolver = DestinationResolver(
+            self._reactor.nameResolver,
+            port.destinations,
+            own=shared["local_addresses"],
+            builtin=port.mode == "forward",
+            clock=self._reactor,
+            timeout=self.config.timeouts.connect,  # resolving a name is part of connecting
+        )
+        authenticator = None
+        if port.auth is not None:
+            from .auth import Authenticator
+
+            authenticator = Authenticator(port.auth, clock=self._reactor, pool=self._bcrypt_pool)
         return ProxyFactory(
-            port, metrics=metrics(port.name, port.mode), budget=self.budget, **shared
+            port,
+            metrics=metrics(port.name, port.mode),
+            budget=self.budget,
+            resolver=resolver,
+            authenticator=authenticator,
+            **shared,
         )
 
     # tcp.Port is a FileDescriptor: stopReading/startReading pause accept().

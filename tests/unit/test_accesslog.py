@@ -83,6 +83,18 @@ def test_squid_line_for_an_answer_the_proxy_made_itself_has_no_upstream():
     assert SQUID_LINE.match(line)
 
 
+def test_squid_line_has_the_authenticated_user_in_squids_user_field():
+    assert SQUID_LINE.match(SquidFormatter()(entry(user="alice")))["user"] == "alice"
+    # A user name is one field whatever it contains.
+    match = SQUID_LINE.match(SquidFormatter()(entry(user="al ice%\n")))
+    assert match["user"] == "al%20ice%25%0A"
+    assert match["hierarchy"] == "HIER_DIRECT"
+
+
+def test_json_line_has_the_authenticated_user():
+    assert json.loads(JSONFormatter()(entry(user="alice")))["user"] == "alice"
+
+
 def test_squid_line_pads_status_and_elapsed_like_squid():
     line = SquidFormatter()(entry(status=0, duration=12.3456, result="NONE", destination=None))
     match = SQUID_LINE.match(line)
@@ -125,6 +137,7 @@ def test_json_line_has_every_field_under_its_own_name():
         "destination": None,
         "result": "TCP_MISS",
         "content_type": "text/html",
+        "user": None,
     }
 
 

@@ -26,7 +26,7 @@ def error(text: str) -> str:
 def test_sample_config_loads_with_forward_and_tproxy_ports():
     config = C.load("etc/tproxy.toml")
     assert [(p.name, p.mode, str(p.listen)) for p in config.ports] == [
-        ("forward", "forward", "0.0.0.0:3128"),
+        ("forward", "forward", "[::]:3128"),
         ("transparent", "tproxy", "[::]:3129"),
         ("tls", "tproxy", "[::]:3130"),
     ]

@@ -24,7 +24,7 @@ from tproxy_twist.http.headers import (
 )
 
 
-def test_hop_by_hop_set_is_the_rfc_list_without_proxy_authentication_fields() -> None:
+def test_hop_by_hop_set_is_the_rfc_list_with_proxy_authentication_fields() -> None:
     assert HOP_BY_HOP == {
         b"connection",
         b"keep-alive",
@@ -33,9 +33,20 @@ def test_hop_by_hop_set_is_the_rfc_list_without_proxy_authentication_fields() ->
         b"trailer",
         b"transfer-encoding",
         b"upgrade",
+        b"proxy-authorization",
+        b"proxy-authenticate",
     }
-    assert b"proxy-authenticate" not in HOP_BY_HOP
-    assert b"proxy-authorization" not in HOP_BY_HOP
+
+
+def test_proxy_credentials_and_challenges_never_pass_in_either_direction() -> None:
+    request = [
+        (b"Host", b"a"),
+        (b"proxy-authorization", b"Basic Zm9vOmJhcg=="),
+        (b"PROXY-CONNECTION", b"keep-alive"),
+    ]
+    response = [(b"Proxy-Authenticate", b'Basic realm="x"'), (b"Content-Length", b"0")]
+    assert strip_hop_by_hop(request) == [(b"Host", b"a")]
+    assert strip_hop_by_hop(response, keep_upgrade=True) == [(b"Content-Length", b"0")]
 
 
 def test_connection_tokens_are_lowercased_across_all_connection_fields() -> None:
@@ -64,7 +75,6 @@ def test_strip_hop_by_hop_removes_hop_by_hop_and_nominated_fields() -> None:
     ]
     assert strip_hop_by_hop(headers) == [
         (b"Host", b"example.com"),
-        (b"Proxy-Authorization", b"Basic Zm9vOmJhcg=="),
         (b"Accept", b"*/*"),
     ]
 

@@ -38,12 +38,16 @@ HOP_BY_HOP: Final[frozenset[bytes]] = frozenset(
         b"trailer",
         b"transfer-encoding",
         b"upgrade",
+        # Credentials for a proxy stay with the proxy (issue 11): never sent to
+        # an origin, and an upstream's challenge never reaches the client.
+        b"proxy-authorization",
+        b"proxy-authenticate",
     }
 )
-"""Fields that describe one connection and are never forwarded (RFC 9110 §7.6.1).
-
-Proxy-Authenticate and Proxy-Authorization are deliberately absent: like Squid,
-we pass them on.
+"""Fields that describe one connection and are never forwarded (RFC 9110 §7.6.1),
+in either direction, on every port mode.  Proxy-Authorization and
+Proxy-Authenticate are among them (RFC 9110 §11.7.1-2: they are for the proxy
+that asks or is asked, not for the next hop).
 """
 
 TRAILER_FIELDS: Final[frozenset[bytes]] = frozenset(

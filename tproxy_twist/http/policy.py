@@ -170,7 +170,7 @@ def upstream_fields(
     *,
     host: bytes | None,
     upgrade: bool,
-    via: bytes,
+    via: bytes | None,
     xff_mode: str,
     client_ip: str,
 ) -> Headers:
@@ -179,7 +179,8 @@ def upstream_fields(
     if host is not None:
         fields = [(n, v) for n, v in fields if n.lower() != b"host"]
         fields.insert(0, (b"Host", host))
-    fields = H.add_via(fields, via)
+    if via is not None:  # None: this port adds no Via
+        fields = H.add_via(fields, via)
     if xff_mode != "off":
         fields = x_forwarded_for(fields, xff_mode, client_ip)
     return fields

@@ -45,6 +45,7 @@ class ExchangeRecord:
         "connect_duration",
         "incomplete",
         "scheme",
+        "user",
     )
 
     def __init__(self, started: float, client: str, method: bytes, request_target: bytes) -> None:
@@ -70,6 +71,7 @@ class ExchangeRecord:
         self.connect_duration: float | None = None
         self.incomplete: str | None = None
         self.scheme = b"http"  # b"https": a request relayed inside a bumped TLS connection
+        self.user: str | None = None  # the proxy-authenticated user (never a metric label)
 
     @property
     def duration(self) -> float:
@@ -171,4 +173,5 @@ class RecordSink:
             destination=where,
             result=record.result,
             content_type=record.content_type.decode("ascii", "replace"),
+            user=record.user,
         )

@@ -27,6 +27,7 @@ from ..accesslog import AccessLog
 from ..config import Limits, PortConfig, Timeouts
 from ..logthrottle import LogThrottle
 from ..metrics import PortMetrics
+from ..resolver import DestinationResolver, Resolved
 from ..sockets import UpstreamConnect, nat_original_destination, unmap, writer_for
 from . import headers as H
 from . import policy
@@ -38,8 +39,11 @@ from .session import (
     Link,
     Session,
     SessionConfig,
+    State,
     classify_connect_failure,
 )
+
+_CONNECTING = State.CONNECTING
 
 __all__ = [
     "ClientConnection",
@@ -119,6 +123,8 @@ class ProxyFactory(Factory):
         metrics: PortMetrics,
         access_log: AccessLog | None = None,
         budget: ConnectionBudget | None = None,
+        resolver: DestinationResolver | None = None,
+        authenticator=None,
     ) -> None:
         self.budget = budget
         self.connections: set[ClientConnection] = set()
@@ -141,6 +147,18 @@ class ProxyFactory(Factory):
         self._metrics = metrics
         self._access_log = access_log
         self.sink = RecordSink(metrics, access_log, port.name, port.mode)
+        if resolver is None:
+            resolver = DestinationResolver(
+                getattr(clock, "nameResolver", None),
+                port.destinations,
+                own=local_addresses,
+                builtin=port.mode == "forward",
+            )
+        # Resolve -> check -> connect; a port without rules whose destinations
+        # are IP literals (tproxy, intercept) skips it.
+        self.resolver = resolver
+        self.checks_destinations = resolver.checks_anything
+        self.authenticator = authenticator  # forward ports with `auth`: auth.Authenticator
 
     # Metrics and the access log are read by the record sink; keep it in step.
     @property
@@ -161,8 +179,8 @@ class ProxyFactory(Factory):
         self._access_log = access_log
         self.sink = RecordSink(self._metrics, access_log, self.port.name, self.port.mode)
 
-    def via(self, version: bytes) -> bytes:
-        """Our Via entry for a message of C{version}, made once per version."""
+    def via(self, version: bytes) -> bytes | None:
+        """Our Via entry for a message of C{version}, made once per version; None: via off."""
         return self.session_config.via(version)
 
     def buildProtocol(self, addr):
@@ -438,13 +456,43 @@ class ClientConnection(Protocol):
 
     def connect(self, link: Link, destination: tuple[str, int], source_ip: str | None) -> None:
         factory = self.factory
-        factory.connect(
-            destination[0],
-            destination[1],
-            _UpstreamFactory(self, link),
-            factory.settings.timeouts.connect,
-            source_ip,
+        if not factory.checks_destinations:
+            self._connect(link, destination[0], destination[1], source_ip)
+            return
+        # Resolve -> check -> connect to a checked IP literal, never to the name.
+        d = factory.resolver.resolve(destination[0], destination[1])
+        d.addCallbacks(
+            self._resolved,
+            self._not_resolved,
+            callbackArgs=(link, source_ip),
+            errbackArgs=(link,),
         )
+        d.addErrback(lambda failure: log.failure("connecting upstream failed", failure))
+
+    def _resolved(self, resolved: Resolved, link: Link, source_ip: str | None) -> None:
+        if self.session is None or self.session.state is not _CONNECTING:
+            return  # answered or gone while the name was being resolved
+        link.address = resolved.addresses[0]
+        self._connect(link, link.address, resolved.port, source_ip)
+
+    def _not_resolved(self, failure: Failure, link: Link) -> None:
+        if self.session is not None:
+            self.session.upstream_failed(link, failure.value)
+
+    def _connect(self, link: Link, host: str, port: int, source_ip: str | None) -> None:
+        factory = self.factory
+        factory.connect(
+            host, port, _UpstreamFactory(self, link), factory.settings.timeouts.connect, source_ip
+        )
+
+    def authenticate(self, link: Link, client_ip: str, credentials: bytes | None) -> None:
+        d = self.factory.authenticator.check(client_ip, credentials)
+        d.addCallback(self._authenticated, link)
+        d.addErrback(lambda failure: log.failure("authenticating a request failed", failure))
+
+    def _authenticated(self, result, link: Link) -> None:
+        if self.session is not None:
+            self.session.authenticated(link, result)
 
     def attach(self, link: Link) -> None:
         # Backpressure both ways: a full send buffer on one side pauses

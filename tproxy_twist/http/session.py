@@ -18,6 +18,11 @@ States (L{State}) and the one deadline armed in each (L{Deadline})::
     CONNECTING/SENDING/AWAITING ──101 or CONNECT──► TUNNEL (IDLE)
     any ──answer by the proxy──► LINGER (LINGER) ──► CLOSING (CLOSING) ──► CLOSED
 
+CONNECTING also covers, on ports with C{auth}, the check of each request's
+proxy credentials (L{Session.authenticated}) before its upstream is used or
+made, and the adapter's resolve -> check of the destination before it
+connects (a refusal comes back as L{Session.upstream_failed}: 403).
+
 There is one way to fail an exchange (L{Session._fail}): answer it if
 nothing of a response reached the client yet, otherwise abort the
 connection, so that a client never takes a truncated response for a whole.
@@ -34,6 +39,7 @@ from twisted.logger import Logger
 
 from ..config import Limits, PortConfig, Timeouts
 from ..logthrottle import LogThrottle
+from ..resolver import DestinationRefused
 from ..sockets import SPOOF_ERRNOS
 from . import headers as H
 from . import policy
@@ -69,6 +75,7 @@ REASON_PHRASES = {
     400: b"Bad Request",
     403: b"Forbidden",
     405: b"Method Not Allowed",
+    407: b"Proxy Authentication Required",
     408: b"Request Timeout",
     409: b"Conflict",
     413: b"Content Too Large",
@@ -146,6 +153,9 @@ _DL_RESPONSE = Deadline.RESPONSE
 _DL_LINGER = Deadline.LINGER
 _DL_CLOSING = Deadline.CLOSING
 
+# Refusals by policy, logged as Squid's TCP_DENIED.
+_DENIED = frozenset({"forbidden", "loop", "destination", "auth"})
+
 # States that read request events from the client's reader.
 _READING = frozenset({_IDLE, _HEAD, _SENDING, _AWAITING, _RESPONDING})
 _GONE = frozenset({_LINGER, _CLOSING, _CLOSED})
@@ -176,7 +186,18 @@ class SessionIO(Protocol):
         """C{reason} no longer holds reading from the client back."""
 
     def connect(self, link: object, destination: tuple[str, int], source_ip: str | None) -> None:
-        """Open an upstream connection; its events name C{link}."""
+        """
+        Open an upstream connection; its events name C{link}.  The adapter
+        resolves a name and checks the destination first (resolve -> check ->
+        connect, L{tproxy_twist.resolver}); a refusal comes back as
+        C{upstream_failed(link, DestinationRefused)}.
+        """
+
+    def authenticate(self, link: object, client_ip: str, credentials: bytes | None) -> None:
+        """
+        Check a request's C{Proxy-Authorization} (C{None}: none); answer with
+        L{Session.authenticated}C{(link, result)}, now or later.
+        """
 
     def attach(self, link: object) -> None:
         """The session adopted the connected upstream C{link}: couple backpressure."""
@@ -210,7 +231,9 @@ class SessionConfig:
         "via_marker",
         "throttle",
         "local_addresses",
+        "authenticates",
         "_via",
+        "_via_on",
         "_pseudonym",
     )
 
@@ -232,10 +255,14 @@ class SessionConfig:
         self.via_marker = f"{pseudonym} (tproxy-twist)".encode()
         self.throttle = throttle
         self.local_addresses = local_addresses
+        self.authenticates = port.auth is not None  # every request needs proxy credentials
         self._via: dict[bytes, bytes] = {}
+        self._via_on = port.via
 
-    def via(self, version: bytes) -> bytes:
-        """Our Via entry for a message of C{version}, made once per version."""
+    def via(self, version: bytes) -> bytes | None:
+        """Our Via entry for a message of C{version}, made once per version; C{None}: via off."""
+        if not self._via_on:
+            return None
         entry = self._via.get(version)
         if entry is None:
             entry = self._via[version] = H.via_value(version, self._pseudonym)
@@ -263,13 +290,17 @@ class SessionConfig:
 
 
 class Link:
-    """Names one upstream connection attempt (the adapter's events carry it)."""
+    """
+    Names one upstream connection attempt (the adapter's events carry it), or
+    one authentication check of a request (L{Session.authenticated}).
+    """
 
-    __slots__ = ("destination", "handle")
+    __slots__ = ("destination", "handle", "address")
 
     def __init__(self, destination: tuple[str, int]) -> None:
-        self.destination = destination
+        self.destination = destination  # as routed: a name on forward ports
         self.handle: object = None  # the adapter's own (its protocol, once connected)
+        self.address: str | None = None  # the checked IP literal connected to
 
 
 class _Upstream:
@@ -330,6 +361,7 @@ class Session:
         "_draining",
         "_exchange",
         "_host_agreed",
+        "_admitting",
         "_io",
         "_last_activity",
         "_pipeline_paused",
@@ -368,6 +400,7 @@ class Session:
         self._up: _Upstream | None = None
         self._connecting: Link | None = None
         self._host_agreed: bytes | None = None
+        self._admitting: Link | None = None  # an authentication check answered synchronously
         self._body_left = 0  # bytes a request body may still have under max_body_size
         self._bytes_in = 0
         self._bytes_out = 0
@@ -615,7 +648,7 @@ class Session:
         record.destination = destination
         if request.method == b"CONNECT":
             exchange.tunnel = True
-            self._use_upstream(destination)
+            self._admit(destination)
             return
         record.target = target
         record.host = host
@@ -644,7 +677,46 @@ class Session:
         exchange.tunnel = upgrade
         exchange.head = H.serialize_request_head(request.method, target, fields)
         exchange.replayable = request.body == "none"
-        self._use_upstream(destination)
+        self._admit(destination)
+
+    def _admit(self, destination: tuple[str, int]) -> None:
+        """
+        On ports with C{auth}, every request's credentials are checked (off
+        this thread, so the session waits in CONNECTING, reading no further)
+        before its upstream connection is used or made.
+        """
+        if not self._config.authenticates:
+            self._use_upstream(destination)
+            return
+        self.state = _CONNECTING
+        link = self._connecting = self._admitting = Link(destination)
+        self._io.authenticate(
+            link, self.client_ip, self._exchange.request.get(b"proxy-authorization")
+        )
+        if self._admitting is link:
+            self._admitting = None  # the answer comes later
+
+    def authenticated(self, link: Link, result) -> None:
+        """
+        The answer to C{authenticate(link, …)}: C{result.ok} and C{result.user},
+        or C{result.status} (407, 429, 503), C{reason}, C{metric} and
+        C{fields} to answer with (L{tproxy_twist.auth.AuthResult}).
+        """
+        if link is not self._connecting:
+            return  # the session moved on (answered, aborted, closed)
+        synchronous = self._admitting is link
+        self._admitting = None
+        self._connecting = None
+        self._io.resume(CONNECTING_READS)
+        if not result.ok:
+            self._answer(result.status, result.reason, rejected=result.metric,
+                         extra=result.fields)  # fmt: skip
+            return
+        self._exchange.record.user = result.user
+        self._use_upstream(link.destination)
+        if not synchronous:
+            # Inside _process the loop goes on by itself; later, start it again.
+            self._process()
 
     def _host_agrees(self, request: Request, host: bytes | None) -> bool:
         """
@@ -778,6 +850,8 @@ class Session:
         self._connecting = None
         exchange = self._exchange
         exchange.record.connect_duration = self._clock.seconds() - exchange.connect_started
+        if link.address is not None:  # a resolved name: log the address really used
+            exchange.record.destination = (link.address, link.destination[1])
         self._up = _Upstream(link, self._config.response_reader())
         self._io.attach(link)
         self._io.resume(CONNECTING_READS)
@@ -789,6 +863,13 @@ class Session:
             return
         self._connecting = None
         self._io.resume(CONNECTING_READS)
+        if isinstance(exc, DestinationRefused):
+            self._config.throttle.emit(
+                log.info, "destination-refused", "refusing a request from {client}: {reason}",
+                client=self.client_ip, reason=exc.decision.reason,
+            )  # fmt: skip
+            self._answer(403, f"destination refused: {exc.decision.reason}", rejected="destination")
+            return
         status, cause, label = classify_connect_failure(exc)
         destination = link.destination
         where = f"{destination[0]}:{destination[1]}"
@@ -958,7 +1039,9 @@ class Session:
             fields.append((b"Connection", b"close"))
         elif not http11:
             fields.append((b"Connection", b"keep-alive"))
-        fields = H.add_via(fields, self._config.via(response.version))
+        via = self._config.via(response.version)
+        if via is not None:
+            fields = H.add_via(fields, via)
         self._write(H.serialize_response_head(response.status, response.reason, fields))
         if tunnel:
             self._become_tunnel()
@@ -1045,8 +1128,18 @@ class Session:
         self._record(exchange)
         self._abort()
 
-    def _answer(self, status: int, text: str, *, rejected: str | None = None) -> None:
-        """Answer with an error made by the proxy, then close the connection (lingering)."""
+    def _answer(
+        self,
+        status: int,
+        text: str,
+        *,
+        rejected: str | None = None,
+        extra: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
+        """
+        Answer with an error made by the proxy (with the C{extra} fields),
+        then close the connection (lingering).
+        """
         exchange = self._exchange
         if exchange is None:
             exchange = self._new_exchange(None)
@@ -1055,13 +1148,15 @@ class Session:
         record.status = status
         if rejected is not None:
             record.rejected = rejected
-        record.denied = rejected in ("forbidden", "loop")
+        record.denied = rejected in _DENIED
         if self._connecting is not None:
             self._connecting = None
             self._io.resume(CONNECTING_READS)
         self._drop_upstream()
         self._write(
-            H.simple_response(status, REASON_PHRASES.get(status, b"Error"), text, close=True)
+            H.simple_response(
+                status, REASON_PHRASES.get(status, b"Error"), text, close=True, extra=extra
+            )
         )
         self._record(exchange)  # after the write: the record counts its bytes
         self._linger()
@@ -1159,6 +1254,8 @@ def classify_connect_failure(exc: BaseException) -> tuple[int, str, str]:
         return 504, "connect timed out", "timeout"
     if isinstance(exc, neterror.NoRouteError) or os_errno in _UNREACHABLE:
         return 502, "no route to host", "unreachable"
+    if isinstance(exc, neterror.DNSLookupError):
+        return 502, "the host name does not resolve", "unreachable"
     return 502, str(exc) or type(exc).__name__, "unreachable"
 
 

@@ -43,6 +43,9 @@ OWNERS_DIR = Path("/run/tproxy-twist-lab")
 
 _GRACE = 2.0  # seconds between SIGTERM and SIGKILL at teardown
 
+# `ip netns exec NS` bind-mounts the files in /etc/netns/NS/ over /etc/.
+NETNS_ETC = Path("/etc/netns")
+
 
 class LabCommandError(subprocess.CalledProcessError):
     """A command in a namespace failed; str() shows its output, not just its status."""
@@ -170,6 +173,8 @@ def _delete_namespaces(names: Sequence[str], grace: float = _GRACE) -> None:
         time.sleep(0.05)
     for ns in names:
         _ip("netns", "del", ns, check=False)
+    for ns in names:  # per-namespace /etc files (Lab.set_hosts)
+        shutil.rmtree(NETNS_ETC / ns, ignore_errors=True)
 
 
 def _owner_file(prefix: str) -> Path:
@@ -442,6 +447,21 @@ class Lab:
         if proc in self._procs:
             self._procs.remove(proc)
         return proc.returncode
+
+    def set_hosts(self, ns: str, names: dict[str, str] | None) -> None:
+        """Give ``ns`` an /etc/hosts of its own: localhost and ``names`` (name -> address).
+
+        Processes started in ``ns`` from now on resolve these names (``ip netns
+        exec`` bind-mounts /etc/netns/NS/hosts); ``None`` gives it the host's
+        /etc/hosts again.  Teardown removes the file.
+        """
+        if names is None:
+            shutil.rmtree(NETNS_ETC / ns, ignore_errors=True)
+            return
+        lines = ["127.0.0.1 localhost", "::1 localhost"]
+        lines += [f"{address} {name}" for name, address in names.items()]
+        (NETNS_ETC / ns).mkdir(parents=True, exist_ok=True)
+        (NETNS_ETC / ns / "hosts").write_text("\n".join(lines) + "\n")
 
     def apply_rules(self, script: str) -> None:
         """Run a rules script (see :mod:`tproxy_twist.rules`) with ``sh -e`` in the router."""
