@@ -273,6 +273,11 @@ class Config:
         factory=lambda: tuple(ipaddress.ip_network(n) for n in ALLOW_EVERYONE)
     )
 
+    @property
+    def bumps(self) -> bool:
+        """Whether a TLS port may bump: the workers then need the C{[tls]} CA (and OpenSSL)."""
+        return any(port.tls is not None and port.tls.policy.bumps for port in self.ports)
+
 
 @functools.lru_cache(maxsize=64)
 def _covers_everything(networks: tuple[IPNetwork, ...]) -> bool:

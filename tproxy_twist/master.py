@@ -231,7 +231,7 @@ class WorkerSupervisor(Service):
         return path
 
     def _spawn(self, index: int, generation: int, snapshot: Path) -> WorkerProcess:
-        from .worker import MASTER_PID_ENV
+        from .worker import BUMP_FLAG, MASTER_PID_ENV
 
         worker = WorkerProcess(self, index, generation)
         config = self._pending_config if generation > self.generation else self.config
@@ -264,6 +264,8 @@ class WorkerSupervisor(Service):
             "--generation",
             str(generation),
         ]
+        if config.bumps:
+            argv.append(BUMP_FLAG)  # this worker must be able to start TLS
         if config.user is not None:
             # Said here, not only in the file: twistd's --uid/--gid end up here too.
             argv += ["--user", config.user]
@@ -797,6 +799,10 @@ class MasterService(MultiService):
     def privilegedStartService(self) -> None:
         from . import resources
 
+        try:
+            check_bump_kit(self.config, self.reactor)
+        except configuration.ConfigError as e:
+            raise SystemExit(f"tproxy-twist: {e}") from None
         _enable_request_migration()
         capacity = resources.connection_capacity(self.config.limits.max_connections)
         if capacity.lowered:
@@ -842,6 +848,7 @@ class MasterService(MultiService):
             config = configuration.load(path)
             if self.workers_override is not None:
                 config = configuration.with_workers(config, self.workers_override)
+            check_bump_kit(config, self.reactor)
         except configuration.ConfigError as e:
             log.error("reload refused, still running the previous configuration: {error}",
                       error=str(e))  # fmt: skip
@@ -857,6 +864,20 @@ class MasterService(MultiService):
     def stopService(self):
         yield super().stopService()
         shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def check_bump_kit(config: Config, clock) -> None:
+    """
+    When a TLS port of C{config} may bump, load what its workers will load
+    (the CA and its key, the trust bundle) and throw it away: a bad key is
+    a start-up error, or a refused reload, with one line naming the file and
+    key, not a loop of workers failing to start.  Raises L{ConfigError}.
+    """
+    if not config.bumps:
+        return
+    from .tls.bumpkit import load_bump_kit
+
+    load_bump_kit(config, clock, metrics=False)
 
 
 def _why(e: error.CannotListenError) -> str:

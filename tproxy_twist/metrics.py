@@ -199,6 +199,19 @@ class BumpMetrics:
         self._rejected.inc()
 
 
+class NullBumpMetrics:
+    """L{BumpMetrics} that records nothing (metrics off)."""
+
+    def __init__(self, port: str) -> None:
+        pass
+
+    def origin_verified(self, result: str) -> None:
+        pass
+
+    def client_rejected_certificate(self) -> None:
+        pass
+
+
 # --- end of TLS bump --------------------------------------------------------------------
 
 # --- process life (the master and the workers' own upkeep) -------------------------------
@@ -217,20 +230,23 @@ ACCESS_LOG_DROPPED = Counter(
 # --- TLS ports (tproxy_twist.tls); the SNI is never a label: it is unbounded ----------
 TLS_CONNECTIONS = Counter(
     "tproxy_tls_connections",
-    "Connections on TLS ports by what was done with them: splice, deny, tunnel (not TLS,"
-    " relayed as on_not_tls says) or close (no decision was possible, see"
-    " tproxy_tls_rejected_total).",
+    "Connections on TLS ports by what was done with them: splice, deny, bump (decrypted"
+    " after the origin was verified), tunnel (not TLS, relayed as on_not_tls says) or close"
+    " (no decision was possible, see tproxy_tls_rejected_total).",
     ["port", "action"],
 )
 TLS_REJECTED = Counter(
     "tproxy_tls_rejected",
     "Connections on TLS ports refused, by reason: denied (a rule or default), no_sni (the"
     " no-SNI action denied it), not_tls, timeout (no whole ClientHello within"
-    " client_hello_timeout), too_large, malformed.",
+    " client_hello_timeout), too_large, malformed, origin_unverified (bump with"
+    " on_verify_failure = terminate, and the origin failed verification).",
     ["port", "reason"],
 )
-TLS_ACTIONS = ("splice", "deny", "tunnel", "close")
-TLS_REJECT_REASONS = ("denied", "no_sni", "not_tls", "timeout", "too_large", "malformed")
+TLS_ACTIONS = ("splice", "deny", "tunnel", "close", "bump")
+TLS_REJECT_REASONS = (
+    "denied", "no_sni", "not_tls", "timeout", "too_large", "malformed", "origin_unverified",
+)  # fmt: skip
 
 
 class TLSPortMetrics:

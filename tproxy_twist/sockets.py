@@ -322,6 +322,11 @@ class TransportWriter:
 
 
 def writer_for(transport) -> DirectWriter | TransportWriter:
-    if isinstance(transport, tcp.Connection):
+    """
+    The writer for C{transport}: straight to the socket for plain TCP; through
+    Twisted otherwise, and always once TLS is on the connection (what goes to
+    the socket must be encrypted by the transport's TLS layer first).
+    """
+    if isinstance(transport, tcp.Connection) and not transport.TLS:
         return DirectWriter(transport)
     return TransportWriter(transport)

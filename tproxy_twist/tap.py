@@ -38,8 +38,11 @@ class Options(usage.Options):
         "Transparent (TPROXY) HTTP proxy: relays intercepted HTTP to its original"
         " destination from the client's own IP address, plus an explicit forward"
         " proxy port, with Prometheus metrics and a status page (/status on the"
-        " metrics listener, for the networks in [metrics] status_allow).  A master"
-        " process supervises"
+        " metrics listener, for the networks in [metrics] status_allow).  TLS ports"
+        ' (protocol = "tls") splice, deny or bump intercepted HTTPS by its SNI; bumping'
+        " needs the [tls] CA (`tproxy-twist ca init`), is checked at start and on reload,"
+        " and verifies every origin before a client sees a certificate.  A master process"
+        " supervises"
         " pre-forked workers; SIGHUP reloads the configuration without dropping"
         " requests, SIGTERM drains and stops; a worker that stops answering is"
         " replaced (heartbeat_grace).  twistd's --uid/--gid apply to the"

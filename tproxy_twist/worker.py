@@ -23,6 +23,8 @@ import sys
 
 #: The master's pid, in the environment of every worker it spawns.
 MASTER_PID_ENV = "TPROXY_TWIST_MASTER_PID"
+#: The argument the master adds when a TLS port may bump: this worker needs TLS.
+BUMP_FLAG = "--bump"
 
 
 def _die_with_master() -> None:
@@ -47,10 +49,12 @@ def _die_with_master() -> None:
 
 if __name__ == "__main__":
     _die_with_master()
-    # A worker never speaks TLS, yet twisted.internet.tcp imports pyOpenSSL
-    # and cryptography for startTLS when they can be imported: about 6 MB of
-    # memory in every worker.  Without them Twisted's TCP simply has no TLS.
-    sys.modules.setdefault("OpenSSL", None)  # type: ignore[arg-type]
+    # twisted.internet.tcp imports pyOpenSSL and cryptography for startTLS
+    # when they can be imported: about 6 MB of memory in every worker.  Only
+    # a worker that bumps (the master passes --bump when a TLS port may)
+    # speaks TLS itself; without them the others' TCP simply has no TLS.
+    if BUMP_FLAG not in sys.argv[1:]:
+        sys.modules.setdefault("OpenSSL", None)  # type: ignore[arg-type]
 
 import argparse  # noqa: E402
 import signal  # noqa: E402
@@ -104,7 +108,13 @@ class ProxyService(Service):
     """
 
     def __init__(
-        self, config: Config, reactor=None, access_log=None, *, max_connections: int | None = None
+        self,
+        config: Config,
+        reactor=None,
+        access_log=None,
+        *,
+        max_connections: int | None = None,
+        bump=None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
@@ -114,6 +124,9 @@ class ProxyService(Service):
         #: The connections this worker takes at most (C{limits.max_connections},
         #: or fewer when the open-file limit is lower: see L{resources}).
         self.max_connections = max_connections or config.limits.max_connections
+        #: The L{tproxy_twist.tls.bumpkit.BumpKit} when a TLS port may bump
+        #: (loaded as root, before privileges are dropped).
+        self.bump = bump
         self._sockets: list[tuple[PortConfig, socket.socket]] = []
         self._ports = []
         self.factories = []
@@ -200,6 +213,7 @@ class ProxyService(Service):
                 shared["local_addresses"],
                 self.access_log,
                 self.budget,
+                bump=self.bump,
             )
         from .http.relay import ProxyFactory
         from .metrics import NullPortMetrics, PortMetrics
@@ -420,6 +434,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--generation", type=int, default=1)
     parser.add_argument("--user", help="run as this user (overrides the config's `user`)")
     parser.add_argument("--group", help="... and group")
+    parser.add_argument(
+        BUMP_FLAG, action="store_true", help="a TLS port may bump: do not block OpenSSL"
+    )
     return parser.parse_args(argv)
 
 
@@ -473,7 +490,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.user is not None:
             config = configuration.with_identity(config, args.user, args.group)
         capacity = resources.connection_capacity(config.limits.max_connections)
-        service = ProxyService(config, reactor, max_connections=capacity.effective)
+        bump = None
+        if config.bumps:
+            if not args.bump:
+                raise StartupError(
+                    f"a TLS port in {config.path} may bump, but the worker was started"
+                    f" without {BUMP_FLAG} (its TCP cannot start TLS)"
+                )
+            from .tls.bumpkit import load_bump_kit
+
+            # As root: the CA key file is readable by root only.
+            bump = load_bump_kit(config, reactor)
+        service = ProxyService(config, reactor, max_connections=capacity.effective, bump=bump)
         service.privilegedStartService()
         service.access_log = _open_access_log(config, reactor)  # as root: like nginx
         if config.user is not None:

@@ -5,7 +5,9 @@ reload generations and stopping, without real processes.
 
 from __future__ import annotations
 
+import os
 import signal
+import time
 
 import pytest
 from twisted.internet import error
@@ -13,7 +15,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from tproxy_twist import config as C
-from tproxy_twist.master import WorkerSupervisor, _Health
+from tproxy_twist.master import WorkerSupervisor, _Health, check_bump_kit
 from tproxy_twist.tap import Options, _take_twistd_identity
 
 CONFIG = '[[port]]\nlisten = "[::]:3129"\nmode = "tproxy"\n'
@@ -491,3 +493,54 @@ def test_a_reload_that_moves_the_metrics_listener_replaces_the_service_child(tmp
     names = {child.name for child in service}
     assert "metrics 127.0.0.1:9002" in names and "metrics 127.0.0.1:9001" not in names
     assert service.supervisor.pending is not None  # and the workers reload
+
+
+BUMP_PORT = (
+    '[[port]]\nname = "tls"\nlisten = "[::]:3130"\nmode = "tproxy"\nprotocol = "tls"\n'
+    '[port.tls]\ndefault = "bump"\n'
+)
+
+
+def _bump_config(tmp_path, key_mode: int = 0o600) -> C.Config:
+    from tproxy_twist.tls.ca import create_ca, write_ca
+    from tproxy_twist.tls.testing import now_utc
+
+    key, certificate = create_ca("master test CA", now_utc())
+    write_ca(key, certificate, str(tmp_path / "ca.pem"), str(tmp_path / "ca.key"))
+    os.chmod(tmp_path / "ca.key", key_mode)
+    path = tmp_path / "tproxy.toml"
+    path.write_text(
+        f'[tls]\nca_cert = "{tmp_path}/ca.pem"\nca_key = "{tmp_path}/ca.key"\n' + BUMP_PORT
+    )
+    return C.load(path)
+
+
+def test_workers_may_start_tls_only_when_a_tls_port_may_bump(tmp_path):
+    _, reactor = make(tmp_path, workers=1)
+    assert "--bump" not in reactor.spawned[0][1]
+    (tmp_path / "bump").mkdir()
+    config = _bump_config(tmp_path / "bump")
+    _, reactor = make(tmp_path / "bump", workers=1, text=open(config.path).read())
+    assert reactor.spawned[0][1][-1] == "--bump"
+
+
+def _now() -> Clock:
+    clock = Clock()
+    clock.advance(time.time())
+    return clock
+
+
+def test_the_master_checks_the_ca_of_a_bumping_config_and_names_the_file_and_key(tmp_path):
+    (tmp_path / "good").mkdir()
+    check_bump_kit(_bump_config(tmp_path / "good"), _now())  # a good CA: nothing to say
+    loose = _bump_config(tmp_path, key_mode=0o640)
+    with pytest.raises(C.ConfigError) as e:
+        check_bump_kit(loose, _now())
+    assert str(e.value).startswith(f"{loose.path}: tls.ca_key: {tmp_path}/ca.key")
+    assert "chmod 600" in str(e.value)
+
+
+def test_a_config_that_does_not_bump_needs_no_ca(tmp_path):
+    path = tmp_path / "tproxy.toml"
+    path.write_text('[tls]\nca_cert = "/nonexistent/ca.pem"\n' + CONFIG)
+    check_bump_kit(C.load(path), Clock())

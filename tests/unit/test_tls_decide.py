@@ -145,7 +145,7 @@ def test_no_sni_defaults_to_the_ports_default():
         ('protocol = "quic"', "port[0].protocol", "must be one of http, tls"),
         ('on_not_tls = "http"', "port[0].on_not_tls", "must be one of close, tunnel"),
         ("client_hello_timeout = 0", "port[0].client_hello_timeout", "must be at least"),
-        ('[port.tls]\ndefault = "bump"', "port[0].tls.default", "must be one of splice, deny"),
+        ('[port.tls]\ndefault = "peek"', "port[0].tls.default", "must be one of splice, deny, b"),
         ("[[port.tls.rule]]\nsni = ['a.example']", "port[0].tls.rule[0].action", "is required"),
         (
             "[[port.tls.rule]]\naction = 'deny'\nsni = ['a b']",
@@ -177,3 +177,25 @@ def test_tls_keys_on_an_http_port_are_refused():
 def test_tls_on_a_forward_port_is_refused():
     with pytest.raises(C.ConfigError, match=r"port\[0\]\.protocol: .*tproxy or intercept"):
         load('[[port]]\nlisten = "3128"\nmode = "forward"\nprotocol = "tls"\n')
+
+
+@pytest.mark.parametrize(
+    "extra, bumps",
+    [
+        ("", False),
+        ('[port.tls]\ndefault = "deny"\n[[port.tls.rule]]\naction = "splice"\n', False),
+        ('[port.tls]\ndefault = "bump"\n', True),
+        ('[port.tls]\nno_sni = "bump"\n', True),
+        ('[[port.tls.rule]]\naction = "bump"\nsni = [".example.org"]\n', True),
+    ],
+)
+def test_a_config_bumps_exactly_when_a_rule_or_default_of_a_tls_port_says_bump(extra, bumps):
+    config = load(TLS_PORT + extra)
+    assert config.bumps is bumps
+    assert config.ports[0].tls.policy.bumps is bumps
+
+
+def test_bump_is_an_action_a_rule_may_decide():
+    policy = TLSPolicy(rules=(TLSRule("bump", sni=(".example.org",)),))
+    assert decide(policy, "www.example.org", "198.51.100.2", "203.0.113.2").action == "bump"
+    assert decide(policy, "example.net", "198.51.100.2", "203.0.113.2").action == "splice"

@@ -237,3 +237,34 @@ def test_a_status_pipe_that_fails_means_the_master_is_gone():
     reactor.advance(0)
     assert gone == [True]
     os.close(write_end)
+
+
+# What the worker's __main__ leaves importable: run it (with a configuration
+# that does not exist, so it stops at once) and look at what it imported.
+_WORKER_IMPORTS = """
+import runpy, sys
+sys.argv = ["tproxy_twist.worker", "--config", "/nonexistent/tproxy.toml", *sys.argv[1:]]
+try:
+    runpy.run_module("tproxy_twist.worker", run_name="__main__", alter_sys=True)
+except SystemExit as e:
+    assert e.code == 3, e.code
+from twisted.internet import tcp
+print("RESULT", sys.modules.get("OpenSSL") is not None, hasattr(tcp.Connection, "startTLS"))
+"""
+
+
+@pytest.mark.parametrize("flag, tls", [((), False), (("--bump",), True)])
+def test_only_a_worker_started_to_bump_can_start_tls(flag, tls):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    result = subprocess.run(
+        [sys.executable, "-c", _WORKER_IMPORTS, *flag],
+        capture_output=True,
+        cwd=Path(__file__).parents[2],
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    (line,) = [x for x in result.stdout.decode().splitlines() if x.startswith("RESULT ")]
+    assert line.split()[1:] == [str(tls), str(tls)]

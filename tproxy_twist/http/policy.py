@@ -139,6 +139,23 @@ def host_agrees(named: bytes, destination: tuple[str, int]) -> bool:
     return port == dest_port and (not _is_ip_literal(host) or unmap(host) == dest_host)
 
 
+def host_names_server(named: bytes, server_name: str, destination: tuple[str, int]) -> bool:
+    """
+    On a bumped connection: whether the authority C{named} names
+    C{server_name} (the name the origin was verified for: the SNI, or the
+    destination's address) or the destination's address, on the
+    destination's port (443 when C{named} has none).  An invalid authority
+    raises L{ProtocolError} (400).
+    """
+    host, port = parse_authority(named, 443)
+    dest_host, dest_port = destination
+    if port != dest_port:
+        return False
+    if _is_ip_literal(host):
+        return unmap(host) in (dest_host, server_name)
+    return host.removesuffix(".") == server_name
+
+
 def wants_upgrade(request: Request) -> bool:
     """An HTTP/1.1 request asking to switch protocols (HTTP/1.0 has no Upgrade: RFC 9110 7.8)."""
     return (

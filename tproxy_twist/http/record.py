@@ -44,6 +44,7 @@ class ExchangeRecord:
         "host_mismatch",
         "connect_duration",
         "incomplete",
+        "scheme",
         "user",
     )
 
@@ -69,6 +70,7 @@ class ExchangeRecord:
         self.host_mismatch = False
         self.connect_duration: float | None = None
         self.incomplete: str | None = None
+        self.scheme = b"http"  # b"https": a request relayed inside a bumped TLS connection
         self.user: str | None = None  # the proxy-authenticated user (never a metric label)
 
     @property
@@ -95,20 +97,27 @@ class ExchangeRecord:
         if self.target is None:  # CONNECT, or answered before routing
             target = self.request_target
             if target.startswith(b"/") and self.request_host is not None:
-                return b"http://" + self.request_host + target
+                return self.scheme + b"://" + self.request_host + target
             return target
-        return absolute_url(self.destination, self.target, self.host or self.request_host)
+        return absolute_url(
+            self.destination, self.target, self.host or self.request_host, self.scheme
+        )
 
 
-def absolute_url(destination: tuple[str, int] | None, target: bytes, host: bytes | None) -> bytes:
-    """C{http://host/path} for an origin-form C{target}; others as they are."""
+def absolute_url(
+    destination: tuple[str, int] | None,
+    target: bytes,
+    host: bytes | None,
+    scheme: bytes = b"http",
+) -> bytes:
+    """C{http://host/path} (or C{https://}) for an origin-form C{target}; others as they are."""
     if target.startswith(b"/") or target == b"*":
         if host is None and destination is not None:
             ip, port = destination
             host = (f"[{ip}]" if ":" in ip else ip).encode()
-            if port != 80:
+            if port != (443 if scheme == b"https" else 80):
                 host += b":%d" % port
-        return b"http://" + (host or b"-") + target
+        return scheme + b"://" + (host or b"-") + target
     return target
 
 

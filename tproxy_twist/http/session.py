@@ -372,6 +372,7 @@ class Session:
         "deadline_at",
         "deadline_kind",
         "destination",
+        "server_name",
         "state",
     )
 
@@ -383,12 +384,16 @@ class Session:
         client_ip: str,
         destination: tuple[str, int] | None,
         refusal: policy.Refusal | None = None,
+        server_name: str | None = None,
     ) -> None:
         self._config = config
         self._io = io
         self._clock = clock
         self.client_ip = client_ip
         self.destination = destination  # the original destination (None on forward ports)
+        # A bumped connection: the name its origin was verified for (the SNI,
+        # or the destination's address); requests must name it (see _host_agrees).
+        self.server_name = server_name
         self._refusal = refusal
         self._reader = config.request_reader()
         self._exchange: _Exchange | None = None
@@ -719,13 +724,19 @@ class Session:
         connect; the authority really sent upstream (an absolute-form
         target's, or Host) naming another IP address or port is counted and
         logged, and refused with 409 under host_verify_strict (as Squid's
-        host_verify_strict).  An invalid authority is a 400.
+        host_verify_strict).  An invalid authority is a 400.  On a bumped
+        connection the authority must name the server the origin was verified
+        for, or it is 421 Misdirected Request (RFC 9110, 15.5.20).
         """
         named = host if host is not None else self._exchange.record.request_host
         if named is None or named == self._host_agreed:
             return True
+        server_name = self.server_name
         try:
-            agrees = policy.host_agrees(named, self.destination)
+            if server_name is None:
+                agrees = policy.host_agrees(named, self.destination)
+            else:
+                agrees = policy.host_names_server(named, server_name, self.destination)
         except ProtocolError as e:
             self._answer(400, f"invalid Host {_text(named)}: {e.reason}", rejected="bad_request")
             return False
@@ -744,6 +755,14 @@ class Session:
         )
         if not self._config.port.host_verify_strict:
             return True
+        if server_name is not None:
+            self._answer(
+                421,
+                f"Host {_text(named)} is not {server_name}, the server this TLS connection"
+                " was made to",
+                rejected="forbidden",
+            )
+            return False
         self._answer(
             409,
             f"Host {_text(named)} does not match the destination"

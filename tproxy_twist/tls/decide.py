@@ -18,8 +18,10 @@ __all__ = ["ACTIONS", "Decision", "TLSPolicy", "TLSRule", "decide", "name_matche
 
 #: Every action a rule may name.  C{splice}: connect to the original
 #: destination from the client's address and relay the bytes unchanged;
-#: C{deny}: answer with a TLS alert access_denied (49) and close.
-ACTIONS = ("splice", "deny")
+#: C{deny}: answer with a TLS alert access_denied (49) and close; C{bump}:
+#: verify the origin, then decrypt with a certificate from the proxy's CA
+#: and relay the HTTP/1.1 inside (see L{tproxy_twist.tls.bump}).
+ACTIONS = ("splice", "deny", "bump")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -67,6 +69,11 @@ class TLSPolicy:
     rules: tuple[TLSRule, ...] = ()
     default: str = "splice"  # no rule matched a hello with an SNI
     no_sni: str = "splice"  # no rule matched a hello without an SNI
+
+    @property
+    def bumps(self) -> bool:
+        """Whether any rule or default of this policy may bump."""
+        return "bump" in (self.default, self.no_sni, *(rule.action for rule in self.rules))
 
 
 @attrs.frozen

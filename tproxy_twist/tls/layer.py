@@ -5,7 +5,10 @@ sans-IO L{ClientHelloReader} and the pure rules of L{decide}.
 A connection goes through these states::
 
     hello ──(ClientHello read, decided)──┬─ deny: alert access_denied (49), close
-      │                                  └─ splice: connecting ─► relaying ─► closed
+      │                                  ├─ splice: connecting ─► relaying ─► closed
+      │                                  └─ bump: connecting (origin verified?)
+      │                                       ├─ no: splice (a fresh connection), or terminate
+      │                                       └─ ok: handshaking (our leaf) ─► bumped (HTTP)
       ├─(not TLS)── on_not_tls: close, or tunnel: connecting ─► relaying
       └─(timeout, too large, malformed)── close (an alert where TLS was spoken)
 
@@ -15,12 +18,21 @@ ports, writes the bytes read so far, then relays bytes both ways with
 backpressure (each side's transport is the other's producer), half-close
 (an EOF from one side becomes a write shutdown towards the other) and the
 idle timeout.  One access log entry and one action per connection.
+
+Bumping (L{tproxy_twist.tls.bump}) verifies the origin first, then starts
+TLS on the client's connection with a leaf for the verified name, replaying
+the hello that was read; after the client's handshake this protocol passes
+the decrypted stream to an HTTP relay connection (the access log then has
+one entry per request, from the HTTP session, instead of one per connection).
+A client that offers ALPN without http/1.1 (h2 only), an SNI that is no
+host name, and a host whose clients keep refusing our certificate
+(C{pinned_splice_after}) are spliced instead.
 """
 
 from __future__ import annotations
 
 from twisted.internet import task
-from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime
+from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener, IReactorTime
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -42,6 +54,7 @@ _LINGER_SECONDS = 2.0
 # splicing: bulk transfers dominate, larger reads halve the system calls.
 _SPLICE_READ = 1 << 18
 ALERT_DECODE_ERROR = 50
+ALERT_HANDSHAKE_FAILURE = 40
 # Bytes a client may send (hello included) while its upstream connection is made.
 _CONNECTING_BUFFER = 1 << 16
 
@@ -49,15 +62,30 @@ _CONNECTING_BUFFER = 1 << 16
 HELLO = "hello"
 CONNECTING = "connecting"
 RELAYING = "relaying"
+HANDSHAKING = "handshaking"  # bump: the client's handshake with our leaf
+BUMPED = "bumped"  # bump: the decrypted stream goes to the HTTP relay
 CLOSING = "closing"
 CLOSED = "closed"
 
 
-def tls_factory(port, config, reactor, connect, local_addresses, access_log, budget) -> TLSFactory:
-    """The factory of a C{protocol = "tls"} port, as the worker builds it."""
+def tls_factory(
+    port, config, reactor, connect, local_addresses, access_log, budget, *, bump=None
+) -> TLSFactory:
+    """
+    The factory of a C{protocol = "tls"} port, as the worker builds it;
+    C{bump}: the worker's L{tproxy_twist.tls.bumpkit.BumpKit} when this port
+    may bump.
+    """
     from ..metrics import NullPortMetrics, NullTLSPortMetrics, PortMetrics, TLSPortMetrics
 
     metrics_on = config.metrics_listen is not None
+    bump_metrics = None
+    if bump is not None and port.tls.policy.bumps:
+        from ..metrics import BumpMetrics, NullBumpMetrics
+
+        bump_metrics = (BumpMetrics if metrics_on else NullBumpMetrics)(port.name)
+    else:
+        bump = None
     return TLSFactory(
         port,
         timeouts=config.timeouts,
@@ -68,6 +96,9 @@ def tls_factory(port, config, reactor, connect, local_addresses, access_log, bud
         tls_metrics=(TLSPortMetrics if metrics_on else NullTLSPortMetrics)(port.name),
         access_log=access_log,
         budget=budget,
+        bump=bump,
+        bump_metrics=bump_metrics,
+        limits=config.limits,
     )
 
 
@@ -88,6 +119,9 @@ class TLSFactory(Factory):
         tls_metrics,
         access_log=None,
         budget=None,
+        bump=None,
+        bump_metrics=None,
+        limits=None,
     ) -> None:
         assert port.tls is not None, "a TLS factory needs a protocol = 'tls' port"
         self.port = port
@@ -102,6 +136,20 @@ class TLSFactory(Factory):
         self.budget = budget
         self.connections: set[TLSConnection] = set()
         self._sweeper: task.LoopingCall | None = None
+        #: The worker's bump kit (C{None}: this port never bumps) and its metrics.
+        self.bump = bump
+        self.bump_metrics = bump_metrics
+        self.limits = limits
+        self._http = None  # the HTTP relay of bumped connections, made when first needed
+
+    @property
+    def http(self):
+        """The HTTP relay factory that bumped connections' decrypted streams go to."""
+        if self._http is None:
+            from .bump import bumped_http_factory
+
+            self._http = bumped_http_factory(self)
+        return self._http
 
     def buildProtocol(self, addr):
         if self._sweeper is None:
@@ -125,9 +173,12 @@ class TLSFactory(Factory):
     def drain(self, min_idle: float = 1.0) -> int:
         """
         Reload or stop: spliced connections carry on (until they end, or the
-        drain timeout aborts them), as HTTP tunnels do.  Returns how many are
-        still open.
+        drain timeout aborts them), as HTTP tunnels do; bumped ones close
+        after their current response, as HTTP connections do.  Returns how
+        many are still open.
         """
+        if self._http is not None:
+            self._http.drain(min_idle)
         return len(self.connections)
 
     def abort_all(self) -> None:
@@ -135,6 +186,8 @@ class TLSFactory(Factory):
             connection.abort()
 
     def shutdown(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
         self.metrics.flush()
         self.tls_metrics.flush()
         if self._sweeper is not None and self._sweeper.running:
@@ -183,7 +236,7 @@ class _UpstreamFactory(ClientFactory):
         self.client.upstream_failed(reason)
 
 
-@implementer(IHalfCloseableProtocol)
+@implementer(IHalfCloseableProtocol, IHandshakeListener)
 class TLSConnection(Protocol):
     """One accepted connection on a TLS port."""
 
@@ -214,6 +267,12 @@ class TLSConnection(Protocol):
         self._unflushed_out = 0
         self._writer = None
         self._paused = False  # reading paused: too much arrived while connecting
+        # Bump: the name verified and forged for, the verified origin being
+        # made or made, and the HTTP relay connection after the handshake.
+        self.leaf: str | None = None
+        self._origin_attempt = None
+        self.origin = None
+        self.http = None
 
     # --- the client side -------------------------------------------------------
 
@@ -252,10 +311,13 @@ class TLSConnection(Protocol):
         self._arm("hello", factory.tls.client_hello_timeout)
 
     def dataReceived(self, data: bytes) -> None:
-        self._count_in(len(data))
         state = self.state
+        if state != BUMPED:
+            self._count_in(len(data))
         if state == RELAYING:
             self.upstream.writer.write(data)
+        elif state == BUMPED:
+            self.http.dataReceived(data)  # decrypted: the HTTP session counts it
         elif state == HELLO:
             try:
                 hello = self.reader.feed(data)
@@ -286,6 +348,8 @@ class TLSConnection(Protocol):
             self._finish_without_decision()  # the client gave up before its hello was complete
         elif self.state == CLOSING:
             self.transport.loseConnection()
+        elif self.state == BUMPED:
+            self.http.readConnectionLost()
         # CONNECTING: the write shutdown follows the replay (upstream_connected)
 
     def writeConnectionLost(self) -> None:
@@ -307,8 +371,15 @@ class TLSConnection(Protocol):
                 upstream.transport.abortConnection()
         if previous == HELLO:
             factory.tls_metrics.action("close")  # the client left before its hello was whole
+        elif previous == CONNECTING and self._origin_attempt is not None:
+            self._origin_attempt.cancel()
+        elif previous == HANDSHAKING:
+            self._client_handshake_failed(reason)
         self.flush_bytes()
-        self._log_entry()
+        if previous == BUMPED:
+            self.http.connectionLost(reason)  # the HTTP session logs each request
+        else:
+            self._log_entry()
 
     # --- deciding ---------------------------------------------------------------
 
@@ -336,10 +407,140 @@ class TLSConnection(Protocol):
         self.status = 403
         self._send_alert_and_close(ALERT_ACCESS_DENIED)
 
-    def _splice(self, decision: Decision) -> None:
+    def _splice(self, decision: Decision | None) -> None:
         self.factory.tls_metrics.action("splice")
         self.action = "splice"
         self._connect()
+
+    def _bump(self, decision: Decision) -> None:
+        factory = self.factory
+        kit = factory.bump
+        hello = self.hello
+        why = self._why_not_bump(hello)
+        if why is not None:
+            log.info(
+                "splicing {client} -> {sni} instead of bumping: {why}",
+                client=self.client_ip,
+                sni=hello.sni,
+                why=why,
+            )
+            self._splice(decision)
+            return
+        from .bump import connect_origin
+
+        self.state = CONNECTING
+        source = self.client_ip if self.port.spoof_client_ip else None
+        self._connect_started = self._clock.seconds()
+        attempt = self._origin_attempt = connect_origin(
+            factory.connect,
+            kit,
+            self.destination,
+            self.leaf,
+            source,
+            self._clock,
+            factory.timeouts.connect,
+        )
+        attempt.result.addCallbacks(self._origin_verdict, self._origin_unreachable)
+
+    def _why_not_bump(self, hello: ClientHello) -> str | None:
+        """Why this connection is spliced although the rules say bump, or C{None}."""
+        kit = self.factory.bump
+        if kit is None:
+            return "bumping is not set up in this worker"
+        if hello.alpn and "http/1.1" not in hello.alpn:
+            return "the client offers ALPN without http/1.1 (" + ",".join(hello.alpn) + ")"
+        from .bump import leaf_name
+
+        if hello.sni is None:
+            self.leaf = leaf_name(self.destination[0])
+        else:
+            self.leaf = leaf_name(hello.sni)
+            if self.leaf is None:
+                return "the SNI is not a host name"
+        if kit.pinned.should_splice(self.leaf):
+            return "its clients kept refusing our certificate (pinned_splice_after)"
+        return None
+
+    def _origin_unreachable(self, reason: Failure) -> None:
+        self._origin_attempt = None
+        self.factory.tls_metrics.action("bump")
+        self.action = "bump"
+        self.upstream_failed(reason)
+
+    def _origin_verdict(self, result) -> None:
+        origin, verdict = result
+        self._origin_attempt = None
+        factory = self.factory
+        if self.state != CONNECTING:
+            origin.transport.abortConnection()  # the client left meanwhile
+            return
+        factory.bump_metrics.origin_verified(verdict.result)
+        if not verdict.ok:
+            terminate = factory.bump.on_verify_failure == "terminate"
+            log.info(
+                "origin {dest} failed verification for {name} ({result}: {detail}):"
+                " {what} {client}",
+                dest=_address(self.destination),
+                name=self.leaf,
+                result=verdict.result,
+                detail=verdict.detail,
+                what="closing" if terminate else "splicing",
+                client=self.client_ip,
+            )
+            if terminate:
+                factory.tls_metrics.action("close")
+                factory.tls_metrics.rejected("origin_unverified")
+                self.action = "terminate"
+                self.status = 502
+                self._send_alert_and_close(ALERT_HANDSHAKE_FAILURE)
+            else:
+                # A fresh connection, the hello replayed: the client sees the
+                # origin's own certificate and decides for itself.
+                self._splice(None)
+            return
+        factory.metrics.connect_duration.observe(self._clock.seconds() - self._connect_started)
+        factory.tls_metrics.action("bump")
+        self.action = "bump"
+        self.origin = origin
+        self.state = HANDSHAKING
+        self._arm("handshake", factory.tls.client_hello_timeout)
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
+        # The hello (and whatever followed it) goes to the new TLS layer.
+        factory.bump.server.start(self.transport, self.leaf, self.reader.buffered)
+
+    def handshakeCompleted(self) -> None:
+        """The client accepted our leaf: its decrypted stream goes to the HTTP relay."""
+        if self.state != HANDSHAKING:
+            return
+        self._timer = ""
+        self.state = BUMPED
+        self.status = 200
+        self.http = self.factory.http.buildBumped(self)
+        self.http.makeConnection(self.transport)
+
+    def _client_handshake_failed(self, reason: Failure) -> None:
+        factory = self.factory
+        if self.origin is not None and self.origin.transport is not None:
+            self.origin.transport.abortConnection()
+        from .bump import client_rejected_certificate
+
+        if not client_rejected_certificate(reason.value):
+            return
+        factory.bump_metrics.client_rejected_certificate()
+        log.info(
+            "{client} refused our certificate for {name}: {why}",
+            client=self.client_ip,
+            name=self.leaf,
+            why=reason.getErrorMessage(),
+        )
+        if factory.bump.pinned.rejected(self.leaf):
+            log.info(
+                "splicing {name} from now on: its clients refused our certificate {n} times",
+                name=self.leaf,
+                n=factory.bump.pinned.threshold,
+            )
 
     def _bad_hello(self, error: HelloError, data: bytes) -> None:
         tls = self.factory.tls
@@ -446,7 +647,8 @@ class TLSConnection(Protocol):
         self.status = status
         host, port = self.destination
         log.info(
-            "cannot splice {client} to {dest}: {cause}",
+            "cannot {action} {client} to {dest}: {cause}",
+            action=self.action,
             client=self.client_ip,
             dest=f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
             cause=cause,
@@ -496,6 +698,15 @@ class TLSConnection(Protocol):
             self.state = CLOSING
             self.transport.loseConnection()
         elif kind == "linger":
+            self._timer = ""
+            self.abort()
+        elif kind == "handshake":
+            log.info(
+                "closing {client}: no TLS handshake with our certificate for {name} within {s}s",
+                client=self.client_ip,
+                name=self.leaf,
+                s=self.factory.tls.client_hello_timeout,
+            )
             self._timer = ""
             self.abort()
 
@@ -552,6 +763,10 @@ class TLSConnection(Protocol):
         )
 
 
+def _address(destination: tuple[str, int]) -> str:
+    host, port = destination
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 #: Decision action -> the L{TLSConnection} method that carries it out.
-#: Bump (the next issue) is one more entry.
-_ACTIONS = {"splice": "_splice", "deny": "_deny"}
+_ACTIONS = {"splice": "_splice", "deny": "_deny", "bump": "_bump"}
