@@ -12,9 +12,12 @@ A connection goes through these states::
 Splicing connects to the original destination address (the SNI is only
 advisory: it is never looked up), from the client's own address on spoofing
 ports, writes the bytes read so far, then relays bytes both ways with
-backpressure (each side's transport is the other's producer), half-close
-(an EOF from one side becomes a write shutdown towards the other) and the
-idle timeout.  One access log entry and one action per connection.
+backpressure, half-close (an EOF from one side becomes a write shutdown
+towards the other) and the idle timeout.  Between two plain TCP sockets
+the relaying is zero-copy (L{SplicePump}: splice(2) through a pipe, both
+sockets out of Twisted's reading); otherwise (test fakes, C{zerocopy=False})
+each side's transport is the other's producer.  One access log entry and
+one action per connection.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from zope.interface import implementer
 from ..accesslog import AccessEntry
 from ..config import PortConfig, Timeouts
 from ..sockets import UpstreamConnect, nat_original_destination, unmap, writer_for
+from ..zerocopy import DONE, SplicePump, can_splice
 from .clienthello import ALERT_ACCESS_DENIED, ClientHello, ClientHelloReader, HelloError, alert
 from .decide import Decision, decide
 
@@ -68,6 +72,7 @@ def tls_factory(port, config, reactor, connect, local_addresses, access_log, bud
         tls_metrics=(TLSPortMetrics if metrics_on else NullTLSPortMetrics)(port.name),
         access_log=access_log,
         budget=budget,
+        reactor=reactor,
     )
 
 
@@ -88,6 +93,8 @@ class TLSFactory(Factory):
         tls_metrics,
         access_log=None,
         budget=None,
+        reactor=None,
+        zerocopy: bool = True,
     ) -> None:
         assert port.tls is not None, "a TLS factory needs a protocol = 'tls' port"
         self.port = port
@@ -95,6 +102,10 @@ class TLSFactory(Factory):
         self.timeouts = timeouts
         self.connect = connect
         self.clock = clock
+        #: the reactor a L{SplicePump} registers its sockets with
+        self.reactor = reactor if reactor is not None else clock
+        #: relay with splice(2) where both sockets allow it
+        self.zerocopy = zerocopy
         self.local_addresses = local_addresses
         self.metrics = metrics
         self.tls_metrics = tls_metrics
@@ -214,6 +225,9 @@ class TLSConnection(Protocol):
         self._unflushed_out = 0
         self._writer = None
         self._paused = False  # reading paused: too much arrived while connecting
+        self.pump: SplicePump | None = None  # while relaying zero-copy
+        self._pumped_in = 0  # the pump's counts already added to the byte counts
+        self._pumped_out = 0
 
     # --- the client side -------------------------------------------------------
 
@@ -294,13 +308,16 @@ class TLSConnection(Protocol):
     def connectionLost(self, reason: Failure) -> None:
         previous, self.state = self.state, CLOSED
         factory = self.factory
+        self._sync_pump()
         factory.connections.discard(self)
         if factory.budget is not None:
             factory.budget.release()
         factory.metrics.active.dec()
         self._timer = ""
         upstream = self.upstream
-        if upstream is not None and not upstream.lost:
+        if self.pump is not None:
+            self.pump.abort()  # no-op if it ended: then it closed both sides itself
+        elif upstream is not None and not upstream.lost:
             if previous == RELAYING and self._client_eof:
                 upstream.transport.loseConnection()  # what is buffered for it still goes out
             else:
@@ -407,16 +424,34 @@ class TLSConnection(Protocol):
         if replay:
             upstream.writer.write(replay)
         client, server = self.transport, upstream.transport
+        self._arm("idle", self.factory.timeouts.idle)
+        if self.factory.zerocopy and can_splice(client) and can_splice(server):
+            self._paused = False
+            self.pump = SplicePump(
+                client,
+                server,
+                reactor=self.factory.reactor,
+                clock=self._clock,
+                on_end=self._pump_ended,
+            )
+            self.pump.start()
+            return
         client.bufferSize = server.bufferSize = _SPLICE_READ
         # Backpressure both ways: a full send buffer pauses reading on the other side.
         client.registerProducer(server, True)
         server.registerProducer(client, True)
-        self._arm("idle", self.factory.timeouts.idle)
         if self._client_eof:
             server.loseWriteConnection()
         elif self._paused:
             self._paused = False
             client.resumeProducing()
+
+    def _pump_ended(self, reason: str) -> None:
+        # Both transports are closing now; their connectionLost calls follow.
+        self._sync_pump()
+        if reason == DONE:
+            self._client_eof = self._upstream_eof = True
+        self.state = CLOSING
 
     def upstream_data(self, data: bytes) -> None:
         self._last_activity = self._clock.seconds()
@@ -431,6 +466,9 @@ class TLSConnection(Protocol):
 
     def upstream_lost(self, upstream: SpliceUpstream, reason: Failure) -> None:
         if upstream is not self.upstream or self.state == CLOSED:
+            return
+        if self.pump is not None:
+            self.pump.abort()  # no-op if it ended (it closes the client itself)
             return
         # What is buffered for the client still goes out, then the connection closes.
         self.state = CLOSING
@@ -461,7 +499,10 @@ class TLSConnection(Protocol):
             self.upstream.transport.loseConnection()
 
     def abort(self) -> None:
-        self.transport.abortConnection()
+        if self.pump is not None and self.pump.ended is None:
+            self.pump.abort()
+        else:
+            self.transport.abortConnection()
 
     # --- timers, bytes, the access log -----------------------------------------------
 
@@ -475,7 +516,10 @@ class TLSConnection(Protocol):
             return
         if kind == "idle":
             idle = self.factory.timeouts.idle
-            left = self._last_activity + idle - now
+            last = self._last_activity
+            if self.pump is not None:
+                last = max(last, self.pump.last_activity)
+            left = last + idle - now
             if left > 0:
                 self._deadline = now + left
                 return
@@ -509,7 +553,22 @@ class TLSConnection(Protocol):
         self._unflushed_out += len(data)
         self._writer.write(data)
 
+    def _sync_pump(self) -> None:
+        """Add what the pump moved since the last look to the byte counts."""
+        pump = self.pump
+        if pump is None:
+            return
+        n_in, n_out = pump.a_to_b - self._pumped_in, pump.b_to_a - self._pumped_out
+        if n_in or n_out:
+            self._pumped_in += n_in
+            self._pumped_out += n_out
+            self._bytes_in += n_in
+            self._unflushed_in += n_in
+            self._bytes_out += n_out
+            self._unflushed_out += n_out
+
     def flush_bytes(self) -> None:
+        self._sync_pump()
         if self._unflushed_in or self._unflushed_out:
             self.factory.metrics.transferred(self._unflushed_in, self._unflushed_out)
             self._unflushed_in = self._unflushed_out = 0
