@@ -194,6 +194,9 @@ class PrometheusAPI:
         return float(result[0]["value"][1]) if result else None
 
 
+#: Series that only TLS ports have (TLS passthrough is the only user of zero-copy streams yet).
+TLS_ONLY = re.compile(r"tproxy_tls_|tproxy_streams_")
+
 # Panels over the TLS bump series (issue 13).  Nothing emits them until bump
 # is wired into the workers' TLS layer; until then CONFIG has no bump port and
 # these queries are only checked to evaluate cleanly.  Whoever wires bump
@@ -356,8 +359,9 @@ def test_prometheus_evaluates_every_dashboard_and_rule_expression_with_data(
         # Every dashboard query, for all ports and for one port.
         queries = dashboard_queries()
         for one_port in (ALL_PORTS, "forward"):
-            # TLS series exist for TLS ports only: their panels are checked with one.
-            ports = [one_port if "tproxy_tls_" not in e or one_port == ALL_PORTS else "tls"
+            # TLS and byte-stream series exist for TLS ports only: their panels are
+            # checked with one.
+            ports = [one_port if not TLS_ONLY.search(e) or one_port == ALL_PORTS else "tls"
                      for _, e in queries]  # fmt: skip
             exprs = [
                 grafana_substitute(expr, p) for (_, expr), p in zip(queries, ports, strict=True)

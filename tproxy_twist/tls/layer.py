@@ -59,7 +59,14 @@ CLOSED = "closed"
 
 def tls_factory(port, config, reactor, connect, local_addresses, access_log, budget) -> TLSFactory:
     """The factory of a C{protocol = "tls"} port, as the worker builds it."""
-    from ..metrics import NullPortMetrics, NullTLSPortMetrics, PortMetrics, TLSPortMetrics
+    from ..metrics import (
+        NullPortMetrics,
+        NullStreamMetrics,
+        NullTLSPortMetrics,
+        PortMetrics,
+        StreamMetrics,
+        TLSPortMetrics,
+    )
 
     metrics_on = config.metrics_listen is not None
     return TLSFactory(
@@ -70,6 +77,7 @@ def tls_factory(port, config, reactor, connect, local_addresses, access_log, bud
         local_addresses=local_addresses,
         metrics=(PortMetrics if metrics_on else NullPortMetrics)(port.name, port.mode),
         tls_metrics=(TLSPortMetrics if metrics_on else NullTLSPortMetrics)(port.name),
+        stream_metrics=(StreamMetrics if metrics_on else NullStreamMetrics)(port.name),
         access_log=access_log,
         budget=budget,
         reactor=reactor,
@@ -95,6 +103,7 @@ class TLSFactory(Factory):
         budget=None,
         reactor=None,
         zerocopy: bool = True,
+        stream_metrics=None,
     ) -> None:
         assert port.tls is not None, "a TLS factory needs a protocol = 'tls' port"
         self.port = port
@@ -109,6 +118,7 @@ class TLSFactory(Factory):
         self.local_addresses = local_addresses
         self.metrics = metrics
         self.tls_metrics = tls_metrics
+        self.stream_metrics = stream_metrics
         self.access_log = access_log
         self.budget = budget
         self.connections: set[TLSConnection] = set()
@@ -434,8 +444,12 @@ class TLSConnection(Protocol):
                 clock=self._clock,
                 on_end=self._pump_ended,
             )
+            if self.factory.stream_metrics is not None:
+                self.factory.stream_metrics.started("splice")
             self.pump.start()
             return
+        if self.factory.stream_metrics is not None:
+            self.factory.stream_metrics.started("copy")
         client.bufferSize = server.bufferSize = _SPLICE_READ
         # Backpressure both ways: a full send buffer pauses reading on the other side.
         client.registerProducer(server, True)
