@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 import os
 
-from prometheus_client import Counter, Gauge, Histogram, values
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, values
 
 if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
     # In multiprocess mode every increment checks os.getpid() (a system call)
@@ -28,53 +28,107 @@ LATENCY_BUCKETS = (
     1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
 
-REQUESTS = Counter(
-    "tproxy_requests",
-    "HTTP requests answered, by port, mode, method and status code "
-    "(including answers made by the proxy itself).",
-    ["port", "mode", "method", "code"],
-)
-REQUEST_DURATION = Histogram(
-    "tproxy_request_duration_seconds",
-    "Time from a request's head to the end of its response.",
-    ["port"],
-    buckets=LATENCY_BUCKETS,
-)
-UPSTREAM_CONNECT_DURATION = Histogram(
-    "tproxy_upstream_connect_duration_seconds",
-    "Time to establish the upstream TCP connection.",
-    ["port"],
-    buckets=LATENCY_BUCKETS,
-)
-BYTES = Counter(
-    "tproxy_bytes",
-    "Bytes received from clients (in) and sent to clients (out).",
-    ["port", "direction"],
-)
-CONNECTIONS = Counter("tproxy_connections", "Client connections accepted.", ["port"])
-CONNECTIONS_ACTIVE = Gauge(
-    "tproxy_connections_active",
-    "Client connections open now.",
-    ["port"],
-    multiprocess_mode="livesum",
-)
-UPSTREAM_ERRORS = Counter(
-    "tproxy_upstream_errors",
-    "Upstream connections or exchanges that failed, by reason.",
-    ["port", "reason"],
-)
-REJECTED = Counter(
-    "tproxy_rejected",
-    "Requests the proxy refused to relay, by reason.",
-    ["port", "reason"],
-)
-HOST_MISMATCH = Counter(
-    "tproxy_host_mismatch",
-    "Requests on intercepting ports whose Host names another IP address or port than the"
-    " original destination (relayed to the original destination, or 409 under"
-    " host_verify_strict).",
-    ["port"],
-)
+
+class PortFamilies:
+    """
+    The per-port metric families, registered on one C{CollectorRegistry}:
+    the process-wide default for the proxy, a registry of their own for
+    tests (so tests stop sharing global state).
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "tproxy_requests",
+            "HTTP requests answered, by port, mode, method and status code "
+            "(including answers made by the proxy itself).",
+            ["port", "mode", "method", "code"],
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            "tproxy_request_duration_seconds",
+            "Time from a request's head to the end of its response.",
+            ["port"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.upstream_connect_duration = Histogram(
+            "tproxy_upstream_connect_duration_seconds",
+            "Time to establish the upstream TCP connection.",
+            ["port"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.bytes = Counter(
+            "tproxy_bytes",
+            "Bytes received from clients (in) and sent to clients (out).",
+            ["port", "direction"],
+            registry=registry,
+        )
+        self.connections = Counter(
+            "tproxy_connections", "Client connections accepted.", ["port"], registry=registry
+        )
+        self.connections_active = Gauge(
+            "tproxy_connections_active",
+            "Client connections open now.",
+            ["port"],
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
+        self.upstream_errors = Counter(
+            "tproxy_upstream_errors",
+            "Upstream connections or exchanges that failed, by reason.",
+            ["port", "reason"],
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "tproxy_rejected",
+            "Requests the proxy refused to relay, by reason.",
+            ["port", "reason"],
+            registry=registry,
+        )
+        self.host_mismatch = Counter(
+            "tproxy_host_mismatch",
+            "Requests on intercepting ports whose Host names another IP address or port than"
+            " the original destination (relayed to the original destination, or 409 under"
+            " host_verify_strict).",
+            ["port"],
+            registry=registry,
+        )
+        self.responses_incomplete = Counter(
+            "tproxy_responses_incomplete",
+            "Responses cut off after they had begun to reach the client, by reason: upstream"
+            " (the origin closed or broke the message), drain (the drain timeout), timeout"
+            " (the idle timeout), client (the client left).",
+            ["port", "reason"],
+            registry=registry,
+        )
+
+
+_DEFAULT = PortFamilies(REGISTRY)
+REQUESTS = _DEFAULT.requests
+REQUEST_DURATION = _DEFAULT.request_duration
+UPSTREAM_CONNECT_DURATION = _DEFAULT.upstream_connect_duration
+BYTES = _DEFAULT.bytes
+CONNECTIONS = _DEFAULT.connections
+CONNECTIONS_ACTIVE = _DEFAULT.connections_active
+UPSTREAM_ERRORS = _DEFAULT.upstream_errors
+REJECTED = _DEFAULT.rejected
+HOST_MISMATCH = _DEFAULT.host_mismatch
+RESPONSES_INCOMPLETE = _DEFAULT.responses_incomplete
+_FAMILIES: dict[int, PortFamilies] = {id(REGISTRY): _DEFAULT}
+
+
+def families(registry: CollectorRegistry | None = None) -> PortFamilies:
+    """The per-port families on C{registry} (the default registry when C{None}), made once."""
+    if registry is None:
+        return _DEFAULT
+    found = _FAMILIES.get(id(registry))
+    if found is None or found.registry is not registry:
+        found = _FAMILIES[id(registry)] = PortFamilies(registry)
+    return found
+
+
 WORKERS = Gauge("tproxy_workers", "Worker processes ready to serve.", multiprocess_mode="max")
 WORKER_RESTARTS = Counter("tproxy_worker_restarts", "Workers replaced after they exited.")
 
@@ -269,8 +323,11 @@ METHODS = frozenset(
     m.encode() for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE",
                          "PATCH")
 )  # fmt: skip
-UPSTREAM_ERROR_REASONS = ("refused", "timeout", "unreachable", "spoof", "reset", "bad_response")
+UPSTREAM_ERROR_REASONS = (
+    "refused", "timeout", "unreachable", "spoof", "reset", "bad_response", "no_descriptors",
+)  # fmt: skip
 REJECT_REASONS = ("bad_request", "forbidden", "loop", "limit", "timeout")
+INCOMPLETE_REASONS = ("upstream", "drain", "timeout", "client")
 
 
 class PortMetrics:
@@ -285,19 +342,23 @@ class PortMetrics:
     throughput.  Scrapes see requests at most one flush interval late.
     """
 
-    def __init__(self, port: str, mode: str) -> None:
+    def __init__(self, port: str, mode: str, registry: CollectorRegistry | None = None) -> None:
         self.port = port
         self.mode = mode
-        self.connections = CONNECTIONS.labels(port)
-        self.active = CONNECTIONS_ACTIVE.labels(port)
-        self.bytes_in = BYTES.labels(port, "in")
-        self.bytes_out = BYTES.labels(port, "out")
-        self.duration = REQUEST_DURATION.labels(port)
-        self.connect_duration = UPSTREAM_CONNECT_DURATION.labels(port)
-        self.host_mismatch = HOST_MISMATCH.labels(port)
+        self.families = f = families(registry)
+        self.connections = f.connections.labels(port)
+        self.active = f.connections_active.labels(port)
+        self.bytes_in = f.bytes.labels(port, "in")
+        self.bytes_out = f.bytes.labels(port, "out")
+        self.duration = f.request_duration.labels(port)
+        self.connect_duration = f.upstream_connect_duration.labels(port)
+        self.host_mismatch = f.host_mismatch.labels(port)
         self._requests: dict[tuple[bytes, int], Counter] = {}
-        self._upstream_errors = {r: UPSTREAM_ERRORS.labels(port, r) for r in UPSTREAM_ERROR_REASONS}
-        self._rejected = {r: REJECTED.labels(port, r) for r in REJECT_REASONS}
+        self._upstream_errors = {
+            r: f.upstream_errors.labels(port, r) for r in UPSTREAM_ERROR_REASONS
+        }
+        self._rejected = {r: f.rejected.labels(port, r) for r in REJECT_REASONS}
+        self._incomplete = {r: f.responses_incomplete.labels(port, r) for r in INCOMPLETE_REASONS}
         # Children exist from the start, so every series shows 0 before the first event.
         self.bytes_in.inc(0)
         self.bytes_out.inc(0)
@@ -334,7 +395,7 @@ class PortMetrics:
         child = self._requests.get((method, code))
         if child is None:
             label = method.decode("ascii", "replace") if method in METHODS else "other"
-            child = REQUESTS.labels(self.port, self.mode, label, str(code))
+            child = self.families.requests.labels(self.port, self.mode, label, str(code))
             self._requests[(method, code)] = child
         return child
 
@@ -343,6 +404,9 @@ class PortMetrics:
 
     def rejected(self, reason: str) -> None:
         self._rejected[reason].inc()
+
+    def incomplete(self, reason: str) -> None:
+        self._incomplete[reason].inc()
 
 
 class _PendingHistogram:
@@ -402,7 +466,7 @@ class NullPortMetrics:
     against to show what metrics cost.
     """
 
-    def __init__(self, port: str, mode: str) -> None:
+    def __init__(self, port: str, mode: str, registry: CollectorRegistry | None = None) -> None:
         self.port = port
         self.mode = mode
         nothing = _Nothing()
@@ -422,4 +486,7 @@ class NullPortMetrics:
         pass
 
     def rejected(self, reason: str) -> None:
+        pass
+
+    def incomplete(self, reason: str) -> None:
         pass

@@ -238,8 +238,11 @@ class LocalAddresses:
     def __contains__(self, host: str) -> bool:
         now = self._clock.seconds()
         if now >= self._expires:
-            self._addresses = self._source()
-            self._expires = now + self._ttl
+            try:
+                self._addresses = self._source()
+                self._expires = now + self._ttl
+            except OSError:
+                pass  # out of descriptors, say: keep the last known set, retry next time
         if host in self._addresses:
             return True
         return _loopback_or_unspecified(host)

@@ -9,7 +9,7 @@ import errno
 import itertools
 
 import pytest
-from prometheus_client import REGISTRY
+from prometheus_client import CollectorRegistry
 from twisted.internet import error as neterror
 from twisted.internet.task import Clock
 
@@ -46,6 +46,7 @@ class Harness:
         self.port = config.ports[0]
         self.clock = Clock()
         self.connect = FakeConnect()
+        self.registry = CollectorRegistry()  # this test's own: no state shared with others
         self.factory = ProxyFactory(
             self.port,
             settings=RelaySettings(
@@ -54,7 +55,7 @@ class Harness:
             connect=self.connect,
             clock=self.clock,
             local_addresses=ROUTER_ADDRESSES,
-            metrics=PortMetrics(self.name, mode),
+            metrics=PortMetrics(self.name, mode, self.registry),
             access_log=self,
         )
         self.entries = []
@@ -82,7 +83,7 @@ class Harness:
         self.factory.metrics.flush()
         labels = {"port": self.name, **labels}
         total = 0.0
-        for metric in REGISTRY.collect():
+        for metric in self.registry.collect():
             if metric.name != "tproxy_requests":
                 continue
             for sample in metric.samples:
@@ -94,7 +95,7 @@ class Harness:
 
     def metric(self, name: str, **labels) -> float:
         self.factory.metrics.flush()
-        return REGISTRY.get_sample_value(name, {"port": self.name, **labels}) or 0.0
+        return self.registry.get_sample_value(name, {"port": self.name, **labels}) or 0.0
 
 
 def head_of(data: bytes) -> tuple[bytes, list[bytes]]:
@@ -709,6 +710,8 @@ def test_a_host_disagreeing_with_the_original_destination_is_counted_but_relayed
     h = Harness()
     h.send(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
     assert (h.connect.last.host, h.connect.last.port) == ORIGIN
+    h.upstream()
+    h.answer(OK)  # counted from the exchange's record, when it is finished
     assert h.metric("tproxy_host_mismatch_total") == (1 if mismatch else 0)
 
 
@@ -754,3 +757,69 @@ def test_the_relay_works_the_same_with_metrics_off():
     h.send(b"BAD\r\n\r\n")
     assert h.received().startswith(b"HTTP/1.1 400 ")
     assert h.requests() == 0
+
+
+# --- half-closed clients, incomplete responses, descriptors ------------------------------
+
+
+def test_a_client_that_shuts_its_sending_side_after_a_request_still_gets_the_response():
+    from twisted.internet.interfaces import IHalfCloseableProtocol
+
+    h = Harness()
+    assert IHalfCloseableProtocol.providedBy(h.protocol)
+    h.send(GET)
+    h.protocol.readConnectionLost()
+    h.upstream()
+    h.answer(OK)
+    assert h.received().endswith(b"hello")
+    assert h.transport.closed
+    [entry] = h.entries
+    assert (entry.status, entry.result) == (200, "TCP_MISS")
+
+
+def test_a_response_cut_off_by_the_origin_is_logged_aborted_and_counted_incomplete():
+    h = Harness()
+    h.send(GET)
+    h.upstream()
+    h.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+    h.connect.last.close(neterror.ConnectionLost())
+    [entry] = h.entries
+    assert (entry.status, entry.result) == (200, "TCP_MISS_ABORTED")
+    assert h.metric("tproxy_responses_incomplete_total", reason="upstream") == 1
+
+
+def test_the_drain_timeout_logs_every_connection_it_ends():
+    h = Harness()
+    h.send(GET)
+    h.upstream()
+    h.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+    h.factory.abort_all()
+    [entry] = h.entries
+    assert entry.result == "TCP_MISS_ABORTED"
+    assert h.transport.disconnecting
+    assert h.metric("tproxy_responses_incomplete_total", reason="drain") == 1
+
+
+def test_an_upstream_socket_failing_for_lack_of_descriptors_is_503_no_descriptors():
+    h = Harness()
+    h.send(GET)
+    h.connect.last.fail(neterror.ConnectBindError(errno.EMFILE, "Too many open files"))
+    data = h.received()
+    assert data.startswith(b"HTTP/1.1 503 ")
+    assert b"spoofing" not in data
+    assert h.metric("tproxy_upstream_errors_total", reason="no_descriptors") == 1
+    assert h.metric("tproxy_upstream_errors_total", reason="spoof") == 0
+
+
+def test_port_metrics_on_their_own_registries_share_nothing():
+    first, second = CollectorRegistry(), CollectorRegistry()
+    a = PortMetrics("same", "tproxy", first)
+    PortMetrics("same", "tproxy", second)
+    a.request(b"GET", 200, 0.1)
+    a.incomplete("client")
+    a.flush()
+    labels = {"port": "same", "mode": "tproxy", "method": "GET", "code": "200"}
+    assert first.get_sample_value("tproxy_requests_total", labels) == 1
+    assert second.get_sample_value("tproxy_requests_total", labels) is None
+    incomplete = {"port": "same", "reason": "client"}
+    assert first.get_sample_value("tproxy_responses_incomplete_total", incomplete) == 1

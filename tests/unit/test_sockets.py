@@ -37,6 +37,23 @@ def test_local_addresses_refresh_after_their_ttl():
     assert len(calls) == 2
 
 
+def test_local_addresses_keep_the_last_known_set_when_a_refresh_fails():
+    clock = Clock()
+    answers = [frozenset({"198.51.100.1"}), OSError(24, "Too many open files")]
+
+    def source():
+        answer = answers.pop(0) if answers else frozenset({"203.0.113.1"})
+        if isinstance(answer, OSError):
+            raise answer
+        return answer
+
+    local = sockets.LocalAddresses(clock, ttl=5, source=source)
+    assert "198.51.100.1" in local
+    clock.advance(5)
+    assert "198.51.100.1" in local  # the refresh failed (EMFILE): no exception, old set
+    assert "203.0.113.1" in local  # and the next look retries
+
+
 @pytest.mark.parametrize("host", ["127.0.0.5", "::1", "0.0.0.0", "::"])
 def test_loopback_and_unspecified_are_always_local(host):
     local = sockets.LocalAddresses(Clock(), source=frozenset)

@@ -790,6 +790,26 @@ class RequestReader(_Reader):
             self._bad_control(line, line)
         _request_line(line)
 
+    def check_chunk_size_ahead(self) -> None:
+        """Raise ProtocolError now if the next chunk-size line, already buffered, is invalid.
+
+        For a caller that wants to refuse a chunked request whose first chunk-size line
+        came with its head before acting on the head.  Consumes nothing; a valid or
+        incomplete line leaves the reader as it was.
+        """
+        if self._state != _CHUNK_SIZE:
+            return
+        pos, remaining = self._pos, self._remaining
+        try:
+            self._read_chunk_size()
+        except ProtocolError as e:
+            if e.reason == "connection closed mid-message":
+                return  # not a verdict on the line: next_event() reports it
+            self._state = _ERROR
+            self._error = e
+            raise
+        self._pos, self._remaining, self._state = pos, remaining, _CHUNK_SIZE
+
     def _parse_head(self, head: bytes) -> Event:
         start_line, headers = self._parse_block(head, True)
         method, target, version = _request_line(start_line)

@@ -608,3 +608,95 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# -- a scripted raw-bytes origin (a separate helper for conformance tests) ------------
+#
+# Unlike the HTTP origin above, this one does not speak HTTP: it logs every byte
+# it receives and answers each request head with bytes a test scripted, so a
+# test can assert exactly what reached the origin and make the origin
+# misbehave at will. Run it with
+#
+#     python -c "from tproxy_twist.lab.origin import raw_main; raw_main()" \
+#         --dir DIR --port PORT [--host HOST]
+#
+# DIR/current names the active case: a subdirectory CASE of DIR holding
+# CASE/script.json, ``{"0": [step, ...], "1": [...], "*": [...]}``: the steps of
+# the first, second, ... connection of the case ("*": any other), one step per
+# request head received (heads end at CRLFCRLF; a Content-Length or chunked
+# body after a head is skipped). A step is ``{"send": HEX}`` (answer those
+# bytes), ``{"send": HEX, "close": true}`` (answer, then close),
+# ``{"close": true}`` (close without answering) or ``{"hold": true}`` (answer
+# nothing). After the last step: hold. Every byte received on connection N is
+# appended to CASE/conn-N.bin as it arrives; CASE/conn-N.end is written when
+# the connection ends.
+
+
+def _raw_request_end(buf: bytes) -> int:
+    """Where the first request in ``buf`` ends (head and body), or -1 if incomplete."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return -1
+    head = buf[:end].lower()
+    pos = end + 4
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip() == b"content-length" and value.strip().isdigit():
+            need = pos + int(value.strip())
+            return need if len(buf) >= need else -1
+        if name.strip() == b"transfer-encoding" and b"chunked" in value:
+            last = buf.find(b"0\r\n\r\n", pos)
+            return last + 5 if last >= 0 else -1
+    return pos
+
+
+def _raw_connection(conn: socket.socket, base: str) -> None:
+    from pathlib import Path
+
+    try:
+        case = Path(base) / (Path(base) / "current").read_text().strip()
+        index = len(list(case.glob("conn-*.bin")))
+        log_path = case / f"conn-{index}.bin"
+        log_path.touch()
+        script = json.loads((case / "script.json").read_text())
+        steps = list(script.get(str(index), script.get("*", [])))
+        pending = b""
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                break
+            with open(log_path, "ab") as log:
+                log.write(data)
+            pending += data
+            while (end := _raw_request_end(pending)) >= 0:
+                pending = pending[end:]
+                step = steps.pop(0) if steps else {"hold": True}
+                if "send" in step:
+                    conn.sendall(bytes.fromhex(step["send"]))
+                if step.get("close"):
+                    return
+    except OSError:
+        pass
+    finally:
+        conn.close()
+        try:
+            (case / f"conn-{index}.end").touch()
+        except (NameError, OSError):
+            pass
+
+
+def raw_main(argv: list[str] | None = None) -> int:
+    """Serve the scripted raw origin (see the comment above) until SIGTERM."""
+    import threading
+
+    parser = argparse.ArgumentParser(prog="raw-origin")
+    parser.add_argument("--dir", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="::")
+    args = parser.parse_args(argv)
+    server = _listening_socket(args.host, args.port)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    print(f"raw origin: listening on [{args.host}]:{args.port}", flush=True)
+    while True:
+        conn, _ = server.accept()
+        threading.Thread(target=_raw_connection, args=(conn, args.dir), daemon=True).start()

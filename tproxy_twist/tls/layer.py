@@ -491,7 +491,7 @@ class TLSConnection(Protocol):
     def upstream_failed(self, reason: Failure) -> None:
         if self.state != CONNECTING:
             return
-        from ..http.relay import classify_connect_failure
+        from ..http.session import classify_connect_failure
 
         status, cause, metric = classify_connect_failure(reason.value)
         self.factory.metrics.upstream_error(metric)
