@@ -287,7 +287,8 @@ class NullTLSPortMetrics:
 # --- byte streams relayed unread (tproxy_twist.zerocopy) --------------------------------
 STREAMS = Counter(
     "tproxy_streams",
-    "Byte streams relayed without being read by the proxy (TLS passthrough), by how: splice"
+    "Byte streams relayed without being read (TLS passthrough, CONNECT and Upgrade tunnels),"
+    " by how: splice"
     " (zero-copy with splice(2); the worker only counts bytes) or copy (through the worker:"
     " one of the sockets did not allow splicing).",
     ["port", "how"],

@@ -184,12 +184,19 @@ class ProxyService(Service):
                 self.budget,
             )
         from .http.relay import ProxyFactory
-        from .metrics import NullPortMetrics, PortMetrics
+        from .metrics import NullPortMetrics, NullStreamMetrics, PortMetrics, StreamMetrics
 
         # Nobody can read metrics without a listener: don't pay for them.
-        metrics = PortMetrics if self.config.metrics_listen is not None else NullPortMetrics
+        metrics_on = self.config.metrics_listen is not None
+        metrics = PortMetrics if metrics_on else NullPortMetrics
+        streams = StreamMetrics if metrics_on else NullStreamMetrics
         return ProxyFactory(
-            port, metrics=metrics(port.name, port.mode), budget=self.budget, **shared
+            port,
+            metrics=metrics(port.name, port.mode),
+            stream_metrics=streams(port.name),
+            reactor=self._reactor,
+            budget=self.budget,
+            **shared,
         )
 
     # tcp.Port is a FileDescriptor: stopReading/startReading pause accept().

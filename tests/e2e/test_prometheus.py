@@ -194,8 +194,8 @@ class PrometheusAPI:
         return float(result[0]["value"][1]) if result else None
 
 
-#: Series that only TLS ports have (TLS passthrough is the only user of zero-copy streams yet).
-TLS_ONLY = re.compile(r"tproxy_tls_|tproxy_streams_")
+#: Series that only TLS ports have.
+TLS_ONLY = re.compile(r"tproxy_tls_")
 
 # Panels over the TLS bump series (issue 13).  Nothing emits them until bump
 # is wired into the workers' TLS layer; until then CONFIG has no bump port and
@@ -359,8 +359,7 @@ def test_prometheus_evaluates_every_dashboard_and_rule_expression_with_data(
         # Every dashboard query, for all ports and for one port.
         queries = dashboard_queries()
         for one_port in (ALL_PORTS, "forward"):
-            # TLS and byte-stream series exist for TLS ports only: their panels are
-            # checked with one.
+            # TLS series exist for TLS ports only: their panels are checked with one.
             ports = [one_port if not TLS_ONLY.search(e) or one_port == ALL_PORTS else "tls"
                      for _, e in queries]  # fmt: skip
             exprs = [
