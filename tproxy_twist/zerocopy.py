@@ -272,10 +272,15 @@ class SplicePump:
         self._backward = _Direction(b, a, _take_buffered(a.transport), self._copy)
         a.source = b.sink = self._forward
         b.source = a.sink = self._backward
-        for direction in (self._forward, self._backward):
-            self._run(direction)
-            if self.ended is not None:
-                return
+        for d in (self._forward, self._backward):
+            if d.pending:
+                self._run(d)
+                if self.ended is not None:
+                    return
+            else:
+                # No read attempt now: epoll is level-triggered and reports
+                # whatever is already waiting (two system calls fewer per stream).
+                self._watch(d.src, True, d.src.writing)
 
     def abort(self) -> None:
         """End now: both connections are reset (drain timeout, idle timeout)."""
