@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+from types import SimpleNamespace
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -312,6 +313,21 @@ def test_websocket_upgrade_becomes_a_byte_tunnel_after_101():
     assert upstream.take() == b"\x81\x00 not http at all"
     h.answer(b"GET / HTTP/1.1\r\n")  # tunnel bytes, never parsed
     assert h.received() == b"GET / HTTP/1.1\r\n"
+
+
+def test_a_tunnel_whose_sockets_cannot_be_spliced_is_copied_with_backpressure_both_ways():
+    h = Harness()
+    started = []
+    h.factory.stream_metrics = SimpleNamespace(started=started.append)
+    h.send(b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+    upstream = h.upstream()
+    h.answer(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: x\r\n\r\n")
+    # Fake transports are not TCP sockets: no pump, the bytes go through Twisted.
+    assert started == ["copy"] and h.protocol.pump is None
+    assert h.transport.producer is h.connect.last.protocol.gate
+    assert upstream.producer is h.protocol.gate
+    h.send(b"up")
+    assert upstream.take().endswith(b"up")
 
 
 def test_response_timing_out_mid_upload_is_not_waited_for_forever():
