@@ -573,6 +573,10 @@ def main(argv: list[str] | None = None) -> int:
             if opts.repeat > 1:
                 say(f"--- round {number + 1} of {opts.repeat}")
             rounds.append([measure(lab, contender, opts) for contender in contenders])
+            for contender in contenders:
+                # The next round starts each path in a fresh directory.
+                if contender.dir is not None and contender.dir.exists():
+                    contender.dir.rename(contender.dir.with_name(f"{contender.name}-{number + 1}"))
             # The idle-connection memory is measured in the first round only.
             opts.idle = 0
     finally:
