@@ -300,6 +300,40 @@ class NullTLSPortMetrics:
         pass
 
 
+# --- byte streams relayed unread (tproxy_twist.zerocopy) --------------------------------
+STREAMS = Counter(
+    "tproxy_streams",
+    "Byte streams relayed without being read (TLS passthrough, CONNECT and Upgrade tunnels),"
+    " by how: splice"
+    " (zero-copy with splice(2); the worker only counts bytes) or copy (through the worker:"
+    " one of the sockets did not allow splicing).",
+    ["port", "how"],
+)
+STREAM_HOWS = ("splice", "copy")
+
+
+class StreamMetrics:
+    """How one port's byte streams are relayed; a stream starts at most once per connection."""
+
+    def __init__(self, port: str) -> None:
+        self._children = {how: STREAMS.labels(port, how) for how in STREAM_HOWS}
+        for child in self._children.values():
+            child.inc(0)
+
+    def started(self, how: str) -> None:
+        self._children[how].inc()
+
+
+class NullStreamMetrics:
+    """L{StreamMetrics} that records nothing (metrics off)."""
+
+    def __init__(self, port: str) -> None:
+        pass
+
+    def started(self, how: str) -> None:
+        pass
+
+
 # --- the rest -----------------------------------------------------------------------
 
 METHODS = frozenset(

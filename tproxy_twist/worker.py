@@ -216,10 +216,12 @@ class ProxyService(Service):
                 bump=self.bump,
             )
         from .http.relay import ProxyFactory
-        from .metrics import NullPortMetrics, PortMetrics
+        from .metrics import NullPortMetrics, NullStreamMetrics, PortMetrics, StreamMetrics
 
         # Nobody can read metrics without a listener: don't pay for them.
-        metrics = PortMetrics if self.config.metrics_listen is not None else NullPortMetrics
+        metrics_on = self.config.metrics_listen is not None
+        metrics = PortMetrics if metrics_on else NullPortMetrics
+        streams = StreamMetrics if metrics_on else NullStreamMetrics
         # Resolve -> check -> connect (forward ports, and ports with destination rules).
         resolver = DestinationResolver(
             self._reactor.nameResolver,
@@ -237,6 +239,8 @@ class ProxyService(Service):
         return ProxyFactory(
             port,
             metrics=metrics(port.name, port.mode),
+            stream_metrics=streams(port.name),
+            reactor=self._reactor,
             budget=self.budget,
             resolver=resolver,
             authenticator=authenticator,

@@ -212,6 +212,10 @@ def config(tmp_path: Path) -> str:
     return CONFIG.replace("CA_DIR", str(ca_dir))
 
 
+#: Series that only TLS ports have.
+TLS_ONLY = re.compile(r"tproxy_tls_")
+
+
 def dashboard_queries() -> list[tuple[str, str]]:
     board = json.loads(DASHBOARD.read_text())
     return [(panel["title"], target["expr"]) for panel in board["panels"]
@@ -365,7 +369,7 @@ def test_prometheus_evaluates_every_dashboard_and_rule_expression_with_data(
         queries = dashboard_queries()
         for one_port in (ALL_PORTS, "forward"):
             # TLS series exist for TLS ports only: their panels are checked with one.
-            ports = [one_port if "tproxy_tls_" not in e or one_port == ALL_PORTS else "tls"
+            ports = [one_port if not TLS_ONLY.search(e) or one_port == ALL_PORTS else "tls"
                      for _, e in queries]  # fmt: skip
             exprs = [
                 grafana_substitute(expr, p) for (_, expr), p in zip(queries, ports, strict=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 
 import pytest
@@ -137,7 +138,7 @@ print([code.decode() for code in re.findall(rb"HTTP/1.1 (\\d+) ", data)])
     assert out.strip() == "['201', '202', '203']"
 
 
-def test_websocket_upgrade_becomes_a_tunnel(running, client_python):
+def test_websocket_upgrade_becomes_a_tunnel(running, client_python, lab):
     out = client_python(
         f"""
 import socket
@@ -155,6 +156,7 @@ print(head.split(b"\\r\\n")[0].decode(), echo.decode())
 """
     )
     assert out.strip() == "HTTP/1.1 101 Switching Protocols ping over the tunnel"
+    assert streams(lab)[("transparent", "splice")] == 1.0  # the tunnel was spliced
 
 
 def test_forward_port_relays_absolute_urls_from_the_routers_address(running, curl):
@@ -169,6 +171,53 @@ def test_forward_port_tunnels_connect_to_allowed_ports(running, curl):
         curl, "-p", "-x", f"http://{Lab.ROUTER_CLIENT4}:3128", f"http://{Lab.ORIGIN4}:8080/ip"
     )
     assert seen["client"] == Lab.ROUTER_ORIGIN4
+
+
+def streams(lab: Lab) -> dict[tuple[str, str], float]:
+    """tproxy_streams_total by (port, how)."""
+    time.sleep(0.5)  # workers hand their counts to /metrics a few times a second
+    text = lab.run(lab.router, ["curl", "-s", "http://127.0.0.1:9464/metrics"]).stdout.decode()
+    found = re.findall(r'^tproxy_streams_total\{how="(\w+)",port="(\w+)"\} (\S+)$', text, re.M)
+    return {(port, how): float(value) for how, port, value in found}
+
+
+def test_a_connect_tunnel_is_spliced_and_a_20mb_download_through_it_arrives_whole(
+    running, curl, lab, tmp_path
+):
+    n = 20 * 1024 * 1024
+    out = tmp_path / "download"
+    result = curl(
+        "-p", "-x", f"http://{Lab.ROUTER_CLIENT4}:3128", "-o", str(out),
+        f"http://{Lab.ORIGIN4}:8080/bytes?n={n}&seed=21",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr.decode()
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == expected_sha256(n, "21")
+    # Relayed with splice(2), not through the worker.
+    assert streams(lab)[("forward", "splice")] == 1.0
+    assert streams(lab)[("forward", "copy")] == 0.0
+
+
+def test_a_client_half_close_in_a_spliced_tunnel_still_gets_the_whole_answer(
+    running, client_python, lab
+):
+    out = client_python(
+        f"""
+import hashlib, socket
+s = socket.create_connection(("{Lab.ROUTER_CLIENT4}", 3128), timeout=10)
+s.sendall(b"CONNECT {Lab.ORIGIN4}:8080 HTTP/1.1\\r\\nHost: {Lab.ORIGIN4}:8080\\r\\n\\r\\n")
+head = b""
+while b"\\r\\n\\r\\n" not in head:
+    head += s.recv(1)
+s.sendall(b"GET /close?n=3000000 HTTP/1.1\\r\\nHost: o\\r\\n\\r\\n")
+s.shutdown(socket.SHUT_WR)
+data = b""
+while chunk := s.recv(1 << 16):
+    data += chunk
+print(head.split(b" ")[1].decode(), hashlib.sha256(data.split(b"\\r\\n\\r\\n", 1)[1]).hexdigest())
+"""
+    )
+    assert out.split() == ["200", expected_sha256(3000000)]
+    assert streams(lab)[("forward", "splice")] == 1.0
 
 
 def test_unreachable_origin_is_answered_within_the_connect_timeout(running, curl):

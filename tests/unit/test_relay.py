@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+from types import SimpleNamespace
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -312,6 +313,49 @@ def test_websocket_upgrade_becomes_a_byte_tunnel_after_101():
     assert upstream.take() == b"\x81\x00 not http at all"
     h.answer(b"GET / HTTP/1.1\r\n")  # tunnel bytes, never parsed
     assert h.received() == b"GET / HTTP/1.1\r\n"
+
+
+def test_a_tunnel_whose_sockets_cannot_be_spliced_is_copied_with_backpressure_both_ways():
+    h = Harness()
+    started = []
+    h.factory.stream_metrics = SimpleNamespace(started=started.append)
+    h.send(b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+    upstream = h.upstream()
+    h.answer(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: x\r\n\r\n")
+    # Fake transports are not TCP sockets: no pump, the bytes go through Twisted.
+    assert started == ["copy"] and h.protocol.pump is None
+    assert h.transport.producer is h.connect.last.protocol.gate
+    assert upstream.producer is h.protocol.gate
+    h.send(b"up")
+    assert upstream.take().endswith(b"up")
+
+
+class PumpStandIn:
+    """What the relay reads of a SplicePump: its end, its last transfer, abort()."""
+
+    def __init__(self, now: float) -> None:
+        self.ended = None
+        self.last_activity = now
+        self.aborts = 0
+
+    def abort(self) -> None:
+        self.aborts += 1
+        self.ended = "aborted"
+
+
+def test_a_spliced_tunnel_moving_bytes_is_not_idle_and_a_silent_one_times_out():
+    h = Harness(timeouts="[timeouts]\nidle = 5\n")
+    h.send(b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+    h.upstream()
+    h.answer(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: x\r\n\r\n")
+    pump = h.protocol.pump = PumpStandIn(h.clock.seconds())
+    for _ in range(24 * 4):  # 24 s, bytes moving all along (the session sees none of them)
+        h.clock.advance(0.25)  # the sweep's interval
+        pump.last_activity = h.clock.seconds()
+    assert pump.aborts == 0
+    for _ in range(6 * 4):  # nothing moves for longer than the idle timeout
+        h.clock.advance(0.25)
+    assert pump.aborts >= 1 and pump.ended == "aborted"
 
 
 def test_response_timing_out_mid_upload_is_not_waited_for_forever():

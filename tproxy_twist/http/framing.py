@@ -75,7 +75,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections import deque
 from itertools import repeat
 from typing import Final, NoReturn
 
@@ -973,7 +972,9 @@ class ResponseReader(_Reader):
             max_chunk_ext=max_chunk_ext,
             max_field_line=max_field_line,
         )
-        self._methods: deque[bytes] = deque()
+        # A list, not a deque: at most one or two are queued, and an empty deque
+        # costs about 700 bytes more than an empty list on every idle upstream.
+        self._methods: list[bytes] = []
 
     def expect(self, method: bytes) -> None:
         """Queue the method of a request sent upstream (pipelining order)."""
@@ -997,7 +998,7 @@ class ResponseReader(_Reader):
             # Interim: its fields say nothing about framing; the request is still open.
             self._state = _END
             return Response(version, status, reason, headers, True, "none", None)
-        method = self._methods.popleft()
+        method = self._methods.pop(0)
 
         cl: list[bytes] | None = None
         te: list[bytes] | None = None

@@ -4,6 +4,12 @@ gate, the writer and corking.  Everything the relay decides is in the
 sans-IO L{session.Session}; this module feeds it transport events and does
 what it asks (L{session.SessionIO}).
 
+Once a session becomes a tunnel (CONNECT, or a 101 upgrade) and both
+connections are plain TCP, the adapter hands the two sockets to a
+L{SplicePump} (zero-copy, splice(2)); the session then hears only of the
+client's EOF, of activity (for its idle deadline) and of the end, and the
+tunnel's bytes are added to its record when that is finished.
+
 One client connection has at most one upstream connection at a time.  On
 tproxy ports it is bound to the client's own address, so it is never shared
 with another client.  Requests on one client connection are handled one at
@@ -29,6 +35,7 @@ from ..logthrottle import LogThrottle
 from ..metrics import PortMetrics
 from ..resolver import DestinationResolver, Resolved
 from ..sockets import UpstreamConnect, nat_original_destination, unmap, writer_for
+from ..zerocopy import SplicePump, can_splice
 from . import headers as H
 from . import policy
 from .record import ExchangeRecord, RecordSink
@@ -60,6 +67,7 @@ _DEFAULT_READ = 1 << 16  # Twisted's FileDescriptor.bufferSize
 _LARGE_READ = 1 << 18
 # How often deadlines are looked at: timeouts fire up to this much late.
 SWEEP_INTERVAL = 0.25
+_TUNNEL = State.TUNNEL
 # Reading-paused reasons, re-exported for readers of this module.
 CONNECTING = CONNECTING_READS
 __all__ += ["BACKPRESSURE", "CONNECTING", "PIPELINE"]
@@ -106,6 +114,10 @@ class ReadGate:
         # The consumer went away; the connection's owner decides what closes.
         self.resume(BACKPRESSURE)
 
+    def hand_over(self) -> None:
+        """A L{SplicePump} reads the transport from now on: forget every reason, resume nothing."""
+        self._reasons = 0
+
 
 class ProxyFactory(Factory):
     """Builds a L{ClientConnection} for each connection on one configured port."""
@@ -125,8 +137,17 @@ class ProxyFactory(Factory):
         budget: ConnectionBudget | None = None,
         resolver: DestinationResolver | None = None,
         authenticator=None,
+        stream_metrics=None,
+        reactor=None,
+        zerocopy: bool = True,
     ) -> None:
         self.budget = budget
+        #: how tunnels are relayed (L{tproxy_twist.metrics.StreamMetrics}), or None
+        self.stream_metrics = stream_metrics
+        #: the reactor a L{SplicePump} registers its sockets with (the clock by default)
+        self.reactor = reactor if reactor is not None else clock
+        #: relay tunnels with splice(2) where both sockets allow it
+        self.zerocopy = zerocopy
         self.connections: set[ClientConnection] = set()
         self._sweeper: task.LoopingCall | None = None
         self.per_client: dict[str, int] = {}
@@ -195,6 +216,8 @@ class ProxyFactory(Factory):
         self._metrics.flush()
         now = self.clock.seconds()
         for connection in list(self.connections):  # timing out closes some
+            if connection.pump is not None:
+                connection.pump_activity()
             session = connection.session
             if session is None or session.deadline_kind is None or now < session.deadline_at:
                 continue
@@ -248,7 +271,10 @@ class Upstream(Protocol):
         self.gate = ReadGate(self.transport)
         self.writer = writer_for(self.transport)
         self.link.handle = self
-        self.client.session.upstream_connected(self.link)
+        client = self.client
+        client.session.upstream_connected(self.link)
+        if client.session.state is _TUNNEL:
+            client.splice_tunnel()  # CONNECT: "200 Connection established" went out
 
     def dataReceived(self, data: bytes) -> None:
         self.client.upstream_data(self, data)
@@ -278,8 +304,11 @@ class ClientConnection(Protocol):
 
     # Slots: one of these per client connection, idle ones included.
     __slots__ = (
+        "_attached",
         "_corked",
         "_counted_client",
+        "_pump_activity",
+        "pump",
         "_writer",
         "client_ip",
         "connected",
@@ -300,6 +329,9 @@ class ClientConnection(Protocol):
         self._corked: list[bytes] | None = None
         self._counted_client = False
         self.client_ip = ""
+        self._attached: Upstream | None = None  # the upstream the session relays with
+        self.pump: SplicePump | None = None  # while a tunnel is relayed zero-copy
+        self._pump_activity = 0.0
 
     # --- client transport events ---------------------------------------------------
 
@@ -401,8 +433,75 @@ class ClientConnection(Protocol):
             self.session.upstream_data(upstream.link, data)
         finally:
             self._uncork()
+        if self.session.state is _TUNNEL and self.pump is None:
+            self.splice_tunnel()  # a 101 upgrade: its head went out just now
+
+    # --- zero-copy tunnels ----------------------------------------------------------------
+
+    def splice_tunnel(self) -> None:
+        """The session became a tunnel: relay it with splice(2) if both sockets allow."""
+        upstream = self._attached
+        if self.pump is not None or upstream is None or upstream.lost:
+            return
+        client, server = self.transport, upstream.transport
+        factory = self.factory
+        # Producers would resume reading behind the pump's back.
+        if client.producer is upstream.gate:
+            client.unregisterProducer()
+        if server.producer is self.gate:
+            server.unregisterProducer()
+        if not (factory.zerocopy and can_splice(client) and can_splice(server)):
+            if client.producer is None:  # relayed through Twisted, with backpressure
+                client.registerProducer(upstream.gate, True)
+            if server.producer is None:
+                server.registerProducer(self.gate, True)
+            if factory.stream_metrics is not None:
+                factory.stream_metrics.started("copy")
+            return
+        self.gate.hand_over()
+        upstream.gate.hand_over()
+        self._pump_activity = factory.clock.seconds()
+        self.finished = self._finished_tunnel
+        self.pump = SplicePump(
+            client,
+            server,
+            reactor=factory.reactor,
+            clock=factory.clock,
+            on_end=self._pump_ended,
+            on_eof=self._pump_eof,
+        )
+        if factory.stream_metrics is not None:
+            factory.stream_metrics.started("splice")
+        self.pump.start()
+
+    def pump_activity(self) -> None:
+        """
+        The sweep's look at a spliced tunnel: bytes moved since the last look
+        keep the session's idle deadline away.  An empty client_data event is
+        how the session hears of it (in a tunnel it only notes the activity).
+        """
+        pump = self.pump
+        if pump.ended is None and pump.last_activity > self._pump_activity:
+            self._pump_activity = pump.last_activity
+            self.session.client_data(b"")
+
+    def _pump_eof(self, transport) -> None:
+        if transport is self.transport:
+            self.session.client_eof()  # the pump shut the upstream's writing already
+
+    def _pump_ended(self, reason: str) -> None:
+        pass  # both transports are closing: their connectionLost tells the session
+
+    def _finished_tunnel(self, record: ExchangeRecord) -> None:
+        pump = self.pump
+        if record.tunnel:
+            record.bytes_in += pump.a_to_b
+            record.bytes_out += pump.b_to_a
+        self.factory.sink(record)
 
     def upstream_lost(self, upstream: Upstream) -> None:
+        if self._attached is upstream:
+            self._attached = None
         if self.transport.producer is upstream.gate:
             self.transport.unregisterProducer()
         self.gate.resume(BACKPRESSURE)
@@ -437,11 +536,19 @@ class ClientConnection(Protocol):
                 self._writer.write_sequence(parts)
 
     def close(self) -> None:
+        if self.pump is not None:
+            # The pump closes both sides when it ends; a session ends a live
+            # tunnel itself only when something failed.
+            self.pump.abort()
+            return
         self._uncork()
         self.transport.loseConnection()
 
     def abort(self) -> None:
         self._corked = None
+        if self.pump is not None:
+            self.pump.abort()  # it resets both connections itself (or closed them already)
+            return
         self.transport.abortConnection()
 
     def shutdown_write(self) -> None:
@@ -498,18 +605,23 @@ class ClientConnection(Protocol):
         # Backpressure both ways: a full send buffer on one side pauses
         # reading on the other.
         upstream: Upstream = link.handle
+        self._attached = upstream
         upstream.transport.registerProducer(self.gate, True)
         if self.transport.producer is not None:
             self.transport.unregisterProducer()
         self.transport.registerProducer(upstream.gate, True)
 
     def upstream_write(self, link: Link, data: bytes) -> None:
-        link.handle.writer.write(data)
+        if self.pump is None:
+            link.handle.writer.write(data)
 
     def upstream_write_sequence(self, link: Link, parts: list[bytes]) -> None:
         link.handle.writer.write_sequence(parts)
 
     def upstream_close(self, link: Link) -> None:
+        if self.pump is not None:
+            self.pump.abort()  # ditto
+            return
         upstream: Upstream = link.handle
         if self.transport.producer is upstream.gate:
             self.transport.unregisterProducer()
@@ -521,12 +633,16 @@ class ClientConnection(Protocol):
         self.gate.resume(BACKPRESSURE)
 
     def upstream_abort(self, link: Link) -> None:
+        if self.pump is not None:
+            self.pump.abort()  # ditto
+            return
         upstream: Upstream = link.handle
         if upstream is not None and not upstream.lost:
             upstream.transport.abortConnection()
 
     def upstream_shutdown_write(self, link: Link) -> None:
-        link.handle.transport.loseWriteConnection()
+        if self.pump is None:
+            link.handle.transport.loseWriteConnection()
 
     def large_reads(self, link: Link | None, large: bool) -> None:
         if large:

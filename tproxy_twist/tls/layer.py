@@ -15,9 +15,12 @@ A connection goes through these states::
 Splicing connects to the original destination address (the SNI is only
 advisory: it is never looked up), from the client's own address on spoofing
 ports, writes the bytes read so far, then relays bytes both ways with
-backpressure (each side's transport is the other's producer), half-close
-(an EOF from one side becomes a write shutdown towards the other) and the
-idle timeout.  One access log entry and one action per connection.
+backpressure, half-close (an EOF from one side becomes a write shutdown
+towards the other) and the idle timeout.  Between two plain TCP sockets
+the relaying is zero-copy (L{SplicePump}: splice(2) through a pipe, both
+sockets out of Twisted's reading); otherwise (test fakes, C{zerocopy=False})
+each side's transport is the other's producer.  One access log entry and
+one action per connection.
 
 Bumping (L{tproxy_twist.tls.bump}) verifies the origin first, then starts
 TLS on the client's connection with a leaf for the verified name, replaying
@@ -41,6 +44,7 @@ from zope.interface import implementer
 from ..accesslog import AccessEntry
 from ..config import PortConfig, Timeouts
 from ..sockets import UpstreamConnect, nat_original_destination, unmap, writer_for
+from ..zerocopy import DONE, SplicePump, can_splice
 from .clienthello import ALERT_ACCESS_DENIED, ClientHello, ClientHelloReader, HelloError, alert
 from .decide import Decision, decide
 
@@ -76,7 +80,14 @@ def tls_factory(
     C{bump}: the worker's L{tproxy_twist.tls.bumpkit.BumpKit} when this port
     may bump.
     """
-    from ..metrics import NullPortMetrics, NullTLSPortMetrics, PortMetrics, TLSPortMetrics
+    from ..metrics import (
+        NullPortMetrics,
+        NullStreamMetrics,
+        NullTLSPortMetrics,
+        PortMetrics,
+        StreamMetrics,
+        TLSPortMetrics,
+    )
 
     metrics_on = config.metrics_listen is not None
     bump_metrics = None
@@ -94,11 +105,13 @@ def tls_factory(
         local_addresses=local_addresses,
         metrics=(PortMetrics if metrics_on else NullPortMetrics)(port.name, port.mode),
         tls_metrics=(TLSPortMetrics if metrics_on else NullTLSPortMetrics)(port.name),
+        stream_metrics=(StreamMetrics if metrics_on else NullStreamMetrics)(port.name),
         access_log=access_log,
         budget=budget,
         bump=bump,
         bump_metrics=bump_metrics,
         limits=config.limits,
+        reactor=reactor,
     )
 
 
@@ -122,6 +135,9 @@ class TLSFactory(Factory):
         bump=None,
         bump_metrics=None,
         limits=None,
+        reactor=None,
+        zerocopy: bool = True,
+        stream_metrics=None,
     ) -> None:
         assert port.tls is not None, "a TLS factory needs a protocol = 'tls' port"
         self.port = port
@@ -129,9 +145,14 @@ class TLSFactory(Factory):
         self.timeouts = timeouts
         self.connect = connect
         self.clock = clock
+        #: the reactor a L{SplicePump} registers its sockets with
+        self.reactor = reactor if reactor is not None else clock
+        #: relay with splice(2) where both sockets allow it
+        self.zerocopy = zerocopy
         self.local_addresses = local_addresses
         self.metrics = metrics
         self.tls_metrics = tls_metrics
+        self.stream_metrics = stream_metrics
         self.access_log = access_log
         self.budget = budget
         self.connections: set[TLSConnection] = set()
@@ -273,6 +294,9 @@ class TLSConnection(Protocol):
         self._origin_attempt = None
         self.origin = None
         self.http = None
+        self.pump: SplicePump | None = None  # while relaying zero-copy
+        self._pumped_in = 0  # the pump's counts already added to the byte counts
+        self._pumped_out = 0
 
     # --- the client side -------------------------------------------------------
 
@@ -358,13 +382,16 @@ class TLSConnection(Protocol):
     def connectionLost(self, reason: Failure) -> None:
         previous, self.state = self.state, CLOSED
         factory = self.factory
+        self._sync_pump()
         factory.connections.discard(self)
         if factory.budget is not None:
             factory.budget.release()
         factory.metrics.active.dec()
         self._timer = ""
         upstream = self.upstream
-        if upstream is not None and not upstream.lost:
+        if self.pump is not None:
+            self.pump.abort()  # no-op if it ended: then it closed both sides itself
+        elif upstream is not None and not upstream.lost:
             if previous == RELAYING and self._client_eof:
                 upstream.transport.loseConnection()  # what is buffered for it still goes out
             else:
@@ -608,16 +635,38 @@ class TLSConnection(Protocol):
         if replay:
             upstream.writer.write(replay)
         client, server = self.transport, upstream.transport
+        self._arm("idle", self.factory.timeouts.idle)
+        if self.factory.zerocopy and can_splice(client) and can_splice(server):
+            self._paused = False
+            self.pump = SplicePump(
+                client,
+                server,
+                reactor=self.factory.reactor,
+                clock=self._clock,
+                on_end=self._pump_ended,
+            )
+            if self.factory.stream_metrics is not None:
+                self.factory.stream_metrics.started("splice")
+            self.pump.start()
+            return
+        if self.factory.stream_metrics is not None:
+            self.factory.stream_metrics.started("copy")
         client.bufferSize = server.bufferSize = _SPLICE_READ
         # Backpressure both ways: a full send buffer pauses reading on the other side.
         client.registerProducer(server, True)
         server.registerProducer(client, True)
-        self._arm("idle", self.factory.timeouts.idle)
         if self._client_eof:
             server.loseWriteConnection()
         elif self._paused:
             self._paused = False
             client.resumeProducing()
+
+    def _pump_ended(self, reason: str) -> None:
+        # Both transports are closing now; their connectionLost calls follow.
+        self._sync_pump()
+        if reason == DONE:
+            self._client_eof = self._upstream_eof = True
+        self.state = CLOSING
 
     def upstream_data(self, data: bytes) -> None:
         self._last_activity = self._clock.seconds()
@@ -632,6 +681,9 @@ class TLSConnection(Protocol):
 
     def upstream_lost(self, upstream: SpliceUpstream, reason: Failure) -> None:
         if upstream is not self.upstream or self.state == CLOSED:
+            return
+        if self.pump is not None:
+            self.pump.abort()  # no-op if it ended (it closes the client itself)
             return
         # What is buffered for the client still goes out, then the connection closes.
         self.state = CLOSING
@@ -663,7 +715,10 @@ class TLSConnection(Protocol):
             self.upstream.transport.loseConnection()
 
     def abort(self) -> None:
-        self.transport.abortConnection()
+        if self.pump is not None and self.pump.ended is None:
+            self.pump.abort()
+        else:
+            self.transport.abortConnection()
 
     # --- timers, bytes, the access log -----------------------------------------------
 
@@ -677,7 +732,10 @@ class TLSConnection(Protocol):
             return
         if kind == "idle":
             idle = self.factory.timeouts.idle
-            left = self._last_activity + idle - now
+            last = self._last_activity
+            if self.pump is not None:
+                last = max(last, self.pump.last_activity)
+            left = last + idle - now
             if left > 0:
                 self._deadline = now + left
                 return
@@ -720,7 +778,22 @@ class TLSConnection(Protocol):
         self._unflushed_out += len(data)
         self._writer.write(data)
 
+    def _sync_pump(self) -> None:
+        """Add what the pump moved since the last look to the byte counts."""
+        pump = self.pump
+        if pump is None:
+            return
+        n_in, n_out = pump.a_to_b - self._pumped_in, pump.b_to_a - self._pumped_out
+        if n_in or n_out:
+            self._pumped_in += n_in
+            self._pumped_out += n_out
+            self._bytes_in += n_in
+            self._unflushed_in += n_in
+            self._bytes_out += n_out
+            self._unflushed_out += n_out
+
     def flush_bytes(self) -> None:
+        self._sync_pump()
         if self._unflushed_in or self._unflushed_out:
             self.factory.metrics.transferred(self._unflushed_in, self._unflushed_out)
             self._unflushed_in = self._unflushed_out = 0

@@ -1,0 +1,157 @@
+"""
+The private parts of Twisted that tproxy_twist/reactor.py, sockets.py and
+zerocopy.py rely on are still there and still behave as those modules assume.
+
+pyproject.toml caps Twisted below the next release; before raising the cap,
+run this file against the new Twisted: each failure names what moved and
+which of our modules has to follow.
+"""
+
+from __future__ import annotations
+
+import inspect
+import socket
+
+from twisted.internet import abstract, base, epollreactor, tcp
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
+
+from tproxy_twist.reactor import WorkerReactor
+from tproxy_twist.sockets import DirectWriter, _TransparentConnector
+from tproxy_twist.zerocopy import _take_buffered
+
+
+def moved(what: str, who: str) -> str:
+    return f"Twisted changed {what}; {who} relies on it: adapt it before raising the Twisted cap"
+
+
+def connected_pair(reactor):
+    """A real accepted tcp.Server transport and the test's own peer socket."""
+    accepted = []
+
+    class Keep(Protocol):
+        def connectionMade(self):
+            accepted.append(self)
+
+    port = reactor.listenTCP(0, Factory.forProtocol(Keep), interface="127.0.0.1")
+    peer = socket.create_connection(("127.0.0.1", port.getHost().port))
+    for _ in range(200):
+        if accepted:
+            break
+        reactor.iterate(0.01)
+    port.stopListening()
+    return accepted[0].transport, peer
+
+
+def test_the_epoll_reactor_internals_the_worker_reactor_overrides():
+    # reactor.py replaces doPoll (and doIteration) and calls these itself.
+    reactor = WorkerReactor()
+    assert "doPoll" in vars(epollreactor.EPollReactor), moved(
+        "EPollReactor.doPoll", "tproxy_twist/reactor.py (WorkerReactor.doPoll)"
+    )
+    assert hasattr(reactor, "_poller") and hasattr(reactor._poller, "poll"), moved(
+        "EPollReactor._poller (the select.epoll object)", "tproxy_twist/reactor.py"
+    )
+    assert isinstance(reactor._selectables, dict), moved(
+        "EPollReactor._selectables (fd -> selectable)", "tproxy_twist/reactor.py"
+    )
+    params = list(inspect.signature(reactor._doReadOrWrite).parameters)
+    assert params == ["selectable", "fd", "event"], moved(
+        "_PollLikeMixin._doReadOrWrite(selectable, fd, event)", "tproxy_twist/reactor.py"
+    )
+    assert epollreactor.EPollReactor.doIteration is epollreactor.EPollReactor.doPoll, moved(
+        "EPollReactor.doIteration = doPoll", "tproxy_twist/reactor.py (doIteration = doPoll)"
+    )
+
+
+def test_the_reactor_keys_descriptors_by_file_descriptor():
+    # zerocopy.py: once a transport stopped reading and writing, another
+    # descriptor with the same fd can be registered and gets its events.
+    reactor = WorkerReactor()
+    transport, peer = connected_pair(reactor)
+    transport.stopReading()
+    transport.stopWriting()
+    assert transport.fileno() not in reactor._selectables, moved(
+        "stopReading/stopWriting no longer unregister the fd", "tproxy_twist/zerocopy.py"
+    )
+    seen = []
+
+    class Other:
+        def fileno(self):
+            return transport.fileno()
+
+        def doRead(self):
+            seen.append(transport.socket.recv(10))
+
+        def logPrefix(self):
+            return "other"
+
+        def connectionLost(self, reason):
+            seen.append(reason)
+
+    other = Other()
+    reactor.addReader(other)
+    peer.sendall(b"ping")
+    for _ in range(200):
+        if seen:
+            break
+        reactor.iterate(0.01)
+    reactor.removeReader(other)
+    assert seen == [b"ping"], moved("how readers are registered per fd", "tproxy_twist/zerocopy.py")
+    peer.close()
+    transport.abortConnection()
+
+
+def test_the_connector_builds_its_transport_through_make_transport():
+    # sockets.py overrides Connector._makeTransport to get a transparent socket.
+    assert "_makeTransport" in vars(tcp.Connector), moved(
+        "tcp.Connector._makeTransport", "tproxy_twist/sockets.py (_TransparentConnector)"
+    )
+    assert "_makeTransport" in inspect.getsource(base.BaseConnector.connect), moved(
+        "BaseConnector.connect no longer calls _makeTransport", "tproxy_twist/sockets.py"
+    )
+    params = list(inspect.signature(tcp.Client.__init__).parameters)
+    assert params[:6] == ["self", "host", "port", "bindAddress", "connector", "reactor"], moved(
+        "tcp.Client(host, port, bindAddress, connector, reactor)", "tproxy_twist/sockets.py"
+    )
+    assert "createInternetSocket" in vars(tcp.BaseClient) or hasattr(
+        tcp.Client, "createInternetSocket"
+    ), moved("tcp.Client.createInternetSocket", "tproxy_twist/sockets.py")
+    reactor = WorkerReactor()
+    connector = _TransparentConnector("127.0.0.1", 9, ClientFactory(), 1, None, reactor)
+    client = connector._makeTransport()
+    assert isinstance(client, tcp.Client)
+    client.abortConnection()
+
+
+def test_the_transport_write_buffer_is_where_sockets_and_zerocopy_look():
+    # sockets.DirectWriter decides "nothing buffered" from these; zerocopy takes
+    # the buffered bytes out of them before splicing.
+    reactor = WorkerReactor()
+    transport, peer = connected_pair(reactor)
+    assert isinstance(transport, tcp.Connection) and isinstance(transport.socket, socket.socket)
+    for name in ("dataBuffer", "offset", "_tempDataBuffer", "_tempDataLen"):
+        assert hasattr(transport, name), moved(
+            f"abstract.FileDescriptor.{name}", "sockets.DirectWriter and zerocopy._take_buffered"
+        )
+    for name in ("_writeDisconnecting", "_writeDisconnected", "disconnecting", "producer"):
+        assert hasattr(transport, name), moved(
+            f"abstract.FileDescriptor.{name}", "sockets.DirectWriter and zerocopy.can_splice"
+        )
+    assert DirectWriter(transport)._idle()
+    transport.write(b"first ")
+    transport.write(b"second")
+    buffered = b"".join(transport._tempDataBuffer)
+    assert transport._tempDataLen == 12 and buffered == b"first second", moved(
+        "where transport.write() buffers", "sockets.DirectWriter, zerocopy._take_buffered"
+    )
+    assert not DirectWriter(transport)._idle()
+    assert _take_buffered(transport) == b"first second"
+    assert DirectWriter(transport)._idle(), moved(
+        "what an empty write buffer looks like", "zerocopy._take_buffered"
+    )
+    # doWrite moves the list buffer into dataBuffer and sends from offset.
+    source = inspect.getsource(abstract.FileDescriptor.doWrite)
+    for name in ("_tempDataBuffer", "dataBuffer", "offset"):
+        assert name in source, moved(f"FileDescriptor.doWrite's use of {name}", "zerocopy.py")
+    peer.close()
+    transport.abortConnection()

@@ -1,0 +1,433 @@
+"""
+Zero-copy byte streams: relay two connected TCP sockets with C{splice(2)}
+through a pipe, the bytes never entering Python.
+
+A L{SplicePump} takes two Twisted TCP transports that are already connected
+(a client and its upstream), takes both out of Twisted's reading and
+writing, and moves bytes both ways itself:
+
+  - each socket is watched by one small descriptor of ours in the reactor
+    (Twisted's epoll reactor allows one selectable per file descriptor);
+  - readable source: C{splice(source → pipe)}, then C{splice(pipe → destination)};
+  - backpressure: when the destination takes no more (EAGAIN), the source is no
+    longer read until the destination is writable again, so no more than one
+    pipe's worth of bytes is ever held per direction;
+  - half-close: an EOF from one side becomes C{shutdown(SHUT_WR)} towards the
+    other once everything before it was delivered; the other direction goes on;
+  - when both directions have ended, or either side fails (a reset), both
+    transports are handed back to Twisted to be closed (C{loseConnection} after
+    a clean end, C{abortConnection} otherwise), so the owners' protocols see
+    C{connectionLost} as usual, and the owner is told once, with the reason;
+  - byte counts per direction and the time of the last transfer are
+    attributes the owner reads (metrics, access log, idle timeout sweep);
+    L{SplicePump.abort} ends it early (drain on reload, timeouts).
+
+Pipes come from a small per-process L{PipePool}: a direction takes one only
+while bytes sit in it, so an idle spliced connection holds no pipe, and a
+busy one usually returns its pipe within the same event.
+
+Where C{splice} is not possible the pump copies instead (C{recv_into} and
+C{send} through a buffer of its own, the same state machine): when
+C{os.splice} is missing or the kernel answers EINVAL.  Transports that are
+not plain TCP (TLS, test fakes) cannot be pumped at all: L{can_splice} says
+so, and the owner keeps relaying through Twisted.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+from collections.abc import Callable
+
+from twisted.internet import tcp
+from twisted.internet.interfaces import IReactorFDSet, IReactorTime, IReadWriteDescriptor
+from twisted.logger import Logger
+from zope.interface import implementer
+
+log = Logger()
+
+#: Bytes moved per splice call (one pipe's worth at most).
+CHUNK = 1 << 20
+#: Pipe capacity asked for (F_SETPIPE_SZ); the kernel caps it at
+#: /proc/sys/fs/pipe-max-size (1 MiB by default).
+PIPE_SIZE = 1 << 20
+#: Transfers per readiness event before other connections get a turn.
+_ROUNDS = 16
+_F_SETPIPE_SZ = 1031
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+_HAVE_SPLICE = hasattr(os, "splice")
+_WOULD_BLOCK = (BlockingIOError, InterruptedError)
+
+#: Reasons L{SplicePump} gives its owner when it ends.
+DONE = "done"  # both sides sent their EOF and everything was delivered
+RESET = "reset"  # a side failed (reset, broken pipe, other socket error)
+ABORTED = "aborted"  # the owner called abort()
+
+
+class PipePool:
+    """
+    Pipes for splicing, reused: creating one costs three system calls and a
+    resize.  Holds at most C{keep} idle pipes; the rest are closed.
+    """
+
+    def __init__(self, keep: int = 64, size: int = PIPE_SIZE) -> None:
+        self._idle: list[tuple[int, int]] = []
+        self._keep = keep
+        self._size = size
+        #: pipes handed out and not returned yet
+        self.in_use = 0
+
+    def take(self) -> tuple[int, int]:
+        self.in_use += 1
+        if self._idle:
+            return self._idle.pop()
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(w, _F_SETPIPE_SZ, self._size)
+        except OSError:
+            pass  # over the user's pipe allowance: the default 64 KiB pipe still works
+        return r, w
+
+    def give_back(self, pipe: tuple[int, int], empty: bool) -> None:
+        """Return a pipe; one that may still hold bytes is closed, never reused."""
+        self.in_use -= 1
+        if empty and len(self._idle) < self._keep:
+            self._idle.append(pipe)
+        else:
+            os.close(pipe[0])
+            os.close(pipe[1])
+
+    def close(self) -> None:
+        while self._idle:
+            r, w = self._idle.pop()
+            os.close(r)
+            os.close(w)
+
+
+_default_pool: PipePool | None = None
+
+
+def default_pool() -> PipePool:
+    global _default_pool
+    if _default_pool is None:
+        _default_pool = PipePool()
+    return _default_pool
+
+
+# --- Twisted's private transport state ---------------------------------------------
+# A pump needs the transport's socket and whatever Twisted still buffers for it
+# (abstract.FileDescriptor's dataBuffer, offset, _tempDataBuffer, _tempDataLen and
+# the _write* flags).  This and sockets.DirectWriter are the only places that read
+# them; tests/unit/test_twisted_internals.py fails loudly if they move.
+
+
+def can_splice(transport: object) -> bool:
+    """
+    Can this transport be pumped?  Only a connected plain TCP transport of the
+    POSIX reactors that is not closing, half-closed, or speaking TLS.
+    """
+    return (
+        isinstance(transport, tcp.Connection)
+        and not getattr(transport, "TLS", False)
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._writeDisconnecting
+        and not transport._writeDisconnected
+        and transport.producer is None
+    )
+
+
+def _take_buffered(transport: tcp.Connection) -> bytes:
+    """What Twisted has not written yet; the transport's buffer is left empty."""
+    data = transport.dataBuffer[transport.offset :]
+    if transport._tempDataLen:
+        data = bytes(data) + b"".join(transport._tempDataBuffer)
+    transport.dataBuffer = b""
+    transport.offset = 0
+    transport._tempDataBuffer = []
+    transport._tempDataLen = 0
+    return bytes(data)
+
+
+@implementer(IReadWriteDescriptor)
+class _End:
+    """One socket of a pump, as the reactor sees it while the pump owns it."""
+
+    __slots__ = ("pump", "fd", "sock", "transport", "source", "sink", "reading", "writing")
+
+    def __init__(self, pump: SplicePump, transport: tcp.Connection) -> None:
+        self.pump = pump
+        self.transport = transport
+        self.sock: socket.socket = transport.socket
+        self.fd = self.sock.fileno()
+        self.source: _Direction | None = None  # the direction this socket feeds
+        self.sink: _Direction | None = None  # the direction that writes to it
+        self.reading = False
+        self.writing = False
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def logPrefix(self) -> str:
+        return "SplicePump"
+
+    def doRead(self) -> None:
+        self.pump._readable(self)
+
+    def doWrite(self) -> None:
+        self.pump._writable(self)
+
+    def connectionLost(self, reason) -> None:
+        # Only the reactor calls this: an error or hang-up on a socket we were
+        # not reading, or the reactor shutting down.
+        self.reading = self.writing = False
+        self.pump._fail(self, reason.getErrorMessage())
+
+
+class _Direction:
+    """Bytes from one socket to the other: a pipe (or buffer) and its state."""
+
+    __slots__ = ("src", "dst", "pipe", "held", "pending", "eof", "ended", "moved", "copy")
+
+    def __init__(self, src: _End, dst: _End, pending: bytes, copy: bool) -> None:
+        self.src = src
+        self.dst = dst
+        self.pipe: tuple[int, int] | None = None
+        self.held = 0  # bytes in the pipe not yet delivered
+        self.pending = pending  # bytes to deliver before anything else (Twisted's, or copied)
+        self.eof = False  # the source sent its EOF
+        self.ended = False  # ... and the destination was shut down for writing
+        self.moved = 0  # bytes read from the source
+        self.copy = copy  # copy through user space instead of splicing
+
+
+class SplicePump:
+    """
+    Relays bytes between two connected TCP transports with splice(2).
+
+    The owner builds it, checks L{can_splice} for both transports first, and
+    calls L{start}.  From then on neither transport may be written to or read
+    from by anyone else; the owner ends it early with L{abort} only.  When it
+    ends, C{on_end(reason)} is called exactly once (L{DONE}, L{RESET} or
+    L{ABORTED}) right after both transports were told to close; their
+    protocols' C{connectionLost} follows from Twisted as usual.
+    C{on_eof(transport)} (optional) is called when a side sends its EOF.
+    """
+
+    def __init__(
+        self,
+        a: tcp.Connection,
+        b: tcp.Connection,
+        *,
+        reactor: IReactorFDSet,
+        clock: IReactorTime,
+        on_end: Callable[[str], None],
+        on_eof: Callable[[tcp.Connection], None] | None = None,
+        pool: PipePool | None = None,
+        copy: bool = not _HAVE_SPLICE,
+    ) -> None:
+        self._reactor = reactor
+        self._clock = clock
+        self._on_end = on_end
+        self._on_eof = on_eof
+        self._pool = pool if pool is not None else default_pool()
+        self._a = _End(self, a)
+        self._b = _End(self, b)
+        self._copy = copy
+        self._forward: _Direction | None = None
+        self._backward: _Direction | None = None
+        #: C{None} while running, then the reason it ended
+        self.ended: str | None = None
+        #: the clock's time of the last byte moved either way (for idle timeouts)
+        self.last_activity = clock.seconds()
+
+    @property
+    def a_to_b(self) -> int:
+        """Bytes read from C{a} (and relayed to C{b}) so far."""
+        return self._forward.moved if self._forward is not None else 0
+
+    @property
+    def b_to_a(self) -> int:
+        """Bytes read from C{b} (and relayed to C{a}) so far."""
+        return self._backward.moved if self._backward is not None else 0
+
+    @property
+    def held(self) -> int:
+        """
+        Bytes read from one side and not delivered to the other yet: at most a
+        pipe's worth each way (plus what Twisted had buffered at the start).
+        """
+        return sum(len(d.pending) + d.held for d in (self._forward, self._backward) if d)
+
+    def start(self) -> None:
+        a, b = self._a, self._b
+        for end in (a, b):
+            end.transport.stopReading()
+            end.transport.stopWriting()
+        # What Twisted still buffered for one side is the first thing that
+        # direction delivers.
+        self._forward = _Direction(a, b, _take_buffered(b.transport), self._copy)
+        self._backward = _Direction(b, a, _take_buffered(a.transport), self._copy)
+        a.source = b.sink = self._forward
+        b.source = a.sink = self._backward
+        for d in (self._forward, self._backward):
+            if d.pending:
+                self._run(d)
+                if self.ended is not None:
+                    return
+            else:
+                # No read attempt now: epoll is level-triggered and reports
+                # whatever is already waiting (two system calls fewer per stream).
+                self._watch(d.src, True, d.src.writing)
+
+    def abort(self) -> None:
+        """End now: both connections are reset (drain timeout, idle timeout)."""
+        if self.ended is None:
+            self._finish(ABORTED)
+
+    # --- readiness ------------------------------------------------------------------
+
+    def _readable(self, end: _End) -> None:
+        direction = end.source
+        if self.ended is None and end.reading and direction is not None:
+            self._run(direction)
+
+    def _writable(self, end: _End) -> None:
+        direction = end.sink
+        if self.ended is None and end.writing and direction is not None:
+            self._run(direction)
+
+    def _watch(self, end: _End, reading: bool, writing: bool) -> None:
+        reactor = self._reactor
+        if reading != end.reading:
+            end.reading = reading
+            (reactor.addReader if reading else reactor.removeReader)(end)
+        if writing != end.writing:
+            end.writing = writing
+            (reactor.addWriter if writing else reactor.removeWriter)(end)
+
+    # --- moving bytes ------------------------------------------------------------------
+
+    def _run(self, d: _Direction) -> None:
+        """Move what can be moved now; then watch for what unblocks the rest."""
+        try:
+            for _ in range(_ROUNDS):
+                if not self._deliver(d):
+                    # The destination is full: stop reading the source until it drains.
+                    self._watch(d.dst, d.dst.reading, True)
+                    self._watch(d.src, False, d.src.writing)
+                    return
+                if d.eof:
+                    self._end_direction(d)
+                    return
+                if not self._fill(d):
+                    break
+            else:
+                # Still readable, but let other connections have their turn.
+                pass
+        except OSError as e:
+            self._fail(d.src, os.strerror(e.errno) if e.errno else str(e))
+            return
+        if self.ended is None:
+            self._watch(d.dst, d.dst.reading, False)
+            self._watch(d.src, not d.eof, d.src.writing)
+
+    def _fill(self, d: _Direction) -> bool:
+        """Read from the source; False when nothing more is there for now."""
+        if d.copy:
+            try:
+                data = d.src.sock.recv(CHUNK)
+            except _WOULD_BLOCK:
+                return False
+            n = len(data)
+            d.pending = data
+        else:
+            if d.pipe is None:
+                d.pipe = self._pool.take()
+            try:
+                n = os.splice(d.src.fd, d.pipe[1], CHUNK, flags=_SPLICE_FLAGS)
+            except _WOULD_BLOCK:
+                self._release_pipe(d)
+                return False
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                # Not spliceable after all: copy from now on.
+                self._release_pipe(d)
+                d.copy = True
+                return True
+            d.held += n
+        if n == 0:
+            d.eof = True
+            self._release_pipe(d)
+            if self._on_eof is not None:
+                self._on_eof(d.src.transport)
+            return True
+        d.moved += n
+        self.last_activity = self._clock.seconds()
+        return True
+
+    def _deliver(self, d: _Direction) -> bool:
+        """Write what the direction holds; False if the destination is full."""
+        if d.pending:
+            try:
+                sent = d.dst.sock.send(d.pending)
+            except _WOULD_BLOCK:
+                return False
+            d.pending = d.pending[sent:]
+            if d.pending:
+                return False
+        while d.held:
+            try:
+                n = os.splice(d.pipe[0], d.dst.fd, d.held, flags=_SPLICE_FLAGS)
+            except _WOULD_BLOCK:
+                return False
+            d.held -= n
+        self._release_pipe(d)
+        return True
+
+    def _release_pipe(self, d: _Direction) -> None:
+        if d.pipe is not None and not d.held:
+            self._pool.give_back(d.pipe, empty=True)
+            d.pipe = None
+
+    def _end_direction(self, d: _Direction) -> None:
+        """The source's EOF, everything before it delivered: shut the destination's writing."""
+        if not d.ended:
+            d.ended = True
+            try:
+                d.dst.sock.shutdown(socket.SHUT_WR)
+            except OSError as e:
+                self._fail(d.dst, os.strerror(e.errno) if e.errno else str(e))
+                return
+        self._watch(d.src, False, d.src.writing)
+        self._watch(d.dst, d.dst.reading, False)
+        if self._forward.ended and self._backward.ended:
+            self._finish(DONE)
+
+    # --- the end --------------------------------------------------------------------------
+
+    def _fail(self, end: _End, why: str) -> None:
+        if self.ended is None:
+            log.debug("splice ended by fd {fd}: {why}", fd=end.fd, why=why)
+            self._finish(RESET)
+
+    def _finish(self, reason: str) -> None:
+        self.ended = reason
+        for end in (self._a, self._b):
+            self._watch(end, False, False)
+        for d in (self._forward, self._backward):
+            if d is not None and d.pipe is not None:
+                self._pool.give_back(d.pipe, empty=not d.held)
+                d.pipe = None
+        for end in (self._a, self._b):
+            transport = end.transport
+            if reason == DONE:
+                # Both directions were shut down for writing already; Twisted's
+                # buffer is empty, so this closes at once.
+                transport.loseConnection()
+            else:
+                transport.abortConnection()
+        self._on_end(reason)
