@@ -69,6 +69,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def lab() -> Iterator[Lab]:
     cleanup_stale()
+    # A run stopped with SIGTERM (a CI timeout, kill) unwinds like Ctrl-C, so
+    # this fixture's teardown still removes the lab's namespaces.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     the_lab = Lab()
     try:
         the_lab.setup()
