@@ -28,6 +28,9 @@ from __future__ import annotations
 
 from OpenSSL.SSL import WantReadError
 from twisted.internet import tcp
+from twisted.internet.interfaces import ISSLTransport
+from zope.interface import providedBy
+from zope.interface.declarations import Provides
 
 from ..sockets import DirectWriter
 
@@ -59,6 +62,7 @@ def send_directly(transport) -> bool:
             return False  # something is already waiting in Twisted's buffer
     except AttributeError:
         return False
+    _keep_interface_specs(tls, transport)
     sender = DirectWriter(transport, buffered=bypass)
 
     def flush_send_bio() -> None:
@@ -81,3 +85,24 @@ def send_directly(transport) -> bool:
     tls.write = write
     tls.writeSequence = write_sequence
     return True
+
+
+# zope.interface caches the spec of "an instance of C that directly provides
+# I" weakly.  Twisted's TLS protocol, when made, declares each interface of
+# its transport in turn (C{directlyProvides} in a loop: each call replaces the
+# last), so all but the last spec die at once, and every new TLS connection
+# builds about ten of them again: 1.3 ms of CPU per connection, twice per
+# bumped connection (bench/README.md).  Holding them here makes them cache
+# hits.  A handful per (TLS protocol class, transport class): bounded.
+_KEPT_FOR: set[tuple[type, type]] = set()
+_KEPT_SPECS: list = []
+
+
+def _keep_interface_specs(tls, transport) -> None:
+    key = (type(tls), type(transport))
+    if key in _KEPT_FOR:
+        return
+    _KEPT_FOR.add(key)
+    for interface in providedBy(transport):
+        _KEPT_SPECS.append(Provides(type(tls), interface))
+    _KEPT_SPECS.append(Provides(type(transport), ISSLTransport))
