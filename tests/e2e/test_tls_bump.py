@@ -87,6 +87,9 @@ events {{ worker_connections 1024; }}
 http {{
     log_format saw '$remote_addr $server_port "$ssl_server_name" $request_uri';
     access_log {tmp}/nginx-access.log saw;
+    log_format reused '$request_uri $ssl_session_reused';
+    access_log {tmp}/nginx-reused.log reused;
+    ssl_session_cache shared:e2e:1m;  # as most origins: sessions can be resumed
     client_body_temp_path {tmp}/nginx-body;
     proxy_temp_path {tmp}/nginx-proxy;
     fastcgi_temp_path {tmp}/nginx-fastcgi;
@@ -355,6 +358,16 @@ def test_a_destination_the_port_rules_refuse_is_denied_before_any_origin_connect
         == before + 1
     )
     assert not [line for line in bump.origin_log() if f" {DENIED_PORT} " in line]
+
+
+def test_the_next_bumped_connection_to_an_origin_resumes_the_verified_tls_session(bump):
+    # Two connections one after the other: the second origin handshake resumes
+    # the first one's session (nginx logs "r"), and both are served.
+    for n in (1, 2):
+        proc = bump.curl(f"https://{NAME}/index.html?resume-{n}", "-o", "/dev/null")
+        assert proc.returncode == 0, proc.stderr.decode()
+    reused = dict(line.split() for line in (bump.tmp / "nginx-reused.log").read_text().splitlines())
+    assert reused["/index.html?resume-2"] == "r", reused
 
 
 # --- origins that fail verification ---------------------------------------------------------

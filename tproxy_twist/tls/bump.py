@@ -59,8 +59,15 @@ class OriginAttempt(ClientFactory):
 
     noisy = False
 
-    def __init__(self, kit: BumpKit, server_name: str, clock: IReactorTime, timeout: float):
-        self._creator = kit.origins.creator(server_name)
+    def __init__(
+        self,
+        kit: BumpKit,
+        server_name: str,
+        clock: IReactorTime,
+        timeout: float,
+        destination: tuple[str, int] | None = None,
+    ):
+        self._creator = kit.origins.creator(server_name, destination)
         self._clock = clock
         self._timeout = timeout
         self.origin: OriginTLS | None = None
@@ -113,7 +120,7 @@ def connect_origin(
     certificate for C{server_name}; C{timeout} bounds the TCP connection and,
     again, the TLS handshake.  See L{OriginAttempt}.
     """
-    attempt = OriginAttempt(kit, server_name, clock, timeout)
+    attempt = OriginAttempt(kit, server_name, clock, timeout, destination)
     host, port = destination
     attempt.connector = connect(host, port, attempt, timeout, source_ip)
     return attempt
