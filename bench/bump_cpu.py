@@ -21,7 +21,9 @@ Rows: C{plain} (keep-alive through the HTTP relay), C{bump-keepalive}
 (C{Connection: close}: origin handshake, verification, client handshake per
 request).  Each: requests, the worker's CPU milliseconds per request, and
 wrk's req/s (noise on a shared machine; CPU per request is the measure).
-C{--profile DIR} writes a cProfile of each row to DIR/<row>.prof.
+C{--profile DIR} writes a cProfile (CPU time) of each row to DIR/<row>.prof;
+C{--no-resumption}: the origin resumes no session (as in bench/tls.py);
+C{--twisted-writes}: A/B without L{tproxy_twist.tls.direct}.
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ http {{
     uwsgi_temp_path {tmp}/uwsgi;
     scgi_temp_path {tmp}/scgi;
     keepalive_requests 1000000;
-    ssl_session_cache shared:bench:10m;
+    ssl_session_cache {session_cache};
+    ssl_session_tickets {tickets};
     server {{
         listen 127.0.0.1:{https} ssl;
         listen 127.0.0.1:{http};
@@ -104,7 +107,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def setup(tmp: Path) -> tuple[subprocess.Popen, int, int, C.Config]:
+def setup(tmp: Path, resumable: bool = True) -> tuple[subprocess.Popen, int, int, C.Config]:
     origin_ca = make_ca("bump_cpu origin CA")
     origin = make_server_cert(["localhost", "127.0.0.1"], origin_ca)
     (tmp / "origin-ca.pem").write_bytes(origin_ca.cert_pem)
@@ -113,7 +116,15 @@ def setup(tmp: Path) -> tuple[subprocess.Popen, int, int, C.Config]:
     (tmp / "www").mkdir()
     (tmp / "www" / "small").write_bytes(BODY)
     https, http = free_port(), free_port()
-    (tmp / "nginx.conf").write_text(NGINX.format(tmp=tmp, https=https, http=http))
+    (tmp / "nginx.conf").write_text(
+        NGINX.format(
+            tmp=tmp,
+            https=https,
+            http=http,
+            session_cache="shared:bench:10m" if resumable else "off",
+            tickets="on" if resumable else "off",
+        )
+    )
     nginx = subprocess.Popen(
         ["nginx", "-c", str(tmp / "nginx.conf"), "-e", str(tmp / "nginx-error.log")],
         stdout=subprocess.DEVNULL,
@@ -216,6 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="plain,bump-keepalive,bump-new")
     parser.add_argument("--profile", help="write DIR/<row>.prof (cProfile) for each row")
     parser.add_argument(
+        "--no-resumption",
+        action="store_true",
+        help="the origin resumes no TLS session (as bench/tls.py's): every origin handshake full",
+    )
+    parser.add_argument(
         "--twisted-writes",
         action="store_true",
         help="A/B: leave Twisted's buffered TLS writes in place (no tls.direct.send_directly)",
@@ -231,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bump_cpu."))
     nginx = None
     try:
-        nginx, https, http, config = setup(tmp)
+        nginx, https, http, config = setup(tmp, resumable=not opts.no_resumption)
         plain = listen_plain(config, http)
         bump = listen_bump(config, https)
         rows = {
