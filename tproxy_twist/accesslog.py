@@ -64,9 +64,11 @@ class AccessEntry:
     alpn: str | None = None  # the offered protocols, comma-separated
     tls_version: str | None = None  # the highest version offered, e.g. "TLSv1.3"
     ech: bool | None = None  # an encrypted_client_hello extension was present
+    # What the TLS port did: splice, bump, deny, tunnel, terminate or close.
+    action: str | None = None
 
 
-_TLS_FIELDS = frozenset({"sni", "alpn", "tls_version", "ech"})
+_TLS_FIELDS = frozenset({"sni", "alpn", "tls_version", "ech", "action"})
 
 
 class AccessLog(Protocol):
@@ -136,7 +138,7 @@ class SquidFormatter:
 class JSONFormatter:
     """
     One JSON object per line with every field of L{AccessEntry}, under its
-    own name; the TLS fields (C{sni}, C{alpn}, C{tls_version}, C{ech}) only
+    own name; the TLS fields (C{sni}, C{alpn}, C{tls_version}, C{ech}, C{action}) only
     for connections on TLS ports.
     """
 

@@ -531,14 +531,13 @@ def _port_ranges(text: str, ports_text: str) -> tuple[tuple[int, int], ...]:
 
 
 def _no_http_policy_keys(table: _Table) -> None:
-    """A TLS port relays no HTTP: Via and these rules would silently not apply."""
-    for key in ("via", "deny_destinations", "allow_destinations"):
-        if key in table._data:
-            raise table.error(
-                key,
-                'does not apply to TLS ports (protocol = "tls"); their [port.tls] rules'
-                " match destinations",
-            )
+    """
+    C{via} is not configurable on TLS ports.  Their C{allow/deny_destinations}
+    do apply: to the original destination of every connection, whatever its
+    action (L{tproxy_twist.tls.layer}).
+    """
+    if "via" in table._data:
+        raise table.error("via", 'does not apply to TLS ports (protocol = "tls")')
 
 
 def _auth(port: _Table, mode: str) -> AuthConfig | None:

@@ -258,13 +258,19 @@ class LocalAddresses:
 
 
 class DirectWriter:
-    """Writes to a TCP transport, straight to its socket when nothing is buffered."""
+    """
+    Writes to a TCP transport, straight to its socket when nothing is
+    buffered.  What cannot go at once goes to C{buffered} (C{write} and
+    C{writeSequence}): the transport itself by default; once TLS is started
+    on it, the TLS layer's own way to the socket (L{tproxy_twist.tls.direct}).
+    """
 
-    __slots__ = ("_transport", "_sock")
+    __slots__ = ("_transport", "_sock", "_buffered")
 
-    def __init__(self, transport: tcp.Connection) -> None:
+    def __init__(self, transport: tcp.Connection, buffered=None) -> None:
         self._transport = transport
         self._sock = transport.socket
+        self._buffered = transport if buffered is None else buffered
 
     def _idle(self) -> bool:
         t = self._transport
@@ -279,34 +285,34 @@ class DirectWriter:
 
     def write(self, data: bytes) -> None:
         if not self._idle():
-            self._transport.write(data)
+            self._buffered.write(data)
             return
         try:
             sent = self._sock.send(data)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
-            self._transport.write(data)  # Twisted notices the error and closes
+            self._buffered.write(data)  # Twisted notices the error and closes
             return
         if sent < len(data):
-            self._transport.write(data[sent:])
+            self._buffered.write(data[sent:])
 
     def write_sequence(self, parts: list[bytes]) -> None:
         if not self._idle():
-            self._transport.writeSequence(parts)
+            self._buffered.writeSequence(parts)
             return
         try:
             sent = self._sock.sendmsg(parts)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
-            self._transport.writeSequence(parts)
+            self._buffered.writeSequence(parts)
             return
         for i, part in enumerate(parts):
             if sent < len(part):
                 rest = parts[i:]
                 rest[0] = part[sent:]
-                self._transport.writeSequence(rest)
+                self._buffered.writeSequence(rest)
                 return
             sent -= len(part)
 

@@ -40,6 +40,7 @@ from tproxy_twist.tls.testing import make_ca, make_server_cert, now_utc
 NAME = "origin.test"
 BAD_PORTS = {"wrong_name": 4441, "self_signed": 4442, "expired": 4443}
 DIRECT_PORT = 8443
+DENIED_PORT = 4444  # diverted, the good certificate, refused by deny_destinations
 BUMP_PORT = 3130
 LEAF_CACHE_SIZE = 200
 MANY = 5000
@@ -66,8 +67,9 @@ name = "bump"
 listen = "[::]:3130"
 mode = "tproxy"
 protocol = "tls"
-divert = [443, 4441, 4442, 4443]
+divert = [443, 4441, 4442, 4443, 4444]
 host_verify_strict = true
+deny_destinations = ["*:4444"]
 [port.tls]
 default = "bump"
 [[port.tls.rule]]
@@ -85,6 +87,9 @@ events {{ worker_connections 1024; }}
 http {{
     log_format saw '$remote_addr $server_port "$ssl_server_name" $request_uri';
     access_log {tmp}/nginx-access.log saw;
+    log_format reused '$request_uri $ssl_session_reused';
+    access_log {tmp}/nginx-reused.log reused;
+    ssl_session_cache shared:e2e:1m;  # as most origins: sessions can be resumed
     client_body_temp_path {tmp}/nginx-body;
     proxy_temp_path {tmp}/nginx-proxy;
     fastcgi_temp_path {tmp}/nginx-fastcgi;
@@ -96,6 +101,7 @@ http {{
         listen [::]:443 ssl http2 default_server;
         listen {direct} ssl;
         listen [::]:{direct} ssl;
+        listen {denied} ssl;
         ssl_certificate {tmp}/good.pem;
         ssl_certificate_key {tmp}/good.key;
         root {tmp}/www;
@@ -135,7 +141,7 @@ class BumpLab:
     def curl(self, *args: str, ca: bool = True) -> subprocess.CompletedProcess:
         trust = ["--cacert", str(self.tmp / "proxy-ca.pem")] if ca else []
         resolve = []
-        for port in (443, *BAD_PORTS.values()):
+        for port in (443, DENIED_PORT, *BAD_PORTS.values()):
             resolve += ["--resolve", f"{NAME}:{port}:{Lab.ORIGIN4}"]
         return self.client(
             ["curl", "--silent", "--show-error", "--max-time", "20", *trust, *resolve, *args]
@@ -239,11 +245,13 @@ def bump(lab: Lab) -> Iterator[BumpLab]:
     www.mkdir()
     (www / "index.html").write_text("<html><body><p id=x>hello through bump</p></body></html>\n")
     bad = "".join(BAD_SERVER.format(port=p, kind=k, tmp=tmp) for k, p in BAD_PORTS.items())
-    (tmp / "nginx.conf").write_text(NGINX.format(tmp=tmp, direct=DIRECT_PORT, bad=bad))
+    (tmp / "nginx.conf").write_text(
+        NGINX.format(tmp=tmp, direct=DIRECT_PORT, denied=DENIED_PORT, bad=bad)
+    )
     nginx_out = open(tmp / "nginx.out", "ab")
     lab.popen(lab.origin, ["nginx", "-c", str(tmp / "nginx.conf")], stdout=nginx_out,
               stderr=subprocess.STDOUT)  # fmt: skip
-    for port in (443, DIRECT_PORT, *BAD_PORTS.values()):
+    for port in (443, DIRECT_PORT, DENIED_PORT, *BAD_PORTS.values()):
         lab.wait_port(lab.origin, Lab.ORIGIN4, port)
     config_text = PROXY_CONFIG.format(tmp=tmp, cache=LEAF_CACHE_SIZE)
     config_path = tmp / "proxy.toml"
@@ -323,6 +331,43 @@ def test_errors_the_proxy_makes_are_answered_inside_tls(bump):
     proc = bump.curl("--write-out", "%{http_code}", "-o", "/dev/null", f"https://{NAME}/drop")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == b"502"
+
+
+def test_a_bumped_connection_gets_its_own_connect_line_besides_its_request_lines(bump):
+    proc = bump.curl(f"https://{NAME}/index.html?connection-line", "-o", "/dev/null")
+    assert proc.returncode == 0, proc.stderr.decode()
+    request = bump.wait_access_entry(lambda e: e["url"].endswith("?connection-line"))
+    line = bump.wait_access_entry(
+        lambda e: e["method"] == "CONNECT" and e.get("action") == "bump"
+        and e["bytes_out"] == request["bytes_out"] and e["client"] == Lab.CLIENT4
+    )  # fmt: skip
+    assert (line["url"], line["result"], line["status"]) == (f"{NAME}:443", "NONE", 200)
+    assert (line["sni"], line["destination"]) == (NAME, f"{Lab.ORIGIN4}:443")
+    assert line["tls_version"] == "TLSv1.3" and line["ech"] is False and "alpn" in line
+
+
+def test_a_destination_the_port_rules_refuse_is_denied_before_any_origin_connection(bump):
+    before = bump.metric("tproxy_rejected_total", port="bump", reason="destination")
+    proc = bump.curl(f"https://{NAME}:{DENIED_PORT}/?refused")
+    assert proc.returncode == 35, (proc.returncode, proc.stderr)  # a TLS alert, no certificate
+    assert b"access denied" in proc.stderr.lower(), proc.stderr
+    entry = bump.wait_access_entry(lambda e: e["url"] == f"{NAME}:{DENIED_PORT}")
+    assert (entry["result"], entry["status"], entry["action"]) == ("TCP_DENIED", 403, "deny")
+    assert (
+        bump.wait_metric("tproxy_rejected_total", before + 1, port="bump", reason="destination")
+        == before + 1
+    )
+    assert not [line for line in bump.origin_log() if f" {DENIED_PORT} " in line]
+
+
+def test_the_next_bumped_connection_to_an_origin_resumes_the_verified_tls_session(bump):
+    # Two connections one after the other: the second origin handshake resumes
+    # the first one's session (nginx logs "r"), and both are served.
+    for n in (1, 2):
+        proc = bump.curl(f"https://{NAME}/index.html?resume-{n}", "-o", "/dev/null")
+        assert proc.returncode == 0, proc.stderr.decode()
+    reused = dict(line.split() for line in (bump.tmp / "nginx-reused.log").read_text().splitlines())
+    assert reused["/index.html?resume-2"] == "r", reused
 
 
 # --- origins that fail verification ---------------------------------------------------------

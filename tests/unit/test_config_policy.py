@@ -149,8 +149,17 @@ def test_sample_config_forward_port_listens_on_ipv6_too():
     assert forward.listen.host == "::"
 
 
-@pytest.mark.parametrize("key", ["via = false", 'deny_destinations = ["10.0.0.0/8"]'])
-def test_http_policy_keys_are_refused_on_tls_ports(key):
-    text = '[[port]]\nlisten = "[::]:3130"\nmode = "tproxy"\nprotocol = "tls"\n' + key + "\n"
+def test_via_is_refused_on_tls_ports():
+    text = '[[port]]\nlisten = "[::]:3130"\nmode = "tproxy"\nprotocol = "tls"\nvia = false\n'
     message = error(text)
-    assert message.startswith(f"test.toml: port[0].{key.split(' ')[0]}: does not apply to TLS")
+    assert message.startswith("test.toml: port[0].via: does not apply to TLS")
+
+
+def test_tls_ports_take_destination_rules():
+    text = (
+        '[[port]]\nlisten = "[::]:3130"\nmode = "tproxy"\nprotocol = "tls"\n'
+        'deny_destinations = ["10.0.0.0/8"]\nallow_destinations = ["*:443"]\n'
+    )
+    (port,) = C.loads(text, "test.toml").ports
+    assert [r.text for r in port.destinations.deny] == ["10.0.0.0/8"]
+    assert [r.text for r in port.destinations.allow] == ["*:443"]

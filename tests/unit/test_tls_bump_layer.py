@@ -13,6 +13,7 @@ e2e test_tls_bump.py.
 from __future__ import annotations
 
 import itertools
+import json
 
 import attrs
 import pytest
@@ -447,3 +448,99 @@ def test_draining_closes_an_idle_bumped_connection_and_lets_a_busy_one_finish(or
     assert b"Connection: close" in h.transport.value()
     h.factory.drain(min_idle=0)
     assert h.transport.closed
+
+
+# --- the connection's own access-log line -----------------------------------------------------
+
+
+def test_a_bumped_connection_gets_a_connect_line_after_its_request_lines(origins):
+    h = Harness(origins)
+    origin, _ = h.bumped()
+    h.protocol.dataReceived(b"GET /a HTTP/1.1\r\nHost: www.example.org\r\n\r\n")
+    origin.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    h.clock.advance(1.5)
+    h.transport.disconnected = True
+    h.protocol.connectionLost(Failure(neterror.ConnectionDone()))
+    request, connection = h.entries
+    assert request.url == "https://www.example.org/a" and request.sni is None
+    assert (connection.method, connection.url, connection.result, connection.status) == (
+        "CONNECT", "www.example.org:443", "NONE", 200,
+    )  # fmt: skip
+    assert (connection.action, connection.sni, connection.alpn) == ("bump", SNI, "h2,http/1.1")
+    assert connection.destination == "203.0.113.2:443" and connection.duration == 1.5
+    # Its bytes are its requests' (decrypted), not counted twice in the metrics.
+    assert (connection.bytes_in, connection.bytes_out) == (request.bytes_in, request.bytes_out)
+    assert connection.bytes_out > 0
+
+
+def test_a_bumped_connection_line_in_both_formats(origins):
+    from tproxy_twist.accesslog import JSONFormatter, SquidFormatter
+
+    h = Harness(origins)
+    h.bumped()
+    h.transport.disconnected = True
+    h.protocol.connectionLost(Failure(neterror.ConnectionDone()))
+    (entry,) = h.entries
+    squid = SquidFormatter()(entry).split()
+    assert squid[3:] == ["NONE/200", "0", "CONNECT", "www.example.org:443", "-",
+                         "HIER_DIRECT/203.0.113.2", "-"]  # fmt: skip
+    fields = json.loads(JSONFormatter()(entry))
+    assert (fields["action"], fields["sni"], fields["method"]) == ("bump", SNI, "CONNECT")
+    assert "tls_version" in fields and "ech" in fields
+
+
+def test_a_connection_spliced_after_failed_verification_is_logged_as_a_splice(origins):
+    h = Harness(origins)
+    h.protocol.dataReceived(hello())
+    h.failed_verification(18)
+    h.connect.last.succeed()
+    h.transport.disconnected = True
+    h.protocol.connectionLost(Failure(neterror.ConnectionDone()))
+    (entry,) = h.entries
+    assert (entry.result, entry.action, entry.status) == ("TCP_TUNNEL", "splice", 200)
+
+
+# --- destination rules ------------------------------------------------------------------------
+
+
+def test_a_bump_to_a_refused_destination_is_denied_before_any_origin_connection(origins):
+    h = Harness(origins, extra='deny_destinations = ["203.0.113.2"]\n')
+    h.protocol.dataReceived(hello())
+    assert h.connect.attempts == [] and h.server.started == []
+    assert h.transport.value() == b"\x15\x03\x03\x00\x02\x02\x31"  # access_denied
+    assert sample("tproxy_rejected_total", port=h.name, reason="destination") == 1
+    h.transport.disconnected = True
+    h.protocol.connectionLost(Failure(neterror.ConnectionDone()))
+    (entry,) = h.entries
+    assert (entry.result, entry.status, entry.action) == ("TCP_DENIED", 403, "deny")
+
+
+def test_a_bumped_requests_host_never_steers_the_upstream_connection(origins):
+    h = Harness(origins)
+    origin, origin_transport = h.bumped()
+    h.protocol.dataReceived(b"GET http://192.0.2.9:8080/x HTTP/1.1\r\nHost: 192.0.2.9\r\n\r\n")
+    origin.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    h.protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: 127.0.0.1:22\r\n\r\n")
+    sent = origin_transport.take()
+    assert sent.count(b"GET ") == 2  # both over the verified origin connection
+    assert len(h.connect.attempts) == 1  # and no other connection was made
+
+
+def test_a_further_upstream_connection_is_checked_against_the_destination_rules(origins):
+    from tproxy_twist.destinations import DestinationPolicy, DestinationRule
+
+    h = Harness(origins)
+    origin, origin_transport = h.bumped()
+    h.protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: www.example.org\r\n\r\n")
+    origin.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+    origin_transport.disconnected = True
+    origin.connectionLost(Failure(neterror.ConnectionDone()))
+    # The rules now refuse the destination (the first connection was made before).
+    rule = DestinationRule(allow=False, network=None, ports=((443, 443),), text="*:443")
+    h.factory.port = attrs.evolve(h.port, destinations=DestinationPolicy(deny=(rule,)))
+    h.transport.clear()
+    h.protocol.dataReceived(b"GET /2 HTTP/1.1\r\nHost: www.example.org\r\n\r\n")
+    assert len(h.connect.attempts) == 1
+    answer = h.transport.value()
+    assert answer.startswith(b"HTTP/1.1 403 ") and b"deny_destinations '*:443'" in answer
+    assert sample("tproxy_rejected_total", port=h.name, reason="destination") == 1

@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 
+import pytest
 from prometheus_client import REGISTRY
 from twisted.internet import error as neterror
 from twisted.internet.task import Clock
@@ -347,6 +348,43 @@ def test_a_direct_connection_to_the_tls_port_is_refused_as_a_loop():
     h.send(HELLO_BYTES)
     assert h.received() == ACCESS_DENIED and h.connect.attempts == []
     assert sample("tproxy_rejected_total", port=h.name, reason="loop") == 1
+
+
+@pytest.mark.parametrize(
+    "rules",
+    ['deny_destinations = ["203.0.113.0/24:443"]\n', 'allow_destinations = ["*:80"]\n'],
+)
+def test_a_destination_the_port_rules_refuse_gets_access_denied_and_no_upstream(rules):
+    h = Harness(rules + '[port.tls]\ndefault = "splice"\n')
+    h.send(HELLO_BYTES)
+    assert h.received() == ACCESS_DENIED and h.connect.attempts == []
+    assert sample("tproxy_rejected_total", port=h.name, reason="destination") == 1
+    assert h.actions("deny") == 1
+    h.lose()
+    entry = h.entries[0]
+    assert (entry.result, entry.status, entry.url) == ("TCP_DENIED", 403, "www.example.org:443")
+
+
+def test_a_destination_the_port_rules_allow_is_spliced():
+    h = Harness('deny_destinations = ["203.0.113.0/24:25"]\nallow_destinations = ["*:443"]\n')
+    h.send(HELLO_BYTES)
+    assert h.connect.last.host == "203.0.113.2"
+    assert sample("tproxy_rejected_total", port=h.name, reason="destination") == 0
+
+
+def test_a_refused_destination_is_not_tunnelled_for_a_client_that_is_not_tls():
+    h = Harness('on_not_tls = "tunnel"\ndeny_destinations = ["*:443"]\n')
+    h.send(b"GET / HTTP/1.1\r\n")
+    assert h.connect.attempts == [] and h.transport.write_closed
+    assert sample("tproxy_rejected_total", port=h.name, reason="destination") == 1
+    assert h.actions("tunnel") == 0 and h.actions("deny") == 1
+
+
+def test_a_client_outside_allow_is_not_tunnelled_either():
+    h = Harness('on_not_tls = "tunnel"\nallow = ["192.0.2.0/24"]\n')
+    h.send(b"GET / HTTP/1.1\r\n")
+    assert h.connect.attempts == [] and h.transport.write_closed
+    assert sample("tproxy_rejected_total", port=h.name, reason="forbidden") == 1
 
 
 # --- not TLS, bad hellos, silence -------------------------------------------------------------

@@ -76,7 +76,8 @@ def listen(request):
     """Start a local origin; every port is closed after the test."""
     ports = []
 
-    def start(factory, tls: Issued | None = None, chain=(), alpn=(b"h2", b"http/1.1")):
+    def start(factory, tls: Issued | None = None, chain=(), alpn=(b"h2", b"http/1.1"),
+              tickets=False):  # fmt: skip
         if tls is None:
             port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         else:
@@ -85,6 +86,7 @@ def listen(request):
                 certificate=crypto.X509.from_cryptography(tls.certificate),
                 extraCertChain=[crypto.X509.from_cryptography(c) for c in chain],
                 acceptableProtocols=list(alpn),
+                enableSessionTickets=tickets,
             )
             port = reactor.listenSSL(0, factory, options, interface="127.0.0.1")
         ports.append(port)
@@ -279,3 +281,94 @@ def test_a_trust_bundle_without_certificates_is_an_error_naming_the_file(tmp_pat
     bundle.write_text("not a certificate\n")
     with pytest.raises(TrustError, match=r"empty\.pem: no PEM certificate"):
         load_trust_root(str(bundle))
+
+
+# --- resuming sessions of verified origins --------------------------------------------------
+
+
+def resumed(origin: OriginTLS) -> bool:
+    from OpenSSL.SSL import _lib
+
+    return bool(_lib.SSL_session_reused(origin._tls._ssl))
+
+
+def close_cleanly(origin: OriginTLS) -> None:
+    """close_notify, as the relay closes an upstream connection (an abort makes
+    OpenSSL mark the connection's session as not resumable)."""
+    origin.transport.loseConnection()
+    for _ in range(50):
+        if not origin.transport.connected:
+            break
+        reactor.iterate(0.01)
+
+
+def verified_and_used(trust: OriginTrust, port: int, name: str = ORIGIN):
+    """Verify (offering a kept session), then exchange data: (origin, verdict)."""
+    origin = OriginTLS(trust.creator(name, ("127.0.0.1", port)), reactor, 10.0)
+    reactor.connectTCP("127.0.0.1", port, protocol.ClientFactory.forProtocol(lambda: origin))
+    verdict = wait(origin.verdict)
+    if verdict.ok:
+        app = Collect()
+        origin.attach(app)
+        app.transport.write(b"ping")
+        wait(app.got)
+    return origin, verdict
+
+
+def test_the_next_connection_to_a_verified_origin_resumes_its_session(trust, test_ca, listen):
+    port = listen(
+        protocol.Factory.forProtocol(Echo), make_server_cert([ORIGIN], test_ca), tickets=True
+    )
+    first, verdict = verified_and_used(trust, port)
+    assert verdict.ok and not resumed(first)
+    assert len(trust.sessions) == (1 if trust.resumes else 0)
+    close(first)  # aborted, as the relay does when its client leaves: the kept copy is good
+    second, verdict = verified_and_used(trust, port)
+    # Only the shared context can resume (the other is the fallback without
+    # Twisted's private API: a context, and so a session cache, per connection).
+    assert verdict.ok and resumed(second) is trust.resumes
+    close_cleanly(second)
+    # Another name at the same address is another key: nothing is offered.
+    third, verdict = verified_and_used(trust, port, "127.0.0.1")
+    assert not verdict.ok and not resumed(third)
+
+
+def test_a_resumed_session_is_still_checked_for_the_name(trust, test_ca, listen):
+    if not trust.resumes:
+        trust = OriginTrust(trust.trust_root)  # the shared context, which resumes
+    port = listen(
+        protocol.Factory.forProtocol(Echo), make_server_cert([ORIGIN], test_ca), tickets=True
+    )
+    first, verdict = verified_and_used(trust, port)
+    session = trust.sessions.get(("127.0.0.1", port, ORIGIN))
+    close_cleanly(first)
+    # Planted under a name the certificate does not carry: the origin resumes
+    # it, the name check on the session's certificate still refuses.
+    trust.sessions.put(("127.0.0.1", port, "elsewhere.example"), session)
+    other, verdict = verified_and_used(trust, port, "elsewhere.example")
+    assert verdict.result == "bad_name"
+    assert trust.sessions.get(("127.0.0.1", port, "elsewhere.example")) is None  # forgotten
+
+
+def test_a_connection_that_failed_verification_leaves_no_session(trust, listen):
+    port = listen(
+        protocol.Factory.forProtocol(Echo), make_server_cert([ORIGIN], None), tickets=True
+    )
+    origin, verdict = verified_and_used(trust, port)
+    assert verdict.result == "unknown_issuer" and len(trust.sessions) == 0
+
+
+def test_kept_sessions_are_capped_least_recently_used_first_and_age():
+    from tproxy_twist.tls.verify import OriginSessions
+
+    clock = Clock()
+    sessions = OriginSessions(clock, size=2, max_age=60)
+    a, b, c = object(), object(), object()
+    sessions.put(("192.0.2.1", 443, "a.example"), a)
+    sessions.put(("192.0.2.1", 443, "b.example"), b)
+    assert sessions.get(("192.0.2.1", 443, "a.example")) is a  # now the most recent
+    sessions.put(("192.0.2.1", 443, "c.example"), c)
+    assert sessions.get(("192.0.2.1", 443, "b.example")) is None and len(sessions) == 2
+    clock.advance(61)
+    assert sessions.get(("192.0.2.1", 443, "a.example")) is None
+    assert len(sessions) == 1

@@ -26,8 +26,10 @@ from twisted.internet.protocol import ClientFactory
 from twisted.python.failure import Failure
 
 from ..config import Limits
+from ..destinations import normalize
 from ..http.relay import ClientConnection, ProxyFactory, ReadGate, RelaySettings, Upstream
 from ..http.session import Link, Session
+from ..resolver import DestinationRefused
 from ..sockets import TransportWriter, UpstreamConnect
 from .bumpkit import BumpKit
 from .leaf import leaf_name
@@ -57,8 +59,15 @@ class OriginAttempt(ClientFactory):
 
     noisy = False
 
-    def __init__(self, kit: BumpKit, server_name: str, clock: IReactorTime, timeout: float):
-        self._creator = kit.origins.creator(server_name)
+    def __init__(
+        self,
+        kit: BumpKit,
+        server_name: str,
+        clock: IReactorTime,
+        timeout: float,
+        destination: tuple[str, int] | None = None,
+    ):
+        self._creator = kit.origins.creator(server_name, destination)
         self._clock = clock
         self._timeout = timeout
         self.origin: OriginTLS | None = None
@@ -111,7 +120,7 @@ def connect_origin(
     certificate for C{server_name}; C{timeout} bounds the TCP connection and,
     again, the TLS handshake.  See L{OriginAttempt}.
     """
-    attempt = OriginAttempt(kit, server_name, clock, timeout)
+    attempt = OriginAttempt(kit, server_name, clock, timeout, destination)
     host, port = destination
     attempt.connector = connect(host, port, attempt, timeout, source_ip)
     return attempt
@@ -187,6 +196,9 @@ class BumpedClient(ClientConnection):
 
         def finished(record) -> None:
             record.scheme = b"https"
+            # The connection's own access-log line sums its requests' (decrypted) bytes.
+            tls_connection.decrypted_in += record.bytes_in
+            tls_connection.decrypted_out += record.bytes_out
             sink(record)
 
         self.finished = finished
@@ -219,6 +231,8 @@ class BumpedClient(ClientConnection):
             bytes_in, bytes_out = session.unrecorded_bytes()
             if bytes_in or bytes_out:
                 self.metrics.transferred(bytes_in, bytes_out)
+                self.tls.decrypted_in += bytes_in
+                self.tls.decrypted_out += bytes_out
 
     def shutdown_write(self) -> None:
         # TLS has no half-close: close_notify, then the connection closes.
@@ -232,6 +246,15 @@ class BumpedClient(ClientConnection):
             origin.attach(Upstream(self, link))
             return
         tls_factory = self.factory.tls_factory
+        # Requests go to the original destination whatever their Host says (policy.route),
+        # which the TLS layer checked against the port's destination rules before the
+        # first connection; every further connection is checked again all the same.
+        rules = tls_factory.port.destinations
+        if not rules.empty:
+            decision = rules.decide(normalize(destination[0]), destination[1])
+            if not decision.allowed:
+                self.session.upstream_failed(link, DestinationRefused(decision))  # 403 in TLS
+                return
         attempt = connect_origin(
             tls_factory.connect,
             tls_factory.bump,

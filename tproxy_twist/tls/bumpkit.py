@@ -70,7 +70,7 @@ def load_bump_kit(config: Config, clock: IReactorTime, *, metrics: bool = True) 
         ca=ca,
         leaves=leaves,
         server=BumpServerTLS(leaves),
-        origins=OriginTrust(trust_root),
+        origins=OriginTrust(trust_root, clock=clock),
         pinned=PinnedHosts(tls.pinned_splice_after),
         on_verify_failure=tls.on_verify_failure,
     )

@@ -43,6 +43,7 @@ from zope.interface import implementer
 
 from ..accesslog import AccessEntry
 from ..config import PortConfig, Timeouts
+from ..destinations import normalize
 from ..sockets import UpstreamConnect, nat_original_destination, unmap, writer_for
 from ..zerocopy import DONE, SplicePump, can_splice
 from .clienthello import ALERT_ACCESS_DENIED, ClientHello, ClientHelloReader, HelloError, alert
@@ -274,7 +275,9 @@ class TLSConnection(Protocol):
         self.destination: tuple[str, int] | None = None
         self.upstream: SpliceUpstream | None = None
         self._pending = b""  # bytes of a connection that is not TLS, for the tunnel
-        self._refusal: str | None = None  # "forbidden" or "loop": deny whatever the rules say
+        # "forbidden", "loop" or "destination": deny whatever the rules say
+        self._refusal: str | None = None
+        self._refusal_reason = ""
         self._client_eof = False
         self._upstream_eof = False
         self._started = 0.0
@@ -294,6 +297,9 @@ class TLSConnection(Protocol):
         self._origin_attempt = None
         self.origin = None
         self.http = None
+        #: a bumped connection's decrypted bytes (its requests'), for its access-log line
+        self.decrypted_in = 0
+        self.decrypted_out = 0
         self.pump: SplicePump | None = None  # while relaying zero-copy
         self._pumped_in = 0  # the pump's counts already added to the byte counts
         self._pumped_out = 0
@@ -332,6 +338,15 @@ class TLSConnection(Protocol):
             self._refusal = "loop"
         elif not self.port.allows_everyone and not self.port.allows(self.client_ip):
             self._refusal = "forbidden"
+        elif self.destination is not None and not self.port.destinations.empty:
+            # allow/deny_destinations, as on HTTP ports: whatever the action (splice,
+            # bump, tunnel), no upstream connection to a refused destination.
+            decision = self.port.destinations.decide(
+                normalize(self.destination[0]), self.destination[1]
+            )
+            if not decision.allowed:
+                self._refusal = "destination"
+                self._refusal_reason = decision.reason
         self._arm("hello", factory.tls.client_hello_timeout)
 
     def dataReceived(self, data: bytes) -> None:
@@ -404,9 +419,8 @@ class TLSConnection(Protocol):
             self._client_handshake_failed(reason)
         self.flush_bytes()
         if previous == BUMPED:
-            self.http.connectionLost(reason)  # the HTTP session logs each request
-        else:
-            self._log_entry()
+            self.http.connectionLost(reason)  # the HTTP session logs each request...
+        self._log_entry()  # ...and the connection gets its own line
 
     # --- deciding ---------------------------------------------------------------
 
@@ -419,7 +433,7 @@ class TLSConnection(Protocol):
                 "denying {client} -> {sni}: {why}",
                 client=self.client_ip,
                 sni=hello.sni,
-                why="not allowed on this port" if self._refusal == "forbidden" else "a loop",
+                why=self._refusal_reason or _REFUSALS[self._refusal],
             )
             self._deny(Decision("deny", "default"))
             return
@@ -572,6 +586,20 @@ class TLSConnection(Protocol):
     def _bad_hello(self, error: HelloError, data: bytes) -> None:
         tls = self.factory.tls
         tls_metrics = self.factory.tls_metrics
+        if error.reason == "not_tls" and tls.on_not_tls == "tunnel" and self._refusal is not None:
+            # A refused connection is not tunnelled either: closed, as HTTP ports answer 403.
+            self.factory.metrics.rejected(self._refusal)
+            log.info(
+                "closing {client} (not TLS) instead of tunnelling: {why}",
+                client=self.client_ip,
+                why=self._refusal_reason or _REFUSALS[self._refusal],
+            )
+            tls_metrics.action("deny")
+            self.action = "deny"
+            self.status = 403
+            self._timer = ""
+            self._close_gently()
+            return
         if error.reason == "not_tls" and tls.on_not_tls == "tunnel":
             tls_metrics.action("tunnel")
             self.action = "tunnel"
@@ -806,8 +834,13 @@ class TLSConnection(Protocol):
         hello = self.hello
         host, port = self.destination or ("-", 0)
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        bytes_in, bytes_out = self._bytes_in, self._bytes_out
         if self.action == "deny":
             result = "TCP_DENIED"
+        elif self.status == 200 and self.action == "bump":
+            # Squid's line for a bumped connection; the bytes are its requests' (decrypted).
+            result = "NONE"
+            bytes_in, bytes_out = self.decrypted_in, self.decrypted_out
         elif self.status == 200:
             result = "TCP_TUNNEL"
         else:
@@ -823,15 +856,18 @@ class TLSConnection(Protocol):
                 # Squid logs a spliced connection as CONNECT to the SNI and port.
                 url=f"{hello.sni}:{port}" if hello is not None and hello.sni else address,
                 status=self.status,
-                bytes_out=self._bytes_out,
-                bytes_in=self._bytes_in,
-                destination=address if self.upstream is not None else None,
+                bytes_out=bytes_out,
+                bytes_in=bytes_in,
+                destination=(
+                    address if self.upstream is not None or self.origin is not None else None
+                ),
                 result=result,
                 content_type="-",
                 sni=hello.sni if hello is not None else None,
                 alpn=",".join(hello.alpn) if hello is not None else None,
                 tls_version=hello.tls_version if hello is not None else None,
                 ech=hello.ech if hello is not None else None,
+                action=self.action,
             )
         )
 
@@ -840,6 +876,9 @@ def _address(destination: tuple[str, int]) -> str:
     host, port = destination
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
+
+#: Why a connection is denied before any rule is asked, for the log.
+_REFUSALS = {"forbidden": "not allowed on this port", "loop": "a loop"}
 
 #: Decision action -> the L{TLSConnection} method that carries it out.
 _ACTIONS = {"splice": "_splice", "deny": "_deny", "bump": "_bump"}

@@ -32,6 +32,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from .ca import CertificateAuthority
+from .direct import send_directly
 
 __all__ = [
     "ALPN_HTTP11",
@@ -299,6 +300,7 @@ class BumpServerTLS:
         protocol receives the decrypted bytes, and what it writes is encrypted.
         """
         transport.startTLS(self.creator(name))
+        send_directly(transport)
         if hello:
             # After startTLS the transport's protocol is Twisted's TLS protocol
             # (twisted.internet._newtls.startTLS documents that it sets it).

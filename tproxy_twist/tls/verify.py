@@ -17,6 +17,8 @@ L{_creator_maker} for why that matters).
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import attrs
 from OpenSSL import SSL
 from twisted.internet import defer
@@ -37,9 +39,11 @@ from twisted.internet.ssl import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .direct import send_directly
 from .leaf import ALPN_HTTP11
 
 __all__ = [
+    "OriginSessions",
     "OriginTLS",
     "OriginTrust",
     "OriginVerdict",
@@ -145,7 +149,47 @@ def _creator_maker(trust_root):
     def make(server_name: str) -> IOpenSSLClientConnectionCreator:
         return ClientTLSOptions(create, server_name)
 
+    make.shared = True  # one SSL.Context: its sessions can be resumed
     return make
+
+
+def _detached(session: SSL.Session) -> SSL.Session:
+    """
+    A copy of C{session} that is not the connection's own: OpenSSL marks a
+    connection's session not resumable when the connection is aborted, and
+    the relay aborts an origin connection whenever its client leaves (an
+    abandoned connection, not a failed one: the session is as good as it
+    was).  Private pyOpenSSL API (its binding's i2d/d2i_SSL_SESSION),
+    isolated here; without it the session itself is kept.
+    """
+    try:
+        from OpenSSL.SSL import _ffi, _lib
+
+        size = _lib.i2d_SSL_SESSION(session._session, _ffi.NULL)
+        if size <= 0:
+            return session
+        buffer = _ffi.new("unsigned char[]", size)
+        _lib.i2d_SSL_SESSION(session._session, _ffi.new("unsigned char **", buffer))
+        copy = _lib.d2i_SSL_SESSION(_ffi.NULL, _ffi.new("const unsigned char **", buffer), size)
+        if copy == _ffi.NULL:
+            return session
+        detached = SSL.Session.__new__(SSL.Session)
+        detached._session = _ffi.gc(copy, _lib.SSL_SESSION_free)
+        if hasattr(session, "_context"):
+            detached._context = session._context  # set_session() checks it
+        return detached
+    except (ImportError, AttributeError, TypeError):
+        return session
+
+
+def _is_ip(name: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _per_connection_maker(trust_root):
@@ -157,21 +201,143 @@ def _per_connection_maker(trust_root):
     return make
 
 
-class OriginTrust:
-    """What a worker verifies origins against; L{creator} is per connection."""
+#: Sessions of verified origin connections kept for resumption, per worker.
+SESSION_CACHE_SIZE = 1024
+#: A session older than this is not offered again, whatever the origin allows.
+SESSION_MAX_AGE = 600.0
 
-    def __init__(self, trust_root, *, shared_context: bool = True) -> None:
+
+class OriginSessions:
+    """
+    The TLS sessions of origin connections whose handshake was verified,
+    offered again (resumption: no certificate chain to send and verify,
+    no signature) on the next connection to the same origin: keyed by
+    (destination address, port, the name verified).  Least recently used
+    first out beyond C{size}; none older than C{max_age} seconds is offered.
+
+    A resumed handshake is still checked: OpenSSL keeps the verified chain's
+    result in the session, and the name is verified on the session's
+    certificate by the same service_identity check (L{OriginTLS}); a failed
+    verdict forgets the key's session.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime | None = None,
+        size: int = SESSION_CACHE_SIZE,
+        max_age: float = SESSION_MAX_AGE,
+    ) -> None:
+        self._clock = clock
+        self._size = size
+        self._max_age = max_age
+        self._sessions: OrderedDict[tuple[str, int, str], tuple[float, SSL.Session]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def _now(self) -> float:
+        return self._clock.seconds() if self._clock is not None else 0.0
+
+    def get(self, key: tuple[str, int, str]) -> SSL.Session | None:
+        entry = self._sessions.get(key)
+        if entry is None:
+            return None
+        stored, session = entry
+        if self._clock is not None and self._now() - stored > self._max_age:
+            del self._sessions[key]
+            return None
+        self._sessions.move_to_end(key)
+        return session
+
+    def put(self, key: tuple[str, int, str], session: SSL.Session) -> None:
+        self._sessions[key] = (self._now(), session)
+        self._sessions.move_to_end(key)
+        while len(self._sessions) > self._size:
+            self._sessions.popitem(last=False)
+
+    def forget(self, key: tuple[str, int, str]) -> None:
+        self._sessions.pop(key, None)
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _ResumingCreator:
+    """A connection creator that offers the session last verified for its key."""
+
+    def __init__(self, inner, sessions: OriginSessions, key: tuple[str, int, str]) -> None:
+        self._inner = inner
+        self._sessions = sessions
+        self.key = key
+        self.offered = False
+
+    def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
+        connection = self._inner.clientConnectionForTLS(tlsProtocol)
+        session = self._sessions.get(self.key)
+        if session is not None:
+            connection.set_session(session)
+            self.offered = True
+        return connection
+
+    def name_problem(self, connection: SSL.Connection) -> str | None:
+        """
+        Why the certificate of C{connection} does not name the server, or
+        C{None}.  Twisted checks the name in OpenSSL's verify callback, which
+        a resumed handshake never calls (no certificate is sent): so after a
+        session was offered the name is checked here, on the certificate the
+        session carries.
+        """
+        from service_identity import CertificateError, VerificationError
+        from service_identity.pyopenssl import verify_hostname, verify_ip_address
+
+        name = self.key[2]
+        try:
+            if _is_ip(name):
+                verify_ip_address(connection, name)
+            else:
+                verify_hostname(connection, name)
+        except (CertificateError, VerificationError) as e:
+            return str(e) or type(e).__name__
+        return None
+
+    def verified(self, connection: SSL.Connection) -> None:
+        """C{connection}'s handshake was verified: keep its session for the next one."""
+        session = connection.get_session()
+        if session is not None:
+            self._sessions.put(self.key, _detached(session))
+
+    def failed(self) -> None:
+        self._sessions.forget(self.key)
+
+
+class OriginTrust:
+    """
+    What a worker verifies origins against, and the sessions of verified
+    origins (L{OriginSessions}); L{creator} is per connection.
+    """
+
+    def __init__(
+        self, trust_root, *, shared_context: bool = True, clock: IReactorTime | None = None
+    ) -> None:
         self.trust_root = trust_root
         maker = _creator_maker if shared_context else _per_connection_maker
         self._make = maker(trust_root)
+        self.sessions = OriginSessions(clock)
+        #: Sessions are offered again (OpenSSL resumes only within one SSL.Context).
+        self.resumes = getattr(self._make, "shared", False)
 
-    def creator(self, server_name: str) -> IOpenSSLClientConnectionCreator:
+    def creator(
+        self, server_name: str, destination: tuple[str, int] | None = None
+    ) -> IOpenSSLClientConnectionCreator:
         """
         The client TLS options for one upstream connection: SNI and name
         verification for C{server_name} (a DNS name, or an IP address,
-        which is verified but not sent as SNI), ALPN http/1.1.
+        which is verified but not sent as SNI), ALPN http/1.1.  With the
+        C{destination} it connects to, the session of the last verified
+        connection to it for that name is offered (see L{OriginSessions}).
         """
-        return self._make(server_name)
+        inner = self._make(server_name)
+        if destination is None or not self.resumes:
+            return inner
+        return _ResumingCreator(inner, self.sessions, (destination[0], destination[1], server_name))
 
 
 def classify_failure(reason: Failure, connection: SSL.Connection | None) -> OriginVerdict:
@@ -253,19 +419,40 @@ class OriginTLS(Protocol):
         self._early: list[bytes] = []
         self._lost: Failure | None = None
         self._verified = False
+        self._session_kept = False
         self.verdict: defer.Deferred[OriginVerdict] = defer.Deferred(self._cancel)
 
     def connectionMade(self) -> None:
         self._timer = self._clock.callLater(self._timeout, self._timed_out)
+        # Without it Nagle holds the first request behind the unacknowledged
+        # Finished: a delayed ACK (40 ms) on every new bumped connection.
+        self.transport.setTcpNoDelay(True)
         self.transport.startTLS(self._creator)
+        send_directly(self.transport)
         self._tls = self.transport.getHandle()
 
     def handshakeCompleted(self) -> None:
+        if getattr(self._creator, "offered", False) and self._tls is not None:
+            problem = self._creator.name_problem(self._tls)
+            if problem is not None:
+                self._decide(OriginVerdict("bad_name", problem))
+                self.transport.abortConnection()
+                return
         # startTLS gives a TCP transport no negotiatedProtocol: ask OpenSSL.
         alpn = self._tls.get_alpn_proto_negotiated() if self._tls is not None else None
         self._decide(OriginVerdict("ok", alpn=alpn or None))
 
+    def _keep_session(self) -> None:
+        # TLS 1.3 tickets come after the handshake, ahead of the first bytes of
+        # data: by then the connection's session is the resumable one.
+        self._session_kept = True
+        verified = getattr(self._creator, "verified", None)
+        if verified is not None and self._tls is not None:
+            verified(self._tls)
+
     def dataReceived(self, data: bytes) -> None:
+        if self._verified and not self._session_kept:
+            self._keep_session()
         if self._app is not None:
             self._app.dataReceived(data)
         else:
@@ -301,6 +488,10 @@ class OriginTLS(Protocol):
         self._timer = None
         if not self.verdict.called:
             self._verified = verdict.ok
+            if not verdict.ok:
+                failed = getattr(self._creator, "failed", None)
+                if failed is not None:
+                    failed()  # whatever was kept for this origin is not offered again
             self.verdict.callback(verdict)
 
     def _timed_out(self) -> None:

@@ -1,0 +1,290 @@
+"""
+What a bumped request and a new bumped connection cost the worker, in CPU
+seconds, on loopback in one process: the figure that does not depend on how
+busy the rest of the machine is (wall-clock req/s does).
+
+    PYTHONPATH=. .venv/bin/python -m bench.bump_cpu [--seconds 5] [--connections 16]
+        [--only plain,bump-keepalive,bump-new] [--profile DIR]
+
+This process is the worker: the real TLS port factory (L{tls_factory}, bump
+for every connection, the real bump kit from a CA made with C{tproxy-twist
+ca init}) and, to compare, the real HTTP relay of a tproxy port, on the
+worker's reactor.  nginx on 127.0.0.1 is the origin (HTTPS with a
+certificate from a CA made here, and plain HTTP), wrk the client; their CPU
+is not counted.  Without TPROXY the "original destination" is the listening
+address, so the injected C{connect} sends every upstream connection to
+nginx's port; wrk connects to C{localhost} (the proxy listens on 127.0.0.1
+and ::1), the SNI and the name verified and forged for.
+
+Rows: C{plain} (keep-alive through the HTTP relay), C{bump-keepalive}
+(keep-alive over bumped connections: each handshaken once), C{bump-new}
+(C{Connection: close}: origin handshake, verification, client handshake per
+request).  Each: requests, the worker's CPU milliseconds per request, and
+wrk's req/s (noise on a shared machine; CPU per request is the measure).
+C{--profile DIR} writes a cProfile (CPU time) of each row to DIR/<row>.prof;
+C{--no-resumption}: the origin resumes no session (as in bench/tls.py);
+C{--twisted-writes}: A/B without L{tproxy_twist.tls.direct}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tproxy_twist import reactor as worker_reactor
+
+reactor = worker_reactor.install()
+
+from tproxy_twist import config as C  # noqa: E402
+from tproxy_twist.http.relay import ProxyFactory, RelaySettings  # noqa: E402
+from tproxy_twist.metrics import NullPortMetrics  # noqa: E402
+from tproxy_twist.tls.bumpkit import load_bump_kit  # noqa: E402
+from tproxy_twist.tls.layer import tls_factory  # noqa: E402
+from tproxy_twist.tls.testing import make_ca, make_server_cert  # noqa: E402
+
+BODY = b"x" * 512 + b"\n"
+NGINX = """\
+daemon off;
+user root;
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    keepalive_requests 1000000;
+    ssl_session_cache {session_cache};
+    ssl_session_tickets {tickets};
+    server {{
+        listen 127.0.0.1:{https} ssl;
+        listen 127.0.0.1:{http};
+        ssl_certificate {tmp}/origin.pem;
+        ssl_certificate_key {tmp}/origin.key;
+        root {tmp}/www;
+    }}
+}}
+"""
+CONFIG = """\
+[tls]
+ca_cert = "{tmp}/proxy-ca/ca.pem"
+ca_key = "{tmp}/proxy-ca/ca.key"
+ca_bundle = "{tmp}/origin-ca.pem"
+
+[[port]]
+name = "plain"
+listen = "127.0.0.1:1"
+mode = "tproxy"
+
+[[port]]
+name = "bump"
+listen = "127.0.0.1:2"
+mode = "tproxy"
+protocol = "tls"
+[port.tls]
+default = "bump"
+"""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup(tmp: Path, resumable: bool = True) -> tuple[subprocess.Popen, int, int, C.Config]:
+    origin_ca = make_ca("bump_cpu origin CA")
+    origin = make_server_cert(["localhost", "127.0.0.1"], origin_ca)
+    (tmp / "origin-ca.pem").write_bytes(origin_ca.cert_pem)
+    (tmp / "origin.pem").write_bytes(origin.cert_pem)
+    (tmp / "origin.key").write_bytes(origin.key_pem)
+    (tmp / "www").mkdir()
+    (tmp / "www" / "small").write_bytes(BODY)
+    https, http = free_port(), free_port()
+    (tmp / "nginx.conf").write_text(
+        NGINX.format(
+            tmp=tmp,
+            https=https,
+            http=http,
+            session_cache="shared:bench:10m" if resumable else "off",
+            tickets="on" if resumable else "off",
+        )
+    )
+    nginx = subprocess.Popen(
+        ["nginx", "-c", str(tmp / "nginx.conf"), "-e", str(tmp / "nginx-error.log")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    subprocess.run(
+        [sys.executable, "-m", "tproxy_twist.cli", "ca", "init", "--dir", str(tmp / "proxy-ca"),
+         "--name", "bump_cpu proxy CA"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    config = C.loads(CONFIG.format(tmp=tmp), str(tmp / "bench.toml"))
+    for _ in range(100):
+        try:
+            import socket
+
+            socket.create_connection(("127.0.0.1", https), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    return nginx, https, http, config
+
+
+def to(port: int):
+    """An UpstreamConnect that sends every upstream connection to 127.0.0.1:C{port}."""
+
+    def connect(host, _port, factory, timeout, source_ip):
+        return reactor.connectTCP("127.0.0.1", port, factory, timeout)
+
+    return connect
+
+
+def listen_plain(config: C.Config, origin_port: int) -> int:
+    port = config.ports[0]
+    factory = ProxyFactory(
+        port,
+        settings=RelaySettings(config.timeouts, config.limits, "bench"),
+        connect=to(origin_port),
+        clock=reactor,
+        local_addresses=frozenset(),
+        metrics=NullPortMetrics(port.name, port.mode),
+        reactor=reactor,
+    )
+    return listen_both(factory)
+
+
+def listen_both(factory) -> int:
+    """Listen on ::1 and 127.0.0.1, the same port: C{localhost} is either."""
+    port = reactor.listenTCP(0, factory, backlog=1024, interface="::1").getHost().port
+    reactor.listenTCP(port, factory, backlog=1024, interface="127.0.0.1")
+    return port
+
+
+def listen_bump(config: C.Config, origin_port: int) -> int:
+    kit = load_bump_kit(config, reactor, metrics=False)
+    factory = tls_factory(
+        config.ports[1], config, reactor, to(origin_port), frozenset(), None, None, bump=kit
+    )
+    return listen_both(factory)
+
+
+def serve(at_most: float) -> None:
+    """One turn of the reactor's main loop, as C{reactor.run()} does it (C{iterate(t)}
+    would wait C{t} even with a call due now: every C{callLater(0)} would be late)."""
+    reactor.runUntilCurrent()
+    timeout = reactor.timeout()
+    reactor.doIteration(at_most if timeout is None else min(timeout, at_most))
+
+
+def run_wrk(
+    url: str, seconds: float, connections: int, close: bool
+) -> tuple[int, tuple[float, float], int]:
+    """Run wrk while the reactor serves; (requests, (user, system) CPU seconds, errors)."""
+    argv = ["wrk", "-t2", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "5s"]
+    if close:
+        argv += ["-H", "Connection: close"]
+    proc = subprocess.Popen([*argv, url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    while proc.poll() is None:
+        serve(0.05)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime)
+    out = proc.stdout.read().decode(errors="replace")
+    match = re.search(r"(\d+) requests in", out)
+    if match is None:
+        raise RuntimeError(f"wrk: {out}")
+    errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors += int(non2xx.group(1)) if non2xx else 0
+    # Let the last connections close before the next row.
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        serve(0.05)
+    return int(match.group(1)), cpu, errors
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.bump_cpu")
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--only", default="plain,bump-keepalive,bump-new")
+    parser.add_argument("--profile", help="write DIR/<row>.prof (cProfile) for each row")
+    parser.add_argument(
+        "--no-resumption",
+        action="store_true",
+        help="the origin resumes no TLS session (as bench/tls.py's): every origin handshake full",
+    )
+    parser.add_argument(
+        "--twisted-writes",
+        action="store_true",
+        help="A/B: leave Twisted's buffered TLS writes in place (no tls.direct.send_directly)",
+    )
+    opts = parser.parse_args(argv)
+    if opts.twisted_writes:
+        from tproxy_twist.tls import leaf, verify
+
+        leaf.send_directly = verify.send_directly = lambda transport: False
+    if shutil.which("wrk") is None or shutil.which("nginx") is None:
+        print("needs wrk and nginx (apt install wrk nginx)", file=sys.stderr)
+        return 2
+    tmp = Path(tempfile.mkdtemp(prefix="bump_cpu."))
+    nginx = None
+    try:
+        nginx, https, http, config = setup(tmp, resumable=not opts.no_resumption)
+        plain = listen_plain(config, http)
+        bump = listen_bump(config, https)
+        rows = {
+            "plain": (f"http://localhost:{plain}/small", False),
+            "bump-keepalive": (f"https://localhost:{bump}/small", False),
+            "bump-new": (f"https://localhost:{bump}/small", True),
+        }
+        # Warm up: the leaf is forged once, the code paths are loaded.
+        run_wrk(rows["bump-new"][0], 1, 4, True)
+        print(
+            f"{'row':16} {'requests':>9} {'CPU ms/request':>15} {'user':>7} {'system':>7}"
+            f" {'req/s (noise)':>14} errors"
+        )
+        for name in opts.only.split(","):
+            url, close = rows[name]
+            profiler = cProfile.Profile(time.process_time) if opts.profile else None
+            if profiler is not None:
+                profiler.enable()
+            started = time.monotonic()
+            requests, cpu, errors = run_wrk(url, opts.seconds, opts.connections, close)
+            elapsed = time.monotonic() - started - 2
+            if profiler is not None:
+                profiler.disable()
+                os.makedirs(opts.profile, exist_ok=True)
+                profiler.dump_stats(os.path.join(opts.profile, f"{name}.prof"))
+            per = 1e3 / max(requests, 1)
+            print(
+                f"{name:16} {requests:9d} {(cpu[0] + cpu[1]) * per:15.3f} {cpu[0] * per:7.3f}"
+                f" {cpu[1] * per:7.3f} {requests / elapsed:14.0f} {errors}"
+            )
+    finally:
+        if nginx is not None:
+            nginx.terminate()
+            nginx.wait(10)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
