@@ -331,11 +331,12 @@ def test_a_tunnel_whose_sockets_cannot_be_spliced_is_copied_with_backpressure_bo
 
 
 class PumpStandIn:
-    """What the relay reads of a SplicePump: its end, its last transfer, abort()."""
+    """What the relay reads of a SplicePump: its end, its byte counts, abort()."""
 
     def __init__(self, now: float) -> None:
         self.ended = None
         self.last_activity = now
+        self.a_to_b = self.b_to_a = 0
         self.aborts = 0
 
     def abort(self) -> None:
@@ -352,6 +353,7 @@ def test_a_spliced_tunnel_moving_bytes_is_not_idle_and_a_silent_one_times_out():
     for _ in range(24 * 4):  # 24 s, bytes moving all along (the session sees none of them)
         h.clock.advance(0.25)  # the sweep's interval
         pump.last_activity = h.clock.seconds()
+        pump.b_to_a += 1000
     assert pump.aborts == 0
     for _ in range(6 * 4):  # nothing moves for longer than the idle timeout
         h.clock.advance(0.25)
