@@ -151,7 +151,7 @@ class Limits:
     max_connections_per_client: int = 0  # per worker and client IP; beyond: 429; 0: off
     # Response bodies with at least this many bytes of a Content-Length still to
     # come are relayed with splice(2), not through the worker; 0: never.
-    splice_body_min: int = 131072
+    splice_body_min: int = 524288
 
 
 # (minimum, maximum) of each limit

@@ -207,7 +207,9 @@ class _End:
 class _Direction:
     """Bytes from one socket to the other: a pipe (or buffer) and its state."""
 
-    __slots__ = ("src", "dst", "pipe", "held", "pending", "eof", "ended", "moved", "copy")
+    __slots__ = (
+        "src", "dst", "pipe", "held", "pending", "eof", "ended", "moved", "copy", "drained"
+    )  # fmt: skip
 
     def __init__(self, src: _End, dst: _End, pending: bytes, copy: bool) -> None:
         self.src = src
@@ -219,6 +221,10 @@ class _Direction:
         self.ended = False  # ... and the destination was shut down for writing
         self.moved = 0  # bytes read from the source
         self.copy = copy  # copy through user space instead of splicing
+        # The last read got less than it asked for: the source is most likely
+        # empty until its next readiness event, so another read now would only
+        # cost a system call that answers EAGAIN.
+        self.drained = False
 
 
 class SplicePump:
@@ -340,7 +346,7 @@ class SplicePump:
                 if d.eof:
                     self._end_direction(d)
                     return
-                if not self._fill(d):
+                if d.drained or not self._fill(d):
                     break
             else:
                 # Still readable, but let other connections have their turn.  What
@@ -353,6 +359,7 @@ class SplicePump:
         except OSError as e:
             self._fail(d.src, os.strerror(e.errno) if e.errno else str(e))
             return
+        d.drained = False
         if self.ended is None:
             self._watch(d.dst, d.dst.reading, False)
             self._watch(d.src, not d.eof, d.src.writing)
@@ -389,6 +396,7 @@ class SplicePump:
                 self._on_eof(d.src.transport)
             return True
         d.moved += n
+        d.drained = n < CHUNK
         self.last_activity = self._clock.seconds()
         return True
 
@@ -576,6 +584,8 @@ class SpliceTransfer:
             if d.eof:
                 self._finish(SHORT)
                 return
+            if d.drained:
+                break
             if not self._fill(d):
                 if self.ended is not None:
                     return
@@ -586,6 +596,7 @@ class SpliceTransfer:
             self._watch(source, False, False)
             self._watch(sink, False, True)
             return
+        d.drained = False
         self._watch(sink, False, False)
         self._watch(source, True, False)
 
@@ -624,6 +635,7 @@ class SpliceTransfer:
             self._release_pipe(d)
             return True
         d.moved += n
+        d.drained = n < want
         self._left -= n
         self.last_activity = self._clock.seconds()
         return True

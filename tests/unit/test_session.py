@@ -1155,18 +1155,23 @@ class BodySpliceMachine(RuleBasedStateMachine):
             assert self.pending[offered : offered + 1] in (b"", b"H")
             self.session.splicing_body()
             self.splicing = offered
+            self.moved = 0
             self.written_before = len(self.io.out)
 
     @rule(n=st.integers(1, 3000))
     def bytes_move(self, n):
         if self.session.state is State.SPLICING:
-            self.session.relayed(0, min(n, self.splicing))
+            n = min(n, self.splicing - self.moved)
+            self.moved += n
+            self.session.relayed(0, n)
 
     @rule()
     def body_completes(self):
         if self.session.state is State.SPLICING:
+            # As the adapter does: the last bytes moved are reported, then the end.
+            self.session.relayed(0, self.splicing - self.moved)
             self.pending = self.pending[self.splicing :]
-            self.splicing = 0
+            self.splicing = self.moved = 0
             self.spliced_bodies += 1
             self.session.body_spliced()
             assert self.session.state is not State.SPLICING
