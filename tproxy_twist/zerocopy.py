@@ -26,6 +26,12 @@ Pipes come from a small per-process L{PipePool}: a direction takes one only
 while bytes sit in it, so an idle spliced connection holds no pipe, and a
 busy one usually returns its pipe within the same event.
 
+A L{SpliceTransfer} is the one-shot, one-way sibling: exactly N bytes from
+a source transport to a sink (the rest of an HTTP response body with a
+Content-Length), the sink's Twisted-buffered bytes first and never a byte
+beyond N, then both transports are handed back to their owner unread and
+open, for the next exchange on the same connections.
+
 Where C{splice} is not possible the pump copies instead (C{recv_into} and
 C{send} through a buffer of its own, the same state machine): when
 C{os.splice} is missing or the kernel answers EINVAL.  Transports that are

@@ -6,6 +6,7 @@ resets, Twisted's buffered bytes, abort, pipes, the copying fallback.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import struct
@@ -500,3 +501,35 @@ def test_bytes_read_in_a_pumps_last_round_go_out_without_waiting_for_more(lab, m
     assert lab.read(pb, 23) == b"one burst, then silence"
     lab.run_until(lambda: bool(ends), "the transfer ends")
     assert ends == [DONE]
+
+
+def test_a_kernel_refusing_splice_makes_the_transfer_copy_the_rest_exactly(lab, monkeypatch):
+    real_splice = os.splice
+
+    def refusing(src, dst, count, *args, **kwargs):
+        # Reading a socket into a pipe is refused (EINVAL), as on a kernel or
+        # socket type without splice support; delivering from a pipe still works.
+        if src not in pipe_ends:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_splice(src, dst, count, *args, **kwargs)
+
+    pool = PipePool()
+    pipe_ends = set()
+    take = pool.take
+
+    def taking():
+        pipe = take()
+        pipe_ends.add(pipe[0])
+        return pipe
+
+    monkeypatch.setattr(pool, "take", taking)
+    monkeypatch.setattr(zerocopy.os, "splice", refusing)
+    t, (a, pa), (b, pb), ends = transfer(lab, 2_000_000, pool=pool)
+    t.start()
+    body = os.urandom(2_000_000)
+    lab.send_all(pa, body + b"next")
+    assert lab.read(pb, len(body)) == body
+    lab.run_until(lambda: bool(ends), "the transfer ends")
+    assert ends == [DONE] and t.moved == len(body)
+    a.transport.startReading()
+    lab.run_until(lambda: a.received == b"next", "the rest left to Twisted")
