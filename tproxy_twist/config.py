@@ -149,6 +149,9 @@ class Limits:
     max_body_size: int = 0  # request body bytes; larger: 413; 0: no limit
     max_connections: int = 10000  # per worker; beyond, it stops accepting for a while
     max_connections_per_client: int = 0  # per worker and client IP; beyond: 429; 0: off
+    # Response bodies with at least this many bytes of a Content-Length still to
+    # come are relayed with splice(2), not through the worker; 0: never.
+    splice_body_min: int = 524288
 
 
 # (minimum, maximum) of each limit
@@ -161,6 +164,7 @@ _LIMIT_RANGES = {
     "max_body_size": (0, 1 << 62),
     "max_connections": (1, 1 << 22),
     "max_connections_per_client": (0, 1 << 22),
+    "splice_body_min": (0, 1 << 62),
 }
 X_FORWARDED_FOR = ("off", "append", "strip")
 

@@ -26,6 +26,12 @@ Pipes come from a small per-process L{PipePool}: a direction takes one only
 while bytes sit in it, so an idle spliced connection holds no pipe, and a
 busy one usually returns its pipe within the same event.
 
+A L{SpliceTransfer} is the one-shot, one-way sibling: exactly N bytes from
+a source transport to a sink (the rest of an HTTP response body with a
+Content-Length), the sink's Twisted-buffered bytes first and never a byte
+beyond N, then both transports are handed back to their owner unread and
+open, for the next exchange on the same connections.
+
 Where C{splice} is not possible the pump copies instead (C{recv_into} and
 C{send} through a buffer of its own, the same state machine): when
 C{os.splice} is missing or the kernel answers EINVAL.  Transports that are
@@ -128,6 +134,10 @@ def can_splice(transport: object) -> bool:
     Can this transport be pumped?  Only a connected plain TCP transport of the
     POSIX reactors that is not closing, half-closed, or speaking TLS.
     """
+    return _open_plain_tcp(transport) and transport.producer is None
+
+
+def _open_plain_tcp(transport: object) -> bool:
     return (
         isinstance(transport, tcp.Connection)
         and not getattr(transport, "TLS", False)
@@ -135,7 +145,21 @@ def can_splice(transport: object) -> bool:
         and not transport.disconnecting
         and not transport._writeDisconnecting
         and not transport._writeDisconnected
-        and transport.producer is None
+    )
+
+
+def can_splice_body(source: object, sink: object) -> bool:
+    """
+    Can a L{SpliceTransfer} move bytes from C{source} to C{sink}?  Both must be
+    open plain TCP transports (producers registered on them may stay: the
+    transfer leaves them be), and the source must have nothing of its own
+    waiting to be written (its socket is the transfer's while it runs).
+    """
+    return (
+        _open_plain_tcp(source)
+        and _open_plain_tcp(sink)
+        and not source._tempDataLen
+        and len(source.dataBuffer) <= source.offset
     )
 
 
@@ -189,7 +213,9 @@ class _End:
 class _Direction:
     """Bytes from one socket to the other: a pipe (or buffer) and its state."""
 
-    __slots__ = ("src", "dst", "pipe", "held", "pending", "eof", "ended", "moved", "copy")
+    __slots__ = (
+        "src", "dst", "pipe", "held", "pending", "eof", "ended", "moved", "copy", "drained"
+    )  # fmt: skip
 
     def __init__(self, src: _End, dst: _End, pending: bytes, copy: bool) -> None:
         self.src = src
@@ -201,6 +227,10 @@ class _Direction:
         self.ended = False  # ... and the destination was shut down for writing
         self.moved = 0  # bytes read from the source
         self.copy = copy  # copy through user space instead of splicing
+        # The last read got less than it asked for: the source is most likely
+        # empty until its next readiness event, so another read now would only
+        # cost a system call that answers EAGAIN.
+        self.drained = False
 
 
 class SplicePump:
@@ -322,14 +352,20 @@ class SplicePump:
                 if d.eof:
                     self._end_direction(d)
                     return
-                if not self._fill(d):
+                if d.drained or not self._fill(d):
                     break
             else:
-                # Still readable, but let other connections have their turn.
-                pass
+                # Still readable, but let other connections have their turn.  What
+                # the last round read waits for the destination's next writable
+                # event: the source may have nothing more to say.
+                if d.held or d.pending:
+                    self._watch(d.dst, d.dst.reading, True)
+                    self._watch(d.src, False, d.src.writing)
+                    return
         except OSError as e:
             self._fail(d.src, os.strerror(e.errno) if e.errno else str(e))
             return
+        d.drained = False
         if self.ended is None:
             self._watch(d.dst, d.dst.reading, False)
             self._watch(d.src, not d.eof, d.src.writing)
@@ -366,6 +402,7 @@ class SplicePump:
                 self._on_eof(d.src.transport)
             return True
         d.moved += n
+        d.drained = n < CHUNK
         self.last_activity = self._clock.seconds()
         return True
 
@@ -430,4 +467,221 @@ class SplicePump:
                 transport.loseConnection()
             else:
                 transport.abortConnection()
+        self._on_end(reason)
+
+
+# --- one-shot transfers: a body of known length ---------------------------------------
+
+#: Reasons a L{SpliceTransfer} ends with, besides L{DONE}.
+SHORT = "short"  # the source sent its EOF before the whole length
+SOURCE_FAILED = "source_failed"  # reading from the source failed (a reset)
+SINK_FAILED = "sink_failed"  # writing to the sink failed (its reader went away)
+
+
+class SpliceTransfer:
+    """
+    Moves exactly C{length} bytes from one connected TCP transport (the
+    source) to another (the sink) with splice(2), then hands both back: a
+    body whose length the owner knows (an HTTP response's Content-Length),
+    after which both connections go on under Twisted.
+
+    The owner checks L{can_splice_body} first and calls L{start}.  From then
+    until the end neither transport may be read from or written to by anyone
+    else: the transfer takes both out of Twisted's reading and writing, and
+    what Twisted still buffered for the sink is delivered first.  Nothing
+    beyond C{length} is read from the source.  When it ends, the transfer's
+    own reactor registrations are gone and neither transport is reading,
+    writing or closed: C{on_end(reason)} is called exactly once, with L{DONE}
+    (every byte delivered), L{SHORT}, L{SOURCE_FAILED} or L{SINK_FAILED}, and
+    the owner decides what comes next (resume reading both, or close them).
+    L{abort} stops it early without calling C{on_end} (the owner knows why).
+    """
+
+    def __init__(
+        self,
+        source: tcp.Connection,
+        sink: tcp.Connection,
+        length: int,
+        *,
+        reactor: IReactorFDSet,
+        clock: IReactorTime,
+        on_end: Callable[[str], None],
+        pool: PipePool | None = None,
+        copy: bool = not _HAVE_SPLICE,
+    ) -> None:
+        self._reactor = reactor
+        self._clock = clock
+        self._on_end = on_end
+        self._pool = pool if pool is not None else default_pool()
+        self._source = _End(self, source)
+        self._sink = _End(self, sink)
+        self._copy = copy
+        self._d: _Direction | None = None
+        #: bytes to move in all
+        self.length = length
+        self._left = length  # bytes still to read from the source
+        #: C{None} while running, then the reason it ended (L{ABORTED} after L{abort})
+        self.ended: str | None = None
+        #: the clock's time of the last byte moved (for idle timeouts)
+        self.last_activity = clock.seconds()
+
+    @property
+    def moved(self) -> int:
+        """Bytes read from the source so far (C{length} once it ended with L{DONE})."""
+        return self.length - self._left
+
+    @property
+    def held(self) -> int:
+        """Bytes read and not delivered yet (at most a pipe's worth, plus Twisted's buffer)."""
+        d = self._d
+        return 0 if d is None else len(d.pending) + d.held
+
+    def start(self) -> None:
+        source, sink = self._source, self._sink
+        for end in (source, sink):
+            end.transport.stopReading()
+            end.transport.stopWriting()
+        d = self._d = _Direction(source, sink, _take_buffered(sink.transport), self._copy)
+        # Its buffer is empty now: whatever paused the sink's producer is over.
+        sink.transport.producerPaused = False
+        source.source = sink.sink = d
+        if d.pending or not self._left:
+            self._run()
+        else:
+            self._watch(source, True, False)
+
+    def abort(self) -> None:
+        """Stop now (timeouts, the owner closing): C{on_end} is not called."""
+        if self.ended is None:
+            self._stop(ABORTED)
+
+    # --- readiness (the reactor calls these through L{_End}) --------------------------
+
+    def _readable(self, end: _End) -> None:
+        if self.ended is None and end.reading:
+            self._run()
+
+    def _writable(self, end: _End) -> None:
+        if self.ended is None and end.writing:
+            self._run()
+
+    def _fail(self, end: _End, why: str) -> None:
+        if self.ended is None:
+            log.debug("body splice ended by fd {fd}: {why}", fd=end.fd, why=why)
+            self._finish(SOURCE_FAILED if end is self._source else SINK_FAILED)
+
+    _watch = SplicePump._watch
+
+    # --- moving bytes ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        d = self._d
+        source, sink = self._source, self._sink
+        for _ in range(_ROUNDS):
+            if not self._deliver(d):
+                if self.ended is None:
+                    # The sink is full: read no more until it drains.
+                    self._watch(source, False, False)
+                    self._watch(sink, False, True)
+                return
+            if not self._left:
+                self._finish(DONE)
+                return
+            if d.eof:
+                self._finish(SHORT)
+                return
+            if d.drained:
+                break
+            if not self._fill(d):
+                if self.ended is not None:
+                    return
+                break
+        else:
+            # Other connections' turn; what the last round read goes out when
+            # the sink is writable next (the source may have nothing more).
+            self._watch(source, False, False)
+            self._watch(sink, False, True)
+            return
+        d.drained = False
+        self._watch(sink, False, False)
+        self._watch(source, True, False)
+
+    def _fill(self, d: _Direction) -> bool:
+        """Read from the source (never beyond C{length}); False when nothing more is there."""
+        want = min(CHUNK, self._left)
+        if d.copy:
+            try:
+                data = d.src.sock.recv(want)
+            except _WOULD_BLOCK:
+                return False
+            except OSError as e:
+                self._fail(d.src, os.strerror(e.errno) if e.errno else str(e))
+                return False
+            n = len(data)
+            d.pending = data
+        else:
+            if d.pipe is None:
+                d.pipe = self._pool.take()
+            try:
+                n = os.splice(d.src.fd, d.pipe[1], want, flags=_SPLICE_FLAGS)
+            except _WOULD_BLOCK:
+                self._release_pipe(d)
+                return False
+            except OSError as e:
+                if e.errno == errno.EINVAL:
+                    # Not spliceable after all: copy from now on.
+                    self._release_pipe(d)
+                    d.copy = True
+                    return True
+                self._fail(d.src, os.strerror(e.errno) if e.errno else str(e))
+                return False
+            d.held += n
+        if n == 0:
+            d.eof = True
+            self._release_pipe(d)
+            return True
+        d.moved += n
+        d.drained = n < want
+        self._left -= n
+        self.last_activity = self._clock.seconds()
+        return True
+
+    def _deliver(self, d: _Direction) -> bool:
+        """Write what is held; False if the sink is full (or failed)."""
+        try:
+            if d.pending:
+                try:
+                    sent = d.dst.sock.send(d.pending)
+                except _WOULD_BLOCK:
+                    return False
+                d.pending = d.pending[sent:]
+                if d.pending:
+                    return False
+            while d.held:
+                try:
+                    n = os.splice(d.pipe[0], d.dst.fd, d.held, flags=_SPLICE_FLAGS)
+                except _WOULD_BLOCK:
+                    return False
+                d.held -= n
+        except OSError as e:
+            self._fail(d.dst, os.strerror(e.errno) if e.errno else str(e))
+            return False
+        self._release_pipe(d)
+        return True
+
+    _release_pipe = SplicePump._release_pipe
+
+    # --- the end --------------------------------------------------------------------------
+
+    def _stop(self, reason: str) -> None:
+        self.ended = reason
+        for end in (self._source, self._sink):
+            self._watch(end, False, False)
+        d = self._d
+        if d is not None and d.pipe is not None:
+            self._pool.give_back(d.pipe, empty=not d.held)
+            d.pipe = None
+
+    def _finish(self, reason: str) -> None:
+        self._stop(reason)
         self._on_end(reason)

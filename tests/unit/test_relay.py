@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -16,6 +17,7 @@ from twisted.internet.task import Clock
 
 from tproxy_twist import config as C
 from tproxy_twist.http.relay import ProxyFactory, RelaySettings
+from tproxy_twist.http.session import State
 from tproxy_twist.metrics import PortMetrics
 from tproxy_twist.testing import FakeConnect, FakeTransport, tcp_address
 
@@ -331,11 +333,12 @@ def test_a_tunnel_whose_sockets_cannot_be_spliced_is_copied_with_backpressure_bo
 
 
 class PumpStandIn:
-    """What the relay reads of a SplicePump: its end, its last transfer, abort()."""
+    """What the relay reads of a SplicePump: its end, its byte counts, abort()."""
 
     def __init__(self, now: float) -> None:
         self.ended = None
         self.last_activity = now
+        self.a_to_b = self.b_to_a = 0
         self.aborts = 0
 
     def abort(self) -> None:
@@ -352,10 +355,27 @@ def test_a_spliced_tunnel_moving_bytes_is_not_idle_and_a_silent_one_times_out():
     for _ in range(24 * 4):  # 24 s, bytes moving all along (the session sees none of them)
         h.clock.advance(0.25)  # the sweep's interval
         pump.last_activity = h.clock.seconds()
+        pump.b_to_a += 1000
     assert pump.aborts == 0
     for _ in range(6 * 4):  # nothing moves for longer than the idle timeout
         h.clock.advance(0.25)
     assert pump.aborts >= 1 and pump.ended == "aborted"
+
+
+def test_a_long_body_is_copied_when_the_transports_cannot_splice_and_keep_alive_goes_on():
+    # Fake transports are not sockets: the body goes through the worker as before.
+    h = Harness()
+    assert h.factory.splice_bodies
+    h.send(GET)
+    h.upstream()
+    body = os.urandom(1 << 20)
+    h.answer(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:1000])
+    h.answer(body[1000:])
+    assert h.protocol.body is None
+    assert h.received().endswith(b"\r\n\r\n" + body)
+    assert h.protocol.session.state is State.IDLE
+    [entry] = h.entries
+    assert entry.bytes_out > len(body)
 
 
 def test_response_timing_out_mid_upload_is_not_waited_for_forever():

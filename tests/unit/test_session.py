@@ -13,7 +13,7 @@ import re
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 from twisted.internet import error as neterror
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
@@ -457,6 +457,169 @@ def test_responding_idle_expiry_aborts_a_started_response():
     assert r.io.records[-1].incomplete == "timeout"
 
 
+# --- SPLICING: the adapter relays a Content-Length body itself ----------------------
+
+SPLICE_MIN = "[limits]\nsplice_body_min = 1000\n"
+BIG_HEAD = b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n"
+
+
+def splicing_rig(top: str = "") -> Rig:
+    """A session RESPONDING a 5,000-byte body of which 100 bytes came with the head."""
+    r = Rig(top=SPLICE_MIN + top)
+    r.send(GET)
+    r.connect()
+    r.answer(BIG_HEAD + b"x" * 100)
+    return r
+
+
+def test_responding_offers_the_rest_of_a_long_body_once_what_was_read_went_out():
+    r = splicing_rig()
+    assert r.received().endswith(b"\r\n\r\n" + b"x" * 100)
+    assert r.session.body_to_splice() == 4900
+    assert r.state is State.RESPONDING  # asking changes nothing
+    r.session.splicing_body()
+    assert (r.state, r.deadline) == (State.SPLICING, Deadline.IDLE)
+
+
+@pytest.mark.parametrize(
+    "top, request_, response",
+    [
+        ("", GET, b"HTTP/1.1 200 OK\r\nContent-Length: 1099\r\n\r\n" + b"x" * 100),
+        ("", GET, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\n"),
+        ("", GET, b"HTTP/1.1 200 OK\r\n\r\nuntil close"),
+        ("", b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 9\r\n\r\nabc", BIG_HEAD),
+        ("[limits]\nsplice_body_min = 0\n", GET, BIG_HEAD),
+    ],
+    ids=["below-the-minimum", "chunked", "until-close", "request-still-arriving", "off"],
+)
+def test_no_body_is_offered_for_splicing_unless_its_length_and_the_request_allow(
+    top, request_, response
+):
+    r = Rig(top=top or SPLICE_MIN)
+    r.send(request_)
+    r.connect()
+    r.answer(response)
+    assert r.state is State.RESPONDING
+    assert r.session.body_to_splice() == 0
+    with pytest.raises(RuntimeError):
+        r.session.splicing_body()
+
+
+def test_splicing_a_whole_body_ends_the_response_and_keeps_the_connection():
+    r = splicing_rig()
+    link = r.link()
+    written = r.received()
+    r.session.splicing_body()
+    r.session.relayed(0, 4000)
+    r.session.relayed(0, 900)
+    r.session.body_spliced()
+    assert (r.state, r.deadline) == (State.IDLE, Deadline.CLIENT_IDLE)
+    assert r.received() == b""  # the session wrote nothing of the body itself
+    [record] = r.io.records
+    assert record.result == "TCP_MISS" and record.incomplete is None
+    assert record.bytes_out == len(written) + 4900
+    # The same upstream serves the next request.
+    r.send(GET)
+    assert r.state is State.AWAITING and r.link() is link and len(r.io.connects) == 1
+
+
+def test_a_pipelined_request_waits_for_the_spliced_body_then_is_answered():
+    r = Rig(top=SPLICE_MIN)
+    r.send(GET + b"GET /next HTTP/1.1\r\nHost: example.com\r\n\r\n")
+    link = r.connect()
+    r.answer(BIG_HEAD)
+    r.session.splicing_body()
+    assert r.sent(link).count(b"GET ") == 1
+    r.session.body_spliced()
+    assert r.sent(link).count(b"GET /next") == 1 and r.state is State.AWAITING
+
+
+def test_splicing_broken_by_the_origin_is_an_upstream_error_and_aborts_both():
+    r = splicing_rig()
+    link = r.link()
+    r.session.splicing_body()
+    r.session.relayed(0, 2000)
+    r.session.body_splice_failed(upstream=True)
+    assert r.io.aborted and r.state is State.CLOSED
+    assert id(link) in r.io.upstream_closed | r.io.upstream_aborted
+    [record] = r.io.records
+    assert (record.result, record.incomplete, record.upstream_error) == (
+        "TCP_MISS_ABORTED",
+        "upstream",
+        "reset",
+    )
+    r.session.client_lost()
+    assert len(r.io.records) == 1
+
+
+def test_splicing_broken_by_the_client_is_recorded_as_the_clients():
+    r = splicing_rig()
+    r.session.splicing_body()
+    r.session.body_splice_failed(upstream=False)
+    assert r.io.aborted
+    [record] = r.io.records
+    assert (record.incomplete, record.upstream_error) == ("client", None)
+
+
+def test_splicing_bytes_moving_keep_the_idle_deadline_away_and_silence_times_out():
+    r = splicing_rig("[timeouts]\nidle = 5\n")
+    r.session.splicing_body()
+    for _ in range(10):
+        r.clock.advance(1)
+        r.session.relayed(0, 100)
+        r.session.tick(r.clock.seconds())
+    assert r.state is State.SPLICING and not r.io.aborted
+    r.advance(6)
+    assert r.io.aborted and r.state is State.CLOSED
+    [record] = r.io.records
+    assert record.incomplete == "timeout"
+
+
+def test_splicing_client_gone_and_drain_timeout_record_the_exchange_once():
+    r = splicing_rig()
+    link = r.link()
+    r.session.splicing_body()
+    r.session.abort("drain")
+    r.session.client_lost()
+    [record] = r.io.records
+    assert record.incomplete == "drain" and id(link) in r.io.upstream_aborted
+
+
+def test_splicing_under_drain_finishes_the_body_then_closes_when_idle():
+    r = splicing_rig()
+    r.session.splicing_body()
+    r.session.drain(1.0)
+    assert r.state is State.SPLICING and not r.io.closing
+    r.session.body_spliced()
+    assert r.state is State.IDLE
+    r.clock.advance(2)
+    r.session.drain(1.0)
+    assert r.io.closing
+
+
+def test_a_body_spliced_or_broken_twice_or_unasked_changes_nothing():
+    r = splicing_rig()
+    r.session.body_spliced()  # not splicing: ignored
+    r.session.body_splice_failed(upstream=True)
+    assert r.state is State.RESPONDING and not r.io.records
+
+
+def test_relayed_bytes_keep_a_tunnel_alive_and_count_for_its_record():
+    r = Rig("forward", FORWARD_ALLOW, top="[timeouts]\nidle = 5\n")
+    connect = b"CONNECT 203.0.113.2:443 HTTP/1.1\r\nHost: 203.0.113.2:443\r\n\r\n"
+    r.send(connect)
+    link = r.connect()
+    established = len(r.received())
+    for _ in range(10):
+        r.clock.advance(1)
+        r.session.relayed(10, 1000)
+        r.session.tick(r.clock.seconds())
+    assert r.state is State.TUNNEL
+    r.session.upstream_lost(link)
+    [record] = r.io.records
+    assert (record.bytes_in, record.bytes_out) == (len(connect) + 100, established + 10_000)
+
+
 # --- TUNNEL -------------------------------------------------------------------------
 
 
@@ -760,6 +923,9 @@ RESPONSES = [
     b"HTTP/1.1 204 No Content\r\n\r\n",
     b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
     b"garbage\r\n\r\n",
+    # Long enough to be spliced (the machine's splice_body_min is 100), twice as likely.
+    b"HTTP/1.1 200 OK\r\nContent-Length: 300\r\n\r\n" + b"s" * 300,
+    b"HTTP/1.1 200 OK\r\nContent-Length: 300\r\n\r\n" + b"s" * 300,
 ]
 _FINAL_HEAD = re.compile(rb"HTTP/1\.[01] [2-5][0-9][0-9] ")
 _ERRORS = [
@@ -775,7 +941,7 @@ class SessionMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.rig = Rig()
+        self.rig = Rig(top="[limits]\nsplice_body_min = 100\n")
         self.session = self.rig.session
         self.io = self.rig.io
         self.to_send = b""
@@ -784,6 +950,13 @@ class SessionMachine(RuleBasedStateMachine):
         self.lost = False
         self.upstream_pending = b""
         self.upstream_gone: set[int] = set()
+        self.splicing = 0  # bytes the adapter took over (SPLICING), or 0
+        self.written_before_splice = 0
+
+    @property
+    def adapter_reads(self) -> bool:
+        """While a body is spliced the adapter reads neither connection."""
+        return self.session.state is not State.SPLICING
 
     def _live_link(self) -> Link | None:
         for link in reversed(self.io.attached):
@@ -799,13 +972,13 @@ class SessionMachine(RuleBasedStateMachine):
 
     @rule(n=st.integers(1, 120))
     def client_sends(self, n):
-        if self.to_send and not self.eof and not self.lost:
+        if self.to_send and not self.eof and not self.lost and self.adapter_reads:
             piece, self.to_send = self.to_send[:n], self.to_send[n:]
             self.session.client_data(piece)
 
     @rule()
     def client_shuts_its_side(self):
-        if not self.eof and not self.lost:
+        if not self.eof and not self.lost and self.adapter_reads:
             self.eof = True
             self.session.client_eof()
 
@@ -836,22 +1009,53 @@ class SessionMachine(RuleBasedStateMachine):
     def upstream_queues_a_response(self, response):
         self.upstream_pending += response
 
-    @rule(n=st.integers(1, 120))
-    def upstream_sends(self, n):
+    @rule(n=st.integers(1, 120), splice=st.booleans())
+    def upstream_sends(self, n, splice):
         link = self._live_link()
-        if link is None or not self.upstream_pending:
+        if link is None or not self.upstream_pending or not self.adapter_reads:
             return
         piece, self.upstream_pending = self.upstream_pending[:n], self.upstream_pending[n:]
         if self.session.state is State.TUNNEL:
             piece = b"x" * len(piece)  # tunnel bytes: never a response head
         self.session.upstream_data(link, piece)
+        if splice:  # as the adapter does after each read, when both sockets allow
+            self.adapter_splices_the_body()
 
     @rule()
     def upstream_closes(self):
         link = self._live_link()
-        if link is not None:
+        if link is not None and self.adapter_reads:
             self.upstream_gone.add(id(link))
             self.session.upstream_lost(link)
+
+    @rule()
+    def adapter_splices_the_body(self):
+        offered = self.session.body_to_splice()
+        if offered and not self.lost:
+            assert offered <= len(self.upstream_pending)
+            self.session.splicing_body()
+            self.splicing = offered
+            self.written_before_splice = len(self.io.out)
+
+    @rule(n=st.integers(1, 400))
+    def spliced_bytes_move(self, n):
+        if self.session.state is State.SPLICING:
+            n = min(n, self.splicing)
+            self.session.relayed(0, n)
+
+    @rule()
+    def spliced_body_completes(self):
+        if self.session.state is State.SPLICING:
+            self.upstream_pending = self.upstream_pending[self.splicing :]
+            self.splicing = 0
+            self.session.body_spliced()
+
+    @rule(upstream=st.booleans())
+    def spliced_body_breaks(self, upstream):
+        if self.session.state is State.SPLICING:
+            self.splicing = 0
+            self.session.body_splice_failed(upstream=upstream)
+            assert self.session.state is State.CLOSED
 
     @rule(seconds=st.sampled_from([0.1, 1.0, 2.5, 31.0, 61.0, 301.0]))
     def time_passes(self, seconds):
@@ -877,6 +1081,12 @@ class SessionMachine(RuleBasedStateMachine):
         assert answered <= max(self.requests_started, 1)
 
     @invariant()
+    def nothing_is_written_to_the_client_while_its_body_is_spliced(self):
+        if self.session.state is State.SPLICING:
+            assert len(self.io.out) == self.written_before_splice
+            assert not (self.io.closing or self.io.aborted)
+
+    @invariant()
     def records_never_outnumber_requests(self):
         assert len(self.io.records) <= max(self.requests_started, 1)
 
@@ -895,3 +1105,129 @@ SessionMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_random_interleavings_keep_the_session_invariants = SessionMachine.TestCase
+
+
+class BodySpliceMachine(RuleBasedStateMachine):
+    """
+    Random events around a spliced body: the session starts RESPONDING a long
+    Content-Length body (split anywhere), and the adapter may take the rest
+    over at any read, move bytes, finish or break it, while timers, drain,
+    the drain timeout, pipelined requests and the client's end interleave.
+    """
+
+    BODY = 3000
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rig = Rig(top="[limits]\nsplice_body_min = 500\n[timeouts]\nidle = 30\n")
+        self.session = self.rig.session
+        self.io = self.rig.io
+        self.lost = False
+        self.splicing = 0
+        self.pending = b""
+        self.written_before = 0
+        self.requests = 1
+        self.spliced_bodies = 0
+
+    @initialize(first=st.integers(1, 200), pipelined=st.booleans())
+    def responding(self, first, pipelined):
+        request = GET + (b"GET /next HTTP/1.1\r\nHost: example.com\r\n\r\n" if pipelined else b"")
+        self.requests += pipelined
+        self.session.client_data(request)
+        self.link = self.rig.connect()
+        self.pending = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % self.BODY
+        self.pending += b"b" * self.BODY + OK * 2
+        self.upstream_sends(first)
+
+    @rule(n=st.integers(1, 1500))
+    def upstream_sends(self, n):
+        if self.session.state is State.SPLICING or self.lost or not self.pending:
+            return
+        piece, self.pending = self.pending[:n], self.pending[n:]
+        self.session.upstream_data(self.link, piece)
+
+    @rule()
+    def adapter_takes_the_body(self):
+        offered = self.session.body_to_splice()
+        if offered and not self.lost:
+            # Exactly the bytes still to come of this body.
+            assert self.pending[:offered] == b"b" * offered
+            assert self.pending[offered : offered + 1] in (b"", b"H")
+            self.session.splicing_body()
+            self.splicing = offered
+            self.moved = 0
+            self.written_before = len(self.io.out)
+
+    @rule(n=st.integers(1, 3000))
+    def bytes_move(self, n):
+        if self.session.state is State.SPLICING:
+            n = min(n, self.splicing - self.moved)
+            self.moved += n
+            self.session.relayed(0, n)
+
+    @rule()
+    def body_completes(self):
+        if self.session.state is State.SPLICING:
+            # As the adapter does: the last bytes moved are reported, then the end.
+            self.session.relayed(0, self.splicing - self.moved)
+            self.pending = self.pending[self.splicing :]
+            self.splicing = self.moved = 0
+            self.spliced_bodies += 1
+            self.session.body_spliced()
+            assert self.session.state is not State.SPLICING
+
+    @rule(upstream=st.booleans())
+    def body_breaks(self, upstream):
+        if self.session.state is State.SPLICING:
+            self.splicing = 0
+            self.session.body_splice_failed(upstream=upstream)
+            assert self.session.state is State.CLOSED and self.io.aborted
+
+    @rule(seconds=st.sampled_from([1.0, 10.0, 31.0]))
+    def time_passes(self, seconds):
+        self.rig.clock.advance(seconds)
+        self.session.tick(self.rig.clock.seconds())
+
+    @rule()
+    def drain(self):
+        self.session.drain(1.0)
+
+    @rule()
+    def drain_timeout(self):
+        self.session.abort("drain")
+
+    @rule()
+    def client_connection_ends(self):
+        if not self.lost:
+            self.lost = True
+            self.session.client_lost()
+
+    @invariant()
+    def the_session_is_silent_towards_the_client_while_the_adapter_splices(self):
+        if self.session.state is State.SPLICING:
+            assert len(self.io.out) == self.written_before
+            assert not (self.io.closing or self.io.aborted)
+            assert self.session.deadline_kind is Deadline.IDLE
+
+    @invariant()
+    def each_exchange_is_recorded_at_most_once(self):
+        assert len(self.io.records) <= self.requests
+
+    def teardown(self):
+        if not self.lost:
+            self.session.client_lost()
+        records = self.io.records
+        assert len(records) <= self.requests
+        complete = [r for r in records if r.incomplete is None and r.status == 200]
+        # A body spliced to its end is a whole response, counted with every byte.
+        if self.spliced_bodies:
+            assert complete and complete[0].bytes_out > self.BODY
+
+
+BodySpliceMachine.TestCase.settings = settings(
+    max_examples=200 * int(os.environ.get("TPROXY_HYPOTHESIS_SCALE", "1")),
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+test_random_events_around_a_spliced_body_keep_the_session_invariants = BodySpliceMachine.TestCase

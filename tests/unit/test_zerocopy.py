@@ -6,6 +6,7 @@ resets, Twisted's buffered bytes, abort, pipes, the copying fallback.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import struct
@@ -17,8 +18,21 @@ from hypothesis import strategies as st
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 
+from tproxy_twist import zerocopy
 from tproxy_twist.reactor import WorkerReactor
-from tproxy_twist.zerocopy import ABORTED, DONE, RESET, PipePool, SplicePump, can_splice
+from tproxy_twist.zerocopy import (
+    ABORTED,
+    DONE,
+    RESET,
+    SHORT,
+    SINK_FAILED,
+    SOURCE_FAILED,
+    PipePool,
+    SplicePump,
+    SpliceTransfer,
+    can_splice,
+    can_splice_body,
+)
 
 
 class Accepted(Protocol):
@@ -294,3 +308,228 @@ def test_only_plain_open_tcp_transports_can_be_spliced(lab):
     b, _ = lab.connection()
     b.transport.loseConnection()
     assert not can_splice(b.transport)
+
+
+# --- SpliceTransfer: exactly N bytes one way, then both handed back ------------------
+
+
+def transfer(lab: Lab, length: int, *, copy=False, rcvbuf=None, pool=None):
+    """A transfer from a (the source) to b (the sink) and the test-side peers."""
+    (a, pa), (b, pb) = lab.connection(), lab.connection(rcvbuf)
+    ends: list[str] = []
+    t = SpliceTransfer(
+        a.transport,
+        b.transport,
+        length,
+        reactor=lab.reactor,
+        clock=lab.reactor,
+        on_end=ends.append,
+        pool=pool or PipePool(),
+        copy=copy,
+    )
+    return t, (a, pa), (b, pb), ends
+
+
+@pytest.mark.parametrize("copy", [False, True], ids=["splice", "copy"])
+def test_a_transfer_moves_exactly_its_length_and_leaves_what_follows_to_twisted(lab, copy):
+    t, (a, pa), (b, pb), ends = transfer(lab, 3_000_000, copy=copy)
+    t.start()
+    body, after = os.urandom(3_000_000), b"the next response"
+    lab.send_all(pa, body + after)
+    assert lab.read(pb, len(body)) == body
+    lab.run_until(lambda: bool(ends), "the transfer ends")
+    assert ends == [DONE] and t.moved == 3_000_000 and t.held == 0
+    # Handed back unread and open: the bytes after the body are Twisted's again.
+    assert a.lost is None and b.lost is None
+    a.transport.startReading()
+    lab.run_until(lambda: a.received == after, "the rest read through Twisted")
+    # And the sink is Twisted's to write to again.
+    b.transport.write(b"more")
+    assert lab.read(pb, 4) == b"more"
+
+
+def test_a_transfer_delivers_what_twisted_buffered_for_the_sink_first(lab):
+    t, (a, pa), (b, pb), ends = transfer(lab, 10)
+    b.transport.write(b"HTTP head, ")
+    t.start()
+    lab.send_all(pa, b"0123456789")
+    assert lab.read(pb, 21) == b"HTTP head, 0123456789"
+    lab.run_until(lambda: bool(ends), "the transfer ends")
+    assert ends == [DONE]
+
+
+def test_a_source_ending_early_is_short_and_nothing_is_closed(lab):
+    t, (a, pa), (b, pb), ends = transfer(lab, 1_000_000)
+    t.start()
+    lab.send_all(pa, b"x" * 1000)
+    pa.shutdown(socket.SHUT_WR)
+    assert lab.read(pb, 1000) == b"x" * 1000
+    lab.run_until(lambda: bool(ends), "the transfer ends")
+    assert ends == [SHORT] and t.moved == 1000
+    for _ in range(5):
+        lab.reactor.iterate(0.01)
+    assert a.lost is None and b.lost is None  # the owner decides
+
+
+def test_a_sink_that_resets_is_reported_as_the_sinks_failure_once(lab):
+    t, (a, pa), (b, pb), ends = transfer(lab, 50_000_000)
+    t.start()
+    lab.send_all(pa, b"x" * 100_000)
+    lab.read(pb, 100_000)
+    pb.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    pb.close()
+    lab.peers.remove(pb)
+
+    def more() -> bool:
+        try:
+            pa.send(b"y" * 65536)
+        except BlockingIOError:
+            pass
+        return bool(ends)
+
+    lab.run_until(more, "the transfer notices the reset")
+    assert ends == [SINK_FAILED]
+    t.abort()
+    assert ends == [SINK_FAILED]
+
+
+def test_a_source_that_resets_is_reported_as_the_sources_failure(lab):
+    t, (a, pa), (b, pb), ends = transfer(lab, 1_000_000)
+    t.start()
+    pa.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    pa.close()
+    lab.peers.remove(pa)
+    lab.run_until(lambda: bool(ends), "the transfer notices the reset")
+    assert ends == [SOURCE_FAILED]
+
+
+def test_a_full_sink_stops_the_transfer_reading_until_it_drains(lab):
+    n = 32_000_000
+    t, (a, pa), (b, pb), ends = transfer(lab, n, rcvbuf=1 << 16)
+    t.start()
+    data = os.urandom(n)
+    view = memoryview(data)
+    stalled = 0
+    while view and stalled < 50:
+        try:
+            view = view[pa.send(view) :]
+            stalled = 0
+        except BlockingIOError:
+            stalled += 1
+        lab.reactor.iterate(0.001)
+    assert view, "the whole body fitted in the buffers: no backpressure was needed"
+    assert t.held <= 2 << 20 and t.moved < n
+    rest, got = bytes(view), bytearray()
+    while len(got) < n:
+        if rest:
+            try:
+                rest = rest[pa.send(rest) :]
+            except BlockingIOError:
+                pass
+        try:
+            got.extend(pb.recv(1 << 20))
+        except BlockingIOError:
+            lab.reactor.iterate(0.001)
+    assert bytes(got) == data
+    lab.run_until(lambda: bool(ends), "the transfer ends")
+    assert ends == [DONE]
+
+
+def test_abort_stops_a_transfer_silently_and_holds_no_pipe(lab):
+    pool = PipePool(keep=4)
+    t, (a, pa), (b, pb), ends = transfer(lab, 1_000_000, pool=pool)
+    t.start()
+    lab.send_all(pa, b"z" * 5000)
+    lab.read(pb, 5000)
+    t.abort()
+    t.abort()
+    assert ends == [] and t.ended == ABORTED and pool.in_use == 0
+    assert a.lost is None and b.lost is None
+
+
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    pieces=st.lists(st.binary(min_size=1, max_size=70_000), min_size=1, max_size=6),
+    extra=st.binary(max_size=1000),
+    copy=st.booleans(),
+)
+def test_any_split_of_a_body_arrives_whole_and_nothing_beyond_it_is_taken(lab, pieces, extra, copy):
+    body = b"".join(pieces)
+    t, (a, pa), (b, pb), ends = transfer(lab, len(body), copy=copy)
+    t.start()
+    for piece in pieces[:-1]:
+        lab.send_all(pa, piece)
+    lab.send_all(pa, pieces[-1] + extra)
+    assert lab.read(pb, len(body)) == body
+    lab.run_until(lambda: bool(ends), "the transfer ends")
+    assert ends == [DONE] and t.moved == len(body)
+    if extra:
+        a.transport.startReading()
+        lab.run_until(lambda: a.received == extra, "what follows left to Twisted")
+    a.transport.abortConnection()
+    b.transport.abortConnection()
+
+
+def test_only_open_plain_tcp_transports_with_nothing_to_write_can_splice_a_body(lab):
+    (a, _), (b, _) = lab.connection(), lab.connection()
+    assert can_splice_body(a.transport, b.transport)
+    assert not can_splice_body(StringTransport(), b.transport)
+    assert not can_splice_body(a.transport, StringTransport())
+    a.transport.registerProducer(b.transport, True)  # producers may stay
+    assert can_splice_body(a.transport, b.transport)
+    a.transport.unregisterProducer()
+    b.transport.write(b"the sink's buffer is delivered first")
+    assert can_splice_body(a.transport, b.transport)
+    a.transport.write(b"x" * (8 << 20))  # the source's own writes are not the transfer's
+    assert not can_splice_body(a.transport, b.transport)
+
+
+def test_bytes_read_in_a_pumps_last_round_go_out_without_waiting_for_more(lab, monkeypatch):
+    # After its rounds a pump gives other connections a turn; what its last
+    # round read must still be delivered though the source says nothing more.
+    monkeypatch.setattr(zerocopy, "_ROUNDS", 1)
+    pump, (a, pa), (b, pb), ends, _ = lab.pump()
+    pump.start()
+    lab.send_all(pa, b"one burst, then silence")
+    assert lab.read(pb, 23) == b"one burst, then silence"
+    pump.abort()
+    t, (a, pa), (b, pb), ends = transfer(lab, 23)
+    t.start()
+    lab.send_all(pa, b"one burst, then silence")
+    assert lab.read(pb, 23) == b"one burst, then silence"
+    lab.run_until(lambda: bool(ends), "the transfer ends")
+    assert ends == [DONE]
+
+
+def test_a_kernel_refusing_splice_makes_the_transfer_copy_the_rest_exactly(lab, monkeypatch):
+    real_splice = os.splice
+
+    def refusing(src, dst, count, *args, **kwargs):
+        # Reading a socket into a pipe is refused (EINVAL), as on a kernel or
+        # socket type without splice support; delivering from a pipe still works.
+        if src not in pipe_ends:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_splice(src, dst, count, *args, **kwargs)
+
+    pool = PipePool()
+    pipe_ends = set()
+    take = pool.take
+
+    def taking():
+        pipe = take()
+        pipe_ends.add(pipe[0])
+        return pipe
+
+    monkeypatch.setattr(pool, "take", taking)
+    monkeypatch.setattr(zerocopy.os, "splice", refusing)
+    t, (a, pa), (b, pb), ends = transfer(lab, 2_000_000, pool=pool)
+    t.start()
+    body = os.urandom(2_000_000)
+    lab.send_all(pa, body + b"next")
+    assert lab.read(pb, len(body)) == body
+    lab.run_until(lambda: bool(ends), "the transfer ends")
+    assert ends == [DONE] and t.moved == len(body)
+    a.transport.startReading()
+    lab.run_until(lambda: a.received == b"next", "the rest left to Twisted")

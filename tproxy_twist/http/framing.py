@@ -433,6 +433,26 @@ class _Reader:
         """True between messages with nothing buffered (no partial message)."""
         return self._state in (_HEAD, _DONE, _CLOSED) and self._pos >= len(self._buf)
 
+    # --- zero-copy bodies: the relay moves a Content-Length body around the reader ---
+
+    @property
+    def body_unread(self) -> int:
+        """Bytes of the current Content-Length body neither received nor buffered (else 0)."""
+        if self._state != _LENGTH:
+            return 0
+        return max(self._remaining - (len(self._buf) - self._pos), 0)
+
+    def skip_body(self, n: int) -> None:
+        """
+        C{n} bytes of the current Content-Length body were relayed without
+        passing through this reader; it goes on after them.
+        """
+        if n < 0 or n > self.body_unread:
+            raise RuntimeError("skip_body() beyond the unread part of a Content-Length body")
+        self._remaining -= n
+        if not self._remaining:
+            self._state = _END
+
     def next_event(self) -> Event:
         """The next event; raises ProtocolError (and keeps raising it) on a bad message."""
         try:

@@ -35,7 +35,7 @@ from ..logthrottle import LogThrottle
 from ..metrics import PortMetrics
 from ..resolver import DestinationResolver, Resolved
 from ..sockets import UpstreamConnect, nat_original_destination, unmap, writer_for
-from ..zerocopy import SplicePump, can_splice
+from ..zerocopy import DONE, SINK_FAILED, SplicePump, SpliceTransfer, can_splice, can_splice_body
 from . import headers as H
 from . import policy
 from .record import ExchangeRecord, RecordSink
@@ -68,6 +68,7 @@ _LARGE_READ = 1 << 18
 # How often deadlines are looked at: timeouts fire up to this much late.
 SWEEP_INTERVAL = 0.25
 _TUNNEL = State.TUNNEL
+_RESPONDING = State.RESPONDING
 # Reading-paused reasons, re-exported for readers of this module.
 CONNECTING = CONNECTING_READS
 __all__ += ["BACKPRESSURE", "CONNECTING", "PIPELINE"]
@@ -118,6 +119,18 @@ class ReadGate:
         """A L{SplicePump} reads the transport from now on: forget every reason, resume nothing."""
         self._reasons = 0
 
+    def lend(self) -> None:
+        """
+        A L{SpliceTransfer} has the transport for a while: Twisted's write
+        buffers it empties are no reason to pause any more; the others stay.
+        """
+        self._reasons &= ~BACKPRESSURE
+
+    def take_back(self) -> None:
+        """The transfer gave the transport back: read again unless a reason holds it."""
+        if not self._reasons:
+            self._transport.resumeProducing()
+
 
 class ProxyFactory(Factory):
     """Builds a L{ClientConnection} for each connection on one configured port."""
@@ -148,6 +161,8 @@ class ProxyFactory(Factory):
         self.reactor = reactor if reactor is not None else clock
         #: relay tunnels with splice(2) where both sockets allow it
         self.zerocopy = zerocopy
+        #: ... and response bodies with a Content-Length ([limits] splice_body_min)
+        self.splice_bodies = zerocopy and settings.limits.splice_body_min > 0
         self.connections: set[ClientConnection] = set()
         self._sweeper: task.LoopingCall | None = None
         self.per_client: dict[str, int] = {}
@@ -216,7 +231,7 @@ class ProxyFactory(Factory):
         self._metrics.flush()
         now = self.clock.seconds()
         for connection in list(self.connections):  # timing out closes some
-            if connection.pump is not None:
+            if connection.pump is not None or connection.body is not None:
                 connection.pump_activity()
             session = connection.session
             if session is None or session.deadline_kind is None or now < session.deadline_at:
@@ -307,7 +322,9 @@ class ClientConnection(Protocol):
         "_attached",
         "_corked",
         "_counted_client",
-        "_pump_activity",
+        "_relayed_in",
+        "_relayed_out",
+        "body",
         "pump",
         "_writer",
         "client_ip",
@@ -331,7 +348,9 @@ class ClientConnection(Protocol):
         self.client_ip = ""
         self._attached: Upstream | None = None  # the upstream the session relays with
         self.pump: SplicePump | None = None  # while a tunnel is relayed zero-copy
-        self._pump_activity = 0.0
+        self.body: SpliceTransfer | None = None  # while a response body is spliced
+        # What the pump or the body transfer moved that the session was told of.
+        self._relayed_in = self._relayed_out = 0
 
     # --- client transport events ---------------------------------------------------
 
@@ -433,8 +452,11 @@ class ClientConnection(Protocol):
             self.session.upstream_data(upstream.link, data)
         finally:
             self._uncork()
-        if self.session.state is _TUNNEL and self.pump is None:
+        state = self.session.state
+        if state is _TUNNEL and self.pump is None:
             self.splice_tunnel()  # a 101 upgrade: its head went out just now
+        elif state is _RESPONDING and self.factory.splice_bodies:
+            self.splice_body(upstream)
 
     # --- zero-copy tunnels ----------------------------------------------------------------
 
@@ -460,8 +482,8 @@ class ClientConnection(Protocol):
             return
         self.gate.hand_over()
         upstream.gate.hand_over()
-        self._pump_activity = factory.clock.seconds()
-        self.finished = self._finished_tunnel
+        self._relayed_in = self._relayed_out = 0
+        self.finished = self._finished_spliced
         self.pump = SplicePump(
             client,
             server,
@@ -476,14 +498,25 @@ class ClientConnection(Protocol):
 
     def pump_activity(self) -> None:
         """
-        The sweep's look at a spliced tunnel: bytes moved since the last look
-        keep the session's idle deadline away.  An empty client_data event is
-        how the session hears of it (in a tunnel it only notes the activity).
+        The sweep's look at a spliced tunnel or body: the bytes moved since
+        the last look go to the session (its record, and its idle deadline).
         """
-        pump = self.pump
-        if pump.ended is None and pump.last_activity > self._pump_activity:
-            self._pump_activity = pump.last_activity
-            self.session.client_data(b"")
+        n_in, n_out = self._unreported()
+        if n_in or n_out:
+            self.session.relayed(n_in, n_out)
+
+    def _unreported(self) -> tuple[int, int]:
+        """Bytes the pump or the body transfer moved since the session was last told."""
+        body = self.body
+        if body is not None:
+            moved_in, moved_out = 0, body.moved
+        elif self.pump is not None:
+            moved_in, moved_out = self.pump.a_to_b, self.pump.b_to_a
+        else:
+            return 0, 0
+        n_in, n_out = moved_in - self._relayed_in, moved_out - self._relayed_out
+        self._relayed_in, self._relayed_out = moved_in, moved_out
+        return n_in, n_out
 
     def _pump_eof(self, transport) -> None:
         if transport is self.transport:
@@ -492,12 +525,70 @@ class ClientConnection(Protocol):
     def _pump_ended(self, reason: str) -> None:
         pass  # both transports are closing: their connectionLost tells the session
 
-    def _finished_tunnel(self, record: ExchangeRecord) -> None:
-        pump = self.pump
-        if record.tunnel:
-            record.bytes_in += pump.a_to_b
-            record.bytes_out += pump.b_to_a
+    def _finished_spliced(self, record: ExchangeRecord) -> None:
+        # A record written between two sweeps: what was moved since the last one is its too.
+        n_in, n_out = self._unreported()
+        record.bytes_in += n_in
+        record.bytes_out += n_out
         self.factory.sink(record)
+
+    # --- zero-copy bodies -----------------------------------------------------------------
+
+    def splice_body(self, upstream: Upstream) -> None:
+        """
+        The rest of a response body with a Content-Length goes upstream →
+        client with splice(2), if the session offers it and both sockets allow;
+        then both connections are Twisted's again for the next exchange.
+        """
+        if self.body is not None or upstream is not self._attached:
+            return
+        session = self.session
+        length = session.body_to_splice()
+        if not length or not can_splice_body(upstream.transport, self.transport):
+            return
+        session.splicing_body()
+        self.gate.lend()
+        upstream.gate.lend()
+        self._relayed_in = self._relayed_out = 0
+        self.finished = self._finished_spliced
+        factory = self.factory
+        body = self.body = SpliceTransfer(
+            upstream.transport,
+            self.transport,
+            length,
+            reactor=factory.reactor,
+            clock=factory.clock,
+            on_end=self._body_ended,
+        )
+        if factory.stream_metrics is not None:
+            factory.stream_metrics.started("splice")
+        body.start()
+
+    def _body_ended(self, reason: str) -> None:
+        n_in, n_out = self._unreported()
+        self.body = None
+        self.finished = self.factory.sink
+        session = self.session
+        session.relayed(n_in, n_out)
+        if reason != DONE:
+            session.body_splice_failed(upstream=reason != SINK_FAILED)
+            return
+        upstream = self._attached
+        self.gate.take_back()
+        upstream.gate.take_back()
+        self._corked = []
+        try:
+            session.body_spliced()
+        finally:
+            self._uncork()
+
+    def _stop_body(self) -> None:
+        """The session ends the exchange while its body is spliced (timeout, drain, abort)."""
+        n_in, n_out = self._unreported()
+        self.body.abort()
+        self.body = None
+        self.finished = self.factory.sink
+        self.session.relayed(n_in, n_out)
 
     def upstream_lost(self, upstream: Upstream) -> None:
         if self._attached is upstream:
@@ -536,6 +627,8 @@ class ClientConnection(Protocol):
                 self._writer.write_sequence(parts)
 
     def close(self) -> None:
+        if self.body is not None:
+            self._stop_body()
         if self.pump is not None:
             # The pump closes both sides when it ends; a session ends a live
             # tunnel itself only when something failed.
@@ -546,6 +639,8 @@ class ClientConnection(Protocol):
 
     def abort(self) -> None:
         self._corked = None
+        if self.body is not None:
+            self._stop_body()
         if self.pump is not None:
             self.pump.abort()  # it resets both connections itself (or closed them already)
             return
@@ -619,6 +714,8 @@ class ClientConnection(Protocol):
         link.handle.writer.write_sequence(parts)
 
     def upstream_close(self, link: Link) -> None:
+        if self.body is not None:
+            self._stop_body()
         if self.pump is not None:
             self.pump.abort()  # ditto
             return
@@ -633,6 +730,8 @@ class ClientConnection(Protocol):
         self.gate.resume(BACKPRESSURE)
 
     def upstream_abort(self, link: Link) -> None:
+        if self.body is not None:
+            self._stop_body()
         if self.pump is not None:
             self.pump.abort()  # ditto
             return

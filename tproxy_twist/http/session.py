@@ -16,6 +16,8 @@ States (L{State}) and the one deadline armed in each (L{Deadline})::
      ▲ CLIENT_IDLE   REQUEST_HEADER  IDLE           IDLE        RESPONSE     IDLE         │
      └──────────────────────── keep-alive: next request ◄───────────────────────────────┘
     CONNECTING/SENDING/AWAITING ──101 or CONNECT──► TUNNEL (IDLE)
+    RESPONDING ──the adapter splices the rest of a Content-Length body──► SPLICING (IDLE)
+      ──all of it delivered──► as if read (IDLE for the next request, or CLOSING)
     any ──answer by the proxy──► LINGER (LINGER) ──► CLOSING (CLOSING) ──► CLOSED
 
 CONNECTING also covers, on ports with C{auth}, the check of each request's
@@ -121,6 +123,7 @@ class State(enum.IntEnum):
     LINGER = 8  # answered by the proxy: input is read and dropped, then close
     CLOSING = 9  # the connection closes once what was written is sent
     CLOSED = 10  # gone (or aborted): nothing more is written
+    SPLICING = 11  # the adapter relays the rest of a response body itself (splice(2))
 
 
 class Deadline(enum.IntEnum):
@@ -146,6 +149,7 @@ _TUNNEL = State.TUNNEL
 _LINGER = State.LINGER
 _CLOSING = State.CLOSING
 _CLOSED = State.CLOSED
+_SPLICING = State.SPLICING
 _DL_CLIENT_IDLE = Deadline.CLIENT_IDLE
 _DL_REQUEST_HEADER = Deadline.REQUEST_HEADER
 _DL_IDLE = Deadline.IDLE
@@ -569,6 +573,77 @@ class Session:
                 f"upstream {where[0]}:{where[1]} did not answer within {timeouts.response:g}"
                 " seconds",
             )
+
+    # --- zero-copy bodies: the adapter relays a Content-Length body itself -------------
+    #
+    # RESPONDING ─ body_to_splice() > 0, splicing_body() ─► SPLICING: the adapter moves
+    # the rest of the body from the upstream to the client (splice(2)) and reads neither
+    # connection meanwhile; relayed() counts what it moved and keeps the idle deadline
+    # away.  SPLICING ─ body_spliced() ─► the response ends as if its body had been read;
+    # SPLICING ─ body_splice_failed() ─► aborted and recorded as incomplete.  Timeouts,
+    # drain, abort and client_lost work in SPLICING as they do in RESPONDING.
+
+    def body_to_splice(self) -> int:
+        """
+        How many bytes of the response being relayed the adapter may move from
+        the upstream to the client itself, or 0.  Non-zero only while
+        RESPONDING a body with a Content-Length, once its head and every body
+        byte read so far went to the client, the whole request was received,
+        and at least C{[limits] splice_body_min} bytes are still to come.
+        Asking changes nothing; L{splicing_body} takes the offer.
+        """
+        if self.state is not _RESPONDING:
+            return 0
+        minimum = self._config.limits.splice_body_min
+        exchange = self._exchange
+        if not minimum or exchange is None or not exchange.request_done:
+            return 0
+        reader = self._up.reader
+        if reader.buffered:
+            return 0
+        left = reader.body_unread
+        return left if left >= minimum else 0
+
+    def splicing_body(self) -> None:
+        """The adapter relays the L{body_to_splice} bytes from now on (RESPONDING → SPLICING)."""
+        if not self.body_to_splice():
+            raise RuntimeError("splicing_body() without a body to splice")
+        self.state = _SPLICING
+
+    def relayed(self, n_in: int, n_out: int) -> None:
+        """
+        The adapter moved bytes itself (a spliced tunnel or body), C{n_in}
+        from the client and C{n_out} to it: counted for the record, and
+        activity that keeps the idle deadline away.
+        """
+        self._bytes_in += n_in
+        self._bytes_out += n_out
+        self._last_activity = self._clock.seconds()
+
+    def body_spliced(self) -> None:
+        """Every byte of the spliced body reached the client: the response ends as if read."""
+        if self.state is not _SPLICING:
+            return
+        self.state = _RESPONDING
+        reader = self._up.reader
+        reader.skip_body(reader.body_unread)
+        self._relay_response()
+
+    def body_splice_failed(self, upstream: bool) -> None:
+        """
+        The spliced body broke off: C{upstream} when the origin closed early
+        or failed (an upstream error, as a body cut off while copied), else
+        the client went away.  The connection is aborted, the exchange
+        recorded as incomplete.
+        """
+        if self.state is not _SPLICING:
+            return
+        self.state = _RESPONDING
+        if upstream:
+            self._exchange.record.upstream_error = "reset"
+            self._fail(502, "upstream closed the connection", incomplete="upstream")
+        else:
+            self._fail(502, "the client went away", incomplete="client")
 
     # --- the request loop -------------------------------------------------------------
 

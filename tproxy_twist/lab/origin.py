@@ -24,7 +24,8 @@ sends the same headers without a body):
 ``GET /bytes?n=N[&seed=S][&chunked=1][&chunk=SIZE][&rate=BYTES_PER_SEC]``
     N deterministic bytes (:func:`payload`), with Content-Length, or chunked
     in chunks of SIZE (default 65536); ``rate`` paces the sending. A test checks
-    what it received against :func:`expected_sha256` ``(N, S)``.
+    what it received against :func:`expected_sha256` ``(N, S)``. ``&short=K``
+    announces Content-Length N but sends only N-K bytes, then closes.
 ``GET /close?n=N[&seed=S]``
     The same bytes, delimited by closing the connection (no Content-Length,
     not chunked).
@@ -409,6 +410,7 @@ class Connection:
         n = _int_arg(req, "n", 0)
         seed = req.arg("seed", "0") or "0"
         rate = _float_arg(req, "rate", 0.0)
+        short = min(max(_int_arg(req, "short", 0), 0), n)  # bytes left out, then close
         chunk_arg = req.arg("chunk")
         if chunk_arg is not None:
             piece = _int_arg(req, "chunk", BLOCK_SIZE)
@@ -423,6 +425,11 @@ class Connection:
             start = time.monotonic()
             sent = 0
             for data in payload(n, seed, piece):
+                if sent + len(data) > n - short:
+                    data = data[: n - short - sent]
+                    if data:
+                        yield data
+                    return
                 yield data
                 sent += len(data)
                 if rate > 0:
@@ -436,7 +443,14 @@ class Connection:
         chunked = req.arg("chunked", "0") not in ("0", "", "false", "no")
         if chunked and req.version == "HTTP/1.0":
             return Response(200, headers, stream=stream, close=True)  # 1.0 knows no chunks
-        return Response(200, headers, stream=stream, length=None if chunked else n, chunked=chunked)
+        return Response(
+            200,
+            headers,
+            stream=stream,
+            length=None if chunked else n,
+            chunked=chunked,
+            close=bool(short),
+        )
 
     async def _send(self, req: Request | None, resp: Response) -> bool:
         """Write ``resp``; return whether the connection stays open for more requests."""
