@@ -342,3 +342,53 @@ def test_a_dropped_producer_is_unregistered_and_not_registered_again():
     assert transport.producer is None
     transport.abortConnection()
     peer.close()
+
+
+@pytest.mark.parametrize(
+    "family, host, source",
+    [(socket.AF_INET, "127.0.0.1", "127.0.0.2"), (socket.AF_INET6, "::1", "::1")],
+)
+def test_upstream_connection_is_bound_to_the_given_source_address(family, host, source):
+    from twisted.internet.address import IPv4Address, IPv6Address
+
+    from tproxy_twist.reactor import WorkerReactor
+
+    reactor = WorkerReactor()
+    listener = socket.socket(family)
+    listener.bind((host, 0))
+    listener.listen()
+    recorder = _Recorder()
+    connector = sockets._UpstreamConnector(
+        host, listener.getsockname()[1], recorder.factory, 5, (source, 0), reactor
+    )
+    connector.connect()
+    peer, peer_address = listener.accept()
+    assert peer_address[0] == source  # the origin sees the address we bound to
+    _spin(reactor, lambda: recorder.events)
+    kind, transport = recorder.events[0]
+    assert kind == "made"
+    expected = IPv6Address if family == socket.AF_INET6 else IPv4Address
+    assert isinstance(transport.getPeer(), expected)
+    assert transport.getPeer().host == host
+    assert isinstance(connector.getDestination(), expected)
+    transport.abortConnection()
+    peer.close()
+    listener.close()
+
+
+def test_upstream_connection_whose_source_cannot_be_bound_fails_with_a_bind_error():
+    from twisted.internet.error import ConnectBindError
+
+    from tproxy_twist.reactor import WorkerReactor
+
+    reactor = WorkerReactor()
+    recorder = _Recorder()
+    # 192.0.2.1 is not an address of this host, and the socket is not transparent.
+    connector = sockets._UpstreamConnector(
+        "127.0.0.1", 9, recorder.factory, 5, ("192.0.2.1", 0), reactor
+    )
+    connector.connect()
+    assert recorder.events == []
+    _spin(reactor, lambda: recorder.events)
+    kind, error = recorder.events[0]
+    assert kind == "failed" and isinstance(error, ConnectBindError)
