@@ -392,3 +392,57 @@ def test_upstream_connection_whose_source_cannot_be_bound_fails_with_a_bind_erro
     _spin(reactor, lambda: recorder.events)
     kind, error = recorder.events[0]
     assert kind == "failed" and isinstance(error, ConnectBindError)
+
+
+def _connected_upstream(reactor, factory):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    connector = sockets.connect_upstream(reactor)(
+        "127.0.0.1", listener.getsockname()[1], factory, 5, None
+    )
+    peer, _ = listener.accept()
+    listener.close()
+    return connector, peer
+
+
+def test_an_established_upstream_lets_its_connector_go_when_the_factory_ignores_the_end():
+    import gc
+    import weakref
+
+    from tproxy_twist.reactor import WorkerReactor
+
+    reactor = WorkerReactor()
+    recorder = _Recorder()
+    connector, peer = _connected_upstream(reactor, recorder.factory)
+    _spin(reactor, lambda: recorder.events)
+    transport = recorder.events[0][1]
+    assert transport.connector is not connector
+    gone = weakref.ref(connector)
+    del connector
+    gc.collect()
+    assert gone() is None  # neither the Connector nor (through it) the factory is kept
+    lost = []
+    transport.protocol.connectionLost = lost.append
+    peer.close()
+    _spin(reactor, lambda: lost)
+    assert len(lost) == 1  # the connection still ends normally
+
+
+def test_a_factory_that_wants_the_end_of_its_connection_is_told():
+    from tproxy_twist.reactor import WorkerReactor
+
+    reactor = WorkerReactor()
+    recorder = _Recorder()
+    ended = []
+    # (_Recorder makes a factory class of its own for each test.)
+    type(recorder.factory).clientConnectionLost = lambda self, connector, reason: ended.append(
+        reason
+    )
+    connector, peer = _connected_upstream(reactor, recorder.factory)
+    _spin(reactor, lambda: recorder.events)
+    transport = recorder.events[0][1]
+    assert transport.connector is connector
+    peer.close()
+    _spin(reactor, lambda: ended)
+    assert len(ended) == 1
