@@ -31,6 +31,7 @@ from tproxy_twist import config as C
 from tproxy_twist.http.relay import ProxyFactory, RelaySettings
 from tproxy_twist.metrics import PortMetrics
 from tproxy_twist.reactor import WorkerReactor
+from tproxy_twist.resolver import DestinationResolver
 from tproxy_twist.sockets import connect_upstream
 
 ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n"
@@ -82,6 +83,9 @@ def measure(reactor, origin_port: int, opts) -> int:
         connect=connect_upstream(reactor),
         clock=reactor,
         local_addresses=frozenset(),
+        # Loopback origin: without the forward ports' built-in refusals (loopback,
+        # the host's own addresses), and like a tproxy port, no resolve -> check step.
+        resolver=DestinationResolver(None, port.destinations, own=frozenset(), builtin=False),
         metrics=PortMetrics("fwd", "forward", CollectorRegistry()),
         reactor=reactor,
     )

@@ -101,16 +101,22 @@ class PortConfig:
     auth: AuthConfig | None = None  # forward ports: proxy authentication (407)
     protocol: str = "http"  # "tls": the port carries TLS (a ClientHello first), see tls/
     tls: TLSPortConfig | None = None  # set exactly when protocol == "tls"
+    # Asked for every connection: worked out once (the cached function hashed
+    # every network of C{allow} on each call).
+    _allows_everyone: bool = attrs.field(init=False, default=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "_allows_everyone", _covers_everything(self.allow))
 
     def allows(self, ip: str) -> bool:
-        if self.allows_everyone:
+        if self._allows_everyone:
             return True
         address = ipaddress.ip_address(ip)
         return any(address in network for network in self.allow)
 
     @property
     def allows_everyone(self) -> bool:
-        return _covers_everything(self.allow)
+        return self._allows_everyone
 
 
 @attrs.frozen

@@ -18,7 +18,9 @@ import ipaddress
 import socket
 import struct
 from collections.abc import Callable
+from os import strerror
 
+from twisted.internet import error as twisted_error
 from twisted.internet import tcp
 from twisted.internet.interfaces import IConnector, IReactorTime
 from twisted.internet.protocol import ClientFactory
@@ -63,12 +65,16 @@ def listening_socket(
 
     Every worker opens its own with SO_REUSEPORT, so each has its own accept
     queue.  A C{::} socket serves IPv4 too (IPV6_V6ONLY off), which TPROXY's
-    IPv4 socket lookup finds as well.
+    IPv4 socket lookup finds as well.  TCP_NODELAY is set on the listener:
+    accepted connections inherit it (Linux), so none needs a setsockopt.
     """
     sock = socket.socket(address.family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        # Accepted connections inherit TCP_NODELAY from the listener (Linux):
+        # one setsockopt per listener instead of one per connection.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if address.family == socket.AF_INET6:
             sock.setsockopt(SOL_IPV6, socket.IPV6_V6ONLY, 0)
         if transparent:
@@ -97,14 +103,111 @@ def nat_original_destination(sock: socket.socket) -> tuple[str, int]:
     return socket.inet_ntop(socket.AF_INET, raw[4:8]), port
 
 
-# --- the spoofing connector --------------------------------------------------
+# --- the upstream connector -------------------------------------------------------
 # tcp.Client and tcp.Connector are Twisted's own POSIX TCP classes; we
-# override createInternetSocket (documented for subclasses) and the private
-# Connector._makeTransport, the one hook that picks the transport class.
-# Both are stable since Twisted 12; keep this the only place that does it.
+# override createInternetSocket (documented for subclasses), and the private
+# Connector._makeTransport (the one hook that picks the transport class) and
+# _BaseBaseClient._finishInit (where a connection attempt starts).  Stable
+# since Twisted 12; tests/unit/test_twisted_internals.py names them; keep
+# this the only place that does it.
+#
+# Why: the upstream address is always an IP literal, yet Twisted connects
+# one reactor turn later through a callLater(0) and a Deferred (name
+# resolution that is never needed), and on completion calls connect() again,
+# then removes the socket from epoll and adds it back (three epoll_ctl).
+# _UpstreamClient connects at once and, when the socket turns writable,
+# checks SO_ERROR and switches epoll to reading with one epoll_ctl.
 
 
-class _TransparentClient(tcp.Client):
+class _UpstreamClient(tcp.Client):
+    """A client transport to an IP literal, connected without Twisted's detours."""
+
+    def createInternetSocket(self) -> socket.socket:
+        sock = super().createInternetSocket()
+        # Set before connect(): the relay never wants Nagle towards the origin.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    def _finishInit(self, whenDone, skt, error, reactor) -> None:
+        if not whenDone or self._requiresResolution:
+            super()._finishInit(whenDone, skt, error, reactor)
+            return
+        self._commonConnection.__init__(self, skt, None, reactor)
+        self.realAddress = self.addr
+        # Every attribute Twisted adds later, now, in a fixed order: the instance
+        # keeps its compact shared-key dict (measured with bench/idle_memory.py:
+        # otherwise CPython 3.11 turns it into a full dict when logstr is set,
+        # about 900 bytes per connection).
+        self.connected = 0
+        self.logstr = ""
+        try:
+            result = skt.connect_ex(self.addr)
+        except OSError as e:
+            result = e.args[0]
+        if result in (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY):
+            # Completion and failure both wake doRead/doWrite (EPOLLOUT, EPOLLERR).
+            self.startReading()
+            self.startWriting()
+        elif result == 0 or result == errno.EISCONN:
+            reactor.callLater(0, self._connect_event)
+        else:
+            # Never fail inside connectTCP: the caller hears of it a turn later, as from Twisted.
+            failure = twisted_error.getConnectError((result, strerror(result)))
+            reactor.callLater(0, self.failIfNotConnected, failure)
+
+    def _connect_event(self) -> None:
+        if not hasattr(self, "connector"):
+            return  # failed meanwhile (the connect timeout, stopConnecting)
+        err = self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.failIfNotConnected(twisted_error.getConnectError((err, strerror(err))))
+            return
+        self.stopWriting()  # one epoll_ctl(MOD): reading only from now on
+        self._connectDone()  # builds the protocol; startReading() is a no-op now
+        factory = getattr(self.connector, "factory", None)
+        if self.connected and _forgets_lost_connections(factory):
+            # The Connector (and through it the factory) would only be told
+            # connectionLost at the end, which such a factory ignores: let both
+            # go now (about 250 bytes per parked connection).
+            self.connector = _CONNECTED
+
+    # Until _connectDone sets C{connected}, readiness means the attempt ended.  (No
+    # attribute of our own: one more key costs every transport a larger dict.)
+    def doRead(self):
+        if not self.connected:
+            return self._connect_event()
+        return super().doRead()
+
+    def doWrite(self):
+        if not self.connected:
+            return self._connect_event()
+        return super().doWrite()
+
+
+class _Connected:
+    """The connector of an established connection whose factory ignores its end."""
+
+    __slots__ = ()
+
+    def connectionLost(self, reason) -> None:
+        pass
+
+
+_CONNECTED = _Connected()
+
+
+def _forgets_lost_connections(factory) -> bool:
+    """Whether C{factory} does nothing when its connection ends (ClientFactory's defaults)."""
+    kind = type(factory)
+    return (
+        isinstance(factory, ClientFactory)
+        and kind.clientConnectionLost is ClientFactory.clientConnectionLost
+        and kind.stopFactory is ClientFactory.stopFactory
+        and kind.doStop is ClientFactory.doStop
+    )
+
+
+class _TransparentClient(_UpstreamClient):
     def createInternetSocket(self) -> socket.socket:
         sock = super().createInternetSocket()
         set_transparent(sock, self.addressFamily)
@@ -112,6 +215,11 @@ class _TransparentClient(tcp.Client):
         # reserve one per client address and run out under load.
         sock.setsockopt(SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
         return sock
+
+
+class _UpstreamConnector(tcp.Connector):
+    def _makeTransport(self) -> tcp.Client:
+        return _UpstreamClient(self.host, self.port, self.bindAddress, self, self.reactor)
 
 
 class _TransparentConnector(tcp.Connector):
@@ -134,8 +242,9 @@ def connect_upstream(reactor: object) -> UpstreamConnect:
         host: str, port: int, factory: ClientFactory, timeout: float, source_ip: str | None
     ) -> IConnector:
         if source_ip is None:
-            return reactor.connectTCP(host, port, factory, timeout)  # type: ignore[attr-defined]
-        connector = _TransparentConnector(host, port, factory, timeout, (source_ip, 0), reactor)
+            connector = _UpstreamConnector(host, port, factory, timeout, None, reactor)
+        else:
+            connector = _TransparentConnector(host, port, factory, timeout, (source_ip, 0), reactor)
         connector.connect()
         return connector
 
@@ -263,14 +372,51 @@ class DirectWriter:
     buffered.  What cannot go at once goes to C{buffered} (C{write} and
     C{writeSequence}): the transport itself by default; once TLS is started
     on it, the TLS layer's own way to the socket (L{tproxy_twist.tls.direct}).
+
+    Backpressure (L{set_producer}) is registered with the transport only
+    when a write really has to be buffered: until then the socket took
+    everything and there is nothing to pause for.  Registering at once, for
+    every connection, costs each transport a full instance dict (Twisted adds
+    three attributes), about 400 bytes per parked keep-alive connection.
     """
 
-    __slots__ = ("_transport", "_sock", "_buffered")
+    __slots__ = ("_transport", "_sock", "_buffered", "_producer")
 
     def __init__(self, transport: tcp.Connection, buffered=None) -> None:
         self._transport = transport
         self._sock = transport.socket
         self._buffered = transport if buffered is None else buffered
+        self._producer = None
+
+    def set_producer(self, producer) -> None:
+        """
+        C{producer} (a streaming C{IPushProducer}) is paused while this
+        transport's buffer is full, from the first write that is buffered on.
+        A producer registered before is unregistered.
+        """
+        transport = self._transport
+        if transport.producer is not None and transport.producer is not producer:
+            transport.unregisterProducer()
+        self._producer = producer
+
+    def drop_producer(self, producer) -> None:
+        """Forget C{producer} (its connection is gone), registered or not."""
+        if self._producer is producer:
+            self._producer = None
+        transport = self._transport
+        if transport.producer is producer and producer is not None:
+            transport.unregisterProducer()
+
+    def _buffering(self):
+        """
+        Where a write that has to wait goes (C{buffered}), with the producer
+        registered with the transport first.
+        """
+        transport = self._transport
+        producer = self._producer
+        if producer is not None and transport.producer is None and not transport.disconnected:
+            transport.registerProducer(producer, True)
+        return self._buffered
 
     def _idle(self) -> bool:
         t = self._transport
@@ -285,7 +431,7 @@ class DirectWriter:
 
     def write(self, data: bytes) -> None:
         if not self._idle():
-            self._buffered.write(data)
+            self._buffering().write(data)
             return
         try:
             sent = self._sock.send(data)
@@ -295,11 +441,11 @@ class DirectWriter:
             self._buffered.write(data)  # Twisted notices the error and closes
             return
         if sent < len(data):
-            self._buffered.write(data[sent:])
+            self._buffering().write(data[sent:])
 
     def write_sequence(self, parts: list[bytes]) -> None:
         if not self._idle():
-            self._buffered.writeSequence(parts)
+            self._buffering().writeSequence(parts)
             return
         try:
             sent = self._sock.sendmsg(parts)
@@ -312,19 +458,35 @@ class DirectWriter:
             if sent < len(part):
                 rest = parts[i:]
                 rest[0] = part[sent:]
-                self._buffered.writeSequence(rest)
+                self._buffering().writeSequence(rest)
                 return
             sent -= len(part)
 
 
 class TransportWriter:
-    """The same interface over any transport (tests' fakes), through Twisted."""
+    """
+    The same interface over any transport (tests' fakes, TLS), through
+    Twisted; its producer is registered at once.
+    """
 
-    __slots__ = ("write", "write_sequence")
+    __slots__ = ("write", "write_sequence", "_transport")
 
     def __init__(self, transport) -> None:
         self.write = transport.write
         self.write_sequence = transport.writeSequence
+        self._transport = transport
+
+    def set_producer(self, producer) -> None:
+        transport = self._transport
+        if transport.producer is producer:
+            return
+        if transport.producer is not None:
+            transport.unregisterProducer()
+        transport.registerProducer(producer, True)
+
+    def drop_producer(self, producer) -> None:
+        if producer is not None and self._transport.producer is producer:
+            self._transport.unregisterProducer()
 
 
 def writer_for(transport) -> DirectWriter | TransportWriter:

@@ -180,3 +180,19 @@ def test_identity_drain_and_access_log_keys():
     assert (config.user, config.group, config.drain_timeout) == ("root", "root", 5.0)
     assert (config.access_log.path, config.access_log.format) == ("/tmp/access.log", "json")
     assert load(BASE).access_log.path is None
+
+
+def test_a_port_allowing_every_network_allows_everyone_also_after_evolve():
+    import ipaddress
+
+    import attrs
+
+    from tproxy_twist import config as C
+
+    port = C.loads('[[port]]\nlisten = "0.0.0.0:3128"\nmode = "forward"\n').ports[0]
+    assert not port.allows_everyone
+    assert not port.allows("203.0.113.9")
+    everyone = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
+    opened = attrs.evolve(port, allow=everyone)
+    assert opened.allows_everyone and opened.allows("203.0.113.9")
+    assert opened == attrs.evolve(port, allow=everyone)  # the cached flag is not part of eq

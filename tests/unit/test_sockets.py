@@ -88,3 +88,361 @@ def test_nat_original_destination_of_a_connection_that_was_not_redirected_fails(
     finally:
         for s in (client, accepted, server):
             s.close()
+
+
+# --- the upstream connector: real loopback sockets, the worker's reactor ---------------
+
+
+class _Recorder:
+    """A client factory that records what the connector reports, and when."""
+
+    def __init__(self):
+        from twisted.internet.protocol import ClientFactory, Protocol
+
+        self.events = []
+        recorder = self
+
+        class Proto(Protocol):
+            def connectionMade(self):
+                recorder.events.append(("made", self.transport))
+
+            def dataReceived(self, data):
+                recorder.events.append(("data", data))
+
+        class Factory(ClientFactory):
+            noisy = False
+            protocol = Proto
+
+            def clientConnectionFailed(self, connector, reason):
+                recorder.events.append(("failed", reason.value))
+
+        self.factory = Factory()
+
+
+def _spin(reactor, until, turns=500):
+    for _ in range(turns):
+        if until():
+            return
+        reactor.iterate(0.01)
+
+
+def test_upstream_connection_to_a_listener_is_made_and_carries_bytes_both_ways():
+    from tproxy_twist.reactor import WorkerReactor
+
+    reactor = WorkerReactor()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    recorder = _Recorder()
+    connect = sockets.connect_upstream(reactor)
+    connect("127.0.0.1", listener.getsockname()[1], recorder.factory, 5, None)
+    assert recorder.events == []  # nothing is reported from inside connect()
+    peer, _ = listener.accept()
+    _spin(reactor, lambda: recorder.events)
+    kind, transport = recorder.events[0]
+    assert kind == "made"
+    # Nagle is off from the start; after connecting the socket is only read, not watched
+    # for writability (which would wake the reactor in a loop).
+    assert transport.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    assert transport.fileno() in reactor._reads
+    assert transport.fileno() not in reactor._writes
+    transport.write(b"to the origin")
+    _spin(reactor, lambda: False, turns=5)
+    assert peer.recv(100) == b"to the origin"
+    peer.sendall(b"from the origin")
+    _spin(reactor, lambda: len(recorder.events) > 1)
+    assert recorder.events[1] == ("data", b"from the origin")
+    transport.abortConnection()
+    peer.close()
+    listener.close()
+
+
+def test_upstream_connection_refused_is_reported_as_refused_after_connect_returns():
+    from twisted.internet.error import ConnectionRefusedError
+
+    from tproxy_twist.reactor import WorkerReactor
+
+    reactor = WorkerReactor()
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now
+    recorder = _Recorder()
+    sockets.connect_upstream(reactor)("127.0.0.1", port, recorder.factory, 5, None)
+    assert recorder.events == []
+    _spin(reactor, lambda: recorder.events)
+    assert len(recorder.events) == 1
+    kind, error = recorder.events[0]
+    assert kind == "failed" and isinstance(error, ConnectionRefusedError)
+    # The failed attempt's socket is no longer watched.
+    assert not any(isinstance(s, sockets._UpstreamClient) for s in reactor._selectables.values())
+
+
+def test_upstream_connection_failing_at_once_is_reported_a_turn_later():
+    # connect() to an unroutable address fails inside connect_ex (ENETUNREACH,
+    # or EINVAL/EAFNOSUPPORT for a bad family): the factory hears of it after
+    # connect_upstream's call returned, never from inside it.
+    from twisted.internet.error import ConnectError
+
+    from tproxy_twist.reactor import WorkerReactor
+
+    reactor = WorkerReactor()
+    recorder = _Recorder()
+    sockets.connect_upstream(reactor)("255.255.255.255", 80, recorder.factory, 5, None)
+    assert recorder.events == []
+    _spin(reactor, lambda: recorder.events)
+    kind, error = recorder.events[0]
+    assert kind == "failed" and isinstance(error, ConnectError)
+
+
+def test_upstream_connection_that_never_completes_times_out():
+    from twisted.internet.error import TimeoutError
+
+    from tproxy_twist.reactor import WorkerReactor
+
+    reactor = WorkerReactor()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    # Fill the accept queue: Linux drops the next SYN (tcp_abort_on_overflow 0),
+    # so the connection attempt hangs until the connector's timeout.
+    fillers = []
+    for _ in range(8):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(listener.getsockname())
+        fillers.append(s)
+    recorder = _Recorder()
+    sockets.connect_upstream(reactor)(
+        "127.0.0.1", listener.getsockname()[1], recorder.factory, 0.2, None
+    )
+    _spin(reactor, lambda: recorder.events)
+    kind, error = recorder.events[0]
+    assert kind == "failed" and isinstance(error, TimeoutError)
+    for s in fillers:
+        s.close()
+    listener.close()
+
+
+def test_a_listener_gives_accepted_connections_tcp_nodelay():
+    listener = sockets.listening_socket(ListenAddress("127.0.0.1", 0), transparent=False)
+    client = socket.create_connection(listener.getsockname())
+    listener.setblocking(True)
+    accepted, _ = listener.accept()
+    assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    for s in (client, accepted, listener):
+        s.close()
+
+
+# --- DirectWriter: backpressure registered when a write is buffered --------------------
+
+
+def _accepted_pair(reactor):
+    """A real accepted tcp.Server transport (worker reactor) and the test's peer socket."""
+    from twisted.internet.protocol import Factory, Protocol
+
+    accepted = []
+
+    class Keep(Protocol):
+        def connectionMade(self):
+            accepted.append(self)
+
+    port = reactor.listenTCP(0, Factory.forProtocol(Keep), interface="127.0.0.1")
+    peer = socket.create_connection(("127.0.0.1", port.getHost().port))
+    _spin(reactor, lambda: accepted)
+    port.stopListening()
+    return accepted[0].transport, peer
+
+
+class _Producer:
+    def __init__(self):
+        self.calls = []
+
+    def pauseProducing(self):
+        self.calls.append("pause")
+
+    def resumeProducing(self):
+        self.calls.append("resume")
+
+    def stopProducing(self):
+        self.calls.append("stop")
+
+
+def test_a_producer_is_registered_only_once_a_write_is_buffered():
+    from tproxy_twist.reactor import WorkerReactor
+
+    reactor = WorkerReactor()
+    transport, peer = _accepted_pair(reactor)
+    writer = sockets.DirectWriter(transport)
+    producer = _Producer()
+    writer.set_producer(producer)
+    writer.write(b"x" * 1000)
+    writer.write_sequence([b"head", b"body"])
+    # The socket took it all: nothing to pause for, no registration.
+    assert transport.producer is None and producer.calls == []
+    assert peer.recv(2000) == b"x" * 1000 + b"headbody"
+    transport.abortConnection()
+    peer.close()
+
+
+def test_a_slow_reader_pauses_the_producer_and_resumes_it_once_it_has_read():
+    from tproxy_twist.reactor import WorkerReactor
+
+    reactor = WorkerReactor()
+    transport, peer = _accepted_pair(reactor)
+    # Small kernel buffers both ends, so that Twisted has to buffer soon.
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    writer = sockets.DirectWriter(transport)
+    producer = _Producer()
+    writer.set_producer(producer)
+    chunk = b"y" * 65536
+    written = 0
+    while "pause" not in producer.calls and written < 1024 * len(chunk):
+        writer.write(chunk)  # the peer reads nothing: the kernel fills, then Twisted buffers
+        written += len(chunk)
+    assert transport.producer is producer
+    assert producer.calls == ["pause"]
+    peer.setblocking(False)
+    received = 0
+
+    def drained():
+        nonlocal received
+        try:
+            while True:
+                data = peer.recv(1 << 20)
+                if not data:
+                    break
+                received += len(data)
+        except BlockingIOError:
+            pass
+        return received == written
+
+    _spin(reactor, drained, turns=2000)
+    assert received == written
+    assert producer.calls == ["pause", "resume"]
+    transport.abortConnection()
+    peer.close()
+
+
+def test_a_dropped_producer_is_unregistered_and_not_registered_again():
+    from tproxy_twist.reactor import WorkerReactor
+
+    reactor = WorkerReactor()
+    transport, peer = _accepted_pair(reactor)
+    writer = sockets.DirectWriter(transport)
+    first, second = _Producer(), _Producer()
+    writer.set_producer(first)
+    transport.registerProducer(first, True)  # as if a write had been buffered
+    writer.set_producer(second)  # the next upstream: the old one goes
+    assert transport.producer is None
+    writer.drop_producer(second)
+    transport.write(b"z" * (1 << 22))  # buffered; nothing may be registered for it now
+    writer.write(b"more")
+    assert transport.producer is None
+    transport.abortConnection()
+    peer.close()
+
+
+@pytest.mark.parametrize(
+    "family, host, source",
+    [(socket.AF_INET, "127.0.0.1", "127.0.0.2"), (socket.AF_INET6, "::1", "::1")],
+)
+def test_upstream_connection_is_bound_to_the_given_source_address(family, host, source):
+    from twisted.internet.address import IPv4Address, IPv6Address
+
+    from tproxy_twist.reactor import WorkerReactor
+
+    reactor = WorkerReactor()
+    listener = socket.socket(family)
+    listener.bind((host, 0))
+    listener.listen()
+    recorder = _Recorder()
+    connector = sockets._UpstreamConnector(
+        host, listener.getsockname()[1], recorder.factory, 5, (source, 0), reactor
+    )
+    connector.connect()
+    peer, peer_address = listener.accept()
+    assert peer_address[0] == source  # the origin sees the address we bound to
+    _spin(reactor, lambda: recorder.events)
+    kind, transport = recorder.events[0]
+    assert kind == "made"
+    expected = IPv6Address if family == socket.AF_INET6 else IPv4Address
+    assert isinstance(transport.getPeer(), expected)
+    assert transport.getPeer().host == host
+    assert isinstance(connector.getDestination(), expected)
+    transport.abortConnection()
+    peer.close()
+    listener.close()
+
+
+def test_upstream_connection_whose_source_cannot_be_bound_fails_with_a_bind_error():
+    from twisted.internet.error import ConnectBindError
+
+    from tproxy_twist.reactor import WorkerReactor
+
+    reactor = WorkerReactor()
+    recorder = _Recorder()
+    # 192.0.2.1 is not an address of this host, and the socket is not transparent.
+    connector = sockets._UpstreamConnector(
+        "127.0.0.1", 9, recorder.factory, 5, ("192.0.2.1", 0), reactor
+    )
+    connector.connect()
+    assert recorder.events == []
+    _spin(reactor, lambda: recorder.events)
+    kind, error = recorder.events[0]
+    assert kind == "failed" and isinstance(error, ConnectBindError)
+
+
+def _connected_upstream(reactor, factory):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    connector = sockets.connect_upstream(reactor)(
+        "127.0.0.1", listener.getsockname()[1], factory, 5, None
+    )
+    peer, _ = listener.accept()
+    listener.close()
+    return connector, peer
+
+
+def test_an_established_upstream_lets_its_connector_go_when_the_factory_ignores_the_end():
+    import gc
+    import weakref
+
+    from tproxy_twist.reactor import WorkerReactor
+
+    reactor = WorkerReactor()
+    recorder = _Recorder()
+    connector, peer = _connected_upstream(reactor, recorder.factory)
+    _spin(reactor, lambda: recorder.events)
+    transport = recorder.events[0][1]
+    assert transport.connector is not connector
+    gone = weakref.ref(connector)
+    del connector
+    gc.collect()
+    assert gone() is None  # neither the Connector nor (through it) the factory is kept
+    lost = []
+    transport.protocol.connectionLost = lost.append
+    peer.close()
+    _spin(reactor, lambda: lost)
+    assert len(lost) == 1  # the connection still ends normally
+
+
+def test_a_factory_that_wants_the_end_of_its_connection_is_told():
+    from tproxy_twist.reactor import WorkerReactor
+
+    reactor = WorkerReactor()
+    recorder = _Recorder()
+    ended = []
+    # (_Recorder makes a factory class of its own for each test.)
+    type(recorder.factory).clientConnectionLost = lambda self, connector, reason: ended.append(
+        reason
+    )
+    connector, peer = _connected_upstream(reactor, recorder.factory)
+    _spin(reactor, lambda: recorder.events)
+    transport = recorder.events[0][1]
+    assert transport.connector is connector
+    peer.close()
+    _spin(reactor, lambda: ended)
+    assert len(ended) == 1

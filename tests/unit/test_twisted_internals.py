@@ -123,6 +123,23 @@ def test_the_connector_builds_its_transport_through_make_transport():
     client.abortConnection()
 
 
+def test_the_client_internals_the_upstream_client_overrides():
+    # sockets._UpstreamClient replaces _finishInit (where Twisted schedules the
+    # connection attempt) and relies on what Twisted's own path uses.
+    params = list(inspect.signature(tcp.Client._finishInit).parameters)
+    assert params == ["self", "whenDone", "skt", "error", "reactor"], moved(
+        "_BaseBaseClient._finishInit(whenDone, skt, error, reactor)", "tproxy_twist/sockets.py"
+    )
+    assert "_finishInit" in inspect.getsource(tcp._BaseTCPClient.__init__), moved(
+        "_BaseTCPClient.__init__ no longer ends in _finishInit", "tproxy_twist/sockets.py"
+    )
+    for name in ("failIfNotConnected", "_connectDone", "_commonConnection"):
+        assert hasattr(tcp.Client, name), moved(f"tcp.Client.{name}", "tproxy_twist/sockets.py")
+    assert "_requiresResolution" in inspect.getsource(tcp._BaseTCPClient.__init__), moved(
+        "_BaseTCPClient._requiresResolution", "tproxy_twist/sockets.py (_UpstreamClient)"
+    )
+
+
 def test_the_transport_write_buffer_is_where_sockets_and_zerocopy_look():
     # sockets.DirectWriter decides "nothing buffered" from these; zerocopy takes
     # the buffered bytes out of them before splicing.

@@ -282,7 +282,7 @@ class Upstream(Protocol):
         self.lost = False
 
     def connectionMade(self) -> None:
-        self.transport.setTcpNoDelay(True)
+        # TCP_NODELAY is set on the socket before connecting (sockets.py).
         self.gate = ReadGate(self.transport)
         self.writer = writer_for(self.transport)
         self.link.handle = self
@@ -355,8 +355,7 @@ class ClientConnection(Protocol):
     # --- client transport events ---------------------------------------------------
 
     def connectionMade(self) -> None:
-        transport = self.transport
-        transport.setTcpNoDelay(True)
+        transport = self.transport  # TCP_NODELAY: inherited from the listener (sockets.py)
         self.gate = ReadGate(transport)
         self._writer = writer_for(transport)
         factory = self.factory
@@ -468,10 +467,8 @@ class ClientConnection(Protocol):
         client, server = self.transport, upstream.transport
         factory = self.factory
         # Producers would resume reading behind the pump's back.
-        if client.producer is upstream.gate:
-            client.unregisterProducer()
-        if server.producer is self.gate:
-            server.unregisterProducer()
+        self._writer.drop_producer(upstream.gate)
+        upstream.writer.drop_producer(self.gate)
         if not (factory.zerocopy and can_splice(client) and can_splice(server)):
             if client.producer is None:  # relayed through Twisted, with backpressure
                 client.registerProducer(upstream.gate, True)
@@ -593,8 +590,7 @@ class ClientConnection(Protocol):
     def upstream_lost(self, upstream: Upstream) -> None:
         if self._attached is upstream:
             self._attached = None
-        if self.transport.producer is upstream.gate:
-            self.transport.unregisterProducer()
+        self._writer.drop_producer(upstream.gate)
         self.gate.resume(BACKPRESSURE)
         self._corked = []
         try:
@@ -699,12 +695,11 @@ class ClientConnection(Protocol):
     def attach(self, link: Link) -> None:
         # Backpressure both ways: a full send buffer on one side pauses
         # reading on the other.
+        # (Registered with each transport once a write to it is buffered: sockets.DirectWriter.)
         upstream: Upstream = link.handle
         self._attached = upstream
-        upstream.transport.registerProducer(self.gate, True)
-        if self.transport.producer is not None:
-            self.transport.unregisterProducer()
-        self.transport.registerProducer(upstream.gate, True)
+        upstream.writer.set_producer(self.gate)
+        self._writer.set_producer(upstream.gate)
 
     def upstream_write(self, link: Link, data: bytes) -> None:
         if self.pump is None:
@@ -720,8 +715,7 @@ class ClientConnection(Protocol):
             self.pump.abort()  # ditto
             return
         upstream: Upstream = link.handle
-        if self.transport.producer is upstream.gate:
-            self.transport.unregisterProducer()
+        self._writer.drop_producer(upstream.gate)
         if not upstream.lost:
             upstream.transport.unregisterProducer()
             upstream.transport.loseConnection()

@@ -227,7 +227,7 @@ class SpliceUpstream(Protocol):
         self.writer = None
 
     def connectionMade(self) -> None:
-        self.transport.setTcpNoDelay(True)
+        # TCP_NODELAY is set on the socket before connecting (sockets.py).
         self.writer = writer_for(self.transport)
         self.client.upstream_connected(self)
 
@@ -308,8 +308,7 @@ class TLSConnection(Protocol):
 
     def connectionMade(self) -> None:
         factory = self.factory
-        transport = self.transport
-        transport.setTcpNoDelay(True)
+        transport = self.transport  # TCP_NODELAY: inherited from the listener (sockets.py)
         self._writer = writer_for(transport)
         factory.connections.add(self)
         if factory.budget is not None:

@@ -1,0 +1,226 @@
+"""
+The worker's own cost of a new connection, in one process on loopback: CPU time, or
+instructions under callgrind. Deterministic enough for A/B comparisons on a busy machine.
+
+    PYTHONPATH=. .venv/bin/python -m bench.conn_cpu [--kind http|tls] [--connections N]
+    valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p \\
+        .venv/bin/python -m bench.conn_cpu --kind http --connections N   # twice, N and 2N
+
+This process runs a worker's relay on the worker reactor (metrics on, the
+real upstream connector); a client process opens N connections (8 at a
+time) and an origin process answers, both outside this process (so neither
+is counted). Per connection the worker accepts, reads, connects upstream,
+relays, and closes both sides:
+
+- ``http``: a forward port (loopback has no TPROXY; the relay's path is the
+  same apart from the spoofing bind): ``GET http://127.0.0.1:PORT/small``
+  with ``Connection: close``, a 3-byte answer.
+- ``tls``: a TLS port's splice path: the client sends a real ClientHello
+  (made by Python's ssl, SNI ``origin.test``) and reads until EOF; the origin
+  reads the hello, sends 4 KB (a server's first flight) and closes. The
+  destination, which a tproxy port takes from the accepted socket's local
+  address, is set to the origin's address (the only bench-side shim).
+
+Printed: this process's CPU time (``time.process_time``) per connection
+while the N connections are served (warm-up excluded). Under callgrind,
+subtract two runs (N and 2N connections) to get instructions per connection
+without start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ssl
+import subprocess
+import sys
+import time
+
+from prometheus_client import CollectorRegistry
+
+from tproxy_twist import config as C
+from tproxy_twist.metrics import PortMetrics, StreamMetrics, TLSPortMetrics
+from tproxy_twist.reactor import WorkerReactor
+from tproxy_twist.resolver import DestinationResolver
+from tproxy_twist.sockets import connect_upstream
+
+ORIGIN = r"""
+import asyncio, sys
+kind = sys.argv[1]
+ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n"
+FLIGHT = b"\x16\x03\x03" + b"s" * 4093
+async def serve(reader, writer):
+    try:
+        if kind == "http":
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(ANSWER)
+        else:
+            await reader.read(65536)
+            writer.write(FLIGHT)
+        await writer.drain()
+    except Exception:
+        pass
+    writer.close()
+async def main():
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, backlog=4096)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await server.serve_forever()
+asyncio.run(main())
+"""
+
+CLIENT = r"""
+import socket, sys, threading
+port, n, concurrency = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+payload = bytes.fromhex(sys.argv[4])
+lock = threading.Lock()
+left = [n]
+bad = [0]
+def run():
+    while True:
+        with lock:
+            if not left[0]:
+                return
+            left[0] -= 1
+        try:
+            s = socket.create_connection(("127.0.0.1", port), timeout=20)
+            s.sendall(payload)
+            got = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                got += chunk
+            s.close()
+            # TLS: the origin's 4 KB flight; HTTP: the origin's own 200 answer
+            ok = len(got) == 4096 if payload[:1] == b"\x16" else got.startswith(b"HTTP/1.1 200")
+        except OSError:
+            ok = False
+        if not ok:
+            with lock:
+                bad[0] += 1
+threads = [threading.Thread(target=run) for _ in range(concurrency)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(bad[0], flush=True)
+"""
+
+
+def client_hello() -> bytes:
+    """A real ClientHello, as Python's ssl makes it, with an SNI."""
+    context = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="origin.test")
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
+
+
+def http_factory(reactor, origin_port: int):
+    from tproxy_twist.http.relay import ProxyFactory, RelaySettings
+
+    config = C.loads(
+        '[[port]]\nname = "fwd"\nlisten = "127.0.0.1:3128"\nmode = "forward"\n'
+        f"connect_ports = [{origin_port}]\n"
+    )
+    port = config.ports[0]
+    factory = ProxyFactory(
+        port,
+        settings=RelaySettings(config.timeouts, config.limits, "bench"),
+        connect=connect_upstream(reactor),
+        clock=reactor,
+        local_addresses=frozenset(),
+        # Loopback origin: without the forward ports' built-in refusals (loopback,
+        # the host's own addresses), and like a tproxy port, no resolve -> check step.
+        resolver=DestinationResolver(None, port.destinations, own=frozenset(), builtin=False),
+        metrics=PortMetrics("fwd", "forward", CollectorRegistry()),
+        reactor=reactor,
+    )
+    payload = (
+        f"GET http://127.0.0.1:{origin_port}/small HTTP/1.1\r\nHost: 127.0.0.1:{origin_port}\r\n"
+        "User-Agent: bench\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+    ).encode()
+    return factory, payload
+
+
+def tls_factory(reactor, origin_port: int):
+    from tproxy_twist.tls.layer import TLSConnection, TLSFactory
+
+    config = C.loads(
+        '[[port]]\nname = "tls"\nlisten = "127.0.0.1:3129"\nmode = "tproxy"\nprotocol = "tls"\n'
+    )
+    port = config.ports[0]
+
+    class LoopbackTLSConnection(TLSConnection):
+        def connectionMade(self):
+            super().connectionMade()
+            # Loopback has no TPROXY: the original destination is the origin.
+            self.destination = ("127.0.0.1", origin_port)
+
+    class Factory(TLSFactory):
+        def buildProtocol(self, addr):
+            super().buildProtocol(addr)  # starts the sweeper
+            return LoopbackTLSConnection(self)
+
+    registry = CollectorRegistry()
+    factory = Factory(
+        port,
+        timeouts=config.timeouts,
+        connect=connect_upstream(reactor),
+        clock=reactor,
+        local_addresses=frozenset(),
+        metrics=PortMetrics("tls", "tproxy", registry),
+        tls_metrics=TLSPortMetrics("tls"),
+        stream_metrics=StreamMetrics("tls"),
+        reactor=reactor,
+    )
+    return factory, client_hello()
+
+
+def serve(reactor, port: int, payload: bytes, n: int, concurrency: int) -> float:
+    """Run the reactor while a client makes N connections; return this process's CPU seconds."""
+    client = subprocess.Popen(
+        [sys.executable, "-c", CLIENT, str(port), str(n), str(concurrency), payload.hex()],
+        stdout=subprocess.PIPE,
+    )
+    started = time.process_time()
+    while client.poll() is None:
+        reactor.iterate(0.01)
+    used = time.process_time() - started
+    bad = int(client.stdout.read())
+    if bad:
+        raise SystemExit(f"{bad} of {n} connections failed")
+    return used
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.conn_cpu")
+    parser.add_argument("--kind", choices=("http", "tls"), default="http")
+    parser.add_argument("--connections", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=200)
+    opts = parser.parse_args(argv)
+    reactor = WorkerReactor()
+    origin = subprocess.Popen(
+        [sys.executable, "-c", ORIGIN, opts.kind], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
+    try:
+        origin_port = int(origin.stdout.readline())
+        make = http_factory if opts.kind == "http" else tls_factory
+        factory, payload = make(reactor, origin_port)
+        listener = reactor.listenTCP(0, factory, interface="127.0.0.1", backlog=4096)
+        port = listener.getHost().port
+        serve(reactor, port, payload, opts.warmup, opts.concurrency)
+        used = serve(reactor, port, payload, opts.connections, opts.concurrency)
+        print(
+            f"{opts.kind}: {used / opts.connections * 1e6:.1f} us of CPU per connection"
+            f" ({opts.connections} connections, {opts.concurrency} at a time)"
+        )
+    finally:
+        origin.kill()
+        origin.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
