@@ -456,7 +456,9 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=0,
         metavar="S",
-        help="load with wrk -t2 -c64 for S seconds per mode instead of the counted client",
+        help="load with wrk -t2 -c64 for S seconds per mode instead of the counted client"
+        " (with --callgrind, one mode per run: callgrind's second dump after toggling"
+        " instrumentation under wrk came out wrong here)",
     )
     parser.add_argument(
         "--master",
@@ -492,7 +494,12 @@ def main(argv: list[str] | None = None) -> int:
     if opts.json:
         print(json.dumps({"tree": str(opts.tree), **results}))
         return 0
-    print(f"worker of {opts.tree}: CPU per exchange ({opts.n} measured, {opts.concurrency} conns)")
+    load = (
+        f"wrk -t2 -c64, {opts.wrk:g} s"
+        if opts.wrk
+        else f"{opts.n} measured, {opts.concurrency} conns"
+    )
+    print(f"worker of {opts.tree}: CPU per exchange ({load})")
     for mode, r in results.items():
         if "master_us" in r:
             line = (
