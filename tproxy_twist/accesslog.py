@@ -85,8 +85,10 @@ class Formatter(Protocol):
 
 def _field(text: str) -> str:
     """A field that must stay one whitespace-free token: percent-encode what would split it."""
-    if text and all(33 <= ord(c) <= 126 and c != "%" for c in text):
-        return text
+    # Checked in C first (every line has several fields): printable ASCII
+    # without space or "%" is exactly the characters 33-126 but "%".
+    if text.isascii() and text.isprintable() and " " not in text and "%" not in text:
+        return text or "-"
     if not text:
         return "-"
     return "".join(c if 33 <= ord(c) <= 126 and c != "%" else f"%{ord(c):02X}" for c in text)
@@ -96,6 +98,8 @@ def _last_field(text: str) -> str:
     """The last field may hold spaces (Squid writes Content-Type as it came), never a line break."""
     if not text:
         return "-"
+    if text.isascii() and text.isprintable() and "%" not in text:
+        return text  # the characters 32-126 but "%": nothing to encode
     return "".join(c if 32 <= ord(c) <= 126 and c != "%" else f"%{ord(c):02X}" for c in text)
 
 

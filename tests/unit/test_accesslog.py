@@ -15,6 +15,8 @@ import threading
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
 from tproxy_twist import config as C
@@ -435,3 +437,13 @@ def test_the_relay_logs_one_squid_line_per_request_including_its_own_answers(tmp
     assert (loop["result"], loop["status"], loop["server"]) == ("TCP_DENIED", "403", "-")
     assert {m["client"] for m in written} == {"198.51.100.2"}
     assert {m["time"] for m in written} == {"1700000000.500"}
+
+
+@given(st.text(max_size=40))
+def test_field_encoding_checks_in_c_what_the_character_loop_would_encode(text):
+    from tproxy_twist.accesslog import _field, _last_field
+
+    token = "".join(c if 33 <= ord(c) <= 126 and c != "%" else f"%{ord(c):02X}" for c in text)
+    spaced = "".join(c if 32 <= ord(c) <= 126 and c != "%" else f"%{ord(c):02X}" for c in text)
+    assert _field(text) == (token or "-")
+    assert _last_field(text) == (spaced or "-")

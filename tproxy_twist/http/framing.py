@@ -151,7 +151,12 @@ class _Message:
 
 
 class Request(_Message):
-    """A parsed request head; ``body`` is "none", "length" or "chunked"."""
+    """A parsed request head; ``body`` is "none", "length" or "chunked".
+
+    ``head`` is the head as received (request line and field lines, without
+    the final CRLFCRLF) when ``headers`` are exactly its field lines, or None
+    when the reader changed them (repeated Content-Length values merged).
+    """
 
     __slots__ = (
         "method",
@@ -161,6 +166,7 @@ class Request(_Message):
         "expect_continue",
         "body",
         "content_length",
+        "head",
     )
 
     def __init__(
@@ -173,6 +179,7 @@ class Request(_Message):
         expect_continue: bool,
         body: str,
         content_length: int | None,
+        head: bytes | None = None,
     ) -> None:
         self.method = method
         self.target = target
@@ -182,6 +189,7 @@ class Request(_Message):
         self.expect_continue = expect_continue
         self.body = body
         self.content_length = content_length
+        self.head = head
 
     def __repr__(self) -> str:
         return (
@@ -197,7 +205,7 @@ class Response(_Message):
     closes) or "tunnel" (everything after the head is raw tunnel bytes).
     """
 
-    __slots__ = ("version", "status", "reason", "keep_alive", "body", "content_length")
+    __slots__ = ("version", "status", "reason", "keep_alive", "body", "content_length", "head")
 
     def __init__(
         self,
@@ -208,6 +216,7 @@ class Response(_Message):
         keep_alive: bool,
         body: str,
         content_length: int | None,
+        head: bytes | None = None,
     ) -> None:
         self.version = version
         self.status = status
@@ -216,6 +225,7 @@ class Response(_Message):
         self.keep_alive = keep_alive
         self.body = body
         self.content_length = content_length
+        self.head = head  # as received, while headers are its field lines (see Request)
 
     @property
     def interim(self) -> bool:
@@ -277,6 +287,8 @@ _AUTHORITY: Final = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[^:/?#@\[\]]+):[0-9]+")
 _HOST: Final = re.compile(
     rb"(\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*)(?::([0-9]*))?"
 )
+# A reg-name without percent-escapes and without a port: valid as it is.
+_PLAIN_HOST: Final = re.compile(rb"[A-Za-z0-9\-._~!$&'()*+,;=]+")
 _TOKEN_RE: Final = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _QUOTED: Final = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
 _CHUNK_EXT_VALUE: Final = rb"(?:" + _TOKEN_RE + rb"|" + _QUOTED + rb")"
@@ -879,6 +891,7 @@ class RequestReader(_Reader):
                 body = "length"
             if repeated:
                 headers = _single_content_length(headers, raw)
+                head = None  # the fields are no longer the lines received
 
         keep_alive = http11 if conn is None else _keep_alive(conn, http11)
         expect_continue = False
@@ -886,12 +899,16 @@ class RequestReader(_Reader):
             expect_continue = b"100-continue" in _tokens(expect)
         self._state = _LENGTH if body == "length" else (_CHUNK_SIZE if body == "chunked" else _END)
         self._remaining = length or 0
-        return Request(method, target, version, headers, keep_alive, expect_continue, body, length)
+        return Request(
+            method, target, version, headers, keep_alive, expect_continue, body, length, head
+        )
 
 
 def _valid_host(value: bytes) -> bool:
     """Whether a Host value is C{host[:port]}: a reg-name or a valid IPv6 literal, and a
     port of 1-65535 if one is given.  Empty is valid (RFC 9112 §3.2); C{:80} is not."""
+    if _PLAIN_HOST.fullmatch(value) is not None:
+        return True  # the usual name or IPv4 address, without port or escapes: one C call
     match = _HOST.fullmatch(value)
     if match is None:
         return False
@@ -1042,12 +1059,14 @@ class ResponseReader(_Reader):
             if cl is not None:
                 # RFC 9112 §6.3: Transfer-Encoding overrides; never forward both.
                 headers = _without_content_length(headers)
+                head = None  # the fields are no longer the lines received
                 length = None
                 keep_alive = False
             if not http11:
                 keep_alive = False
         elif repeated:
             headers = _single_content_length(headers, raw)
+            head = None
 
         if status == 101 or (method == b"CONNECT" and status < 300):
             # The switch happens whatever the method, and a 2xx (even 204) to CONNECT
@@ -1080,7 +1099,7 @@ class ResponseReader(_Reader):
             self._state = _UNTIL_CLOSE
         else:
             self._state = _TUNNEL
-        return Response(version, status, reason, headers, keep_alive, body, length)
+        return Response(version, status, reason, headers, keep_alive, body, length, head)
 
 
 def _status_line(line: bytes) -> tuple[bytes, int, bytes]:

@@ -10,13 +10,15 @@ the status and text the client should get.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import re
 from collections.abc import Container
 
 from ..config import PortConfig
 from ..sockets import unmap
 from . import headers as H
-from .framing import Headers, ProtocolError, Request
+from .framing import Headers, ProtocolError, Request, Response
 from .target import parse_authority, split_absolute
 
 __all__ = [
@@ -26,6 +28,8 @@ __all__ = [
     "host_agrees",
     "is_loop",
     "route",
+    "unchanged_head",
+    "unchanged_response_head",
     "upstream_fields",
     "wants_upgrade",
     "x_forwarded_for",
@@ -134,9 +138,23 @@ def host_agrees(named: bytes, destination: tuple[str, int]) -> bool:
     it is an IP literal.  Host names cannot be checked without DNS, so they
     agree.  An invalid authority raises L{ProtocolError} (400).
     """
+    if len(named) <= _CACHED_AUTHORITY:
+        # Every new connection of a client asks again with the same Host.
+        return _host_agrees_cached(named, destination)
+    return _host_agrees(named, destination)
+
+
+# Answers for authorities up to this long are remembered (at most 4096 of them).
+_CACHED_AUTHORITY = 255
+
+
+def _host_agrees(named: bytes, destination: tuple[str, int]) -> bool:
     host, port = parse_authority(named, 80)
     dest_host, dest_port = destination
     return port == dest_port and (not _is_ip_literal(host) or unmap(host) == dest_host)
+
+
+_host_agrees_cached = functools.lru_cache(maxsize=4096)(_host_agrees)
 
 
 def host_names_server(named: bytes, server_name: str, destination: tuple[str, int]) -> bool:
@@ -184,6 +202,92 @@ def upstream_fields(
     if xff_mode != "off":
         fields = x_forwarded_for(fields, xff_mode, client_ip)
     return fields
+
+
+# A field the proxy rewrites or removes on the way upstream: hop-by-hop fields
+# (Connection may nominate more), Via and X-Forwarded-For.  Field names are
+# tokens followed directly by the colon (the framing rejects anything else).
+_REWRITTEN_FIELD = re.compile(
+    rb"\r\n(?:"
+    + b"|".join(re.escape(name) for name in sorted(H.HOP_BY_HOP | {b"via", b"x-forwarded-for"}))
+    + rb"):",
+    re.IGNORECASE,
+)
+# A field line whose colon is not followed by exactly one space and a value
+# (an empty value included): serializing the parsed field would not give it
+# back byte for byte.  One literal-led pattern: sre finds "\r\n" with memchr,
+# where an alternation would be tried at every byte (ten times slower).
+_UNCANONICAL_COLON = re.compile(rb"\r\n[^:\r]*:(?! [^ \r])")
+
+
+def _canonical(head: bytes) -> bool:
+    """Whether every field line of C{head} is C{name: value} with nothing around the value."""
+    return (
+        b"\t" not in head  # a rare byte in a head: the slow path decides what it means
+        and b" \r\n" not in head
+        and head[-1:] != b" "
+        and _UNCANONICAL_COLON.search(head) is None
+    )
+
+
+def unchanged_head(
+    request: Request, *, via: bytes | None, xff_mode: str, client_ip: str
+) -> bytes | None:
+    """
+    The head to send upstream for C{request} taken as received, with only
+    our Via entry (and, with C{xff_mode} C{append}, X-Forwarded-For) added at
+    the end, or C{None} when it needs the field-by-field rewrite of
+    L{upstream_fields}.  When not C{None}, it is byte for byte what
+    L{upstream_fields} and L{headers.serialize_request_head} make.
+
+    The caller makes sure that the target and Host stay as received (an
+    origin-form request that L{route} leaves alone).  Taken as received: an
+    HTTP/1.1 request whose head the reader did not change, with no field
+    that is rewritten or dropped (hop-by-hop fields, Connection, Proxy-*,
+    Via, X-Forwarded-For), and every field line in the form C{name: value}.
+    """
+    head = request.head
+    if (
+        head is None
+        or request.version != b"HTTP/1.1"
+        or _REWRITTEN_FIELD.search(head) is not None
+        or not _canonical(head)
+    ):
+        return None
+    if via is not None:
+        head += b"\r\nVia: " + via
+    if xff_mode == "append":
+        head += b"\r\nX-Forwarded-For: " + client_ip.encode()
+    return head + b"\r\n\r\n"
+
+
+def unchanged_response_head(response: Response, via: bytes | None) -> bytes | None:
+    """
+    The head of C{response} as received, with only our Via entry added at the
+    end, or C{None} when it needs the field-by-field rewrite.  When not
+    C{None}, it is byte for byte what stripping the hop-by-hop fields, adding
+    Via and L{headers.serialize_response_head} make.
+
+    The caller makes sure that nothing else is to be added (no
+    Transfer-Encoding, no Connection field: a final HTTP/1.1 response with a
+    known length to an HTTP/1.1 client whose connection stays open).  Taken
+    as received: an HTTP/1.1 response whose head the reader did not change,
+    with a status line of version, code and a reason after a space, no field
+    that is rewritten or dropped, and every field line in the form
+    C{name: value}.
+    """
+    head = response.head
+    if (
+        head is None
+        or response.version != b"HTTP/1.1"
+        or head[12:13] != b" "  # b"HTTP/1.1 200 OK": serialized with the space even if empty
+        or _REWRITTEN_FIELD.search(head) is not None
+        or not _canonical(head)
+    ):
+        return None
+    if via is not None:
+        return head + b"\r\nVia: " + via + b"\r\n\r\n"
+    return head + b"\r\n\r\n"
 
 
 def x_forwarded_for(fields: Headers, mode: str, client_ip: str) -> Headers:

@@ -727,6 +727,18 @@ class Session:
             return
         record.target = target
         record.host = host
+        head = None
+        if host is None:
+            # The common case: the head goes upstream as it came, plus Via.
+            head = policy.unchanged_head(
+                request,
+                via=config.via(request.version),
+                xff_mode=port.x_forwarded_for,
+                client_ip=self.client_ip,
+            )
+        if head is not None:
+            self._forward_head(exchange, request, head, destination)
+            return
         upgrade = policy.wants_upgrade(request)
         fields = policy.upstream_fields(
             request,
@@ -746,11 +758,19 @@ class Session:
             except ProtocolError as e:
                 self._answer(e.status, e.reason, rejected="bad_request")
                 return
+        exchange.tunnel = upgrade
+        self._forward_head(
+            exchange, request, H.serialize_request_head(request.method, target, fields), destination
+        )
+
+    def _forward_head(
+        self, exchange: _Exchange, request: Request, head: bytes, destination: tuple[str, int]
+    ) -> None:
+        """Send C{head} (the request's head as it goes upstream) to C{destination}."""
         if request.body == "chunked" or (request.content_length or 0) > LARGE_BODY:
             exchange.large = True
             self._io.large_reads(None, True)  # a large upload: larger reads
-        exchange.tunnel = upgrade
-        exchange.head = H.serialize_request_head(request.method, target, fields)
+        exchange.head = head
         exchange.replayable = request.body == "none"
         self._admit(destination)
 
@@ -1086,7 +1106,6 @@ class Session:
         exchange.upstream_keep_alive = response.keep_alive and not exchange.tunnel
         self.state = _RESPONDING
         self._arm(_DL_IDLE, self._config.timeouts.idle)
-        fields = H.strip_hop_by_hop(response.headers, keep_upgrade=tunnel)
         body = response.body
         if body != "none" and (
             response.content_length is None or response.content_length > LARGE_BODY
@@ -1096,11 +1115,12 @@ class Session:
             self._io.large_reads(self._up.link, True)
             exchange.large = True
         http11 = exchange.request.version == b"HTTP/1.1"
+        added = []  # fields we add after those received
         if body == "chunked" or body == "close":
             if http11:
                 # Chunked to the client, so that its connection stays reusable.
                 exchange.response_chunked = True
-                fields.append((b"Transfer-Encoding", b"chunked"))
+                added.append((b"Transfer-Encoding", b"chunked"))
             else:
                 # An HTTP/1.0 client never gets chunked coding: the body goes
                 # de-chunked, delimited by closing the connection.
@@ -1111,13 +1131,21 @@ class Session:
             # Draining: this is the connection's last answer.
             exchange.close_client = True
         if exchange.close_client and not tunnel:
-            fields.append((b"Connection", b"close"))
+            added.append((b"Connection", b"close"))
         elif not http11:
-            fields.append((b"Connection", b"keep-alive"))
+            added.append((b"Connection", b"keep-alive"))
         via = self._config.via(response.version)
-        if via is not None:
-            fields = H.add_via(fields, via)
-        self._write(H.serialize_response_head(response.status, response.reason, fields))
+        head = None
+        if not added and not tunnel:
+            # The common case: the head goes to the client as it came, plus Via.
+            head = policy.unchanged_response_head(response, via)
+        if head is None:
+            fields = H.strip_hop_by_hop(response.headers, keep_upgrade=tunnel)
+            fields += added
+            if via is not None:
+                fields = H.add_via(fields, via)
+            head = H.serialize_response_head(response.status, response.reason, fields)
+        self._write(head)
         if tunnel:
             self._become_tunnel()
 

@@ -1,0 +1,291 @@
+"""
+The request head fast path (L{policy.unchanged_head}): a head that needs no
+field-by-field rewrite goes upstream as received, with our Via entry (and
+X-Forwarded-For) added; whatever it decides, the bytes are those of the slow
+path (L{policy.upstream_fields} + L{headers.serialize_request_head}).
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_session import Rig
+
+from tproxy_twist.http import headers as H
+from tproxy_twist.http import policy
+from tproxy_twist.http.framing import (
+    ProtocolError,
+    Request,
+    RequestReader,
+    Response,
+    ResponseReader,
+)
+
+VIA = b"1.1 router (tproxy-twist)"
+CLIENT = "198.51.100.2"
+
+
+def parse(head: bytes) -> Request:
+    reader = RequestReader(max_line=65536, max_head=65536)
+    reader.feed(head)
+    event = reader.next_event()
+    assert isinstance(event, Request), event
+    return event
+
+
+def slow(request: Request, via: bytes | None, xff_mode: str) -> bytes:
+    """The field-by-field path, as the session takes it for an origin-form request."""
+    fields = policy.upstream_fields(
+        request,
+        host=None,
+        upgrade=policy.wants_upgrade(request),
+        via=via,
+        xff_mode=xff_mode,
+        client_ip=CLIENT,
+    )
+    if request.body == "chunked":
+        fields.append((b"Transfer-Encoding", b"chunked"))
+    return H.serialize_request_head(request.method, request.target, fields)
+
+
+def fast(request: Request, via: bytes | None = VIA, xff_mode: str = "off") -> bytes | None:
+    return policy.unchanged_head(request, via=via, xff_mode=xff_mode, client_ip=CLIENT)
+
+
+def test_an_ordinary_browser_head_goes_as_received_with_via_added():
+    head = (
+        b"GET /index.html?q=1 HTTP/1.1\r\nHost: example.com\r\nUser-Agent: Mozilla/5.0 (X11)\r\n"
+        b"Accept: text/html,*/*;q=0.8\r\nCookie: a=b; c=d\r\n"
+    )
+    request = parse(head + b"\r\n")
+    assert fast(request) == head + b"Via: " + VIA + b"\r\n\r\n"
+    assert fast(request) == slow(request, VIA, "off")
+
+
+def test_x_forwarded_for_append_follows_via_and_via_off_adds_nothing():
+    request = parse(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert fast(request, xff_mode="append") == (
+        b"GET / HTTP/1.1\r\nHost: a\r\nVia: " + VIA + b"\r\nX-Forwarded-For: " + CLIENT.encode()
+        + b"\r\n\r\n"
+    )  # fmt: skip
+    assert fast(request, via=None) == b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+    assert fast(request, via=None, xff_mode="strip") == slow(request, None, "strip")
+
+
+def test_hop_by_hop_proxy_and_managed_fields_take_the_slow_path():
+    for field in (
+        b"Connection: close",
+        b"connection: x-secret",
+        b"Keep-Alive: timeout=5",
+        b"Proxy-Connection: keep-alive",
+        b"TE: trailers",
+        b"Trailer: Content-Digest",
+        b"Upgrade: websocket",
+        b"Proxy-Authorization: Basic eDp5",
+        b"Proxy-Authenticate: Basic",
+        b"Via: 1.1 other",
+        b"X-Forwarded-For: 192.0.2.1",
+        b"Transfer-Encoding: chunked",
+    ):
+        request = parse(b"POST / HTTP/1.1\r\nHost: a\r\n" + field + b"\r\n\r\n")
+        assert fast(request) is None, field
+
+
+def test_field_lines_that_would_not_serialize_back_take_the_slow_path():
+    for line in (b"Accept:*/*", b"Accept:  */*", b"Accept:\t*/*", b"Accept: */* ", b"Accept: "):
+        request = parse(b"GET / HTTP/1.1\r\nHost: a\r\n" + line + b"\r\n\r\n")
+        assert fast(request) is None, line
+        request = parse(b"GET / HTTP/1.1\r\n" + line + b"\r\nHost: a\r\n\r\n")
+        assert fast(request) is None, line
+
+
+def test_http10_and_merged_content_length_take_the_slow_path():
+    assert fast(parse(b"GET / HTTP/1.0\r\nHost: a\r\n\r\n")) is None
+    merged = parse(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n")
+    assert merged.head is None and fast(merged) is None
+
+
+def test_the_session_sends_the_fast_head_upstream_and_rewrites_the_rest():
+    r = Rig("tproxy")
+    r.send(b"GET /x HTTP/1.1\r\nHost: example.com\r\nAccept: */*\r\n\r\n")
+    r.connect()
+    assert r.sent() == (
+        b"GET /x HTTP/1.1\r\nHost: example.com\r\nAccept: */*\r\nVia: " + VIA + b"\r\n\r\n"
+    )
+    r = Rig("tproxy")
+    r.send(b"GET /x HTTP/1.1\r\nHost: example.com\r\nConnection: keep-alive, x-a\r\nX-A: 1\r\n\r\n")
+    r.connect()
+    assert r.sent() == b"GET /x HTTP/1.1\r\nHost: example.com\r\nVia: " + VIA + b"\r\n\r\n"
+
+
+# --- fast and slow agree on random heads ------------------------------------------------
+
+_NAMES = st.sampled_from(
+    [
+        b"Accept", b"accept", b"User-Agent", b"Cookie", b"X-Custom", b"Content-Length",
+        b"Content-Type", b"Expect", b"Via", b"VIA", b"X-Forwarded-For", b"Connection",
+        b"Keep-Alive", b"Proxy-Connection", b"TE", b"Trailer", b"Transfer-Encoding", b"Upgrade",
+        b"Proxy-Authorization", b"Proxy-Authenticate", b"X-A", b"Te-X", b"Vias", b"Upgrader",
+    ]
+)  # fmt: skip
+_VALUES = st.sampled_from(
+    [
+        b"*/*", b"text/html, */*", b"a=b; c=d", b"", b"1", b"0", b"close", b"keep-alive",
+        b"x-a, close", b"Upgrade", b"websocket", b"1.1 other", b"192.0.2.1", b"100-continue",
+        b"chunked", b"a:b:c", b"\xc3\xa9t\xc3\xa9", b"x\ty",
+    ]
+)  # fmt: skip
+_SPACE = st.sampled_from([b"", b" ", b"  ", b"\t", b" \t"])
+
+
+@st.composite
+def heads(draw) -> bytes:
+    method = draw(st.sampled_from([b"GET", b"POST", b"HEAD", b"OPTIONS", b"DELETE"]))
+    target = draw(st.sampled_from([b"/", b"/a/b?c=d", b"/%20x", b"*"]))
+    version = draw(st.sampled_from([b"HTTP/1.1", b"HTTP/1.1", b"HTTP/1.0"]))
+    lines = [method + b" " + target + b" " + version]
+    fields = draw(st.lists(st.tuples(_NAMES, _SPACE, _VALUES, _SPACE), max_size=8))
+    host = draw(st.integers(0, len(fields)))
+    fields.insert(host, (b"Host", b" ", b"example.com", b""))
+    for name, before, value, after in fields:
+        lines.append(name + b":" + before + value + after)
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    heads(),
+    st.sampled_from([VIA, None]),
+    st.sampled_from(["off", "append", "strip"]),
+)
+def test_fast_and_slow_paths_send_the_same_bytes(head, via, xff_mode):
+    try:
+        request = parse(head)
+    except (ProtocolError, AssertionError):
+        return  # a head the framing refuses never gets this far
+    if request.target == b"*" and request.method != b"OPTIONS":
+        return
+    fast_head = fast(request, via=via, xff_mode=xff_mode)
+    if fast_head is not None:
+        assert fast_head == slow(request, via, xff_mode)
+
+
+@settings(max_examples=200)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([b"Accept", b"User-Agent", b"Cookie", b"X-Custom", b"Referer"]),
+            st.sampled_from([b"*/*", b"a=b; c=d", b"x", b"http://a.example/b:c"]),
+        ),
+        max_size=6,
+    )
+)
+def test_ordinary_heads_do_take_the_fast_path(fields):
+    head = b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in fields)
+    request = parse(head + b"\r\n")
+    assert fast(request) == slow(request, VIA, "off")
+    assert fast(request) is not None
+
+
+# --- responses ------------------------------------------------------------------------
+
+
+def parse_response(head: bytes, method: bytes = b"GET") -> Response:
+    reader = ResponseReader(max_line=65536, max_head=65536)
+    reader.expect(method)
+    reader.feed(head)
+    event = reader.next_event()
+    assert isinstance(event, Response), event
+    return event
+
+
+def slow_response(response: Response, via: bytes | None) -> bytes:
+    """What the session makes of a final HTTP/1.1 response it adds nothing to but Via."""
+    fields = H.strip_hop_by_hop(response.headers)
+    if via is not None:
+        fields = H.add_via(fields, via)
+    return H.serialize_response_head(response.status, response.reason, fields)
+
+
+def test_an_ordinary_response_head_goes_as_received_with_via_added():
+    head = b'HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\nETag: "x"\r\n'
+    response = parse_response(head + b"\r\n")
+    assert policy.unchanged_response_head(response, VIA) == head + b"Via: " + VIA + b"\r\n\r\n"
+    assert policy.unchanged_response_head(response, None) == head + b"\r\n"
+
+
+def test_response_heads_that_are_rewritten_take_the_slow_path():
+    for head in (
+        b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n",
+        b"HTTP/1.1 200\r\nContent-Length: 0\r\n",  # serialized as "HTTP/1.1 200 "
+        b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nVia: 1.1 other\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nProxy-Authenticate: Basic\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length:0\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n",
+    ):
+        assert policy.unchanged_response_head(parse_response(head + b"\r\n"), VIA) is None, head
+
+
+def test_the_session_relays_the_fast_response_head_and_rewrites_the_rest():
+    r = Rig("tproxy")
+    r.send(b"GET /x HTTP/1.1\r\nHost: example.com\r\n\r\n")
+    r.connect()
+    r.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: 1\r\n\r\nok")
+    assert r.received() == (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: 1\r\nVia: " + VIA + b"\r\n\r\nok"
+    )
+    r = Rig("tproxy")
+    r.send(b"GET /x HTTP/1.1\r\nHost: example.com\r\n\r\n")
+    r.connect()
+    r.answer(b"HTTP/1.1 200 OK\r\nConnection: x-a\r\nX-A: 1\r\nContent-Length: 0\r\n\r\n")
+    assert r.received() == b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nVia: " + VIA + b"\r\n\r\n"
+
+
+@st.composite
+def response_heads(draw) -> bytes:
+    version = draw(st.sampled_from([b"HTTP/1.1", b"HTTP/1.1", b"HTTP/1.0"]))
+    status = draw(st.sampled_from([b"200", b"204", b"304", b"404", b"500"]))
+    reason = draw(st.sampled_from([b" OK", b" ", b"", b" Not Found", b" a  b"]))
+    lines = [version + b" " + status + reason]
+    fields = draw(st.lists(st.tuples(_NAMES, _SPACE, _VALUES, _SPACE), max_size=8))
+    for name, before, value, after in fields:
+        lines.append(name + b":" + before + value + after)
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@given(response_heads(), st.sampled_from([VIA, None]), st.sampled_from([b"GET", b"HEAD"]))
+def test_fast_and_slow_paths_send_the_same_response_bytes(head, via, method):
+    try:
+        response = parse_response(head, method)
+    except (ProtocolError, AssertionError):
+        return  # refused by the framing: a 502, never relayed
+    fast_head = policy.unchanged_response_head(response, via)
+    if fast_head is not None:
+        assert fast_head == slow_response(response, via)
+
+
+def test_host_agreement_is_remembered_and_invalid_authorities_still_raise():
+    destination = ("203.0.113.2", 80)
+    for _ in range(2):
+        assert policy.host_agrees(b"203.0.113.2", destination)
+        assert not policy.host_agrees(b"203.0.113.9", destination)
+        assert not policy.host_agrees(b"example.com:8080", destination)
+        assert policy.host_agrees(b"a" * 300 + b".example", destination)  # not remembered
+        with pytest.raises(ProtocolError):
+            policy.host_agrees(b"[2001:db8::1", destination)
+
+
+@given(st.binary(max_size=30) | st.text("ab1.-_~%:[]@!$&'()*+,;= 9", max_size=30).map(str.encode))
+def test_the_plain_host_shortcut_accepts_only_what_the_full_check_accepts(value):
+    from tproxy_twist.http import framing
+
+    if framing._PLAIN_HOST.fullmatch(value) is None:
+        return
+    match = framing._HOST.fullmatch(value)
+    assert match is not None
+    host, port = match.groups()
+    assert port is None and host[:1] != b"[" and framing._valid_host(value)
