@@ -121,7 +121,8 @@ def response():
     length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
     body = bytearray()
     while len(body) < length:
-        chunk = s.recv(1 << 20)
+        # Never past this body: the next response may already be behind it.
+        chunk = s.recv(min(1 << 20, length - len(body)))
         assert chunk, "EOF mid-body"
         body += chunk
     conn = head.lower().split(b"x-connection-id: ")[1].split(b"\r\n")[0].decode()
