@@ -649,25 +649,10 @@ class SpliceTransfer:
     def _deliver(self, d: _Direction) -> bool:
         """Write what is held; False if the sink is full (or failed)."""
         try:
-            if d.pending:
-                try:
-                    sent = d.dst.sock.send(d.pending)
-                except _WOULD_BLOCK:
-                    return False
-                d.pending = d.pending[sent:]
-                if d.pending:
-                    return False
-            while d.held:
-                try:
-                    n = os.splice(d.pipe[0], d.dst.fd, d.held, flags=_SPLICE_FLAGS)
-                except _WOULD_BLOCK:
-                    return False
-                d.held -= n
+            return SplicePump._deliver(self, d)
         except OSError as e:
             self._fail(d.dst, os.strerror(e.errno) if e.errno else str(e))
             return False
-        self._release_pipe(d)
-        return True
 
     _release_pipe = SplicePump._release_pipe
 
