@@ -40,8 +40,8 @@ from prometheus_client import CollectorRegistry
 from tproxy_twist import config as C
 from tproxy_twist.metrics import PortMetrics, StreamMetrics, TLSPortMetrics
 from tproxy_twist.reactor import WorkerReactor
-from tproxy_twist.resolver import DestinationResolver
 from tproxy_twist.sockets import connect_upstream
+from tproxy_twist.testing import loopback_forward_factory
 
 ORIGIN = r"""
 import asyncio, sys
@@ -117,25 +117,7 @@ def client_hello() -> bytes:
 
 
 def http_factory(reactor, origin_port: int):
-    from tproxy_twist.http.relay import ProxyFactory, RelaySettings
-
-    config = C.loads(
-        '[[port]]\nname = "fwd"\nlisten = "127.0.0.1:3128"\nmode = "forward"\n'
-        f"connect_ports = [{origin_port}]\n"
-    )
-    port = config.ports[0]
-    factory = ProxyFactory(
-        port,
-        settings=RelaySettings(config.timeouts, config.limits, "bench"),
-        connect=connect_upstream(reactor),
-        clock=reactor,
-        local_addresses=frozenset(),
-        # Loopback origin: without the forward ports' built-in refusals (loopback,
-        # the host's own addresses), and like a tproxy port, no resolve -> check step.
-        resolver=DestinationResolver(None, port.destinations, own=frozenset(), builtin=False),
-        metrics=PortMetrics("fwd", "forward", CollectorRegistry()),
-        reactor=reactor,
-    )
+    factory = loopback_forward_factory(reactor, origin_port, pseudonym="bench")
     payload = (
         f"GET http://127.0.0.1:{origin_port}/small HTTP/1.1\r\nHost: 127.0.0.1:{origin_port}\r\n"
         "User-Agent: bench\r\nAccept: */*\r\nConnection: close\r\n\r\n"

@@ -25,14 +25,8 @@ import time
 import tracemalloc
 from collections import Counter
 
-from prometheus_client import CollectorRegistry
-
-from tproxy_twist import config as C
-from tproxy_twist.http.relay import ProxyFactory, RelaySettings
-from tproxy_twist.metrics import PortMetrics
 from tproxy_twist.reactor import WorkerReactor
-from tproxy_twist.resolver import DestinationResolver
-from tproxy_twist.sockets import connect_upstream
+from tproxy_twist.testing import loopback_forward_factory
 
 ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n"
 
@@ -72,23 +66,7 @@ asyncio.run(main())
 
 
 def measure(reactor, origin_port: int, opts) -> int:
-    config = C.loads(
-        '[[port]]\nname = "fwd"\nlisten = "127.0.0.1:3128"\nmode = "forward"\n'
-        f"connect_ports = [{origin_port}]\n"
-    )
-    port = config.ports[0]
-    factory = ProxyFactory(
-        port,
-        settings=RelaySettings(config.timeouts, config.limits, "bench"),
-        connect=connect_upstream(reactor),
-        clock=reactor,
-        local_addresses=frozenset(),
-        # Loopback origin: without the forward ports' built-in refusals (loopback,
-        # the host's own addresses), and like a tproxy port, no resolve -> check step.
-        resolver=DestinationResolver(None, port.destinations, own=frozenset(), builtin=False),
-        metrics=PortMetrics("fwd", "forward", CollectorRegistry()),
-        reactor=reactor,
-    )
+    factory = loopback_forward_factory(reactor, origin_port, pseudonym="bench")
     proxy = reactor.listenTCP(0, factory, interface="127.0.0.1", backlog=4096)
     proxy_port = proxy.getHost().port
     request = (

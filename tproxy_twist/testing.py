@@ -169,3 +169,36 @@ class FakeNames:
             receiver.addressResolved(tcp_address(address, portNumber))
         receiver.resolutionComplete()
         return receiver
+
+
+def loopback_forward_factory(reactor, origin_port: int, *, limits: str = "", pseudonym="test"):
+    """
+    The relay of a forward port (real upstream connector, metrics on) for an
+    origin on loopback C{origin_port}: without the forward ports' built-in
+    refusals (loopback, the host's own addresses), so in-process benchmarks
+    and socket tests can use it.  C{limits}: extra C{[limits]} lines.
+    """
+    from prometheus_client import CollectorRegistry
+
+    from . import config as C
+    from .http.relay import ProxyFactory, RelaySettings
+    from .metrics import PortMetrics
+    from .resolver import DestinationResolver
+    from .sockets import connect_upstream
+
+    config = C.loads(
+        f"[limits]\n{limits}\n"
+        '[[port]]\nname = "fwd"\nlisten = "127.0.0.1:3128"\nmode = "forward"\n'
+        f"connect_ports = [{origin_port}]\n"
+    )
+    port = config.ports[0]
+    return ProxyFactory(
+        port,
+        settings=RelaySettings(config.timeouts, config.limits, pseudonym),
+        connect=connect_upstream(reactor),
+        clock=reactor,
+        local_addresses=frozenset(),
+        resolver=DestinationResolver(None, port.destinations, own=frozenset(), builtin=False),
+        metrics=PortMetrics("fwd", "forward", CollectorRegistry()),
+        reactor=reactor,
+    )

@@ -8,14 +8,8 @@ from __future__ import annotations
 
 import socket
 
-from prometheus_client import CollectorRegistry
-
-from tproxy_twist import config as C
-from tproxy_twist.http.relay import ProxyFactory, RelaySettings
-from tproxy_twist.metrics import PortMetrics
 from tproxy_twist.reactor import WorkerReactor
-from tproxy_twist.resolver import DestinationResolver
-from tproxy_twist.sockets import connect_upstream
+from tproxy_twist.testing import loopback_forward_factory
 
 BODY = 8 * 1024 * 1024
 
@@ -31,23 +25,7 @@ def _spin(reactor, until, turns=3000):
 def _proxy(reactor, origin_port):
     # Bodies copied through Python (a spliced body's backpressure is the
     # splice's own: tests/unit/test_zerocopy.py).
-    config = C.loads(
-        "[limits]\nsplice_body_min = 0\n\n"
-        '[[port]]\nname = "fwd"\nlisten = "127.0.0.1:3128"\nmode = "forward"\n'
-        f"connect_ports = [{origin_port}]\n"
-    )
-    port = config.ports[0]
-    factory = ProxyFactory(
-        port,
-        settings=RelaySettings(config.timeouts, config.limits, "test"),
-        connect=connect_upstream(reactor),
-        clock=reactor,
-        local_addresses=frozenset(),
-        # a loopback origin: without the forward ports' built-in refusals
-        resolver=DestinationResolver(None, port.destinations, own=frozenset(), builtin=False),
-        metrics=PortMetrics("fwd", "forward", CollectorRegistry()),
-        reactor=reactor,
-    )
+    factory = loopback_forward_factory(reactor, origin_port, limits="splice_body_min = 0")
     listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
     return factory, listening
 
