@@ -316,6 +316,36 @@ def test_a_denied_sni_gets_access_denied_and_no_upstream_connection():
     assert (h.entries[0].result, h.entries[0].status) == ("TCP_DENIED", 403)
 
 
+def test_a_flood_of_denied_connections_logs_one_line_per_interval():
+    from twisted.logger import globalLogPublisher
+
+    h = Harness('allow = ["192.0.2.0/24"]\n')  # the client is outside: forbidden
+    h.lose()
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        for _ in range(50):
+            connection = h.factory.buildProtocol(None)
+            transport = FakeTransport(host=tcp_address(*ORIGIN), peer=tcp_address(*CLIENT))
+            connection.makeConnection(transport)
+            connection.dataReceived(HELLO_BYTES)
+            assert transport.take() == ACCESS_DENIED  # each one still denied
+            transport.disconnected = True
+            connection.connectionLost(neterror.ConnectionDone())
+        h.clock.advance(11)
+        connection = h.factory.buildProtocol(None)
+        connection.makeConnection(
+            FakeTransport(host=tcp_address(*ORIGIN), peer=tcp_address(*CLIENT))
+        )
+        connection.dataReceived(HELLO_BYTES)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    lines = [e for e in events if e.get("log_format", "").startswith("denying")]
+    assert len(lines) == 2
+    assert lines[1]["suppressed"] == 49
+    assert sample("tproxy_rejected_total", port=h.name, reason="forbidden") == 51
+
+
 def test_a_denied_client_that_does_not_close_is_aborted_after_lingering():
     h = Harness('[port.tls]\ndefault = "deny"\n')
     h.send(HELLO_BYTES)

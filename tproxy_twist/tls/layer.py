@@ -44,6 +44,7 @@ from zope.interface import implementer
 from ..accesslog import AccessEntry
 from ..config import PortConfig, Timeouts
 from ..destinations import normalize
+from ..logthrottle import LogThrottle
 from ..sockets import UpstreamConnect, nat_original_destination, unmap, writer_for
 from ..zerocopy import DONE, SplicePump, can_splice
 from .clienthello import ALERT_ACCESS_DENIED, ClientHello, ClientHelloReader, HelloError, alert
@@ -146,6 +147,8 @@ class TLSFactory(Factory):
         self.timeouts = timeouts
         self.connect = connect
         self.clock = clock
+        #: the connections' log lines: one per kind per interval under a flood
+        self.throttle = LogThrottle(clock)
         #: the reactor a L{SplicePump} registers its sockets with
         self.reactor = reactor if reactor is not None else clock
         #: relay with splice(2) where both sockets allow it
@@ -327,7 +330,9 @@ class TLSConnection(Protocol):
             host = transport.getHost()
             self.destination = (unmap(host.host), host.port)
         if self.destination is not None and self.destination[0] in factory.local_addresses:
-            log.warn(
+            self.factory.throttle.emit(
+                log.warn,
+                "loop",
                 "refusing direct connection from {client} to TLS port {name!r}: the original"
                 " destination {dest} is this host's own address (relaying would loop)",
                 client=self.client_ip,
@@ -428,7 +433,9 @@ class TLSConnection(Protocol):
         self._timer = ""
         if self._refusal is not None:
             self.factory.metrics.rejected(self._refusal)
-            log.info(
+            self.factory.throttle.emit(
+                log.info,
+                "denied",
                 "denying {client} -> {sni}: {why}",
                 client=self.client_ip,
                 sni=hello.sni,
@@ -458,7 +465,9 @@ class TLSConnection(Protocol):
         hello = self.hello
         why = self._why_not_bump(hello)
         if why is not None:
-            log.info(
+            self.factory.throttle.emit(
+                log.info,
+                "splice-instead",
                 "splicing {client} -> {sni} instead of bumping: {why}",
                 client=self.client_ip,
                 sni=hello.sni,
@@ -517,7 +526,9 @@ class TLSConnection(Protocol):
         factory.bump_metrics.origin_verified(verdict.result)
         if not verdict.ok:
             terminate = factory.bump.on_verify_failure == "terminate"
-            log.info(
+            self.factory.throttle.emit(
+                log.info,
+                "origin-unverified",
                 "origin {dest} failed verification for {name} ({result}: {detail}):"
                 " {what} {client}",
                 dest=_address(self.destination),
@@ -569,14 +580,16 @@ class TLSConnection(Protocol):
         if not client_rejected_certificate(reason.value):
             return
         factory.bump_metrics.client_rejected_certificate()
-        log.info(
+        self.factory.throttle.emit(
+            log.info,
+            "certificate-refused",
             "{client} refused our certificate for {name}: {why}",
             client=self.client_ip,
             name=self.leaf,
             why=reason.getErrorMessage(),
         )
         if factory.bump.pinned.rejected(self.leaf):
-            log.info(
+            log.info(  # once per host: never a flood
                 "splicing {name} from now on: its clients refused our certificate {n} times",
                 name=self.leaf,
                 n=factory.bump.pinned.threshold,
@@ -588,7 +601,9 @@ class TLSConnection(Protocol):
         if error.reason == "not_tls" and tls.on_not_tls == "tunnel" and self._refusal is not None:
             # A refused connection is not tunnelled either: closed, as HTTP ports answer 403.
             self.factory.metrics.rejected(self._refusal)
-            log.info(
+            self.factory.throttle.emit(
+                log.info,
+                "not-tls-refused",
                 "closing {client} (not TLS) instead of tunnelling: {why}",
                 client=self.client_ip,
                 why=self._refusal_reason or _REFUSALS[self._refusal],
@@ -608,7 +623,9 @@ class TLSConnection(Protocol):
             return
         tls_metrics.rejected(error.reason)
         tls_metrics.action("close")
-        log.info(
+        self.factory.throttle.emit(
+            log.info,
+            "bad-hello",
             "closing {client} on TLS port {name!r}: {error}",
             client=self.client_ip,
             name=self.port.name,
@@ -725,7 +742,9 @@ class TLSConnection(Protocol):
         self.factory.metrics.upstream_error(metric)
         self.status = status
         host, port = self.destination
-        log.info(
+        self.factory.throttle.emit(
+            log.info,
+            "connect-failed",
             "cannot {action} {client} to {dest}: {cause}",
             action=self.action,
             client=self.client_ip,
@@ -766,12 +785,20 @@ class TLSConnection(Protocol):
             if left > 0:
                 self._deadline = now + left
                 return
-            log.info("closing {client}: no data either way for {s}s", client=self.client_ip, s=idle)
+            self.factory.throttle.emit(
+                log.info,
+                "idle-timeout",
+                "closing {client}: no data either way for {s}s",
+                client=self.client_ip,
+                s=idle,
+            )
             self.factory.metrics.rejected("timeout")
             self._timer = ""
             self.abort()
         elif kind == "hello":
-            log.info(
+            self.factory.throttle.emit(
+                log.info,
+                "hello-timeout",
                 "closing {client} on TLS port {name!r}: no whole ClientHello within {s}s",
                 client=self.client_ip,
                 name=self.port.name,
@@ -786,7 +813,9 @@ class TLSConnection(Protocol):
             self._timer = ""
             self.abort()
         elif kind == "handshake":
-            log.info(
+            self.factory.throttle.emit(
+                log.info,
+                "handshake-timeout",
                 "closing {client}: no TLS handshake with our certificate for {name} within {s}s",
                 client=self.client_ip,
                 name=self.leaf,
