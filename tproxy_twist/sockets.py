@@ -146,8 +146,14 @@ class _UpstreamClient(tcp.Client):
             result = e.args[0]
         if result in (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY):
             # Completion and failure both wake doRead/doWrite (EPOLLOUT, EPOLLERR).
-            self.startReading()
-            self.startWriting()
+            # Reading too: a refused connect wakes doRead, which reads SO_ERROR
+            # (watched for writing only, Twisted reports a refusal without its errno).
+            both = getattr(reactor, "add_reader_and_writer", None)
+            if both is not None:
+                both(self)  # the worker reactor: one epoll_ctl instead of two
+            else:
+                self.startReading()
+                self.startWriting()
         elif result == 0 or result == errno.EISCONN:
             reactor.callLater(0, self._connect_event)
         else:
