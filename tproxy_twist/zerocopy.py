@@ -191,7 +191,11 @@ def _close_now(transport: tcp.Connection) -> None:
         return  # its own connectionLost(ConnectionAborted) is on the way
     # Both FINs were exchanged: shutdown() would only fail with ENOTCONN.
     transport._shouldShutdown = False
-    transport.connectionLost(Failure(ConnectionDone()))
+    transport.connectionLost(_CONNECTION_DONE)
+
+
+#: One failure for every clean end, as Twisted's reactor shares its own.
+_CONNECTION_DONE = Failure(ConnectionDone())
 
 
 @implementer(IReadWriteDescriptor)
@@ -461,11 +465,16 @@ class SplicePump:
         """The source's EOF, everything before it delivered: shut the destination's writing."""
         if not d.ended:
             d.ended = True
-            try:
-                d.dst.sock.shutdown(socket.SHUT_WR)
-            except OSError as e:
-                self._fail(d.dst, os.strerror(e.errno) if e.errno else str(e))
-                return
+            other = self._backward if d is self._forward else self._forward
+            # The last direction to end needs no shutdown(): both sockets are
+            # closed at once below, and the close sends the destination's FIN
+            # (nothing is left unread on it: its own EOF was read already).
+            if not other.ended:
+                try:
+                    d.dst.sock.shutdown(socket.SHUT_WR)
+                except OSError as e:
+                    self._fail(d.dst, os.strerror(e.errno) if e.errno else str(e))
+                    return
         self._watch(d.src, False, d.src.writing)
         self._watch(d.dst, d.dst.reading, False)
         if self._forward.ended and self._backward.ended:

@@ -171,6 +171,13 @@ def test_the_client_internals_the_upstream_client_overrides():
     assert "_finishInit" in inspect.getsource(tcp._BaseTCPClient.__init__), moved(
         "_BaseTCPClient.__init__ no longer ends in _finishInit", "tproxy_twist/sockets.py"
     )
+    # _finishInit does what tcp.Connection.__init__ does, without its setblocking().
+    source = inspect.getsource(tcp.Connection.__init__)
+    assert source.count("self.") == 4 and "abstract.FileDescriptor.__init__" in source, moved(
+        "what tcp.Connection.__init__ sets up", "tproxy_twist/sockets.py (_UpstreamClient)"
+    )
+    for name in ("socket", "setblocking", "fileno", "protocol"):
+        assert name in source, moved(f"tcp.Connection.__init__'s {name}", "tproxy_twist/sockets.py")
     for name in ("failIfNotConnected", "_connectDone", "_commonConnection"):
         assert hasattr(tcp.Client, name), moved(f"tcp.Client.{name}", "tproxy_twist/sockets.py")
     assert "_requiresResolution" in inspect.getsource(tcp._BaseTCPClient.__init__), moved(
