@@ -30,6 +30,7 @@ without start-up.
 from __future__ import annotations
 
 import argparse
+import gc
 import ssl
 import subprocess
 import sys
@@ -181,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument(
+        "--gc-freeze",
+        action="store_true",
+        help="gc.freeze() once set up: what a worker that freezes its start-up heap would spend",
+    )
     opts = parser.parse_args(argv)
     reactor = WorkerReactor()
     origin = subprocess.Popen(
@@ -193,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         listener = reactor.listenTCP(0, factory, interface="127.0.0.1", backlog=4096)
         port = listener.getHost().port
         serve(reactor, port, payload, opts.warmup, opts.concurrency)
+        if opts.gc_freeze:
+            gc.collect()
+            gc.freeze()
         used = serve(reactor, port, payload, opts.connections, opts.concurrency)
         print(
             f"{opts.kind}: {used / opts.connections * 1e6:.1f} us of CPU per connection"

@@ -11,11 +11,25 @@ few percent of a worker's time.  This overrides doPoll, an internal method
 of Twisted's EPollReactor (stable since Twisted 10): the only place that
 does; _doReadOrWrite still turns exceptions in a connection into a logged
 error and a closed connection, as before.
+
+Two hooks save C{epoll_ctl} calls on every new connection; both read the
+epoll reactor's registrations (C{_reads}, C{_writes}, C{_selectables}) and
+are used only where the reactor has them (anything else takes Twisted's
+public calls):
+
+  - L{WorkerReactor.hand_over_reader}: another selectable of the same file
+    descriptor takes over a read registration (a L{SplicePump} taking a
+    socket from its transport: no C{DEL} and C{ADD});
+  - L{WorkerReactor.add_reader_and_writer}: a connecting socket is watched
+    for both with one C{epoll_ctl(ADD)} (L{tproxy_twist.sockets}: the
+    upstream connector; Twisted's C{addReader} and C{addWriter} take an
+    C{ADD} and a C{MOD}).
 """
 
 from __future__ import annotations
 
 import errno
+from select import EPOLLIN, EPOLLOUT
 
 from twisted.internet.epollreactor import EPollReactor
 from twisted.logger import Logger
@@ -45,6 +59,35 @@ class WorkerReactor(EPollReactor):
                 log.failure("handling an I/O event failed")
 
     doIteration = doPoll
+
+    def hand_over_reader(self, old, new) -> bool:
+        """
+        If C{old} is registered for reading only, make C{new} (a selectable
+        of the same file descriptor) the one that gets its events from now
+        on, without a system call, and return C{True}; otherwise change
+        nothing and return C{False}.
+        """
+        fd = old.fileno()
+        if fd in self._reads and fd not in self._writes and self._selectables.get(fd) is old:
+            self._selectables[fd] = new
+            return True
+        return False
+
+    def add_reader_and_writer(self, selectable) -> None:
+        """
+        Watch C{selectable} for reading and writing: one C{epoll_ctl(ADD)} for a
+        descriptor not registered yet, where C{addReader} and C{addWriter}
+        take an C{ADD} and a C{MOD}.
+        """
+        fd = selectable.fileno()
+        if fd in self._reads or fd in self._writes:
+            self.addReader(selectable)
+            self.addWriter(selectable)
+            return
+        self._poller.register(fd, EPOLLIN | EPOLLOUT)
+        self._reads.add(fd)
+        self._writes.add(fd)
+        self._selectables[fd] = selectable
 
 
 def install() -> WorkerReactor:

@@ -20,8 +20,8 @@ import struct
 from collections.abc import Callable
 from os import strerror
 
+from twisted.internet import abstract, tcp
 from twisted.internet import error as twisted_error
-from twisted.internet import tcp
 from twisted.internet.interfaces import IConnector, IReactorTime
 from twisted.internet.protocol import ClientFactory
 
@@ -123,7 +123,9 @@ class _UpstreamClient(tcp.Client):
     """A client transport to an IP literal, connected without Twisted's detours."""
 
     def createInternetSocket(self) -> socket.socket:
-        sock = super().createInternetSocket()
+        # Non-blocking from the start (SOCK_NONBLOCK): Twisted's setblocking(False)
+        # here and again in Connection.__init__ are two ioctl calls.
+        sock = socket.socket(self.addressFamily, self.socketType | socket.SOCK_NONBLOCK)
         # Set before connect(): the relay never wants Nagle towards the origin.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
@@ -132,7 +134,12 @@ class _UpstreamClient(tcp.Client):
         if not whenDone or self._requiresResolution:
             super()._finishInit(whenDone, skt, error, reactor)
             return
-        self._commonConnection.__init__(self, skt, None, reactor)
+        # tcp.Connection.__init__ without its setblocking(False): the socket is
+        # non-blocking already (createInternetSocket).
+        abstract.FileDescriptor.__init__(self, reactor=reactor)
+        self.socket = skt
+        self.fileno = skt.fileno
+        self.protocol = None
         self.realAddress = self.addr
         # Every attribute Twisted adds later, now, in a fixed order: the instance
         # keeps its compact shared-key dict (measured with bench/idle_memory.py:
@@ -146,8 +153,14 @@ class _UpstreamClient(tcp.Client):
             result = e.args[0]
         if result in (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY):
             # Completion and failure both wake doRead/doWrite (EPOLLOUT, EPOLLERR).
-            self.startReading()
-            self.startWriting()
+            # Reading too: a refused connect wakes doRead, which reads SO_ERROR
+            # (watched for writing only, Twisted reports a refusal without its errno).
+            both = getattr(reactor, "add_reader_and_writer", None)
+            if both is not None:
+                both(self)  # the worker reactor: one epoll_ctl instead of two
+            else:
+                self.startReading()
+                self.startWriting()
         elif result == 0 or result == errno.EISCONN:
             reactor.callLater(0, self._connect_event)
         else:

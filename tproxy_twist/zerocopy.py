@@ -14,10 +14,12 @@ writing, and moves bytes both ways itself:
     pipe's worth of bytes is ever held per direction;
   - half-close: an EOF from one side becomes C{shutdown(SHUT_WR)} towards the
     other once everything before it was delivered; the other direction goes on;
-  - when both directions have ended, or either side fails (a reset), both
-    transports are handed back to Twisted to be closed (C{loseConnection} after
-    a clean end, C{abortConnection} otherwise), so the owners' protocols see
-    C{connectionLost} as usual, and the owner is told once, with the reason;
+  - when both directions have ended, or either side fails (a reset), the
+    owner is told once, with the reason, and both transports are closed: at
+    once after a clean end (both FINs exchanged, nothing left to write: the
+    protocols' C{connectionLost} with C{ConnectionDone} follows the owner's
+    C{on_end} in the same call), by C{abortConnection} otherwise (Twisted
+    calls C{connectionLost} a turn later);
   - byte counts per direction and the time of the last transfer are
     attributes the owner reads (metrics, access log, idle timeout sweep);
     L{SplicePump.abort} ends it early (drain on reload, timeouts).
@@ -48,8 +50,10 @@ import socket
 from collections.abc import Callable
 
 from twisted.internet import tcp
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorFDSet, IReactorTime, IReadWriteDescriptor
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 log = Logger()
@@ -175,6 +179,25 @@ def _take_buffered(transport: tcp.Connection) -> bytes:
     return bytes(data)
 
 
+def _close_now(transport: tcp.Connection) -> None:
+    """
+    Close a transport whose connection ended cleanly both ways, now: its
+    protocol's C{connectionLost} is called with L{ConnectionDone}, as after
+    C{loseConnection}.  A transport already closed or being aborted is left be.
+    """
+    if transport.disconnected or getattr(transport, "socket", None) is None:
+        return
+    if transport._aborting:
+        return  # its own connectionLost(ConnectionAborted) is on the way
+    # Both FINs were exchanged: shutdown() would only fail with ENOTCONN.
+    transport._shouldShutdown = False
+    transport.connectionLost(_CONNECTION_DONE)
+
+
+#: One failure for every clean end, as Twisted's reactor shares its own.
+_CONNECTION_DONE = Failure(ConnectionDone())
+
+
 @implementer(IReadWriteDescriptor)
 class _End:
     """One socket of a pump, as the reactor sees it while the pump owns it."""
@@ -241,8 +264,9 @@ class SplicePump:
     calls L{start}.  From then on neither transport may be written to or read
     from by anyone else; the owner ends it early with L{abort} only.  When it
     ends, C{on_end(reason)} is called exactly once (L{DONE}, L{RESET} or
-    L{ABORTED}) right after both transports were told to close; their
-    protocols' C{connectionLost} follows from Twisted as usual.
+    L{ABORTED}): after a reset or an abort right after both transports were
+    told to abort (their protocols' C{connectionLost} follows from Twisted);
+    after L{DONE} just before both are closed, in the same call.
     C{on_eof(transport)} (optional) is called when a side sends its EOF.
     """
 
@@ -293,9 +317,16 @@ class SplicePump:
 
     def start(self) -> None:
         a, b = self._a, self._b
+        hand_over = getattr(self._reactor, "hand_over_reader", None)
         for end in (a, b):
-            end.transport.stopReading()
-            end.transport.stopWriting()
+            transport = end.transport
+            transport.stopWriting()
+            # A transport that is reading hands its registration to our end (no
+            # epoll_ctl DEL and ADD): the worker reactor can; others cannot.
+            if hand_over is not None and hand_over(transport, end):
+                end.reading = True
+            else:
+                transport.stopReading()
         # What Twisted still buffered for one side is the first thing that
         # direction delivers.
         self._forward = _Direction(a, b, _take_buffered(b.transport), self._copy)
@@ -434,11 +465,16 @@ class SplicePump:
         """The source's EOF, everything before it delivered: shut the destination's writing."""
         if not d.ended:
             d.ended = True
-            try:
-                d.dst.sock.shutdown(socket.SHUT_WR)
-            except OSError as e:
-                self._fail(d.dst, os.strerror(e.errno) if e.errno else str(e))
-                return
+            other = self._backward if d is self._forward else self._forward
+            # The last direction to end needs no shutdown(): both sockets are
+            # closed at once below, and the close sends the destination's FIN
+            # (nothing is left unread on it: its own EOF was read already).
+            if not other.ended:
+                try:
+                    d.dst.sock.shutdown(socket.SHUT_WR)
+                except OSError as e:
+                    self._fail(d.dst, os.strerror(e.errno) if e.errno else str(e))
+                    return
         self._watch(d.src, False, d.src.writing)
         self._watch(d.dst, d.dst.reading, False)
         if self._forward.ended and self._backward.ended:
@@ -459,15 +495,21 @@ class SplicePump:
             if d is not None and d.pipe is not None:
                 self._pool.give_back(d.pipe, empty=not d.held)
                 d.pipe = None
-        for end in (self._a, self._b):
-            transport = end.transport
-            if reason == DONE:
-                # Both directions were shut down for writing already; Twisted's
-                # buffer is empty, so this closes at once.
-                transport.loseConnection()
-            else:
-                transport.abortConnection()
-        self._on_end(reason)
+        if reason != DONE:
+            for end in (self._a, self._b):
+                end.transport.abortConnection()
+            self._on_end(reason)
+            return
+        # Both directions were shut down for writing and both EOFs read; Twisted's
+        # buffers are empty.  loseConnection() would register each socket for
+        # writing to close it from the next loop iteration (two epoll_ctl and a
+        # shutdown() that fails with ENOTCONN per socket): close both now, the
+        # owner told first, as Twisted would, with connectionLost(ConnectionDone).
+        try:
+            self._on_end(reason)
+        finally:
+            for end in (self._a, self._b):
+                _close_now(end.transport)
 
 
 # --- one-shot transfers: a body of known length ---------------------------------------

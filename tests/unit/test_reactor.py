@@ -1,5 +1,6 @@
 """The workers' reactor still does everything the epoll reactor does."""
 
+import socket
 import subprocess
 import sys
 
@@ -56,3 +57,83 @@ def test_the_worker_reactor_relays_bytes_and_survives_a_protocol_bug():
     assert proc.returncode == 0, proc.stderr
     # Echo works; the connection whose protocol raised is closed and the error logged.
     assert proc.stdout.split() == ["echoed", "closed", "1"]
+
+
+class _Reader:
+    """A selectable of our own for a socket's file descriptor."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.read = []
+        self.writable = 0
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def doRead(self):
+        self.read.append(self.sock.recv(100))
+
+    def doWrite(self):
+        self.writable += 1
+
+    def logPrefix(self):
+        return "reader"
+
+    def connectionLost(self, reason):
+        pass
+
+
+def _iterate_until(reactor, done, what):
+    for _ in range(500):
+        if done():
+            return
+        reactor.iterate(0.01)
+    raise AssertionError(f"never happened: {what}")
+
+
+def test_a_read_registration_handed_over_delivers_the_next_events_to_the_new_reader():
+    from tproxy_twist.reactor import WorkerReactor
+
+    reactor = WorkerReactor()
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    old, new = _Reader(a), _Reader(a)
+    reactor.addReader(old)
+    assert reactor.hand_over_reader(old, new)
+    b.send(b"ping")
+    _iterate_until(reactor, lambda: new.read, "the new reader reads")
+    assert new.read == [b"ping"] and old.read == []
+    # A selectable that is not the registered reader, or is also writing, is refused.
+    assert not reactor.hand_over_reader(old, new)
+    reactor.addWriter(new)
+    assert not reactor.hand_over_reader(new, old)
+    reactor.removeReader(new)
+    reactor.removeWriter(new)
+    assert a.fileno() not in reactor._selectables
+    a.close()
+    b.close()
+
+
+def test_reading_and_writing_added_at_once_wake_both_and_are_removed_separately():
+    from tproxy_twist.reactor import WorkerReactor
+
+    reactor = WorkerReactor()
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    reader = _Reader(a)
+    reactor.add_reader_and_writer(reader)
+    b.send(b"ping")
+    _iterate_until(reactor, lambda: reader.read and reader.writable, "readable and writable")
+    reactor.removeWriter(reader)
+    writable = reader.writable
+    b.send(b"pong")
+    _iterate_until(reactor, lambda: len(reader.read) == 2, "read again")
+    assert reader.writable == writable and reader.read == [b"ping", b"pong"]
+    # Already watched: the same as addReader and addWriter.
+    reactor.add_reader_and_writer(reader)
+    assert a.fileno() in reactor._reads and a.fileno() in reactor._writes
+    reactor.removeReader(reader)
+    reactor.removeWriter(reader)
+    assert a.fileno() not in reactor._selectables
+    a.close()
+    b.close()

@@ -8,6 +8,7 @@ import ssl
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tls_hello_reference import parse_client_hello_body as reference_parse
 
 from tproxy_twist.testing import (
     alpn_extension,
@@ -24,6 +25,7 @@ from tproxy_twist.tls.clienthello import (
     HelloError,
     alert,
     is_grease,
+    parse_client_hello_body,
 )
 
 SCALE = int(os.environ.get("TPROXY_HYPOTHESIS_SCALE", "1"))
@@ -274,3 +276,72 @@ def test_random_bytes_never_break_the_reader(raw):
         read_all(raw, [1, 5, 9])
     except HelloError as e:
         assert e.reason in ("not_tls", "too_large", "malformed")
+
+
+# --- the parse against its slower predecessor --------------------------------------------
+
+
+def parse_both(body: bytes):
+    """Each parse's answer for one hello body: a ClientHello, or the error's reason."""
+    answers = []
+    for parse in (parse_client_hello_body, reference_parse):
+        try:
+            answers.append(parse(body, len(body) + 4))
+        except HelloError as e:
+            answers.append(e.reason)
+    return answers
+
+
+def mutated(data: st.DataObject, raw: bytes) -> bytes:
+    raw = bytearray(raw)
+    for _ in range(data.draw(st.integers(1, 6))):
+        if not raw:
+            break
+        position = data.draw(st.integers(0, len(raw) - 1))
+        action = data.draw(st.sampled_from(["flip", "delete", "insert"]))
+        if action == "flip":
+            raw[position] = data.draw(st.integers(0, 255))
+        elif action == "delete":
+            del raw[position]
+        else:
+            raw[position:position] = data.draw(st.binary(min_size=1, max_size=4))
+    return bytes(raw)
+
+
+@st.composite
+def hello_bodies(draw: st.DrawFn) -> bytes:
+    """Hello bodies with every extension the parse looks into, valid or not in content."""
+    sni = draw(st.none() | host_names | st.binary(max_size=20).map(lambda b: b.decode("latin-1")))
+    extensions = []
+    if sni is not None:
+        extensions.append(sni_extension(sni.encode("latin-1")))
+    alpn = draw(st.lists(st.binary(max_size=6), max_size=4))
+    if alpn or draw(st.booleans()):
+        extensions.append(alpn_extension(alpn))
+    versions = draw(st.lists(st.sampled_from([0x0304, 0x0303, 0x1A1A, 0x0A0A]), max_size=4))
+    if versions or draw(st.booleans()):
+        extensions.append(versions_extension(versions))
+    if draw(st.booleans()):
+        extensions.append(extension(0xFE0D, b"ech"))
+    if draw(st.booleans()):
+        extensions.append(extension(0x2A2A, b""))
+    extensions = list(draw(st.permutations(extensions)))
+    suites = draw(st.lists(st.sampled_from([0x1301, 0xC02F, 0x3A3A]), min_size=1, max_size=4))
+    return hello_message(extensions, suites=suites)[4:]
+
+
+def test_a_real_openssl_hello_parses_as_it_did_before():
+    for hello in (openssl_hello("a.example", ["h2", "http/1.1"]), openssl_hello(None)):
+        body = hello[9:]
+        new, old = parse_both(body)
+        assert isinstance(new, ClientHello) and new == old
+
+
+@FAST
+@given(hello_bodies(), st.data())
+def test_the_parse_answers_as_its_predecessor_did_for_any_body_mutated_or_not(body, data):
+    new, old = parse_both(body)
+    assert new == old
+    if data.draw(st.booleans()):
+        new, old = parse_both(mutated(data, body))
+        assert new == old

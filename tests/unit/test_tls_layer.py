@@ -476,12 +476,24 @@ def test_a_client_leaving_before_its_hello_counts_as_closed():
     assert h.actions("close") == 1 and h.protocol.state == CLOSED
 
 
-def test_connections_are_counted_per_port():
+def test_connections_are_counted_per_port_and_handed_to_the_metrics_at_the_next_sweep():
     h = Harness()
+    assert sample("tproxy_connections_total", port=h.name) == 0
+    h.clock.advance(0.25)  # a sweep
     assert sample("tproxy_connections_total", port=h.name) == 1
     assert sample("tproxy_connections_active", port=h.name) == 1
     assert h.protocol.state == HELLO
     h.lose()
+    h.clock.advance(0.25)
+    assert sample("tproxy_connections_active", port=h.name) == 0
+    assert sample("tproxy_connections_total", port=h.name) == 1
+
+
+def test_counts_not_swept_yet_reach_the_metrics_when_the_port_shuts_down():
+    h = Harness()
+    h.lose()
+    h.factory.shutdown()
+    assert sample("tproxy_connections_total", port=h.name) == 1
     assert sample("tproxy_connections_active", port=h.name) == 0
 
 

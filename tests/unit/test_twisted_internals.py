@@ -101,6 +101,44 @@ def test_the_reactor_keys_descriptors_by_file_descriptor():
     transport.abortConnection()
 
 
+def test_the_epoll_reactor_registrations_the_worker_reactor_hooks_read():
+    # WorkerReactor.hand_over_reader and add_reader_and_writer keep Twisted's
+    # own bookkeeping: fd sets of readers and writers, fd -> selectable.
+    reactor = WorkerReactor()
+    transport, peer = connected_pair(reactor)
+    fd = transport.fileno()
+    assert isinstance(reactor._reads, set) and isinstance(reactor._writes, set), moved(
+        "EPollReactor._reads/_writes (sets of fds)", "tproxy_twist/reactor.py"
+    )
+    assert fd in reactor._reads and reactor._selectables[fd] is transport, moved(
+        "how addReader records a reader", "tproxy_twist/reactor.py (hand_over_reader)"
+    )
+    transport.startWriting()
+    assert fd in reactor._writes, moved("how addWriter records a writer", "tproxy_twist/reactor.py")
+    transport.stopWriting()
+    assert fd not in reactor._writes and fd in reactor._reads
+    peer.close()
+    transport.abortConnection()
+
+
+def test_a_transport_closes_as_zerocopy_closes_it_after_a_clean_end():
+    # zerocopy._close_now: connectionLost(ConnectionDone) closes the socket and
+    # tells the protocol; _shouldShutdown skips the shutdown(); _aborting says
+    # an abort's own connectionLost is on the way; a second call does nothing.
+    assert tcp.Connection._shouldShutdown is True, moved(
+        "tcp.Connection._shouldShutdown", "tproxy_twist/zerocopy.py (_close_now)"
+    )
+    assert "_shouldShutdown" in inspect.getsource(tcp._SocketCloser._closeSocket), moved(
+        "_SocketCloser._closeSocket's _shouldShutdown", "tproxy_twist/zerocopy.py"
+    )
+    assert tcp.Connection._aborting is False, moved(
+        "tcp.Connection._aborting", "tproxy_twist/zerocopy.py (_close_now)"
+    )
+    assert 'hasattr(self, "socket")' in inspect.getsource(tcp.Connection.connectionLost), moved(
+        "tcp.Connection.connectionLost no longer ignores a second call", "tproxy_twist/zerocopy.py"
+    )
+
+
 def test_the_connector_builds_its_transport_through_make_transport():
     # sockets.py overrides Connector._makeTransport to get a transparent socket.
     assert "_makeTransport" in vars(tcp.Connector), moved(
@@ -133,6 +171,13 @@ def test_the_client_internals_the_upstream_client_overrides():
     assert "_finishInit" in inspect.getsource(tcp._BaseTCPClient.__init__), moved(
         "_BaseTCPClient.__init__ no longer ends in _finishInit", "tproxy_twist/sockets.py"
     )
+    # _finishInit does what tcp.Connection.__init__ does, without its setblocking().
+    source = inspect.getsource(tcp.Connection.__init__)
+    assert source.count("self.") == 4 and "abstract.FileDescriptor.__init__" in source, moved(
+        "what tcp.Connection.__init__ sets up", "tproxy_twist/sockets.py (_UpstreamClient)"
+    )
+    for name in ("socket", "setblocking", "fileno", "protocol"):
+        assert name in source, moved(f"tcp.Connection.__init__'s {name}", "tproxy_twist/sockets.py")
     for name in ("failIfNotConnected", "_connectDone", "_commonConnection"):
         assert hasattr(tcp.Client, name), moved(f"tcp.Client.{name}", "tproxy_twist/sockets.py")
     assert "_requiresResolution" in inspect.getsource(tcp._BaseTCPClient.__init__), moved(

@@ -15,6 +15,7 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 
@@ -39,6 +40,7 @@ class Accepted(Protocol):
     def connectionMade(self):
         self.factory.accepted.append(self)
         self.lost = None
+        self.lost_calls = 0
         self.received = b""
 
     def dataReceived(self, data):
@@ -46,6 +48,7 @@ class Accepted(Protocol):
 
     def connectionLost(self, reason):
         self.lost = reason
+        self.lost_calls += 1
 
 
 class Lab:
@@ -533,3 +536,98 @@ def test_a_kernel_refusing_splice_makes_the_transfer_copy_the_rest_exactly(lab, 
     assert ends == [DONE] and t.moved == len(body)
     a.transport.startReading()
     lab.run_until(lambda: a.received == b"next", "the rest left to Twisted")
+
+
+class CountingPoller:
+    """The reactor's epoll object, counting its register/modify/unregister calls."""
+
+    def __init__(self, poller):
+        self._poller = poller
+        self.calls = []
+
+    def register(self, fd, events):
+        self.calls.append(("register", fd))
+        return self._poller.register(fd, events)
+
+    def modify(self, fd, events):
+        self.calls.append(("modify", fd))
+        return self._poller.modify(fd, events)
+
+    def unregister(self, fd):
+        self.calls.append(("unregister", fd))
+        return self._poller.unregister(fd)
+
+    def __getattr__(self, name):
+        return getattr(self._poller, name)
+
+
+def test_a_pump_takes_over_the_registrations_of_reading_transports_without_epoll_calls(lab):
+    pump, (a, pa), (b, pb), ends, _ = lab.pump()
+    poller = lab.reactor._poller
+    counting = lab.reactor._poller = CountingPoller(poller)
+    try:
+        pump.start()
+        assert counting.calls == []
+        lab.send_all(pa, b"ping")
+        assert lab.read(pb, 4) == b"ping"
+        lab.send_all(pb, b"pong")
+        assert lab.read(pa, 4) == b"pong"
+        assert a.received == b.received == b""  # the pump read them, not Twisted
+    finally:
+        lab.reactor._poller = poller
+    pump.abort()
+    assert ends == [ABORTED]
+
+
+def test_a_transport_that_was_not_reading_is_registered_by_the_pump(lab):
+    pump, (a, pa), (b, pb), ends, _ = lab.pump()
+    a.transport.stopReading()  # paused by its owner, say
+    pump.start()
+    lab.send_all(pa, b"ping")
+    assert lab.read(pb, 4) == b"ping"
+    pump.abort()
+
+
+def test_after_a_clean_end_both_connections_are_closed_at_once_the_owner_told_first(lab):
+    (a, pa), (b, pb) = lab.connection(), lab.connection()
+    seen = []
+
+    def on_end(reason):
+        seen.append((reason, a.lost, b.lost))
+
+    pump = SplicePump(
+        a.transport, b.transport, reactor=lab.reactor, clock=lab.reactor, on_end=on_end
+    )
+    pump.start()
+    pa.shutdown(socket.SHUT_WR)
+    lab.run_until(lambda: lab.eof_seen(pb), "EOF passed on to b")
+    pb.shutdown(socket.SHUT_WR)
+    lab.run_until(lambda: bool(seen), "the pump ends")
+    # on_end came first; both connectionLost calls followed in the same call,
+    # with ConnectionDone: no loop iteration later.
+    assert seen == [(DONE, None, None)]
+    assert a.lost.check(ConnectionDone) and b.lost.check(ConnectionDone)
+    assert a.transport.disconnected and b.transport.disconnected
+    assert lab.eof_seen(pa) and lab.eof_seen(pb)
+    for _ in range(5):
+        lab.reactor.iterate(0)
+    assert (a.lost_calls, b.lost_calls) == (1, 1)
+
+
+def test_a_transport_aborted_by_the_owner_at_the_end_is_closed_once_as_aborted(lab):
+    (a, pa), (b, pb) = lab.connection(), lab.connection()
+
+    def on_end(reason):
+        a.transport.abortConnection()  # the owner gives up on it: an abort, not a clean close
+
+    pump = SplicePump(
+        a.transport, b.transport, reactor=lab.reactor, clock=lab.reactor, on_end=on_end
+    )
+    pump.start()
+    pa.shutdown(socket.SHUT_WR)
+    pb.shutdown(socket.SHUT_WR)
+    lab.run_until(lambda: a.lost is not None, "a closed")
+    assert a.lost.check(ConnectionAborted) and b.lost.check(ConnectionDone)
+    for _ in range(5):
+        lab.reactor.iterate(0)
+    assert (a.lost_calls, b.lost_calls) == (1, 1)

@@ -24,6 +24,7 @@ Strictness, each a L{HelloError} with a bounded C{reason} (a metric label):
 
 from __future__ import annotations
 
+import re
 import struct
 
 import attrs
@@ -62,7 +63,9 @@ _VERSION_NAMES = {
     0x0304: "TLSv1.3",
 }
 
-_HOST_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-_.")
+#: A DNS name, lower case: labels of 1 to 63 letters, digits, C{-} and C{_}.
+_DNS_NAME = re.compile(rb"(?:[a-z0-9_-]{1,63}\.)*[a-z0-9_-]{1,63}")
+_DIGITS_AND_DOTS = re.compile(rb"[0-9.]+")
 
 
 class HelloError(Exception):
@@ -186,54 +189,20 @@ class ClientHelloReader:
         return self._hello
 
 
-class _Cursor:
-    """Reads a byte string front to back; any overrun is L{HelloError}(malformed)."""
-
-    __slots__ = ("data", "pos", "end", "what")
-
-    def __init__(self, data: bytes, what: str, pos: int = 0, end: int | None = None) -> None:
-        self.data = data
-        self.pos = pos
-        self.end = len(data) if end is None else end
-        self.what = what
-
-    def left(self) -> int:
-        return self.end - self.pos
-
-    def take(self, n: int) -> bytes:
-        if n > self.end - self.pos:
-            raise _malformed(f"{self.what} is cut short")
-        start = self.pos
-        self.pos += n
-        return self.data[start : self.pos]
-
-    def take_rest(self) -> bytes:
-        return self.take(self.end - self.pos)
-
-    def u8(self) -> int:
-        return self.take(1)[0]
-
-    def u16(self) -> int:
-        return int.from_bytes(self.take(2), "big")
-
-    def vector(self, length_bytes: int, what: str) -> _Cursor:
-        """The next length-prefixed vector, as a cursor of its own."""
-        n = int.from_bytes(self.take(length_bytes), "big")
-        if n > self.end - self.pos:
-            raise _malformed(f"{what} overruns {self.what}")
-        inner = _Cursor(self.data, what, self.pos, self.pos + n)
-        self.pos += n
-        return inner
-
-
 _GREASE = frozenset(0x0A0A + 0x1010 * i for i in range(16))
+#: Extensions the parse looks at (every other one is only checked for its
+#: length and for appearing twice).
+_NOTED = frozenset({EXT_SERVER_NAME, EXT_ALPN, EXT_SUPPORTED_VERSIONS, EXT_ECH}) | _GREASE
+_u16 = struct.Struct("!H").unpack_from
+_extension_header = struct.Struct("!HH").unpack_from
 
 
 def parse_client_hello_body(body: bytes, size: int) -> ClientHello:
     """
-    Read a ClientHello's body (after the 4-byte handshake header).  The fixed
-    part and the extension list are read with offsets and C{struct} (this runs
-    once per connection); the few extensions we look into get a L{_Cursor}.
+    Read a ClientHello's body (after the 4-byte handshake header).  This runs
+    once per connection, so it reads with offsets, C{struct} and slices: no
+    object per field, and the extensions it does not look into cost a length
+    check and a set lookup each.
     """
     end = len(body)
     if end < 35:
@@ -265,7 +234,7 @@ def parse_client_hello_body(body: bytes, size: int) -> ClientHello:
     pos += compression
     sni: str | None = None
     alpn: tuple[str, ...] = ()
-    versions: list[int] = []
+    versions: tuple[int, ...] = ()
     ech = False
     if pos < end:
         if pos + 2 > end:
@@ -280,7 +249,7 @@ def parse_client_hello_body(body: bytes, size: int) -> ClientHello:
         while pos < end:
             if pos + 4 > end:
                 raise _malformed("extensions are cut short")
-            kind, length = struct.unpack_from("!HH", body, pos)
+            kind, length = _extension_header(body, pos)
             pos += 4
             content_end = pos + length
             if content_end > end:
@@ -288,30 +257,25 @@ def parse_client_hello_body(body: bytes, size: int) -> ClientHello:
             if kind in seen:
                 raise _malformed(f"extension {kind} appears twice")
             seen.add(kind)
-            if kind in _GREASE:
-                grease = True
-            elif kind == EXT_SERVER_NAME:
-                sni = _server_name(_Cursor(body, "server_name", pos, content_end))
-            elif kind == EXT_ALPN:
-                alpn = _alpn(_Cursor(body, "ALPN", pos, content_end))
-            elif kind == EXT_SUPPORTED_VERSIONS:
-                content = _Cursor(body, "supported_versions", pos, content_end)
-                listed = content.vector(1, "supported versions")
-                if content.left() or listed.left() < 2 or listed.left() % 2:
-                    raise _malformed("supported versions must be a list of 2-byte values")
-                while listed.left():
-                    version = listed.u16()
-                    if version in _GREASE:
+            if kind in _NOTED:
+                if kind == EXT_SERVER_NAME:
+                    sni = _server_name(body, pos, content_end)
+                elif kind == EXT_ALPN:
+                    alpn = _alpn(body, pos, content_end)
+                elif kind == EXT_SUPPORTED_VERSIONS:
+                    listed = _supported_versions(body, pos, content_end)
+                    versions = tuple(v for v in listed if v not in _GREASE)
+                    if len(versions) < len(listed):
                         grease = True
-                    else:
-                        versions.append(version)
-            elif kind == EXT_ECH:
-                ech = True
+                elif kind == EXT_ECH:
+                    ech = True
+                else:
+                    grease = True
             pos = content_end
     return ClientHello(
         sni=sni,
         alpn=alpn,
-        versions=tuple(versions),
+        versions=versions,
         legacy_version=legacy_version,
         ech=ech,
         grease=grease,
@@ -319,47 +283,75 @@ def parse_client_hello_body(body: bytes, size: int) -> ClientHello:
     )
 
 
-def _server_name(content: _Cursor) -> str | None:
-    names = content.vector(2, "server name list")
-    if content.left():
-        raise _malformed("bytes after the server name list")
+def _vector16(body: bytes, pos: int, end: int, what: str, container: str) -> int:
+    """
+    The end of the 2-byte-length vector at C{pos}, which must fill its
+    container up to C{end} exactly.
+    """
+    if end - pos < 2:
+        raise _malformed(f"{container} is cut short")
+    vector_end = pos + 2 + _u16(body, pos)[0]
+    if vector_end > end:
+        raise _malformed(f"{what} overruns {container}")
+    if vector_end < end:
+        raise _malformed(f"bytes after the {what}")
+    return vector_end
+
+
+def _server_name(body: bytes, pos: int, end: int) -> str | None:
+    names_end = _vector16(body, pos, end, "server name list", "server_name")
+    pos += 2
     host: str | None = None
-    while names.left():
-        name_type = names.u8()
-        name = names.vector(2, "server name").take_rest()
-        if name_type != 0:
-            continue  # not host_name: no other type is defined
-        if host is not None:
-            raise _malformed("two host names in the server_name extension")
-        host = _host_name(name)
+    while pos < names_end:
+        if names_end - pos < 3:
+            raise _malformed("server name list is cut short")
+        name_type = body[pos]
+        name_end = pos + 3 + _u16(body, pos + 1)[0]
+        if name_end > names_end:
+            raise _malformed("server name overruns server name list")
+        if name_type == 0:  # host_name: no other type is defined
+            if host is not None:
+                raise _malformed("two host names in the server_name extension")
+            host = _host_name(body[pos + 3 : name_end])
+        pos = name_end
     return host
 
 
 def _host_name(raw: bytes) -> str:
     name = raw.lower().rstrip(b".")
-    if not name or len(name) > 253 or not _HOST_CHARS.issuperset(name):
+    if len(name) > 253 or _DNS_NAME.fullmatch(name) is None:
         raise _malformed(f"server name {raw[:64]!r} is not a DNS name")
-    labels = name.split(b".")
-    if any(not label or len(label) > 63 for label in labels):
-        raise _malformed(f"server name {raw[:64]!r} is not a DNS name")
-    if all(label.isdigit() for label in labels):
+    if _DIGITS_AND_DOTS.fullmatch(name) is not None:  # every label all digits
         raise _malformed("server name is an IP address (RFC 6066 allows host names only)")
     return name.decode("ascii")
 
 
-def _alpn(content: _Cursor) -> tuple[str, ...]:
-    protocols = content.vector(2, "ALPN list")
-    if content.left():
-        raise _malformed("bytes after the ALPN list")
+def _alpn(body: bytes, pos: int, end: int) -> tuple[str, ...]:
+    protocols_end = _vector16(body, pos, end, "ALPN list", "ALPN")
+    pos += 2
     offered = []
-    while protocols.left():
-        protocol = protocols.vector(1, "ALPN protocol").take_rest()
-        if not protocol:
+    while pos < protocols_end:
+        protocol_end = pos + 1 + body[pos]
+        if protocol_end > protocols_end:
+            raise _malformed("ALPN protocol overruns ALPN list")
+        if protocol_end == pos + 1:
             raise _malformed("an empty ALPN protocol name")
-        offered.append(protocol.decode("ascii", "backslashreplace"))
+        offered.append(body[pos + 1 : protocol_end].decode("ascii", "backslashreplace"))
+        pos = protocol_end
     if not offered:
         raise _malformed("an empty ALPN list")
     return tuple(offered)
+
+
+def _supported_versions(body: bytes, pos: int, end: int) -> tuple[int, ...]:
+    if pos >= end:
+        raise _malformed("supported_versions is cut short")
+    n = body[pos]
+    if pos + 1 + n > end:
+        raise _malformed("supported versions overruns supported_versions")
+    if pos + 1 + n < end or n < 2 or n % 2:
+        raise _malformed("supported versions must be a list of 2-byte values")
+    return struct.unpack_from(f"!{n // 2}H", body, pos + 1)
 
 
 def alert(description: int) -> bytes:

@@ -166,6 +166,11 @@ class TLSFactory(Factory):
         self.bump_metrics = bump_metrics
         self.limits = limits
         self._http = None  # the HTTP relay of bumped connections, made when first needed
+        # Connections opened, and the change of the active count, since the last
+        # flush: in multiprocess mode each prometheus_client update is a locked
+        # write to a memory-mapped file (about 5 us), so they go at each sweep.
+        self._opened = 0
+        self._active_change = 0
 
     @property
     def http(self):
@@ -192,6 +197,20 @@ class TLSFactory(Factory):
                 connection.flush_bytes()
             except Exception:
                 log.failure("sweeping a TLS connection failed")
+        self.flush_metrics()
+
+    def flush_metrics(self) -> None:
+        """Hand what was counted since the last sweep to the metrics."""
+        if self._opened:
+            self.metrics.connections.inc(self._opened)
+            self._opened = 0
+        change = self._active_change
+        if change:
+            self._active_change = 0
+            if change > 0:
+                self.metrics.active.inc(change)
+            else:
+                self.metrics.active.dec(-change)
         self.metrics.flush()
         self.tls_metrics.flush()
 
@@ -213,8 +232,7 @@ class TLSFactory(Factory):
     def shutdown(self) -> None:
         if self._http is not None:
             self._http.shutdown()
-        self.metrics.flush()
-        self.tls_metrics.flush()
+        self.flush_metrics()
         if self._sweeper is not None and self._sweeper.running:
             self._sweeper.stop()
         self._sweeper = None
@@ -316,8 +334,8 @@ class TLSConnection(Protocol):
         factory.connections.add(self)
         if factory.budget is not None:
             factory.budget.acquire()
-        factory.metrics.connections.inc()
-        factory.metrics.active.inc()
+        factory._opened += 1  # handed to the metrics at the next sweep
+        factory._active_change += 1
         now = self._clock.seconds()
         self._started = self._last_activity = now
         self.client_ip = unmap(transport.getPeer().host)
@@ -405,7 +423,7 @@ class TLSConnection(Protocol):
         factory.connections.discard(self)
         if factory.budget is not None:
             factory.budget.release()
-        factory.metrics.active.dec()
+        factory._active_change -= 1
         self._timer = ""
         upstream = self.upstream
         if self.pump is not None:
