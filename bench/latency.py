@@ -419,6 +419,8 @@ def run_path(
     finally:
         lab.remove_rules()
         contender.stop(lab)
+    if hasattr(contender, "access_log_lines"):
+        result["access_log_lines"] = contender.access_log_lines
     probes = []
     for f in sorted(probe_dir.glob("worker-*.json")):
         probes.append(json.loads(f.read_text()))
@@ -433,6 +435,36 @@ def run_path(
     return result
 
 
+def _with_access_log(contender_class):
+    """``contender_class`` (tproxy-twist) with an access log in its lab directory."""
+
+    class WithAccessLog(contender_class):
+        def start(self, lab) -> None:
+            write_text = Path.write_text
+
+            def write(path: Path, text: str, *args, **kwargs):
+                if path.name == "tproxy.toml":
+                    log = path.parent / "access.log"
+                    text = text.replace(
+                        "\n[[port]]", f'\n[access_log]\npath = "{log}"\n\n[[port]]', 1
+                    )
+                return write_text(path, text, *args, **kwargs)
+
+            Path.write_text = write
+            try:
+                super().start(lab)
+            finally:
+                Path.write_text = write_text
+
+        def stop(self, lab) -> None:
+            super().stop(lab)
+            log = self.dir / "access.log"
+            self.access_log_lines = len(log.read_bytes().splitlines()) if log.exists() else 0
+
+    WithAccessLog.name = contender_class.name
+    return WithAccessLog
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "client":
@@ -444,6 +476,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="direct,haproxy,tproxy-twist")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--access-log", action="store_true", help="tproxy-twist writes an access log (squid format)"
+    )
     parser.add_argument(
         "--close", action="store_true", help="a new connection per request (Connection: close)"
     )
@@ -463,7 +498,10 @@ def main(argv: list[str] | None = None) -> int:
     with BenchLab() as lab:
         lab.start_nginx()
         for name in opts.only.split(","):
-            contender = CONTENDERS[name]()
+            cls = CONTENDERS[name]
+            if opts.access_log and name.startswith("tproxy-twist"):
+                cls = _with_access_log(cls)
+            contender = cls()
             print(f"[{name}] {opts.seconds:g}s of the latency load", file=sys.stderr)
             results.append(
                 run_path(lab, contender, opts.seconds, opts.raw, opts.attach, opts.close)
