@@ -75,7 +75,7 @@ def client(
     extra = "Connection: close\r\n" if close else ""
     request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n".encode()
     sel = selectors.DefaultSelector()
-    sent, latency = array("d"), array("d")
+    sent, latency, slots = array("d"), array("d"), array("d")
 
     def connect() -> socket.socket:
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -132,6 +132,7 @@ def client(
                 continue
             st[3] = buf[head_end + 4 + length :]
             sent.append(st[2])
+            slots.append(float(state.index(st)))
             latency.append(done - st[2])
             st[2] = 0.0
             st[1] = done + delay
@@ -139,18 +140,29 @@ def client(
                 sel.unregister(st[0])
                 st[0].close()
                 st[0], st[3] = None, b""
+    ports = [st[0].getsockname()[1] if st[0] is not None else 0 for st in state]
     for st in state:
         if st[0] is not None:
             st[0].close()
-    return sent, latency
+    return sent, latency, slots, ports
 
 
 def _client_main(argv: list[str]) -> int:
     host, port, path, seconds, out, *how = argv
     close = how == ["close"]
-    sent, latency = client(host, int(port), path, float(seconds), CONNECTIONS, DELAY, close)
+    sent, latency, slots, ports = client(
+        host, int(port), path, float(seconds), CONNECTIONS, DELAY, close
+    )
     with open(out, "w") as f:
-        json.dump({"sent": sent.tolist(), "latency": latency.tolist()}, f)
+        json.dump(
+            {
+                "sent": sent.tolist(),
+                "latency": latency.tolist(),
+                "slots": slots.tolist(),
+                "ports": ports,
+            },
+            f,
+        )
     return 0
 
 
@@ -289,11 +301,24 @@ def worker_stats(probe: dict) -> dict:
     }
 
 
+def per_worker(samples: dict) -> dict:
+    """The client's percentiles per worker (``owners``: each slot's worker pid)."""
+    owners = samples["owners"]
+    by: dict[int, list[float]] = {}
+    for slot, d in zip(samples["slots"], samples["latency"], strict=True):
+        by.setdefault(owners[int(slot)], []).append(d)
+    return {
+        str(pid): {"connections": owners.count(pid), **summary(d)} for pid, d in sorted(by.items())
+    }
+
+
 def analyze(raw: Path, name: str) -> dict:
     """The client summary, worker statistics and attribution of a run kept with ``--raw``."""
     samples = json.loads((raw / f"{name}-client.json").read_text())
     probes = [json.loads(f.read_text()) for f in sorted(raw.glob(f"{name}-worker-*.json"))]
     out: dict = {"client": summary(samples["latency"])}
+    if "owners" in samples:
+        out["per_worker"] = per_worker(samples)
     if probes:
         out["workers"] = [worker_stats(p) for p in probes]
         out["attribution"] = attribute(samples["sent"], samples["latency"], probes)
@@ -333,6 +358,24 @@ def _serving_pids(lab, contender) -> dict[str, list[int]]:
     pids = {"proxy": contender.worker_pids(lab) if contender.diverted else []}
     pids["nginx"] = [p for p in _netns_pids(lab.origin) if _cmdline(p).startswith("nginx: worker")]
     return pids
+
+
+def _connection_owners(lab) -> dict[int, int]:
+    """Client port -> pid of the router process holding the diverted connection."""
+    import subprocess
+
+    proc = subprocess.run(
+        ["ip", "netns", "exec", lab.router, "ss", "-Htnp", "state", "established",
+         "sport", "=", ":80"],
+        capture_output=True, check=False, timeout=30,
+    )  # fmt: skip
+    owners = {}
+    for line in proc.stdout.decode().splitlines():
+        fields = line.split()
+        m = re.search(r"pid=(\d+)", line)
+        if len(fields) >= 4 and m:
+            owners[int(fields[3].rsplit(":", 1)[1])] = int(m.group(1))
+    return owners
 
 
 def _netns_pids(ns: str) -> list[int]:
@@ -384,21 +427,26 @@ def run_path(
             subprocess.Popen(attach.format(pid=pid, name=contender.name), shell=True)
             for pid in (pids["proxy"] if attach else [])
         ]
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             ["ip", "netns", "exec", lab.client, sys.executable, "-m", "bench.latency",
              "client", lab.ORIGIN4, str(port), SMALL_PATH, str(seconds), str(out),
              *(["close"] if close else [])],
-            cwd=HERE.parent, capture_output=True, timeout=seconds + 60, check=False,
-            env=client_env,
+            cwd=HERE.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=client_env,
         )  # fmt: skip
+        time.sleep(min(1.0, seconds / 2))  # the connections are open by then
+        owners = _connection_owners(lab) if not close else {}
+        _, err = proc.communicate(timeout=seconds + 60)
         for p in attached:
             p.wait(timeout=60)
         if proc.returncode != 0:
-            raise RuntimeError(f"latency client failed: {proc.stderr.decode()[-2000:]}")
+            raise RuntimeError(f"latency client failed: {err.decode()[-2000:]}")
         after = {k: [schedstat(p) for p in v] for k, v in pids.items()}
         samples = json.loads(out.read_text())
         result["client"] = summary(samples["latency"])
         result["rps"] = len(samples["latency"]) / seconds
+        if owners and len(pids["proxy"]) > 1:
+            samples["owners"] = [owners.get(p, 0) for p in samples["ports"]]
+            result["per_worker"] = per_worker(samples)
         result["sched"] = {}
         for k in pids:
             run = sum(a[0] - b[0] for a, b in zip(after[k], before[k], strict=True))
