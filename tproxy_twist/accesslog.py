@@ -175,8 +175,8 @@ _WRITE_CHUNK = 64 * 1024
 # Once a line waits, the writer lets more gather for this long before it writes
 # (unless BATCH_LINES have queued, or close/reopen is asked): two thread wake-ups
 # per interval instead of one per request.  Measured in bench/README.md ("Added
-# latency"): a wake-up per line cost a worker 4 more context switches and ~40 %
-# more CPU per request at 800 requests/s.
+# latency"): a wake-up per line cost a worker about 4 more time slices and
+# 25-40 % more CPU per request at 800 requests/s.
 FLUSH_INTERVAL = 0.1
 BATCH_LINES = 1024
 
