@@ -172,12 +172,14 @@ DEFAULT_MAX_QUEUED = 100_000
 # One write(2) at most this big, always whole lines: several worker processes
 # append to the same file, and O_APPEND keeps each write's lines together.
 _WRITE_CHUNK = 64 * 1024
-# Once a line waits, the writer lets more gather for this long before it writes
-# (unless BATCH_LINES have queued, or close/reopen is asked): two thread wake-ups
-# per interval instead of one per request.  Measured in bench/README.md ("Added
-# latency"): a wake-up per line cost a worker about 4 more time slices and
-# 25-40 % more CPU per request at 800 requests/s.
-FLUSH_INTERVAL = 0.1
+# With a flush_interval, once a line waits the writer lets more gather for that
+# long before it writes (unless BATCH_LINES have queued, or close/reopen is
+# asked): two thread wake-ups per interval instead of one per request.  Measured
+# in bench/README.md ("Added latency"): a wake-up per line costs a worker about
+# 4 more time slices and 25-40 % more CPU per request at 800 requests/s.  Off by
+# default: the workers' lines then no longer reach the shared file in the order
+# their requests ended (each worker holds its own for up to the interval).
+FLUSH_INTERVAL = 0.0
 BATCH_LINES = 1024
 
 
@@ -190,11 +192,13 @@ class FileAccessLog:
     dedicated writer thread takes whatever has queued up and writes it with
     C{os.write} on an C{O_APPEND} descriptor, whole lines per call.  A
     single writer keeps lines in order.  The writer is woken by the first
-    line after it went idle (or by C{batch_lines} queued lines), then lets
-    lines gather for C{flush_interval} seconds before writing them all: a
-    line reaches the file at most about C{flush_interval} after its request
-    ended, and a busy worker pays two thread wake-ups per interval rather
-    than one per request.  When the queue is full (the disk
+    line after it went idle (or by C{batch_lines} queued lines); with a
+    C{flush_interval} (seconds, 0 by default) it then lets lines gather that
+    long before writing them all: a line reaches the file at most about
+    C{flush_interval} after its request ended, and a busy worker pays two
+    thread wake-ups per interval rather than one per request, but lines of
+    several workers sharing a file are only ordered per worker.  When the
+    queue is full (the disk
     has stalled), new lines are dropped; when a write fails (a full disk),
     its lines are lost.  Both are counted in C{dropped} and reported to
     C{on_dropped(n)}, and logged at most once per C{LogThrottle} interval
