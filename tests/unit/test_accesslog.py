@@ -375,6 +375,52 @@ def test_open_access_log_closes_before_the_reactor_shuts_down(tmp_path, reactor)
     assert json.loads(path.read_text())["url"] == "http://example.com/index.html"
 
 
+def wait_until(condition, what: str, timeout: float = 5.0) -> None:
+    """Poll C{condition} (the writer thread's progress) until it holds, or fail naming C{what}."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.001)
+
+
+def test_lines_logged_while_the_writer_gathers_go_out_in_one_write(tmp_path, reactor):
+    access_log = RecordingLog(str(tmp_path / "access.log"), "squid", reactor, flush_interval=60)
+    wait_until(lambda: access_log.writer_state == "idle", "the writer to wait for a line")
+    access_log.log(entry(url="http://example.com/0"))
+    # The first line wakes the writer, which then waits for more instead of writing it alone.
+    wait_until(lambda: access_log.writer_state == "gathering", "the writer to gather lines")
+    for i in range(1, 100):
+        access_log.log(entry(url=f"http://example.com/{i}"))
+    assert access_log.chunks == []
+    reactor.run_until(access_log.close())  # close() ends the gathering at once
+    [chunk] = access_log.chunks
+    assert [SQUID_LINE.match(line)["url"] for line in chunk.decode().splitlines()] == [
+        f"http://example.com/{i}" for i in range(100)
+    ]
+
+
+def test_a_line_reaches_the_file_within_the_flush_interval_without_a_close(tmp_path, reactor):
+    path = tmp_path / "access.log"
+    access_log = FileAccessLog(str(path), "squid", reactor, flush_interval=0.01)
+    access_log.log(entry())
+    wait_until(lambda: len(lines(path)) == 1, "the line in the file")
+    access_log.log(entry())  # and again, once the writer went idle
+    wait_until(lambda: len(lines(path)) == 2, "the second line in the file")
+    reactor.run_until(access_log.close())
+
+
+def test_a_full_batch_is_written_without_waiting_for_the_flush_interval(tmp_path, reactor):
+    path = tmp_path / "access.log"
+    access_log = FileAccessLog(str(path), "squid", reactor, flush_interval=60, batch_lines=10)
+    for _ in range(10):
+        access_log.log(entry())
+    wait_until(lambda: len(lines(path)) == 10, "a batch of 10 lines in the file")
+    reactor.run_until(access_log.close())
+
+
 # --- with the relay -----------------------------------------------------------------------
 
 ORIGIN = ("203.0.113.2", 80)

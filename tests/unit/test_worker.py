@@ -268,3 +268,80 @@ def test_only_a_worker_started_to_bump_can_start_tls(flag, tls):
     assert result.returncode == 0, result.stderr.decode()
     (line,) = [x for x in result.stdout.decode().splitlines() if x.startswith("RESULT ")]
     assert line.split()[1:] == [str(tls), str(tls)]
+
+
+# -- the heap after start-up (bench/README.md, "Added latency") ----------------
+
+
+@pytest.fixture
+def unfrozen():
+    """Whatever a test froze goes back to the collector's ordinary generations."""
+    import gc
+
+    yield
+    gc.unfreeze()
+
+
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_settling_the_heap_collects_start_up_garbage_then_freezes_what_is_alive(unfrozen):
+    import gc
+    import weakref
+
+    from tproxy_twist.worker import settle_heap
+
+    garbage = _Cycle()
+    gone = weakref.ref(garbage)
+    alive = _Cycle()
+    del garbage
+    settle_heap()
+    assert gone() is None  # collected, not frozen forever
+    assert gc.get_freeze_count() > 0
+    # What was alive is in the permanent generation: a full collection no longer walks it.
+    assert not any(o is alive for o in gc.get_objects())
+
+
+class _RecordingLink:
+    def __init__(self, calls: list[str]) -> None:
+        self.calls = calls
+
+    def set_sources(self, connections, problems) -> None:
+        self.calls.append("sources")
+
+    def startService(self) -> None:
+        self.calls.append("heartbeat")
+
+    def report(self, state: str) -> None:
+        self.calls.append(state)
+
+
+def test_a_worker_settles_its_heap_once_it_accepts_and_before_it_says_ready():
+    from tproxy_twist.worker import start_serving
+
+    proxy, reactor = service()
+    proxy.privilegedStartService()
+    calls: list[str] = []
+
+    def settle() -> None:
+        calls.append(f"settle after {len(reactor.adoptedPorts)} port(s)")
+
+    start_serving(proxy, _RecordingLink(calls), settle=settle)
+    assert calls == ["sources", "heartbeat", "settle after 1 port(s)", "ready"]
+    proxy.stopService()
+
+
+def test_a_worker_that_starts_serving_has_frozen_its_start_up_heap(unfrozen):
+    import gc
+
+    from tproxy_twist.worker import start_serving
+
+    proxy, reactor = service()
+    proxy.privilegedStartService()
+    gc.unfreeze()
+    start_serving(proxy, _RecordingLink([]))
+    assert gc.get_freeze_count() > 0
+    assert not any(o is proxy for o in gc.get_objects())  # frozen: never walked again
+    proxy.stopService()
