@@ -409,7 +409,11 @@ def open_access_log(config: AccessLogConfig, reactor=None) -> FileAccessLog | No
     from .metrics import ACCESS_LOG_DROPPED
 
     access_log = FileAccessLog(
-        config.path, config.format, reactor, on_dropped=ACCESS_LOG_DROPPED.inc
+        config.path,
+        config.format,
+        reactor,
+        on_dropped=ACCESS_LOG_DROPPED.inc,
+        flush_interval=config.flush_interval,
     )
     reactor.addSystemEventTrigger("before", "shutdown", access_log.close)
     return access_log

@@ -179,6 +179,12 @@ X_FORWARDED_FOR = ("off", "append", "strip")
 class AccessLogConfig:
     path: str | None = None  # None: no access log
     format: str = "squid"  # "squid" (Squid's native format) or "json" (JSON lines)
+    # Seconds a worker lets lines gather before writing them (as nginx's
+    # access_log flush=); 0: each line is handed to the writer at once.
+    flush_interval: float = 0.0
+
+
+ACCESS_LOG_MAX_FLUSH_INTERVAL = 10.0
 
 
 ACCESS_LOG_FORMATS = ("squid", "json")
@@ -391,8 +397,14 @@ def _access_log(table: _Table | None) -> AccessLogConfig:
     format = table.get("format", "squid", str)
     if format not in ACCESS_LOG_FORMATS:
         raise table.error("format", f"must be one of {', '.join(ACCESS_LOG_FORMATS)}")
+    flush_interval = table.number("flush_interval", default=0.0, minimum=0.0)
+    if flush_interval > ACCESS_LOG_MAX_FLUSH_INTERVAL:
+        raise table.error(
+            "flush_interval",
+            f"must be at most {ACCESS_LOG_MAX_FLUSH_INTERVAL:g} seconds, not {flush_interval:g}",
+        )
     table.done()
-    return AccessLogConfig(path=path or None, format=format)
+    return AccessLogConfig(path=path or None, format=format, flush_interval=flush_interval)
 
 
 def _tables(raw: list[Any], path: str) -> list[Mapping[str, Any]]:

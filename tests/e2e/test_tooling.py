@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -380,3 +381,27 @@ def test_the_access_log_has_one_squid_line_per_request_including_the_proxys_own_
         ("NONE", "400", "HIER_NONE", "-"),
     ]
     assert {m["client"] for m in matches} == {Lab.CLIENT4}
+
+
+def test_an_access_log_with_a_flush_interval_gathers_lines_then_writes_them_unprompted(
+    proxy, curl, tmp_path: Path
+):
+    path = tmp_path / "access.log"
+    running = proxy(
+        CONFIG + f"\n[access_log]\npath = {json.dumps(str(path))}\nflush_interval = 8\n"
+    )
+    for n in range(4):  # a new connection each: both workers get some
+        assert json.loads(curl(f"http://{Lab.ORIGIN4}/ip?n={n}").stdout)["client"] == Lab.CLIENT4
+    # The workers hold their lines for the interval (8 s after the first one)...
+    assert path.read_text() == ""
+    # ...then write them by themselves: no stop, no reopen.
+    deadline = time.monotonic() + 60
+    written: list[str] = []
+    while len(written) < 4 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        written = path.read_text().splitlines()
+    assert running.alive()
+    matches = [SQUID_LINE.match(line) for line in written]
+    assert len(written) == 4 and all(matches), written
+    assert sorted(m["url"] for m in matches) == [f"http://{Lab.ORIGIN4}/ip?n={n}" for n in range(4)]
+    assert {(m["result"], m["status"]) for m in matches} == {("TCP_MISS", "200")}

@@ -115,6 +115,9 @@ def test_listen_addresses_parse(text, expected):
         ("drain_timeout = -1\n" + BASE, "drain_timeout: must be at least 0"),
         ('[access_log]\nformat = "xml"\n' + BASE, "access_log.format: must be one of squid"),
         ('[access_log]\npth = "x"\n' + BASE, "access_log.pth: unknown key"),
+        ("[access_log]\nflush_interval = -1\n" + BASE, "flush_interval: must be at least 0"),
+        ("[access_log]\nflush_interval = 11\n" + BASE, "flush_interval: must be at most 10"),
+        ('[access_log]\nflush_interval = "1s"\n' + BASE, "flush_interval: must be a number"),
         ("[limits]\nmax_connections = 0\n" + BASE, "limits.max_connections: must be from 1"),
         ("[limits]\nmax_body_size = -1\n" + BASE, "limits.max_body_size: must be from 0"),
         (BASE + "host_verify_strict = true\n", "port[0].host_verify_strict: only applies"),
@@ -180,6 +183,9 @@ def test_identity_drain_and_access_log_keys():
     assert (config.user, config.group, config.drain_timeout) == ("root", "root", 5.0)
     assert (config.access_log.path, config.access_log.format) == ("/tmp/access.log", "json")
     assert load(BASE).access_log.path is None
+    assert load(BASE).access_log.flush_interval == 0.0
+    gathered = load('[access_log]\npath = "/tmp/a.log"\nflush_interval = 0.25\n' + BASE)
+    assert gathered.access_log.flush_interval == 0.25
 
 
 def test_a_port_allowing_every_network_allows_everyone_also_after_evolve():
