@@ -313,15 +313,33 @@ STREAM_HOWS = ("splice", "copy")
 
 
 class StreamMetrics:
-    """How one port's byte streams are relayed; a stream starts at most once per connection."""
+    """
+    How one port's byte streams are relayed; a stream starts at most once
+    per connection.  Counted in plain numbers and handed to prometheus_client
+    by L{flush} (the port's sweep), as L{PortMetrics} does with requests.
+    """
 
     def __init__(self, port: str) -> None:
         self._children = {how: STREAMS.labels(port, how) for how in STREAM_HOWS}
         for child in self._children.values():
             child.inc(0)
+        self._pending = dict.fromkeys(STREAM_HOWS, 0)
+        self._any = False
 
     def started(self, how: str) -> None:
-        self._children[how].inc()
+        self._pending[how] += 1
+        self._any = True
+
+    def flush(self) -> None:
+        """Hand the streams started since the last flush to prometheus_client."""
+        if not self._any:
+            return
+        self._any = False
+        pending = self._pending
+        for how, count in pending.items():
+            if count:
+                self._children[how].inc(count)
+                pending[how] = 0
 
 
 class NullStreamMetrics:
@@ -331,6 +349,9 @@ class NullStreamMetrics:
         pass
 
     def started(self, how: str) -> None:
+        pass
+
+    def flush(self) -> None:
         pass
 
 
@@ -372,7 +393,8 @@ class PortMetrics:
         self.bytes_in = f.bytes.labels(port, "in")
         self.bytes_out = f.bytes.labels(port, "out")
         self.duration = f.request_duration.labels(port)
-        self.connect_duration = f.upstream_connect_duration.labels(port)
+        # Observed per new upstream connection: added up, written at each flush.
+        self.connect_duration = _PendingHistogram(f.upstream_connect_duration.labels(port))
         self.host_mismatch = f.host_mismatch.labels(port)
         self._requests: dict[tuple[bytes, int], Counter] = {}
         self._upstream_errors = {
@@ -405,6 +427,7 @@ class PortMetrics:
             for (method, code), count in pending.items():
                 self._request_child(method, code).inc(count)
         self._pending_durations.flush()
+        self.connect_duration.flush()
         if self._pending_in:
             self.bytes_in.inc(self._pending_in)
             self._pending_in = 0

@@ -63,3 +63,36 @@ def test_port_metrics_count_exactly_after_a_flush():
     assert value("tproxy_bytes_total", direction="out") == 2000
     metrics.flush()  # nothing new: nothing changes
     assert value("tproxy_requests_total", **labels) == 37
+
+
+def test_upstream_connect_durations_and_streams_are_written_at_the_flush_not_per_connection():
+    from prometheus_client import REGISTRY
+
+    from tproxy_twist.metrics import StreamMetrics
+
+    name = f"m{next(_names)}"
+    metrics = PortMetrics(name, "tproxy")
+    streams = StreamMetrics(name)
+    for seconds in (0.001, 0.02, 0.3):
+        metrics.connect_duration.observe(seconds)
+    for how in ("splice", "splice", "copy"):
+        streams.started(how)
+
+    def value(metric, **labels):
+        return REGISTRY.get_sample_value(metric, {"port": name, **labels})
+
+    connect = "tproxy_upstream_connect_duration_seconds"
+    # Every series exists (at 0) before the first flush, and nothing was written per event.
+    assert value(connect + "_count") == 0
+    assert value("tproxy_streams_total", how="splice") == 0
+    metrics.flush()
+    streams.flush()
+    assert value(connect + "_count") == 3
+    assert abs(value(connect + "_sum") - 0.321) < 1e-9
+    assert value(connect + "_bucket", le="0.025") == 2
+    assert value("tproxy_streams_total", how="splice") == 2
+    assert value("tproxy_streams_total", how="copy") == 1
+    metrics.flush()
+    streams.flush()  # nothing new: nothing changes
+    assert value(connect + "_count") == 3
+    assert value("tproxy_streams_total", how="splice") == 2

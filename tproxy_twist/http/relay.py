@@ -229,6 +229,8 @@ class ProxyFactory(Factory):
     def sweep(self) -> None:
         """Let every connection whose deadline has passed time out; flush metrics."""
         self._metrics.flush()
+        if self.stream_metrics is not None:
+            self.stream_metrics.flush()
         now = self.clock.seconds()
         for connection in list(self.connections):  # timing out closes some
             if connection.pump is not None or connection.body is not None:
@@ -245,6 +247,8 @@ class ProxyFactory(Factory):
     def shutdown(self) -> None:
         """After draining: count what is left and stop sweeping."""
         self._metrics.flush()
+        if self.stream_metrics is not None:
+            self.stream_metrics.flush()
         if self._sweeper is not None and self._sweeper.running:
             self._sweeper.stop()
         self._sweeper = None

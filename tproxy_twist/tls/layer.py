@@ -213,6 +213,8 @@ class TLSFactory(Factory):
                 self.metrics.active.dec(-change)
         self.metrics.flush()
         self.tls_metrics.flush()
+        if self.stream_metrics is not None:
+            self.stream_metrics.flush()
 
     def drain(self, min_idle: float = 1.0) -> int:
         """
