@@ -4,7 +4,7 @@ seconds, on loopback in one process: the figure that does not depend on how
 busy the rest of the machine is (wall-clock req/s does).
 
     PYTHONPATH=. .venv/bin/python -m bench.bump_cpu [--seconds 5] [--connections 16]
-        [--only plain,bump-keepalive,bump-new] [--profile DIR]
+        [--only plain,bump-keepalive,bump-new] [--profile DIR] [--gc-freeze]
 
 This process is the worker: the real TLS port factory (L{tls_factory}, bump
 for every connection, the real bump kit from a CA made with C{tproxy-twist
@@ -23,7 +23,8 @@ request).  Each: requests, the worker's CPU milliseconds per request, and
 wrk's req/s (noise on a shared machine; CPU per request is the measure).
 C{--profile DIR} writes a cProfile (CPU time) of each row to DIR/<row>.prof;
 C{--no-resumption}: the origin resumes no session (as in bench/tls.py);
-C{--twisted-writes}: A/B without L{tproxy_twist.tls.direct}.
+C{--gc-freeze}: C{gc.freeze()} after the warm-up (what a worker that froze
+its start-up objects would see; the worker does not today).
 """
 
 from __future__ import annotations
@@ -232,15 +233,11 @@ def main(argv: list[str] | None = None) -> int:
         help="the origin resumes no TLS session (as bench/tls.py's): every origin handshake full",
     )
     parser.add_argument(
-        "--twisted-writes",
+        "--gc-freeze",
         action="store_true",
-        help="A/B: leave Twisted's buffered TLS writes in place (no tls.direct.send_directly)",
+        help="gc.freeze() after the warm-up: the cyclic GC skips everything made before",
     )
     opts = parser.parse_args(argv)
-    if opts.twisted_writes:
-        from tproxy_twist.tls import leaf, verify
-
-        leaf.send_directly = verify.send_directly = lambda transport: False
     if shutil.which("wrk") is None or shutil.which("nginx") is None:
         print("needs wrk and nginx (apt install wrk nginx)", file=sys.stderr)
         return 2
@@ -257,6 +254,11 @@ def main(argv: list[str] | None = None) -> int:
         }
         # Warm up: the leaf is forged once, the code paths are loaded.
         run_wrk(rows["bump-new"][0], 1, 4, True)
+        if opts.gc_freeze:
+            import gc
+
+            gc.collect()
+            gc.freeze()
         print(
             f"{'row':16} {'requests':>9} {'CPU ms/request':>15} {'user':>7} {'system':>7}"
             f" {'req/s (noise)':>14} errors"

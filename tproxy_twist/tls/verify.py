@@ -21,7 +21,7 @@ from collections import OrderedDict
 
 import attrs
 from OpenSSL import SSL
-from twisted.internet import defer
+from twisted.internet import defer, tcp
 from twisted.internet.interfaces import (
     IDelayedCall,
     IHandshakeListener,
@@ -39,8 +39,8 @@ from twisted.internet.ssl import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .direct import send_directly
 from .leaf import ALPN_HTTP11
+from .membio import client_tls
 
 __all__ = [
     "OriginSessions",
@@ -146,8 +146,18 @@ def _creator_maker(trust_root):
     except (ImportError, AttributeError):
         return _per_connection_maker(trust_root)
 
+    # A ClientTLSOptions holds no per-connection state (each connection gets
+    # its own verify callback): one per name, kept, saves its IDNA encoding
+    # and checks on every new connection.
+    made: OrderedDict[str, IOpenSSLClientConnectionCreator] = OrderedDict()
+
     def make(server_name: str) -> IOpenSSLClientConnectionCreator:
-        return ClientTLSOptions(create, server_name)
+        creator = made.get(server_name)
+        if creator is None:
+            creator = made[server_name] = ClientTLSOptions(create, server_name)
+            if len(made) > _CREATORS_KEPT:
+                made.popitem(last=False)
+        return creator
 
     make.shared = True  # one SSL.Context: its sessions can be resumed
     return make
@@ -201,6 +211,11 @@ def _per_connection_maker(trust_root):
     return make
 
 
+#: Connection creators (one per name) kept by the shared-context maker.
+_CREATORS_KEPT = 1024
+#: Name checks of resumed sessions' certificates kept (L{OriginSessions.name_checks}).
+_NAME_CHECKS_KEPT = 1024
+
 #: Sessions of verified origin connections kept for resumption, per worker.
 SESSION_CACHE_SIZE = 1024
 #: A session older than this is not offered again, whatever the origin allows.
@@ -231,6 +246,9 @@ class OriginSessions:
         self._size = size
         self._max_age = max_age
         self._sessions: OrderedDict[tuple[str, int, str], tuple[float, SSL.Session]] = OrderedDict()
+        #: (certificate SHA-256, name) -> why the certificate does not name it, or None:
+        #: the service_identity check of a resumed session, done once per pair.
+        self.name_checks: OrderedDict[tuple[bytes, str], str | None] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -289,14 +307,26 @@ class _ResumingCreator:
         from service_identity.pyopenssl import verify_hostname, verify_ip_address
 
         name = self.key[2]
+        certificate = connection.get_peer_certificate()
+        # The answer depends on the certificate and the name only: kept per pair.
+        key = (certificate.digest("sha256"), name) if certificate is not None else None
+        checks = self._sessions.name_checks
+        if key is not None and key in checks:
+            checks.move_to_end(key)
+            return checks[key]
+        problem = None
         try:
             if _is_ip(name):
                 verify_ip_address(connection, name)
             else:
                 verify_hostname(connection, name)
         except (CertificateError, VerificationError) as e:
-            return str(e) or type(e).__name__
-        return None
+            problem = str(e) or type(e).__name__
+        if key is not None:
+            checks[key] = problem
+            if len(checks) > _NAME_CHECKS_KEPT:
+                checks.popitem(last=False)
+        return problem
 
     def verified(self, connection: SSL.Connection) -> None:
         """C{connection}'s handshake was verified: keep its session for the next one."""
@@ -424,12 +454,18 @@ class OriginTLS(Protocol):
 
     def connectionMade(self) -> None:
         self._timer = self._clock.callLater(self._timeout, self._timed_out)
+        transport = self.transport
         # Without it Nagle holds the first request behind the unacknowledged
         # Finished: a delayed ACK (40 ms) on every new bumped connection.
-        self.transport.setTcpNoDelay(True)
-        self.transport.startTLS(self._creator)
-        send_directly(self.transport)
-        self._tls = self.transport.getHandle()
+        transport.setTcpNoDelay(True)
+        if isinstance(transport, tcp.Connection):
+            # OpenSSL over memory BIOs, driven here (membio.py); self.transport is
+            # now the MemoryTLS, which encrypts what is written to it.
+            self._tls = client_tls(transport, self, self._creator).connection
+            return
+        # Any other transport (tests' fakes): Twisted's TLS layer, the same contract.
+        transport.startTLS(self._creator)
+        self._tls = transport.getHandle()
 
     def handshakeCompleted(self) -> None:
         if getattr(self._creator, "offered", False) and self._tls is not None:
