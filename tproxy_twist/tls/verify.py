@@ -17,10 +17,11 @@ L{_creator_maker} for why that matters).
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 
 import attrs
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from twisted.internet import defer, tcp
 from twisted.internet.interfaces import (
     IDelayedCall,
@@ -192,6 +193,11 @@ def _detached(session: SSL.Session) -> SSL.Session:
         return session
 
 
+def _fingerprint(certificate) -> bytes:
+    """The SHA-256 of a pyOpenSSL certificate's DER (X509.digest formats hex: slower)."""
+    return hashlib.sha256(crypto.dump_certificate(crypto.FILETYPE_ASN1, certificate)).digest()
+
+
 def _is_ip(name: str) -> bool:
     import ipaddress
 
@@ -309,7 +315,7 @@ class _ResumingCreator:
         name = self.key[2]
         certificate = connection.get_peer_certificate()
         # The answer depends on the certificate and the name only: kept per pair.
-        key = (certificate.digest("sha256"), name) if certificate is not None else None
+        key = (_fingerprint(certificate), name) if certificate is not None else None
         checks = self._sessions.name_checks
         if key is not None and key in checks:
             checks.move_to_end(key)
