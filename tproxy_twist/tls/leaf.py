@@ -66,6 +66,15 @@ LEAF_RENEW_BEFORE = datetime.timedelta(days=1)
 _DNS_LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_")
 
 
+def _maybe_ip(name: str) -> bool:
+    """
+    Could C{ipaddress.ip_address(name)} accept C{name}?  Only an IPv6 address
+    has a colon and only an IPv4 one is digits and dots: the parse (and its
+    two exceptions) is skipped for every host name.
+    """
+    return ":" in name or name.replace(".", "").isdigit()
+
+
 def leaf_name(name: str | bytes) -> str | None:
     """
     The name a leaf is made for: a DNS name in lower case without a final
@@ -78,10 +87,11 @@ def leaf_name(name: str | bytes) -> str | None:
             name = name.decode("ascii")
         except UnicodeDecodeError:
             return None
-    try:
-        return str(ipaddress.ip_address(name))
-    except ValueError:
-        pass
+    if _maybe_ip(name):
+        try:
+            return str(ipaddress.ip_address(name))
+        except ValueError:
+            pass
     name = name.lower().removesuffix(".")
     if not name or len(name) > 253:
         return None

@@ -201,6 +201,10 @@ def _fingerprint(certificate) -> bytes:
 def _is_ip(name: str) -> bool:
     import ipaddress
 
+    from .leaf import _maybe_ip
+
+    if not _maybe_ip(name):
+        return False
     try:
         ipaddress.ip_address(name)
     except ValueError:
