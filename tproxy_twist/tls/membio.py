@@ -224,6 +224,7 @@ class MemoryTLS:
         reason = self._reason or reason
         self._reason = None
         self.connected = False
+        self.connection = None  # no cycle through its callbacks' references to this
         protocol, self.protocol = self.protocol, None
         if protocol is not None:
             protocol.connectionLost(reason)
