@@ -47,7 +47,7 @@ reactor = worker_reactor.install()
 
 from tproxy_twist import config as C  # noqa: E402
 from tproxy_twist.http.relay import ProxyFactory, RelaySettings  # noqa: E402
-from tproxy_twist.metrics import NullPortMetrics  # noqa: E402
+from tproxy_twist.metrics import PortMetrics  # noqa: E402
 from tproxy_twist.tls.bumpkit import load_bump_kit  # noqa: E402
 from tproxy_twist.tls.layer import tls_factory  # noqa: E402
 from tproxy_twist.tls.testing import make_ca, make_server_cert  # noqa: E402
@@ -165,7 +165,10 @@ def listen_plain(config: C.Config, origin_port: int) -> int:
         connect=to(origin_port),
         clock=reactor,
         local_addresses=frozenset(),
-        metrics=NullPortMetrics(port.name, port.mode),
+        # As the bump port's HTTP relay (metrics are on by default in a worker):
+        # the same metrics on both rows, or the bumped row pays for a count the
+        # plain one skips.
+        metrics=PortMetrics(port.name, port.mode),
         reactor=reactor,
     )
     return listen_both(factory)
