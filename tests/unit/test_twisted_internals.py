@@ -172,3 +172,23 @@ def test_the_transport_write_buffer_is_where_sockets_and_zerocopy_look():
         assert name in source, moved(f"FileDescriptor.doWrite's use of {name}", "zerocopy.py")
     peer.close()
     transport.abortConnection()
+
+
+def test_the_pyopenssl_internals_tls_membio_uses():
+    # membio.py's fast path (exact BIO lengths, SSL_read into one buffer) needs
+    # pyOpenSSL's private binding; without it the module falls back, slower.
+    import pytest
+    from OpenSSL import SSL
+
+    from tproxy_twist.tls import membio
+
+    assert membio.EXACT_PENDING, "pyOpenSSL moved: tproxy_twist/tls/membio.py falls back"
+    tls = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None)
+    tls.set_connect_state()
+    with pytest.raises(SSL.WantReadError):
+        tls.do_handshake()
+    assert membio._pending_out(tls) > 0 and membio._pending_in(tls) == 0
+    hello = membio._bio_read(tls, membio._pending_out(tls))
+    assert hello[:1] == b"\x16" and membio._pending_out(tls) == 0
+    with pytest.raises(SSL.WantReadError):
+        membio._recv(tls)

@@ -126,26 +126,42 @@ try:
     _pending_in(_probe)
     del _probe
     EXACT_PENDING = True
-except (ImportError, AttributeError):  # pragma: no cover - another pyOpenSSL
+except (ImportError, AttributeError):  # another pyOpenSSL: the portable functions below
     EXACT_PENDING = False
 
-    def _pending_in(tls: SSL.Connection) -> int:
-        return _BIO_CHUNK  # unknown: read until WantReadError
 
-    def _pending_out(tls: SSL.Connection) -> int:
-        return _BIO_CHUNK
+# pyOpenSSL's public methods: what the functions above do where its private
+# API is missing (tests run MemoryTLS on these too).
 
-    def _recv(tls: SSL.Connection) -> bytes:
-        return tls.recv(_RECV)
 
-    def _send(tls: SSL.Connection, data: bytes) -> int:
-        return tls.send(data)
+def _portable_pending_in(tls: SSL.Connection) -> int:
+    return _BIO_CHUNK  # unknown: read until WantReadError
 
-    def _bio_write(tls: SSL.Connection, data: bytes) -> None:
-        tls.bio_write(data)
 
-    def _bio_read(tls: SSL.Connection, n: int) -> bytes:
-        return tls.bio_read(n)
+def _portable_pending_out(tls: SSL.Connection) -> int:
+    return _BIO_CHUNK
+
+
+def _portable_recv(tls: SSL.Connection) -> bytes:
+    return tls.recv(_RECV)
+
+
+def _portable_send(tls: SSL.Connection, data: bytes) -> int:
+    return tls.send(data)
+
+
+def _portable_bio_write(tls: SSL.Connection, data: bytes) -> None:
+    tls.bio_write(data)
+
+
+def _portable_bio_read(tls: SSL.Connection, n: int) -> bytes:
+    return tls.bio_read(n)
+
+
+if not EXACT_PENDING:  # pragma: no cover - another pyOpenSSL
+    _pending_in, _pending_out = _portable_pending_in, _portable_pending_out
+    _recv, _send = _portable_recv, _portable_send
+    _bio_write, _bio_read = _portable_bio_write, _portable_bio_read
 
 
 def _represents_eof(e: SSL.Error) -> bool:
@@ -192,6 +208,7 @@ class MemoryTLS:
         self._reason: Failure | None = None  # what the protocol's connectionLost will get
         self._tls_over = False  # close_notify, an error or an abort: no more TLS either way
         self._aborted = False
+        self._ssl = self._into = self._from = None  # the connection's (private API)
 
     # --- the TCP transport's protocol --------------------------------------------------
 
@@ -200,9 +217,23 @@ class MemoryTLS:
         self.transport = transport
 
     def dataReceived(self, data: bytes) -> None:
-        tls = self.connection
         if self._tls_over:
             return
+        if EXACT_PENDING and self.handshake_done and not self._waiting:
+            # The common case inline: one record in, its plaintext out in one call.
+            ssl, into = self._ssl, self._into
+            with _from_buffer(data) as pointer:
+                _BIO_write(into, pointer, len(data))
+            n = _SSL_read(ssl, _SCRATCH, _SCRATCH_SIZE)
+            if n > 0 and not _SSL_pending(ssl) and not _mem_data(into, _NULL):
+                if not self._aborted:
+                    self.protocol.dataReceived(_as_bytes(_SCRATCH, n)[:])
+                if not self._tls_over and _mem_data(self._from, _NULL):
+                    self._flush()
+                return
+            self._read([_as_bytes(_SCRATCH, n)[:]] if n > 0 else [], None if n > 0 else n)
+            return
+        tls = self.connection
         _bio_write(tls, data)
         if not self.handshake_done:
             self._handshake()
@@ -233,6 +264,12 @@ class MemoryTLS:
 
     def _start(self, connection: SSL.Connection, data: bytes) -> None:
         self.connection = connection
+        if EXACT_PENDING:
+            self._ssl, self._into, self._from = (
+                connection._ssl,
+                connection._into_ssl,
+                connection._from_ssl,
+            )
         if data:
             self.dataReceived(data)
         else:
@@ -267,12 +304,25 @@ class MemoryTLS:
         """Twisted's verify callback found the wrong name: the handshake fails with C{reason}."""
         self._reason = reason
 
-    def _read(self) -> None:
+    def _read(self, parts: list[bytes] | None = None, failed: int | None = None) -> None:
+        """
+        Decrypt and deliver what the read BIO holds; C{parts}: plaintext read
+        already; C{failed}: the result of an C{SSL_read} that read nothing
+        (its error is raised here, once, not read again).
+        """
         tls = self.connection
-        parts = []
+        if parts is None:
+            parts = []
         while True:
             try:
-                parts.append(_recv(tls))
+                if failed is not None:
+                    result, failed = failed, None
+                    tls._raise_ssl_error(tls._ssl, result)
+                    break  # not reached: a failed SSL_read has an error to raise
+                if not parts or _pending_in(tls):
+                    parts.append(_recv(tls))
+                else:
+                    break
             except WantReadError:
                 break
             except ZeroReturnError:
@@ -283,8 +333,6 @@ class MemoryTLS:
                 self._deliver(parts)
                 self._failed(Failure())
                 return
-            if not _pending_in(tls):
-                break
         if parts:
             self._deliver(parts)
         if not self._tls_over and self.connection is not None and _pending_out(tls):
@@ -299,18 +347,33 @@ class MemoryTLS:
         """Send what OpenSSL wrote to the write BIO."""
         tls = self.connection
         n = _pending_out(tls)
-        while n:
+        if not n:
+            return
+        if EXACT_PENDING:
+            self._sender.write(_bio_read(tls, n))
+            return
+        parts = []
+        while True:  # read until the BIO is empty, then one send
             try:
-                data = _bio_read(tls, n)
+                parts.append(_bio_read(tls, n))
             except WantReadError:
-                return
-            self._sender.write(data)
-            n = _pending_out(tls) if len(data) == n and not EXACT_PENDING else 0
+                break
+        if parts:
+            self._sender.write(parts[0] if len(parts) == 1 else b"".join(parts))
 
-    def _encrypt(self, data: bytes) -> None:
+    def _encrypt(self, data: bytes, first: int | None = None) -> None:
+        """
+        Encrypt C{data} and send the records; C{first}: the result of an
+        C{SSL_write} of C{data} already made (some bytes taken, or its error).
+        """
         tls = self.connection
         sent = 0
         try:
+            if first is not None:
+                if first <= 0:
+                    tls._raise_ssl_error(tls._ssl, first)
+                else:
+                    sent = first
             # The write BIO grows to take everything: one call, unless OpenSSL
             # stops at a record boundary (partial writes are enabled).
             while sent < len(data):
@@ -363,6 +426,25 @@ class MemoryTLS:
     # --- the protocol's transport -------------------------------------------------------
 
     def write(self, data: bytes) -> None:
+        if (
+            EXACT_PENDING
+            and self.handshake_done
+            and not (self._waiting or self._tls_over or self.disconnecting)
+            and data
+        ):
+            # The common case inline: one SSL_write, one BIO_read, one send.
+            with _from_buffer(data) as pointer:
+                n = _SSL_write(self._ssl, pointer, len(data))
+            if n == len(data):
+                out = self._from
+                pending = _mem_data(out, _NULL)
+                if 0 < pending <= _SCRATCH_SIZE:
+                    self._sender.write(_as_bytes(_SCRATCH, _BIO_read(out, _SCRATCH, pending))[:])
+                else:
+                    self._flush()
+                return
+            self._encrypt(data, n)
+            return
         if self._tls_over or (self.disconnecting and self.producer is None) or not data:
             return
         if not self.handshake_done or self._waiting:
