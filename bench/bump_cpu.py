@@ -23,6 +23,10 @@ request).  Each: requests, the worker's CPU milliseconds per request, and
 wrk's req/s (noise on a shared machine; CPU per request is the measure).
 C{--profile DIR} writes a cProfile (CPU time) of each row to DIR/<row>.prof;
 C{--no-resumption}: the origin resumes no session (as in bench/tls.py);
+C{--in-memory}: instead, the bump's TLS alone, no sockets: CPU per handshake
+pair (our server with its leaf, our verifying client: L{MemoryTLS} on both
+ends over fake transports) and per bumped request's TLS work (a request and
+its response through both ends: two encryptions, two decryptions).
 C{--gc-freeze}: C{gc.freeze()} after the warm-up (what a worker that froze
 its start-up objects would see; the worker does not today).
 """
@@ -224,6 +228,82 @@ def run_wrk(
     return int(match.group(1)), cpu, errors
 
 
+def in_memory(handshakes: int = 300, requests: int = 20000) -> None:
+    """The C{--in-memory} rows (see the module docstring)."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+    from twisted.internet.ssl import Certificate
+    from twisted.internet.task import Clock
+
+    from tproxy_twist.testing import FakeTransport
+    from tproxy_twist.tls.ca import CertificateAuthority, create_ca
+    from tproxy_twist.tls.leaf import BumpServerTLS, LeafCache
+    from tproxy_twist.tls.membio import client_tls
+    from tproxy_twist.tls.testing import now_utc
+    from tproxy_twist.tls.verify import OriginTrust, trustRootFromCertificates
+
+    key, certificate = create_ca("bump_cpu in-memory CA", now_utc())
+    clock = Clock()
+    clock.advance(now_utc().timestamp())
+    server = BumpServerTLS(LeafCache(CertificateAuthority(certificate, key), 10, clock))
+    pem = certificate.public_bytes(Encoding.PEM)
+    trust = OriginTrust(trustRootFromCertificates([Certificate.loadPEM(pem)]))
+
+    class App:
+        transport = None
+        data = b""
+
+        def handshakeCompleted(self) -> None:
+            pass
+
+        def dataReceived(self, data: bytes) -> None:
+            self.data = data
+
+        def connectionLost(self, reason) -> None:
+            pass
+
+    class Wire(FakeTransport):
+        out = b""
+
+        def write(self, data: bytes) -> None:
+            self.out += data
+
+        def take(self) -> bytes:
+            data, self.out = self.out, b""
+            return data
+
+    def pair():
+        client_wire, server_wire = Wire(), Wire()
+        server_wire.protocol = App()
+        client = client_tls(client_wire, App(), trust.creator("bench.example"))
+        end = server.start(server_wire, "bench.example", client_wire.take())
+        for _ in range(5):
+            for source, target in ((server_wire, client), (client_wire, end)):
+                data = source.take()
+                if data:
+                    target.dataReceived(data)
+        assert client.handshake_done and end.handshake_done
+        return client, client_wire, end, server_wire
+
+    pair()
+    started = time.process_time()
+    for _ in range(handshakes):
+        pair()
+    per_handshake = (time.process_time() - started) / handshakes * 1e3
+    client, client_wire, end, server_wire = pair()
+    request = b"GET /small HTTP/1.1\r\nHost: localhost\r\n" + b"x" * 560 + b"\r\n\r\n"
+    response = b"HTTP/1.1 200 OK\r\nContent-Length: 513\r\n\r\n" + BODY
+    started = time.process_time()
+    for _ in range(requests):
+        client.write(request)
+        end.dataReceived(client_wire.take())
+        end.write(response)
+        client.dataReceived(server_wire.take())
+    per_request = (time.process_time() - started) / requests * 1e6
+    assert end.protocol.data == request and client.protocol.data == response
+    print(f"handshake pair (full, verified, our leaf)  {per_handshake:8.3f} ms CPU")
+    print(f"request + response TLS work (2 enc, 2 dec) {per_request:8.1f} us CPU")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.bump_cpu")
     parser.add_argument("--seconds", type=float, default=5.0)
@@ -240,7 +320,15 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="gc.freeze() after the warm-up: the cyclic GC skips everything made before",
     )
+    parser.add_argument(
+        "--in-memory",
+        action="store_true",
+        help="only the bump's TLS in memory: CPU per handshake pair and per request's TLS work",
+    )
     opts = parser.parse_args(argv)
+    if opts.in_memory:
+        in_memory()
+        return 0
     if shutil.which("wrk") is None or shutil.which("nginx") is None:
         print("needs wrk and nginx (apt install wrk nginx)", file=sys.stderr)
         return 2
