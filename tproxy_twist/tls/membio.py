@@ -191,6 +191,25 @@ class MemoryTLS:
     @ivar producer: the producer the protocol registered, or C{None}.
     """
 
+    # Two per bumped connection, idle ones included: no __dict__ each.
+    __slots__ = (
+        "protocol",
+        "transport",
+        "connection",
+        "handshake_done",
+        "connected",
+        "disconnecting",
+        "producer",
+        "_sender",
+        "_waiting",
+        "_reason",
+        "_tls_over",
+        "_aborted",
+        "_ssl",
+        "_into",
+        "_from",
+    )
+
     factory = _NoFactory()
     # For code that asks a transport, as Twisted's TLS transport answers.
     TLS = True
