@@ -4,7 +4,7 @@ seconds, on loopback in one process: the figure that does not depend on how
 busy the rest of the machine is (wall-clock req/s does).
 
     PYTHONPATH=. .venv/bin/python -m bench.bump_cpu [--seconds 5] [--connections 16]
-        [--only plain,bump-keepalive,bump-new] [--profile DIR]
+        [--only plain,bump-keepalive,bump-new] [--profile DIR] [--gc-freeze]
 
 This process is the worker: the real TLS port factory (L{tls_factory}, bump
 for every connection, the real bump kit from a CA made with C{tproxy-twist
@@ -23,7 +23,12 @@ request).  Each: requests, the worker's CPU milliseconds per request, and
 wrk's req/s (noise on a shared machine; CPU per request is the measure).
 C{--profile DIR} writes a cProfile (CPU time) of each row to DIR/<row>.prof;
 C{--no-resumption}: the origin resumes no session (as in bench/tls.py);
-C{--twisted-writes}: A/B without L{tproxy_twist.tls.direct}.
+C{--in-memory}: instead, the bump's TLS alone, no sockets: CPU per handshake
+pair (our server with its leaf, our verifying client: L{MemoryTLS} on both
+ends over fake transports) and per bumped request's TLS work (a request and
+its response through both ends: two encryptions, two decryptions).
+C{--gc-freeze}: C{gc.freeze()} after the warm-up (what a worker that froze
+its start-up objects would see; the worker does not today).
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ reactor = worker_reactor.install()
 
 from tproxy_twist import config as C  # noqa: E402
 from tproxy_twist.http.relay import ProxyFactory, RelaySettings  # noqa: E402
-from tproxy_twist.metrics import NullPortMetrics  # noqa: E402
+from tproxy_twist.metrics import PortMetrics  # noqa: E402
 from tproxy_twist.tls.bumpkit import load_bump_kit  # noqa: E402
 from tproxy_twist.tls.layer import tls_factory  # noqa: E402
 from tproxy_twist.tls.testing import make_ca, make_server_cert  # noqa: E402
@@ -164,7 +169,10 @@ def listen_plain(config: C.Config, origin_port: int) -> int:
         connect=to(origin_port),
         clock=reactor,
         local_addresses=frozenset(),
-        metrics=NullPortMetrics(port.name, port.mode),
+        # As the bump port's HTTP relay (metrics are on by default in a worker):
+        # the same metrics on both rows, or the bumped row pays for a count the
+        # plain one skips.
+        metrics=PortMetrics(port.name, port.mode),
         reactor=reactor,
     )
     return listen_both(factory)
@@ -220,6 +228,82 @@ def run_wrk(
     return int(match.group(1)), cpu, errors
 
 
+def in_memory(handshakes: int = 300, requests: int = 20000) -> None:
+    """The C{--in-memory} rows (see the module docstring)."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+    from twisted.internet.ssl import Certificate
+    from twisted.internet.task import Clock
+
+    from tproxy_twist.testing import FakeTransport
+    from tproxy_twist.tls.ca import CertificateAuthority, create_ca
+    from tproxy_twist.tls.leaf import BumpServerTLS, LeafCache
+    from tproxy_twist.tls.membio import client_tls
+    from tproxy_twist.tls.testing import now_utc
+    from tproxy_twist.tls.verify import OriginTrust, trustRootFromCertificates
+
+    key, certificate = create_ca("bump_cpu in-memory CA", now_utc())
+    clock = Clock()
+    clock.advance(now_utc().timestamp())
+    server = BumpServerTLS(LeafCache(CertificateAuthority(certificate, key), 10, clock))
+    pem = certificate.public_bytes(Encoding.PEM)
+    trust = OriginTrust(trustRootFromCertificates([Certificate.loadPEM(pem)]))
+
+    class App:
+        transport = None
+        data = b""
+
+        def handshakeCompleted(self) -> None:
+            pass
+
+        def dataReceived(self, data: bytes) -> None:
+            self.data = data
+
+        def connectionLost(self, reason) -> None:
+            pass
+
+    class Wire(FakeTransport):
+        out = b""
+
+        def write(self, data: bytes) -> None:
+            self.out += data
+
+        def take(self) -> bytes:
+            data, self.out = self.out, b""
+            return data
+
+    def pair():
+        client_wire, server_wire = Wire(), Wire()
+        server_wire.protocol = App()
+        client = client_tls(client_wire, App(), trust.creator("bench.example"))
+        end = server.start(server_wire, "bench.example", client_wire.take())
+        for _ in range(5):
+            for source, target in ((server_wire, client), (client_wire, end)):
+                data = source.take()
+                if data:
+                    target.dataReceived(data)
+        assert client.handshake_done and end.handshake_done
+        return client, client_wire, end, server_wire
+
+    pair()
+    started = time.process_time()
+    for _ in range(handshakes):
+        pair()
+    per_handshake = (time.process_time() - started) / handshakes * 1e3
+    client, client_wire, end, server_wire = pair()
+    request = b"GET /small HTTP/1.1\r\nHost: localhost\r\n" + b"x" * 560 + b"\r\n\r\n"
+    response = b"HTTP/1.1 200 OK\r\nContent-Length: 513\r\n\r\n" + BODY
+    started = time.process_time()
+    for _ in range(requests):
+        client.write(request)
+        end.dataReceived(client_wire.take())
+        end.write(response)
+        client.dataReceived(server_wire.take())
+    per_request = (time.process_time() - started) / requests * 1e6
+    assert end.protocol.data == request and client.protocol.data == response
+    print(f"handshake pair (full, verified, our leaf)  {per_handshake:8.3f} ms CPU")
+    print(f"request + response TLS work (2 enc, 2 dec) {per_request:8.1f} us CPU")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.bump_cpu")
     parser.add_argument("--seconds", type=float, default=5.0)
@@ -232,15 +316,19 @@ def main(argv: list[str] | None = None) -> int:
         help="the origin resumes no TLS session (as bench/tls.py's): every origin handshake full",
     )
     parser.add_argument(
-        "--twisted-writes",
+        "--gc-freeze",
         action="store_true",
-        help="A/B: leave Twisted's buffered TLS writes in place (no tls.direct.send_directly)",
+        help="gc.freeze() after the warm-up: the cyclic GC skips everything made before",
+    )
+    parser.add_argument(
+        "--in-memory",
+        action="store_true",
+        help="only the bump's TLS in memory: CPU per handshake pair and per request's TLS work",
     )
     opts = parser.parse_args(argv)
-    if opts.twisted_writes:
-        from tproxy_twist.tls import leaf, verify
-
-        leaf.send_directly = verify.send_directly = lambda transport: False
+    if opts.in_memory:
+        in_memory()
+        return 0
     if shutil.which("wrk") is None or shutil.which("nginx") is None:
         print("needs wrk and nginx (apt install wrk nginx)", file=sys.stderr)
         return 2
@@ -257,6 +345,11 @@ def main(argv: list[str] | None = None) -> int:
         }
         # Warm up: the leaf is forged once, the code paths are loaded.
         run_wrk(rows["bump-new"][0], 1, 4, True)
+        if opts.gc_freeze:
+            import gc
+
+            gc.collect()
+            gc.freeze()
         print(
             f"{'row':16} {'requests':>9} {'CPU ms/request':>15} {'user':>7} {'system':>7}"
             f" {'req/s (noise)':>14} errors"

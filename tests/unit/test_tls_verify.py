@@ -372,3 +372,27 @@ def test_kept_sessions_are_capped_least_recently_used_first_and_age():
     clock.advance(61)
     assert sessions.get(("192.0.2.1", 443, "a.example")) is None
     assert len(sessions) == 1
+
+
+def test_a_resumed_sessions_name_check_is_kept_per_certificate_and_name(trust, test_ca, listen):
+    if not trust.resumes:
+        trust = OriginTrust(trust.trust_root)  # the shared context, which resumes
+    port = listen(
+        protocol.Factory.forProtocol(Echo), make_server_cert([ORIGIN], test_ca), tickets=True
+    )
+    first, verdict = verified_and_used(trust, port)
+    close_cleanly(first)
+    second, verdict = verified_and_used(trust, port)  # resumed: the name checked once
+    assert verdict.ok and resumed(second)
+    close_cleanly(second)
+    assert list(trust.sessions.name_checks.values()) == [None]
+    # The same certificate resumed for a name it does not carry: a check of its own.
+    session = trust.sessions.get(("127.0.0.1", port, ORIGIN))
+    trust.sessions.put(("127.0.0.1", port, "elsewhere.example"), session)
+    other, verdict = verified_and_used(trust, port, "elsewhere.example")
+    assert verdict.result == "bad_name"
+    assert [name for _, name in trust.sessions.name_checks] == [ORIGIN, "elsewhere.example"]
+    # Asked again, the kept answer is the same.
+    third, verdict = verified_and_used(trust, port)
+    assert verdict.ok and resumed(third)
+    close_cleanly(third)

@@ -219,43 +219,21 @@ def test_the_transport_write_buffer_is_where_sockets_and_zerocopy_look():
     transport.abortConnection()
 
 
-def test_the_tls_layer_that_tls_direct_rewires():
-    # tls/direct.py replaces the write path of the TLS protocol startTLS puts on a
-    # TCP transport; when these move it must follow (it otherwise leaves
-    # Twisted's path in place: slower, the same bytes).
-    from twisted.internet import _newtls
-    from twisted.protocols import tls
+def test_the_pyopenssl_internals_tls_membio_uses():
+    # membio.py's fast path (exact BIO lengths, SSL_read into one buffer) needs
+    # pyOpenSSL's private binding; without it the module falls back, slower.
+    import pytest
+    from OpenSSL import SSL
 
-    from tproxy_twist.tls.direct import send_directly
-    from tproxy_twist.tls.testing import make_ca, make_server_cert
+    from tproxy_twist.tls import membio
 
-    who = "tproxy_twist/tls/direct.py"
-    for name in ("_write", "_flushSendBIO", "write", "writeSequence", "_flushReceiveBIO"):
-        assert name in vars(tls.TLSMemoryBIOProtocol), moved(f"TLSMemoryBIOProtocol.{name}", who)
-    assert list(inspect.signature(_newtls._BypassTLS).parameters) == ["base", "connection"], moved(
-        "_BypassTLS(base, connection)", who
-    )
-    reactor = WorkerReactor()
-    transport, peer = connected_pair(reactor)
-    from OpenSSL import crypto
-    from twisted.internet.ssl import CertificateOptions
-
-    cert = make_server_cert(["internals.test"], make_ca())
-    transport.startTLS(
-        CertificateOptions(
-            privateKey=crypto.load_privatekey(crypto.FILETYPE_PEM, cert.key_pem),
-            certificate=crypto.load_certificate(crypto.FILETYPE_PEM, cert.cert_pem),
-        )
-    )
-    protocol = transport.protocol
-    assert isinstance(protocol, tls.TLSMemoryBIOProtocol), moved("startTLS's protocol", who)
-    assert protocol.transport._connection is transport, moved("_BypassTLS._connection", who)
-    for name in ("_tlsConnection", "_producer", "disconnecting"):
-        assert hasattr(protocol, name), moved(f"TLSMemoryBIOProtocol.{name}", who)
-    aggregator = protocol._aggregator
-    assert hasattr(aggregator, "_buffer") and hasattr(aggregator, "_scheduled"), moved(
-        "_AggregateSmallWrites._buffer/_scheduled", who
-    )
-    assert send_directly(transport), moved("the TLS layer send_directly expects", who)
-    peer.close()
-    transport.abortConnection()
+    assert membio.EXACT_PENDING, "pyOpenSSL moved: tproxy_twist/tls/membio.py falls back"
+    tls = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None)
+    tls.set_connect_state()
+    with pytest.raises(SSL.WantReadError):
+        tls.do_handshake()
+    assert membio._pending_out(tls) > 0 and membio._pending_in(tls) == 0
+    hello = membio._bio_read(tls, membio._pending_out(tls))
+    assert hello[:1] == b"\x16" and membio._pending_out(tls) == 0
+    with pytest.raises(SSL.WantReadError):
+        membio._recv(tls)

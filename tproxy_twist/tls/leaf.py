@@ -32,7 +32,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from .ca import CertificateAuthority
-from .direct import send_directly
+from .membio import MemoryTLS, server_tls
 
 __all__ = [
     "ALPN_HTTP11",
@@ -66,6 +66,15 @@ LEAF_RENEW_BEFORE = datetime.timedelta(days=1)
 _DNS_LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_")
 
 
+def _maybe_ip(name: str) -> bool:
+    """
+    Could C{ipaddress.ip_address(name)} accept C{name}?  Only an IPv6 address
+    has a colon and only an IPv4 one is digits and dots: the parse (and its
+    two exceptions) is skipped for every host name.
+    """
+    return ":" in name or name.replace(".", "").isdigit()
+
+
 def leaf_name(name: str | bytes) -> str | None:
     """
     The name a leaf is made for: a DNS name in lower case without a final
@@ -78,10 +87,11 @@ def leaf_name(name: str | bytes) -> str | None:
             name = name.decode("ascii")
         except UnicodeDecodeError:
             return None
-    try:
-        return str(ipaddress.ip_address(name))
-    except ValueError:
-        pass
+    if _maybe_ip(name):
+        try:
+            return str(ipaddress.ip_address(name))
+        except ValueError:
+            pass
     name = name.lower().removesuffix(".")
     if not name or len(name) > 253:
         return None
@@ -290,21 +300,21 @@ class BumpServerTLS:
         """
         return _ServerCreator(self.context, name)
 
-    def start(self, transport, name: str, hello: bytes = b"") -> None:
+    def start(self, transport, name: str, hello: bytes = b"") -> MemoryTLS:
         """
         Start the bumped TLS session on an accepted client connection whose
         first bytes (C{hello}, the ClientHello the TLS layer read to decide)
-        were already consumed: C{startTLS} as the server with a leaf for
-        C{name}, then those bytes are fed to the new TLS layer, so nothing
-        has to be peeked at or read twice.  From then on the connection's
-        protocol receives the decrypted bytes, and what it writes is encrypted.
+        were already consumed: TLS as the server with a leaf for C{name},
+        driven over memory BIOs (L{tproxy_twist.tls.membio}), fed first with
+        those bytes, so nothing has to be peeked at or read twice.  From then
+        on the connection's protocol receives the decrypted bytes, and its
+        C{transport} is the returned L{MemoryTLS}, which encrypts what it
+        is given.
         """
-        transport.startTLS(self.creator(name))
-        send_directly(transport)
-        if hello:
-            # After startTLS the transport's protocol is Twisted's TLS protocol
-            # (twisted.internet._newtls.startTLS documents that it sets it).
-            transport.protocol.dataReceived(hello)
+        connection = _BumpConnection(self.context, None)
+        connection.leaf_name = name
+        connection.set_accept_state()
+        return server_tls(transport, connection, hello)
 
     def _install_leaf(self, connection: SSL.Connection) -> None:
         # OpenSSL calls this for every ClientHello, with or without SNI.  An
