@@ -382,9 +382,9 @@ class LocalAddresses:
 class DirectWriter:
     """
     Writes to a TCP transport, straight to its socket when nothing is
-    buffered.  What cannot go at once goes to C{buffered} (C{write} and
-    C{writeSequence}): the transport itself by default; once TLS is started
-    on it, the TLS layer's own way to the socket (L{tproxy_twist.tls.direct}).
+    buffered.  What cannot go at once goes to the transport's own buffer
+    (C{write} and C{writeSequence}), which Twisted writes when the socket
+    turns writable.
 
     Backpressure (L{set_producer}) is registered with the transport only
     when a write really has to be buffered: until then the socket took
@@ -393,12 +393,11 @@ class DirectWriter:
     three attributes), about 400 bytes per parked keep-alive connection.
     """
 
-    __slots__ = ("_transport", "_sock", "_buffered", "_producer")
+    __slots__ = ("_transport", "_sock", "_producer")
 
-    def __init__(self, transport: tcp.Connection, buffered=None) -> None:
+    def __init__(self, transport: tcp.Connection) -> None:
         self._transport = transport
         self._sock = transport.socket
-        self._buffered = transport if buffered is None else buffered
         self._producer = None
 
     def set_producer(self, producer) -> None:
@@ -422,14 +421,14 @@ class DirectWriter:
 
     def _buffering(self):
         """
-        Where a write that has to wait goes (C{buffered}), with the producer
+        Where a write that has to wait goes (the transport), with the producer
         registered with the transport first.
         """
         transport = self._transport
         producer = self._producer
         if producer is not None and transport.producer is None and not transport.disconnected:
             transport.registerProducer(producer, True)
-        return self._buffered
+        return transport
 
     def _idle(self) -> bool:
         t = self._transport
@@ -451,7 +450,7 @@ class DirectWriter:
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
-            self._buffered.write(data)  # Twisted notices the error and closes
+            self._transport.write(data)  # Twisted notices the error and closes
             return
         if sent < len(data):
             self._buffering().write(data[sent:])
@@ -465,7 +464,7 @@ class DirectWriter:
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
-            self._buffered.writeSequence(parts)
+            self._transport.writeSequence(parts)
             return
         for i, part in enumerate(parts):
             if sent < len(part):
