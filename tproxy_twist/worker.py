@@ -476,6 +476,27 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def log_observer(stream):
+    """
+    What a worker's log events go through on their way to the master: JSON
+    lines on C{stream}, events below C{info} left out.  Debug events are
+    per connection (a spliced stream's end, for one): written, each would
+    cost the worker a JSON encoding and a pipe write and the master a decode
+    and a formatted line, a log flood under load.
+    """
+    from twisted.logger import (
+        FilteringLogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+        jsonFileLogObserver,
+    )
+
+    return FilteringLogObserver(
+        jsonFileLogObserver(stream),
+        [LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)],
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
 
@@ -483,14 +504,14 @@ def main(argv: list[str] | None = None) -> int:
 
     install()
     from twisted.internet import reactor
-    from twisted.logger import globalLogBeginner, jsonFileLogObserver
+    from twisted.logger import globalLogBeginner
 
     from . import config as configuration
     from . import privileges, resources
 
     # JSON log events on stdout: the master re-emits them into its own log.
     sys.stdout.reconfigure(line_buffering=True)
-    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(sys.stdout)], redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo([log_observer(sys.stdout)], redirectStandardIO=False)
     status_fd = STATUS_FD if _is_open(STATUS_FD) else None
     stopping: list[defer.Deferred] = []
 

@@ -467,6 +467,33 @@ def test_a_silent_client_is_closed_at_client_hello_timeout(tls):
     assert tls.metric("tproxy_tls_rejected_total", port="strict", reason="timeout") == before + 1
 
 
+MANY_CLIENTS = textwrap.dedent("""
+    import socket, ssl, struct, sys
+    context = ssl.create_default_context(cafile=sys.argv[2])
+    done = 0
+    for n in range(int(sys.argv[3])):
+        raw = socket.create_connection((sys.argv[1], 443), timeout=20)
+        s = context.wrap_socket(raw, server_hostname="origin.test")
+        s.sendall(b"GET / HTTP/1.1\\r\\nHost: origin.test\\r\\nConnection: close\\r\\n\\r\\n")
+        if b"hello through tls" in s.recv(4096):
+            done += 1
+        if n % 2:  # half of them leave with a reset, as a killed browser tab does
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+    print(done)
+""")
+
+
+def test_many_spliced_connections_ending_in_resets_add_no_log_line_each(tls):
+    lines_before = len(tls.proxy_log.read_text(errors="replace").splitlines())
+    done = tls.python(MANY_CLIENTS, Lab.ORIGIN4, str(tls.tmp / "ca.pem"), "60")
+    assert done.strip() == "60"
+    tls.wait_access_entry(lambda e: e["client"] == Lab.CLIENT4)  # the workers are past them
+    added = tls.proxy_log.read_text(errors="replace").splitlines()[lines_before:]
+    # Sixty connection ends are nothing to tell an operator: no line per connection.
+    assert len(added) < 10, added
+
+
 # --- reload ----------------------------------------------------------------------------------
 
 

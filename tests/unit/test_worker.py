@@ -345,3 +345,25 @@ def test_a_worker_that_starts_serving_has_frozen_its_start_up_heap(unfrozen):
     assert gc.get_freeze_count() > 0
     assert not any(o is proxy for o in gc.get_objects())  # frozen: never walked again
     proxy.stopService()
+
+
+def test_a_workers_log_leaves_debug_events_out_and_passes_info_and_above_as_json():
+    import io
+    import json
+
+    from twisted.logger import Logger
+
+    from tproxy_twist.worker import log_observer
+
+    stream = io.StringIO()
+    logger = Logger(namespace="test", observer=log_observer(stream))
+    for n in range(100):
+        logger.debug("splice ended by fd {fd}", fd=n)
+    logger.info("listening on {port}", port=3129)
+    logger.error("went wrong")
+    lines = stream.getvalue().split("\n")[:-1]  # one event per line, each after a \x1e
+    events = [json.loads(line.lstrip("\x1e")) for line in lines]
+    assert [(e["log_format"], e["log_level"]["name"]) for e in events] == [
+        ("listening on {port}", "info"),
+        ("went wrong", "error"),
+    ]
