@@ -294,6 +294,8 @@ class SplicePump:
         self._backward: _Direction | None = None
         #: C{None} while running, then the reason it ended
         self.ended: str | None = None
+        #: after a L{RESET}: which socket failed, in the system's words
+        self.failure: str | None = None
         #: the clock's time of the last byte moved either way (for idle timeouts)
         self.last_activity = clock.seconds()
 
@@ -484,7 +486,9 @@ class SplicePump:
 
     def _fail(self, end: _End, why: str) -> None:
         if self.ended is None:
-            log.debug("splice ended by fd {fd}: {why}", fd=end.fd, why=why)
+            # Kept, not logged: a reset is an everyday end (a closed browser tab),
+            # and a line per connection would flood the log under load.
+            self.failure = f"fd {end.fd}: {why}"
             self._finish(RESET)
 
     def _finish(self, reason: str) -> None:
@@ -564,6 +568,8 @@ class SpliceTransfer:
         self._left = length  # bytes still to read from the source
         #: C{None} while running, then the reason it ended (L{ABORTED} after L{abort})
         self.ended: str | None = None
+        #: after L{SOURCE_FAILED} or L{SINK_FAILED}: which socket, in the system's words
+        self.failure: str | None = None
         #: the clock's time of the last byte moved (for idle timeouts)
         self.last_activity = clock.seconds()
 
@@ -609,7 +615,7 @@ class SpliceTransfer:
 
     def _fail(self, end: _End, why: str) -> None:
         if self.ended is None:
-            log.debug("body splice ended by fd {fd}: {why}", fd=end.fd, why=why)
+            self.failure = f"fd {end.fd}: {why}"  # kept, not logged (see SplicePump._fail)
             self._finish(SOURCE_FAILED if end is self._source else SINK_FAILED)
 
     _watch = SplicePump._watch

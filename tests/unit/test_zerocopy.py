@@ -246,6 +246,8 @@ def test_a_reset_on_one_side_closes_both_and_tells_the_owner_once(lab):
     lab.run_until(lambda: bool(ends), "the pump notices the reset")
     lab.run_until(lambda: a.lost is not None and b.lost is not None, "both closed")
     assert ends == [RESET]
+    # Which socket failed and why is kept on the pump (never a log line per connection).
+    assert pump.failure is not None and pump.failure.startswith("fd ")
     with pytest.raises(ConnectionResetError):
         lab.run_until(lambda: lab.eof_seen(pa), "a reset")
     pump.abort()  # after the end: nothing more happens
@@ -392,6 +394,7 @@ def test_a_sink_that_resets_is_reported_as_the_sinks_failure_once(lab):
 
     lab.run_until(more, "the transfer notices the reset")
     assert ends == [SINK_FAILED]
+    assert t.failure.startswith("fd "), t.failure  # the sink's descriptor, the system's words
     t.abort()
     assert ends == [SINK_FAILED]
 
