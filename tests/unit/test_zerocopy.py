@@ -254,6 +254,26 @@ def test_a_reset_on_one_side_closes_both_and_tells_the_owner_once(lab):
     assert ends == [RESET]
 
 
+def test_after_a_reset_both_connections_are_aborted_along_with_the_owner_once(lab):
+    pump, (a, pa), (b, pb), ends, _ = lab.pump()
+    pump.start()
+    pb.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    pb.close()
+    lab.peers.remove(pb)
+    lab.send_all(pa, b"towards the reset side")
+    lab.run_until(lambda: bool(ends), "the pump notices the reset")
+    # In the same reactor turn as the owner, no timer in between: both protocols
+    # have heard of it, as an abort (the surviving client gets a reset too).
+    assert ends == [RESET]
+    assert a.lost is not None and a.lost.check(ConnectionAborted)
+    assert b.lost is not None and b.lost.check(ConnectionAborted)
+    for _ in range(3):
+        lab.reactor.iterate(0.01)
+    assert (a.lost_calls, b.lost_calls) == (1, 1)
+    with pytest.raises(ConnectionResetError):
+        lab.run_until(lambda: lab.eof_seen(pa), "a reset")
+
+
 def test_bytes_twisted_still_buffered_are_delivered_before_spliced_ones(lab):
     pump, (a, pa), (b, pb), ends, _ = lab.pump()
     a.transport.write(b"hello from twisted, ")
