@@ -12,11 +12,12 @@ from __future__ import annotations
 import inspect
 import socket
 
+import pytest
 from twisted.internet import abstract, base, epollreactor, tcp
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 
 from tproxy_twist.reactor import WorkerReactor
-from tproxy_twist.sockets import DirectWriter, _TransparentConnector
+from tproxy_twist.sockets import DirectWriter, _TransparentConnector, _UpstreamClient
 from tproxy_twist.zerocopy import _take_buffered
 
 
@@ -183,6 +184,36 @@ def test_the_client_internals_the_upstream_client_overrides():
     assert "_requiresResolution" in inspect.getsource(tcp._BaseTCPClient.__init__), moved(
         "_BaseTCPClient._requiresResolution", "tproxy_twist/sockets.py (_UpstreamClient)"
     )
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_the_upstream_connector_and_client_set_up_what_twisteds_own_do(host, monkeypatch):
+    # sockets._UpstreamConnector.__init__ and _UpstreamClient.__init__ are Twisted's,
+    # minus the address checks (IP literals only): the same attributes, in the same order.
+    reactor = WorkerReactor()
+    bind = (host, 0)
+    ours = _TransparentConnector(host, 9, ClientFactory(), 1, bind, reactor)
+    theirs = tcp.Connector(host, 9, ClientFactory(), 1, bind, reactor)
+    ignore = {"factory"}
+    assert [(k, v) for k, v in vars(ours).items() if k not in ignore] == [
+        (k, v) for k, v in vars(theirs).items() if k not in ignore
+    ], moved("what tcp.Connector.__init__ sets up", "tproxy_twist/sockets.py")
+    seen = {}
+
+    def capture(self, whenDone, skt, error, reactor):
+        seen[type(self)] = ({k: v for k, v in vars(self).items() if k != "connector"}, skt)
+
+    monkeypatch.setattr(tcp.BaseClient, "_finishInit", capture)
+    monkeypatch.setattr(_UpstreamClient, "_finishInit", capture)
+    _UpstreamClient(host, 9, bind, ours, reactor)
+    tcp.Client(host, 9, bind, theirs, reactor)
+    (mine, my_socket), (twisteds, their_socket) = seen[_UpstreamClient], seen[tcp.Client]
+    assert list(mine.items()) == list(twisteds.items()), moved(
+        "what tcp.Client.__init__ sets up before _finishInit", "tproxy_twist/sockets.py"
+    )
+    assert my_socket.getsockname()[0] == their_socket.getsockname()[0] == host
+    my_socket.close()
+    their_socket.close()
 
 
 def test_the_transport_write_buffer_is_where_sockets_and_zerocopy_look():
