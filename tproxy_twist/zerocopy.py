@@ -421,29 +421,9 @@ class SplicePump:
 
     def _fill(self, d: _Direction) -> bool:
         """Read from the source; False when nothing more is there for now."""
-        if d.copy:
-            try:
-                data = d.src.sock.recv(CHUNK)
-            except _WOULD_BLOCK:
-                return False
-            n = len(data)
-            d.pending = data
-        else:
-            if d.pipe is None:
-                d.pipe = self._pool.take()
-            try:
-                n = os.splice(d.src.fd, d.pipe[1], CHUNK, flags=_SPLICE_FLAGS)
-            except _WOULD_BLOCK:
-                self._release_pipe(d)
-                return False
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-                # Not spliceable after all: copy from now on.
-                self._release_pipe(d)
-                d.copy = True
-                return True
-            d.held += n
+        n = self._take_in(d, CHUNK)
+        if n is None:
+            return False
         if n == 0:
             d.eof = True
             self._release_pipe(d)
@@ -454,6 +434,38 @@ class SplicePump:
         d.drained = n < CHUNK
         self.last_activity = self._clock.seconds()
         return True
+
+    def _take_in(self, d: _Direction, want: int) -> int | None:
+        """
+        Read up to C{want} bytes from the direction's source into its pipe
+        (or, once copying, into C{pending}): how many (0 at its EOF), or
+        C{None} when nothing is there for now.  A socket that turns out not
+        to be spliceable (EINVAL) is copied from then on; other errors are
+        raised.
+        """
+        if not d.copy:
+            if d.pipe is None:
+                d.pipe = self._pool.take()
+            try:
+                n = os.splice(d.src.fd, d.pipe[1], want, flags=_SPLICE_FLAGS)
+            except _WOULD_BLOCK:
+                self._release_pipe(d)
+                return None
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                # Not spliceable after all: copy from now on.
+                self._release_pipe(d)
+                d.copy = True
+            else:
+                d.held += n
+                return n
+        try:
+            data = d.src.sock.recv(want)
+        except _WOULD_BLOCK:
+            return None
+        d.pending = data
+        return len(data)
 
     def _deliver(self, d: _Direction) -> bool:
         """Write what the direction holds; False if the destination is full."""
@@ -676,33 +688,13 @@ class SpliceTransfer:
     def _fill(self, d: _Direction) -> bool:
         """Read from the source (never beyond C{length}); False when nothing more is there."""
         want = min(CHUNK, self._left)
-        if d.copy:
-            try:
-                data = d.src.sock.recv(want)
-            except _WOULD_BLOCK:
-                return False
-            except OSError as e:
-                self._fail(d.src, os.strerror(e.errno) if e.errno else str(e))
-                return False
-            n = len(data)
-            d.pending = data
-        else:
-            if d.pipe is None:
-                d.pipe = self._pool.take()
-            try:
-                n = os.splice(d.src.fd, d.pipe[1], want, flags=_SPLICE_FLAGS)
-            except _WOULD_BLOCK:
-                self._release_pipe(d)
-                return False
-            except OSError as e:
-                if e.errno == errno.EINVAL:
-                    # Not spliceable after all: copy from now on.
-                    self._release_pipe(d)
-                    d.copy = True
-                    return True
-                self._fail(d.src, os.strerror(e.errno) if e.errno else str(e))
-                return False
-            d.held += n
+        try:
+            n = self._take_in(d, want)
+        except OSError as e:
+            self._fail(d.src, os.strerror(e.errno) if e.errno else str(e))
+            return False
+        if n is None:
+            return False
         if n == 0:
             d.eof = True
             self._release_pipe(d)
@@ -722,6 +714,7 @@ class SpliceTransfer:
             return False
 
     _release_pipe = SplicePump._release_pipe
+    _take_in = SplicePump._take_in
 
     # --- the end --------------------------------------------------------------------------
 
