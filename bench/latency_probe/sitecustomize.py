@@ -51,36 +51,37 @@ def _install(directory: str) -> None:
     gc.callbacks.append(on_gc)
 
     def patch_reactor(module) -> None:
-        import errno
-
         cls = module.WorkerReactor
         run_until_current = cls.runUntilCurrent
-        log = module.log
+        do_poll = cls.doPoll
 
-        # WorkerReactor.doPoll, with clock readings (no allocation of its own).
+        class TimedPoller:
+            """The reactor's epoll object, noting when and with how many events poll returned."""
+
+            def __init__(self, poller):
+                self._poller = poller
+                self.returned = None
+
+            def poll(self, timeout, maxevents):
+                events = self._poller.poll(timeout, maxevents)
+                self.returned = now()
+                self.cpu0 = cpu()
+                self.count = len(events)
+                return events
+
+            def __getattr__(self, name):  # register, modify, unregister, close, fileno
+                return getattr(self._poller, name)
+
+        # WorkerReactor.doPoll itself, with clock readings around its events.
         def doPoll(self, timeout):
-            asked = -1.0 if timeout is None else timeout
-            if timeout is None:
-                timeout = -1
-            try:
-                events = self._poller.poll(timeout, len(self._selectables))
-            except OSError as err:
-                if err.errno == errno.EINTR:
-                    return
-                raise
-            returned = now()
-            cpu0 = cpu()
-            selectables = self._selectables
-            handle = self._doReadOrWrite
-            for fd, event in events:
-                selectable = selectables.get(fd)
-                if selectable is None:
-                    continue
-                try:
-                    handle(selectable, fd, event)
-                except Exception:
-                    log.failure("handling an I/O event failed")
-            polls.extend((returned, now(), len(events), asked, cpu() - cpu0))
+            poller = self._poller
+            if not isinstance(poller, TimedPoller):
+                poller = self._poller = TimedPoller(poller)
+            poller.returned = None
+            do_poll(self, timeout)
+            if poller.returned is not None:  # (not after an EINTR)
+                asked = -1.0 if timeout is None else timeout
+                polls.extend((poller.returned, now(), poller.count, asked, cpu() - poller.cpu0))
 
         def runUntilCurrent(self):
             t0 = now()
