@@ -106,6 +106,19 @@ class Lab:
             except BlockingIOError:
                 self.reactor.iterate(0.001)
 
+    def send_until_stalled(self, sock: socket.socket, data: bytes) -> memoryview:
+        """Send until the peer's side takes nothing for 50 reactor turns; what is left."""
+        view = memoryview(data)
+        stalled = 0
+        while view and stalled < 50:
+            try:
+                view = view[sock.send(view) :]
+                stalled = 0
+            except BlockingIOError:
+                stalled += 1
+            self.reactor.iterate(0.001)
+        return view
+
     def read(self, sock: socket.socket, n: int) -> bytes:
         got = bytearray()
 
@@ -203,17 +216,9 @@ def test_a_full_destination_stops_reading_the_source_until_it_drains(lab):
     pump, (a, pa), (b, pb), ends, _ = lab.pump(rcvbuf=1 << 16)
     pump.start()
     data = os.urandom(32_000_000)
-    view = memoryview(data)
     # pb reads nothing: a's sender must end up blocked, the pump holding at
     # most its pipe's worth, not the rest of the 32 MB.
-    stalled = 0
-    while view and stalled < 50:
-        try:
-            view = view[pa.send(view) :]
-            stalled = 0
-        except BlockingIOError:
-            stalled += 1
-        lab.reactor.iterate(0.001)
+    view = lab.send_until_stalled(pa, data)
     assert view, "the whole transfer fitted in the buffers: no backpressure was needed"
     assert pump.held <= 2 << 20
     assert pump.a_to_b < len(data)
@@ -434,15 +439,7 @@ def test_a_full_sink_stops_the_transfer_reading_until_it_drains(lab):
     t, (a, pa), (b, pb), ends = transfer(lab, n, rcvbuf=1 << 16)
     t.start()
     data = os.urandom(n)
-    view = memoryview(data)
-    stalled = 0
-    while view and stalled < 50:
-        try:
-            view = view[pa.send(view) :]
-            stalled = 0
-        except BlockingIOError:
-            stalled += 1
-        lab.reactor.iterate(0.001)
+    view = lab.send_until_stalled(pa, data)
     assert view, "the whole body fitted in the buffers: no backpressure was needed"
     assert t.held <= 2 << 20 and t.moved < n
     rest, got = bytes(view), bytearray()
