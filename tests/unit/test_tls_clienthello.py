@@ -244,11 +244,12 @@ def test_any_split_of_a_valid_hello_reads_the_same_as_the_whole(case, data):
     assert {k: getattr(whole, k) for k in expect} == expect
 
 
-@FAST
-@given(valid_hellos(), st.data())
-def test_mutated_hellos_only_ever_raise_the_readers_own_error(case, data):
-    raw = bytearray(case[0])
+def mutated(data: st.DataObject, raw: bytes) -> bytes:
+    """C{raw} with one to six bytes flipped, deleted or inserted."""
+    raw = bytearray(raw)
     for _ in range(data.draw(st.integers(1, 6))):
+        if not raw:
+            break
         position = data.draw(st.integers(0, len(raw) - 1))
         action = data.draw(st.sampled_from(["flip", "delete", "insert"]))
         if action == "flip":
@@ -257,8 +258,15 @@ def test_mutated_hellos_only_ever_raise_the_readers_own_error(case, data):
             del raw[position]
         else:
             raw[position:position] = data.draw(st.binary(min_size=1, max_size=4))
-        if not raw:
-            return
+    return bytes(raw)
+
+
+@FAST
+@given(valid_hellos(), st.data())
+def test_mutated_hellos_only_ever_raise_the_readers_own_error(case, data):
+    raw = mutated(data, case[0])
+    if not raw:
+        return
     pieces = data.draw(st.lists(st.integers(1, max(1, len(raw) - 1)), max_size=4))
     try:
         hello = read_all(bytes(raw), pieces)
@@ -290,22 +298,6 @@ def parse_both(body: bytes):
         except HelloError as e:
             answers.append(e.reason)
     return answers
-
-
-def mutated(data: st.DataObject, raw: bytes) -> bytes:
-    raw = bytearray(raw)
-    for _ in range(data.draw(st.integers(1, 6))):
-        if not raw:
-            break
-        position = data.draw(st.integers(0, len(raw) - 1))
-        action = data.draw(st.sampled_from(["flip", "delete", "insert"]))
-        if action == "flip":
-            raw[position] = data.draw(st.integers(0, 255))
-        elif action == "delete":
-            del raw[position]
-        else:
-            raw[position:position] = data.draw(st.binary(min_size=1, max_size=4))
-    return bytes(raw)
 
 
 @st.composite
