@@ -396,3 +396,31 @@ def test_a_resumed_sessions_name_check_is_kept_per_certificate_and_name(trust, t
     third, verdict = verified_and_used(trust, port)
     assert verdict.ok and resumed(third)
     close_cleanly(third)
+
+
+def test_a_name_check_that_breaks_fails_closed_and_logs_once_per_interval(
+    test_ca, listen, tmp_path: Path, monkeypatch
+):
+    import twisted.internet._service_identity as service_identity
+    from twisted.logger import Logger
+
+    from tproxy_twist.tls import verify
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a certificate the name check chokes on")
+
+    monkeypatch.setattr(service_identity, "verify_service_identity", broken)
+    events = []
+    monkeypatch.setattr(verify, "log", Logger(observer=events.append))
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(test_ca.cert_pem)
+    trust = OriginTrust(load_trust_root(str(bundle)), clock=Clock())  # time stands still
+    assert trust.resumes  # the shared context, whose callback checks the name
+    port = listen(protocol.Factory.forProtocol(Echo), make_server_cert([ORIGIN], test_ca))
+    for _ in range(3):
+        origin, verdict = verified_and_used(trust, port)
+        assert not verdict.ok  # never vouched for without a name check
+        close(origin)
+    failures = [e for e in events if e.get("log_failure") is not None]
+    assert len(failures) == 1
+    assert failures[0]["log_failure"].check(RuntimeError)

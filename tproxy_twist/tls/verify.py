@@ -42,6 +42,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ..logthrottle import LogThrottle
 from .leaf import ALPN_HTTP11
 from .membio import client_tls
 
@@ -125,7 +126,7 @@ def load_trust_root(bundle: str | None):
     )
 
 
-def _creator_maker(trust_root):
+def _creator_maker(trust_root, throttle: LogThrottle):
     """
     Return C{make(server_name) -> IOpenSSLClientConnectionCreator}.
 
@@ -173,7 +174,11 @@ def _creator_maker(trust_root):
             connection.tls.failVerification(Failure())
             return False
         except BaseException:
-            log.failure("while verifying the origin's certificate")
+            # A bug, or a certificate service_identity chokes on: an origin could
+            # send it on every connection, so a traceback per interval at most.
+            throttle.emit(
+                log.failure, "verify-callback", "while verifying the origin's certificate"
+            )
             return False  # never vouch for a name that was not checked
         return bool(ok)
 
@@ -419,8 +424,12 @@ class OriginTrust:
         self, trust_root, *, shared_context: bool = True, clock: IReactorTime | None = None
     ) -> None:
         self.trust_root = trust_root
-        maker = _creator_maker if shared_context else _per_connection_maker
-        self._make = maker(trust_root)
+        if clock is None:
+            from twisted.internet import reactor as clock
+        if shared_context:
+            self._make = _creator_maker(trust_root, LogThrottle(clock))
+        else:
+            self._make = _per_connection_maker(trust_root)
         self.sessions = OriginSessions(clock)
         #: Sessions are offered again (OpenSSL resumes only within one SSL.Context).
         self.resumes = getattr(self._make, "shared", False)
