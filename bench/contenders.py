@@ -88,6 +88,10 @@ class Contender:
         """Start the proxy in the router namespace; return once it listens on :3129."""
         assert lab.tmpdir is not None
         self.dir = lab.tmpdir / self.name
+        started = 1
+        while self.dir.exists():  # started before in this lab (bench.tls --rounds)
+            started += 1
+            self.dir = lab.tmpdir / f"{self.name}-{started}"
         self.dir.mkdir(mode=0o755)
         self.log = self.dir / "output.log"
         argv = self.prepare(lab, self.dir)
@@ -348,6 +352,10 @@ class TproxyTwist(Contender):
     def start(self, lab: BenchLab) -> None:
         assert lab.tmpdir is not None
         self.dir = lab.tmpdir / self.name
+        started = 1
+        while self.dir.exists():  # started before in this lab (bench.tls --rounds)
+            started += 1
+            self.dir = lab.tmpdir / f"{self.name}-{started}"
         self.dir.mkdir(mode=0o755)
         self.log = self.dir / "output.log"
         conf = self.dir / "tproxy.toml"

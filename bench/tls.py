@@ -2,7 +2,8 @@
 
 Usage (as root, from the checkout)::
 
-    PYTHONPATH=. .venv/bin/python -m bench.tls [--only NAMES] [--seconds N] [--json FILE]
+    PYTHONPATH=. .venv/bin/python -m bench.tls [--only NAMES] [--seconds N] [--rounds N]
+        [--json FILE]
 
 The same three-namespace lab as ``bench/run`` (its :class:`BenchLab`), with
 nginx serving HTTPS on port 443 (diverted to :3129) and 8443 (routed: the
@@ -34,6 +35,13 @@ connections per second (wrk over HTTPS with ``Connection: close``: one TLS
 handshake with the origin per request, 64 connections). The client resolves
 ``origin.test`` through ``/etc/netns/<client namespace>/hosts`` (created for the
 run and removed after it), so every hello carries an SNI.
+
+Beside each wrk rate, the proxy's own CPU per request (every process in the
+router namespace, from ``/proc/PID/stat``): while wrk, nginx and the proxy
+share the machine's CPUs, the rates follow the whole machine's CPU per
+request and move with whatever else runs; the proxy's CPU per request does
+not. ``--rounds N`` measures every path N times (the paths one after the
+other in each round) and prints the medians and each round's ratios.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -431,6 +440,69 @@ def verify_through_proxy(lab: BenchLab, contender: Contender) -> None:
         lab.stop_process(slow, grace=1)
 
 
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds used so far by C{pids} (those still alive)."""
+    ticks = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+_KEPT = ("rps", "errors", "requests", "proxy_cpu_us", "client_cpu_us", "origin_cpu_us")
+
+
+def _cpu_note(result: dict) -> str:
+    parts = [
+        f"{who} {result[key]:.0f}"
+        for who, key in (("proxy", "proxy_cpu_us"), ("wrk", "client_cpu_us"),
+                         ("nginx", "origin_cpu_us"))
+        if key in result
+    ]  # fmt: skip
+    return f"; CPU us each: {', '.join(parts)}" if parts else ""
+
+
+def _wrk_with_cpu(lab: BenchLab, contender: Contender, url: str, **kwargs) -> dict:
+    """
+    wrk, and meanwhile the CPU per request of each party, in microseconds:
+    the proxy (every process in the router namespace: workers, master,
+    helpers), the client (wrk) and the origin (nginx).  On a machine whose
+    CPUs wrk, nginx and the proxy all saturate, the rate follows the whole
+    machine's CPU per request; the proxy's share does not depend on what
+    else the machine is doing, and the others show what the proxy makes its
+    peers spend.
+    """
+    pids = contender.all_pids(lab) if contender.diverted else []
+    origin = _namespace_pids(lab.origin)
+    before = _cpu_seconds(pids), _cpu_seconds(origin), _children_cpu_seconds()
+    result = wrk(lab, url, **kwargs)
+    after = _cpu_seconds(pids), _cpu_seconds(origin), _children_cpu_seconds()
+    if result["requests"]:
+        per = 1e6 / result["requests"]
+        if pids:
+            result["proxy_cpu_us"] = (after[0] - before[0]) * per
+        result["origin_cpu_us"] = (after[1] - before[1]) * per
+        result["client_cpu_us"] = (after[2] - before[2]) * per
+    return result
+
+
+def _namespace_pids(namespace: str) -> list[int]:
+    proc = subprocess.run(
+        ["ip", "netns", "pids", namespace], capture_output=True, timeout=20, check=False
+    )
+    return [int(tok) for tok in proc.stdout.decode().split() if tok.isdigit()]
+
+
+def _children_cpu_seconds() -> float:
+    """CPU of this process's finished children (wrk: ``ip netns exec`` execs it)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def measure(lab: BenchLab, contender: Contender, seconds: float) -> dict:
     say(f"== {contender.name}")
     rules = render_nftables([DivertPort(TPROXY_PORT, (HTTPS_PORT,))], ipv4_only=True)
@@ -447,14 +519,16 @@ def measure(lab: BenchLab, contender: Contender, seconds: float) -> dict:
         verify_through_proxy(lab, contender)
         result = {"name": contender.name, "download": download(lab, contender)}
         say(f"   100 MB: {result['download']['median_mb_s']:.0f} MB/s")
-        new = wrk(lab, _url(contender, "/small"), seconds=seconds, connections=64, close=True)
-        result["new_connections"] = {k: new[k] for k in ("rps", "errors", "requests")}
-        say(f"   new connections: {new['rps']:.0f}/s ({new['errors']} errors)")
+        new = _wrk_with_cpu(
+            lab, contender, _url(contender, "/small"), seconds=seconds, connections=64, close=True
+        )
+        result["new_connections"] = {k: new[k] for k in _KEPT if k in new}
+        say(f"   new connections: {new['rps']:.0f}/s ({new['errors']} errors){_cpu_note(new)}")
         if getattr(contender, "bumps", False) or isinstance(contender, DirectTLS):
-            alive = wrk(lab, _url(contender, "/small"), seconds=seconds, connections=64)
-            result["keep_alive"] = {k: alive[k] for k in ("rps", "errors", "requests")}
+            alive = _wrk_with_cpu(lab, contender, _url(contender, "/small"), seconds=seconds)
+            result["keep_alive"] = {k: alive[k] for k in _KEPT if k in alive}
             say(f"   keep-alive: {alive['rps']:.0f} req/s"
-                f" ({alive['errors']} errors)")  # fmt: skip
+                f" ({alive['errors']} errors){_cpu_note(alive)}")  # fmt: skip
         if isinstance(contender, TproxyTwistBump):
             result["bumped"] = contender.bumped(lab)
         elif isinstance(contender, TproxyTwistTLS):
@@ -465,15 +539,50 @@ def measure(lab: BenchLab, contender: Contender, seconds: float) -> dict:
     return result
 
 
+def combine(rounds: list[list[dict]]) -> list[dict]:
+    """
+    One result per path from several rounds: the median of each figure, the
+    rounds' own results kept under C{"rounds"}.
+    """
+    combined = []
+    for runs in zip(*rounds, strict=True):
+        merged: dict = {"name": runs[0]["name"], "rounds": list(runs)}
+        for key, value in runs[0].items():
+            if isinstance(value, dict):
+                merged[key] = {
+                    k: statistics.median(run[key][k] for run in runs)
+                    for k, v in value.items()
+                    if isinstance(v, (int, float)) and all(k in run[key] for run in runs)
+                }
+            elif isinstance(value, (int, float)):
+                merged[key] = statistics.median(run[key] for run in runs)
+        combined.append(merged)
+    return combined
+
+
+def _ratios(ours: dict, squid: dict, section: str, key: str) -> str:
+    """Ours / Squid in each round (the rounds ran one after the other)."""
+    pairs = zip(ours.get("rounds", [ours]), squid.get("rounds", [squid]), strict=True)
+    return ", ".join(f"{a[section][key] / b[section][key]:.2f}" for a, b in pairs)
+
+
+def _cpu(result: dict, section: str) -> str:
+    cpu = result[section].get("proxy_cpu_us")
+    return "–" if cpu is None else f"{cpu:,.0f}"
+
+
 def render(results: list[dict]) -> str:
-    rows = ["| path | 100 MB over HTTPS | new TLS connections/s |", "|---|---|---|"]
+    rows = [
+        "| path | 100 MB over HTTPS | new TLS connections/s | proxy CPU per connection (µs) |",
+        "|---|---|---|---|",
+    ]
     bumps = [r for r in results if "keep_alive" in r]
     for r in results:
         if r in bumps and r["name"] != "direct":
             continue
         rows.append(
             f"| {r['name']} | {r['download']['median_mb_s']:,.0f} MB/s"
-            f" | {r['new_connections']['rps']:,.0f} |"
+            f" | {r['new_connections']['rps']:,.0f} | {_cpu(r, 'new_connections')} |"
         )
     by_name = {r["name"]: r for r in results}
     ours, squid = by_name.get("tproxy-twist-tls"), by_name.get("squid-tls")
@@ -484,13 +593,20 @@ def render(results: list[dict]) -> str:
             f" on 100 MB, {ours['new_connections']['rps'] / squid['new_connections']['rps']:.2f}x"
             " on new connections (target: at least 1.0x on both)"
         )
+        if len(ours.get("rounds", ())) > 1:
+            rows.append(
+                f"round by round: {_ratios(ours, squid, 'download', 'median_mb_s')} on 100 MB;"
+                f" {_ratios(ours, squid, 'new_connections', 'rps')} on new connections"
+            )
     if bumps:
         rows += ["", "| bump path | 100 MB over HTTPS | new bumped connections/s |"
-                 " keep-alive req/s |", "|---|---|---|---|"]  # fmt: skip
+                 " keep-alive req/s | the proxy's CPU per new connection / per keep-alive"
+                 " request (µs) |", "|---|---|---|---|---|"]  # fmt: skip
         for r in bumps:
             rows.append(
                 f"| {r['name']} | {r['download']['median_mb_s']:,.0f} MB/s"
-                f" | {r['new_connections']['rps']:,.0f} | {r['keep_alive']['rps']:,.0f} |"
+                f" | {r['new_connections']['rps']:,.0f} | {r['keep_alive']['rps']:,.0f}"
+                f" | {_cpu(r, 'new_connections')} / {_cpu(r, 'keep_alive')} |"
             )
         ours, squid = by_name.get("tproxy-twist-bump"), by_name.get("squid-bump")
         if ours and squid:
@@ -500,6 +616,11 @@ def render(results: list[dict]) -> str:
                 f" on new connections, {ours['keep_alive']['rps'] / squid['keep_alive']['rps']:.2f}x"  # noqa: E501
                 " on keep-alive (target: at least 1.0x on both)"
             )
+            if len(ours.get("rounds", ())) > 1:
+                rows.append(
+                    f"round by round: {_ratios(ours, squid, 'new_connections', 'rps')} on new"
+                    f" connections; {_ratios(ours, squid, 'keep_alive', 'rps')} on keep-alive"
+                )
     return "\n".join(rows)
 
 
@@ -507,6 +628,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.tls")
     parser.add_argument("--only", help="comma-separated paths: " + ", ".join(PATHS))
     parser.add_argument("--seconds", type=float, default=10.0, help="wrk duration per path")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure every path this many times, one path after the other in each round;"
+        " the table shows medians, and each round's ratio is printed",
+    )
     parser.add_argument("--json", help="write the results to this file")
     opts = parser.parse_args(argv)
     names = opts.only.split(",") if opts.only else list(PATHS)
@@ -516,9 +644,13 @@ def main(argv: list[str] | None = None) -> int:
         hosts.write_text(f"127.0.0.1 localhost\n{BenchLab.ORIGIN4} {ORIGIN_NAME}\n")
         try:
             start_tls_origin(lab)
-            results = [measure(lab, PATHS[name](), opts.seconds) for name in names]
+            rounds = [
+                [measure(lab, PATHS[name](), opts.seconds) for name in names]
+                for _ in range(max(1, opts.rounds))
+            ]
         finally:
             shutil.rmtree(hosts.parent, ignore_errors=True)
+    results = combine(rounds)
     print(render(results))
     if opts.json:
         Path(opts.json).write_text(json.dumps(results, indent=2) + "\n")
