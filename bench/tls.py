@@ -517,8 +517,15 @@ def measure(lab: BenchLab, contender: Contender, seconds: float) -> dict:
         raise
     try:
         verify_through_proxy(lab, contender)
+        pids = contender.all_pids(lab) if contender.diverted else []
+        before = _cpu_seconds(pids)
         result = {"name": contender.name, "download": download(lab, contender)}
-        say(f"   100 MB: {result['download']['median_mb_s']:.0f} MB/s")
+        note = ""
+        if pids:
+            ms = (_cpu_seconds(pids) - before) / len(result["download"]["all"]) * 1e3
+            result["download"]["proxy_cpu_ms"] = ms
+            note = f"; the proxy's CPU {ms:.0f} ms per 100 MB"
+        say(f"   100 MB: {result['download']['median_mb_s']:.0f} MB/s{note}")
         new = _wrk_with_cpu(
             lab, contender, _url(contender, "/small"), seconds=seconds, connections=64, close=True
         )
