@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import ssl
 import subprocess
 import sys
@@ -41,7 +42,7 @@ from prometheus_client import CollectorRegistry
 from tproxy_twist import config as C
 from tproxy_twist.metrics import PortMetrics, StreamMetrics, TLSPortMetrics
 from tproxy_twist.reactor import WorkerReactor
-from tproxy_twist.sockets import connect_upstream
+from tproxy_twist.sockets import connect_upstream, serve_accepts
 from tproxy_twist.testing import loopback_forward_factory
 
 ORIGIN = r"""
@@ -197,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
         make = http_factory if opts.kind == "http" else tls_factory
         factory, payload = make(reactor, origin_port)
         listener = reactor.listenTCP(0, factory, interface="127.0.0.1", backlog=4096)
+        if not os.environ.get("TWISTED_ACCEPT"):  # A/B: Twisted's own accept loop
+            # The worker's accept loop (worker._accept_within_budget).
+            serve_accepts(
+                listener, reactor, room=lambda: 1 << 30, may_resume=lambda: True, on_shortage=print
+            )
         port = listener.getHost().port
         serve(reactor, port, payload, opts.warmup, opts.concurrency)
         if opts.gc_freeze:

@@ -7,7 +7,9 @@ Every socket option the proxy uses, in one place.
   - L{connect_upstream}: the outbound connection, bound to the client's own
     address on spoofing ports (IP_TRANSPARENT + IP_BIND_ADDRESS_NO_PORT);
   - L{LocalAddresses}: this host's addresses, to refuse connections that
-    would loop back into ourselves.
+    would loop back into ourselves;
+  - L{serve_accepts}: a listener's accept loop (out of descriptors, it pauses
+    instead of spinning).
 """
 
 from __future__ import annotations
@@ -24,8 +26,11 @@ from twisted.internet import abstract, address, base, tcp
 from twisted.internet import error as twisted_error
 from twisted.internet.interfaces import IConnector, IReactorTime
 from twisted.internet.protocol import ClientFactory
+from twisted.logger import Logger
 
 from .config import ListenAddress
+
+_log = Logger()
 
 # From <linux/in.h>, <linux/in6.h> and <linux/netfilter_ipv4.h>; the socket
 # module does not export all of them.
@@ -549,3 +554,99 @@ def writer_for(transport) -> DirectWriter | TransportWriter:
     if isinstance(transport, tcp.Connection) and not transport.TLS:
         return DirectWriter(transport)
     return TransportWriter(transport)
+
+
+# --- the accept loop --------------------------------------------------------------------
+# tcp.Port.doRead, replaced on each adopted listener.  Twisted's own, when
+# accept() fails with EMFILE on a port it did not bind itself (adoptStreamPort:
+# no reserved descriptor), logs "Could not accept new connection" and returns
+# with the connection still queued: the listener stays readable, so every
+# reactor turn tries again and logs again, a busy loop and a log flood for as
+# long as the descriptors are gone.  Here, as nginx and Squid do, accepting
+# pauses for a moment and the connections wait in the kernel's queue; one log
+# line per 10 s says so.  It also skips what Twisted's loop does per connection
+# for other platforms (a logging context, a generator, getnameinfo for every
+# IPv6 peer).  The tcp.Port attributes used (socket, factory, numberAccepts,
+# sessionno, transport, _buildAddr, reactor) are pinned by
+# tests/unit/test_twisted_internals.py.
+
+#: accept() errors that mean "no resources now": pause, then try again.
+_ACCEPT_SHORTAGE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: accept() errors about one connection only (it went away, netfilter refused it).
+_ACCEPT_SKIP = frozenset({errno.ECONNABORTED, errno.EPERM, errno.EPROTO})
+#: Seconds a listener stops accepting after a shortage (nginx: accept_mutex_delay).
+ACCEPT_PAUSE = 0.5
+
+
+def serve_accepts(
+    port: tcp.Port,
+    clock: IReactorTime,
+    *,
+    room: Callable[[], int],
+    may_resume: Callable[[], bool],
+    on_shortage: Callable[[OSError], None],
+) -> None:
+    """
+    Replace C{port.doRead} (a listening C{tcp.Port}) with an accept loop
+    that accepts at most C{room()} connections per readiness (none when it
+    is 0), and that on a shortage of descriptors or memory stops reading the
+    listener for L{ACCEPT_PAUSE} seconds, calls C{on_shortage(error)} and
+    resumes only if C{may_resume()} (the port still open, the budget not
+    full).
+    """
+    listener = port.socket
+    resuming = []
+
+    def resume() -> None:
+        resuming.clear()
+        if may_resume():
+            port.startReading()
+
+    def doRead() -> None:
+        try:
+            accepted = accept(min(port.numberAccepts, room()))
+        except Exception:
+            # As Twisted's doRead: whatever went wrong, the listener stays open
+            # (an exception out of doRead would make the reactor close it).
+            _log.failure("accepting on {port}", port=port)
+            return
+        # Twisted's batch sizing: a full batch suggests more are waiting.
+        if accepted and accepted == port.numberAccepts:
+            port.numberAccepts += 20
+        else:
+            port.numberAccepts = max(1, accepted)
+
+    def accept(limit: int) -> int:
+        accepted = 0
+        factory = port.factory
+        while accepted < limit:
+            try:
+                sock, addr = listener.accept()
+            except BlockingIOError:
+                break
+            except OSError as e:
+                if e.errno in _ACCEPT_SKIP:
+                    continue
+                if e.errno in _ACCEPT_SHORTAGE:
+                    port.stopReading()
+                    if not resuming:
+                        resuming.append(clock.callLater(ACCEPT_PAUSE, resume))
+                    on_shortage(e)
+                    break
+                raise
+            accepted += 1
+            if len(addr) == 4 and addr[3]:
+                # A scoped IPv6 address (link-local): Twisted's form, "fe80::1%eth0".
+                host = socket.getnameinfo(addr, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
+                addr = (host[0], *addr[1:])
+            protocol = factory.buildProtocol(port._buildAddr(addr))
+            if protocol is None:
+                sock.close()
+                continue
+            session = port.sessionno
+            port.sessionno = session + 1
+            transport = port.transport(sock, protocol, addr, port, session, port.reactor)
+            protocol.makeConnection(transport)
+        return accepted
+
+    port.doRead = doRead

@@ -57,7 +57,9 @@ if __name__ == "__main__":
         sys.modules.setdefault("OpenSSL", None)  # type: ignore[arg-type]
 
 import argparse  # noqa: E402
+import errno  # noqa: E402
 import gc  # noqa: E402
+import resource  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -69,8 +71,15 @@ from twisted.logger import Logger  # noqa: E402
 from zope.interface import implementer  # noqa: E402
 
 from .config import Config, PortConfig  # noqa: E402
+from .logthrottle import LogThrottle  # noqa: E402
 from .resolver import DestinationResolver  # noqa: E402
-from .sockets import LocalAddresses, connect_upstream, listening_socket  # noqa: E402
+from .sockets import (  # noqa: E402
+    ACCEPT_PAUSE,
+    LocalAddresses,
+    connect_upstream,
+    listening_socket,
+    serve_accepts,
+)
 
 log = Logger()
 
@@ -135,6 +144,8 @@ class ProxyService(Service):
         self._bcrypt_pool = None  # password checks (auth.BcryptPool), when a port has auth
         #: The recent upstream errors and rejections, not yet told to the master.
         self.problems = None
+        #: The worker's own repeating lines (a listener out of descriptors).
+        self._throttle = LogThrottle(reactor)
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -191,7 +202,7 @@ class ProxyService(Service):
                 watch_factory(factory, port.name, reactor, self.problems.add)
             self.factories.append(factory)
             listening = reactor.adoptStreamPort(sock.fileno(), sock.family, factory)
-            _accept_within_budget(listening, self.budget)
+            _accept_within_budget(listening, self.budget, reactor, self._throttle, port.name)
             self._ports.append(listening)
             log.info(
                 "{mode} port {name!r} listening on {listen}",
@@ -292,26 +303,41 @@ class ProxyService(Service):
         return self.drain(self.config.drain_timeout)
 
 
-def _accept_within_budget(port, budget) -> None:
+def _accept_within_budget(port, budget, clock, throttle: LogThrottle, name: str) -> None:
     """
-    Never accept more connections than C{budget} has room for.
-
-    Twisted's C{tcp.Port.doRead} accepts up to C{port.numberAccepts}
-    connections in one go and does not look at whether reading was paused
-    in between, so a full budget could be overshot by a whole batch.  Cap
-    the batch at the free slots before each read.  (C{numberAccepts} is a
-    public attribute of C{tcp.Port}; C{doRead} is wrapped on this instance.)
+    Accept on C{port} (L{serve_accepts}), never more connections than
+    C{budget} has room for: Twisted accepts up to C{numberAccepts} in one go
+    and does not look at whether reading was paused in between, so a full
+    budget could be overshot by a whole batch.  Out of descriptors (or
+    memory), the port pauses for a moment; one log line per 10 s says so.
     """
-    read = port.doRead
 
-    def doRead():
-        free = budget.limit - budget.used
-        if free <= 0:
-            return None  # another port filled the budget in this reactor turn
-        port.numberAccepts = max(1, min(port.numberAccepts, free))
-        return read()
+    def room() -> int:
+        return max(0, budget.limit - budget.used)
 
-    port.doRead = doRead
+    def may_resume() -> bool:
+        return port.connected and budget.used < budget.limit
+
+    def on_shortage(error: OSError) -> None:
+        hint = ""
+        if error.errno == errno.EMFILE:
+            limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            hint = (
+                f"; this worker's open-files limit (RLIMIT_NOFILE) is {limit}: raise it"
+                " (LimitNOFILE= in the systemd unit) or lower limits.max_connections"
+            )
+        throttle.emit(
+            log.warn,
+            "accept-" + (errno.errorcode.get(error.errno or 0) or "error"),
+            "port {name!r}: cannot accept connections ({error}); they wait in the"
+            " kernel's queue, accepting again in {pause:g} s{hint}",
+            name=name,
+            error=os.strerror(error.errno) if error.errno else str(error),
+            pause=ACCEPT_PAUSE,
+            hint=hint,
+        )
+
+    serve_accepts(port, clock, room=room, may_resume=may_resume, on_shortage=on_shortage)
 
 
 @implementer(IReadDescriptor)

@@ -406,3 +406,74 @@ def test_an_upstream_socket_failing_with_emfile_is_503_no_descriptors(relay, raw
     assert b"file descriptors" in data and b"spoofing" not in data
     assert connections(case) == []
     assert "CAP_NET_ADMIN" not in running.log_text()
+
+
+# Runs in the client namespace: opens N connections at once, sends a request on
+# each, then reads each answer; prints how many were 200 OK.
+MANY = r"""
+import socket, sys
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+socks = [socket.create_connection((host, port), timeout=60) for _ in range(n)]
+for i, s in enumerate(socks):
+    s.sendall(b"GET /many/%d HTTP/1.1\r\nHost: o\r\nConnection: close\r\n\r\n" % i)
+ok = 0
+for s in socks:
+    data = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    ok += data.startswith(b"HTTP/1.1 200 ")
+print(ok)
+"""
+
+
+def _nofile(pid: int) -> tuple[str, str]:
+    """The process's soft and hard RLIMIT_NOFILE, as prlimit takes them."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return soft, hard
+    raise AssertionError(f"no open-files limit for {pid}")
+
+
+def test_out_of_descriptors_at_accept_connections_wait_and_are_served_with_one_log_line(
+    relay, raw_origin, lab
+):
+    running, _ = relay()
+    case = raw_origin.case({"*": [send(OK)]})
+    [worker] = _worker_pids(lab)
+    # No descriptor left for an accepted connection.  Twisted's own accept loop
+    # logged every attempt and tried again every reactor turn (a busy loop and a
+    # log flood); the worker pauses accepting instead, and the connections wait.
+    used = {int(p.name) for p in Path(f"/proc/{worker}/fd").iterdir()}
+    lowest_free = min(n for n in range(max(used) + 2) if n not in used)
+    soft, hard = _nofile(worker)
+    subprocess.run(["prlimit", f"--pid={worker}", f"--nofile={lowest_free}:{hard}"], check=True)
+    waiting = 40
+    clients = lab.popen(
+        lab.client,
+        ["python3", "-c", MANY, Lab.ORIGIN4, str(RAW_PORT), str(waiting)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for(lambda: "cannot accept connections" in running.log_text(), "the EMFILE line")
+        # Time for many retries (each pause is half a second).
+        time.sleep(3)
+        assert connections(case) == []  # nothing served while out of descriptors
+        subprocess.run(["prlimit", f"--pid={worker}", f"--nofile={soft}:{hard}"], check=True)
+        out, err = clients.communicate(timeout=60)
+    finally:
+        if clients.poll() is None:
+            clients.kill()
+            clients.wait()
+    assert out.decode().strip() == str(waiting), err.decode()
+    # Every request reached the origin (on fewer connections: the proxy reuses them).
+    assert sum(c.count(b"GET /many/") for c in connections(case)) == waiting
+    log = running.log_text()
+    lines = [line for line in log.splitlines() if "cannot accept connections" in line]
+    assert len(lines) == 1, lines  # one line per 10 s, not one per attempt
+    assert "Too many open files" in lines[0] and "RLIMIT_NOFILE" in lines[0]
+    assert "Could not accept" not in log and running.alive()

@@ -268,3 +268,48 @@ def test_the_pyopenssl_internals_tls_membio_uses():
     assert hello[:1] == b"\x16" and membio._pending_out(tls) == 0
     with pytest.raises(SSL.WantReadError):
         membio._recv(tls)
+
+
+@pytest.mark.parametrize("family, host", [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")])
+def test_the_accept_loop_builds_what_twisteds_port_builds(family, host):
+    # sockets.serve_accepts replaces tcp.Port.doRead on adopted listeners and uses
+    # the port's socket, factory, numberAccepts, sessionno, transport, _buildAddr
+    # and reactor as Twisted's own doRead does.
+    from tproxy_twist.sockets import serve_accepts
+
+    source = inspect.getsource(tcp.Port.doRead)
+    for name in ("self.socket", "self.factory.buildProtocol(self._buildAddr(", "self.sessionno",
+                 "self.transport(", "self.numberAccepts"):  # fmt: skip
+        assert name in source, moved(f"tcp.Port.doRead ({name})", "tproxy_twist/sockets.py")
+    reactor = WorkerReactor()
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.bind((host, 0))
+    listener.listen(8)
+    listener.setblocking(False)
+    accepted = []
+
+    class Keep(Protocol):
+        def connectionMade(self):
+            accepted.append(self)
+
+    port = reactor.adoptStreamPort(listener.fileno(), family, Factory.forProtocol(Keep))
+    listener.close()  # the reactor holds its own duplicate
+    serve_accepts(port, reactor, room=lambda: 10, may_resume=lambda: True, on_shortage=print)
+    peers = [socket.create_connection((host, port.getHost().port)) for _ in range(2)]
+    try:
+        for _ in range(200):
+            if len(accepted) == 2:
+                break
+            reactor.iterate(0.01)
+        [first, second] = accepted
+        assert isinstance(first.transport, tcp.Server)
+        assert first.transport.getPeer().port == peers[0].getsockname()[1]
+        assert first.transport.getPeer().host == host
+        assert (first.transport.sessionno, second.transport.sessionno) == (0, 1)
+        assert first.transport.logstr.startswith("Keep,0,")
+    finally:
+        for peer in peers:
+            peer.close()
+        for protocol in accepted:
+            protocol.transport.abortConnection()
+        port.stopListening()

@@ -29,15 +29,31 @@ allow = ["127.0.0.0/8"]
 """
 
 
-class FakePort:
-    """What ProxyService uses of tcp.Port: reading on/off, the accept batch, doRead."""
+class FakeListener:
+    """A listening socket with plenty of connections queued (or an error to raise)."""
 
-    def __init__(self, factory) -> None:
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.error: OSError | None = None
+
+    def accept(self):
+        if self.error is not None:
+            raise self.error
+        self.accepted += 1
+        return object(), ("127.0.0.1", 40000 + self.accepted)
+
+
+class FakePort:
+    """What ProxyService and its accept loop use of tcp.Port."""
+
+    def __init__(self, factory, reactor) -> None:
         self.factory = factory
+        self.reactor = reactor
+        self.socket = FakeListener()
         self.reading = True
         self.connected = True
         self.numberAccepts = 100
-        self.batches: list[int] = []
+        self.sessionno = 0
         self.stopped = False
 
     def stopReading(self) -> None:
@@ -51,14 +67,14 @@ class FakePort:
         self.connected = False
         self.reading = False
 
+    def _buildAddr(self, addr):
+        return tcp_address(*addr)
+
+    def transport(self, sock, protocol, addr, port, session, reactor):
+        return FakeTransport(tcp_address("127.0.0.1", 3128), tcp_address(*addr))
+
     def doRead(self) -> None:
-        """Accept as many as the batch allows (the kernel has plenty queued)."""
-        self.batches.append(self.numberAccepts)
-        for i in range(self.numberAccepts):
-            protocol = self.factory.buildProtocol(tcp_address("127.0.0.1", 40000 + i))
-            protocol.makeConnection(
-                FakeTransport(tcp_address("127.0.0.1", 3128), tcp_address("127.0.0.1", 40000 + i))
-            )
+        raise AssertionError("replaced by the worker's accept loop")
 
 
 class Reactor(MemoryReactorClock):
@@ -68,7 +84,7 @@ class Reactor(MemoryReactorClock):
 
     def adoptStreamPort(self, fileno, addressFamily, factory):
         super().adoptStreamPort(fileno, addressFamily, factory)
-        port = FakePort(factory)
+        port = FakePort(factory, self)
         self.ports.append(port)
         return port
 
@@ -114,7 +130,7 @@ def test_a_full_budget_pauses_every_port_and_one_closing_resumes_them():
     proxy.startService()
     [port] = reactor.ports
     port.doRead()
-    assert port.batches == [3]  # never more than the free slots in one batch
+    assert port.socket.accepted == 3  # never more than the free slots in one batch
     assert proxy.budget.used == 3
     assert not port.reading
     next(iter(proxy.factories[0].connections)).transport.loseConnection()
@@ -131,8 +147,113 @@ def test_a_read_event_with_a_full_budget_accepts_nothing():
     [port] = reactor.ports
     port.doRead()
     port.doRead()  # already queued in this reactor turn: must not overshoot
-    assert port.batches == [2]
+    assert port.socket.accepted == 2
     assert proxy.budget.used == 2
+    proxy.stopService()
+
+
+def _warnings(seen: list[dict]) -> list[str]:
+    from twisted.logger import LogLevel, formatEvent
+
+    return [formatEvent(e) for e in seen if e.get("log_level") == LogLevel.warn]
+
+
+def test_out_of_descriptors_a_port_pauses_accepting_and_says_so_once_per_interval():
+    import errno
+
+    from twisted.logger import globalLogPublisher
+
+    from tproxy_twist.sockets import ACCEPT_PAUSE
+
+    proxy, reactor = service()
+    proxy.privilegedStartService()
+    proxy.startService()
+    [port] = reactor.ports
+    port.socket.error = OSError(errno.EMFILE, "Too many open files")
+    seen: list[dict] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        for _ in range(30):  # 15 s of readiness events, each a shortage
+            port.doRead()
+            assert not port.reading  # no busy loop: the listener is not watched
+            reactor.advance(ACCEPT_PAUSE)
+            assert port.reading  # tried again after the pause
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    lines = [line for line in _warnings(seen) if "cannot accept" in line]
+    assert len(lines) == 2, lines  # one per 10 s; the second counts the ones held back
+    assert "port 'forward'" in lines[0] and "Too many open files" in lines[0]
+    assert "RLIMIT_NOFILE" in lines[0] and "max_connections" in lines[0]
+    assert "19 more like this" in lines[1]
+    port.socket.error = None
+    port.doRead()
+    assert proxy.budget.used > 0  # accepting again
+    proxy.stopService()
+
+
+def test_a_paused_port_stays_paused_when_the_budget_filled_or_the_port_closed_meanwhile():
+    import errno
+
+    from tproxy_twist.sockets import ACCEPT_PAUSE
+
+    proxy, reactor = service(max_connections=2)
+    proxy.privilegedStartService()
+    proxy.startService()
+    [port] = reactor.ports
+    port.numberAccepts = 2
+    port.doRead()  # the budget is full now
+    assert proxy.budget.used == 2 and not port.reading
+    port.socket.error = OSError(errno.ENFILE, "Too many open files in system")
+    port.doRead()  # a readiness event from before the pause: nothing accepted
+    reactor.advance(ACCEPT_PAUSE)
+    assert not port.reading  # the budget's pause holds
+    proxy.stopService()
+    reactor.advance(ACCEPT_PAUSE)
+    assert not port.reading and port.stopped
+
+
+def test_a_connection_gone_before_accept_is_skipped_and_the_batch_goes_on():
+    import errno
+
+    proxy, reactor = service(max_connections=5)
+    proxy.privilegedStartService()
+    proxy.startService()
+    [port] = reactor.ports
+    listener = port.socket
+    accept = listener.accept
+    errors = [OSError(errno.ECONNABORTED, "aborted")]
+
+    def accept_after_one_abort():
+        if errors:
+            raise errors.pop()
+        return accept()
+
+    listener.accept = accept_after_one_abort
+    port.doRead()
+    assert proxy.budget.used == 5 and not port.reading  # budget full: paused by it
+    proxy.stopService()
+
+
+def test_an_error_while_accepting_is_logged_and_the_listener_stays_open():
+    from twisted.logger import globalLogPublisher
+
+    proxy, reactor = service()
+    proxy.privilegedStartService()
+    proxy.startService()
+    [port] = reactor.ports
+
+    def broken(addr):
+        raise RuntimeError("a bug in buildProtocol")
+
+    port.factory.buildProtocol = broken
+    seen: list[dict] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        port.doRead()  # does not raise: the reactor would close the listener
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    assert any(e.get("log_failure") is not None for e in seen)
+    assert port.reading and not port.stopped
     proxy.stopService()
 
 
