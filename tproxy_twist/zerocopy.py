@@ -56,6 +56,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .logthrottle import LogThrottle
+
 log = Logger()
 
 #: Bytes moved per splice call (one pipe's worth at most).
@@ -69,6 +71,10 @@ _F_SETPIPE_SZ = 1031
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _HAVE_SPLICE = hasattr(os, "splice")
 _WOULD_BLOCK = (BlockingIOError, InterruptedError)
+#: A pipe cannot be made now: the bytes go through user space instead.
+_SHORTAGE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
+#: At most this much is read at once when copying (recv allocates what it asks for).
+_COPY_CHUNK = 1 << 16
 
 #: Reasons L{SplicePump} gives its owner when it ends.
 DONE = "done"  # both sides sent their EOF and everything was delivered
@@ -88,12 +94,22 @@ class PipePool:
         self._size = size
         #: pipes handed out and not returned yet
         self.in_use = 0
+        #: times no pipe could be made (the bytes were copied instead)
+        self.shortages = 0
 
-    def take(self) -> tuple[int, int]:
-        self.in_use += 1
+    def take(self) -> tuple[int, int] | None:
+        """A pipe, or C{None} when none can be made now (out of descriptors or memory)."""
         if self._idle:
+            self.in_use += 1
             return self._idle.pop()
-        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno not in _SHORTAGE:
+                raise
+            self.shortages += 1
+            return None
+        self.in_use += 1
         try:
             fcntl.fcntl(w, _F_SETPIPE_SZ, self._size)
         except OSError:
@@ -114,6 +130,23 @@ class PipePool:
             r, w = self._idle.pop()
             os.close(r)
             os.close(w)
+
+
+_shortage_log: LogThrottle | None = None
+
+
+def _pipe_shortage(clock: IReactorTime) -> None:
+    """Out of descriptors for a pipe: said once per 10 s (with a count), not per read."""
+    global _shortage_log
+    if _shortage_log is None:
+        _shortage_log = LogThrottle(clock)
+    _shortage_log.emit(
+        log.warn,
+        "pipe",
+        "cannot make a pipe for splice(2) ({error}): copying through user space meanwhile;"
+        " the worker is short of file descriptors (RLIMIT_NOFILE)",
+        error="out of file descriptors or memory",
+    )
 
 
 _default_pool: PipePool | None = None
@@ -440,12 +473,16 @@ class SplicePump:
         Read up to C{want} bytes from the direction's source into its pipe
         (or, once copying, into C{pending}): how many (0 at its EOF), or
         C{None} when nothing is there for now.  A socket that turns out not
-        to be spliceable (EINVAL) is copied from then on; other errors are
+        to be spliceable (EINVAL) is copied from then on; when no pipe can
+        be had (out of descriptors), this read is copied; other errors are
         raised.
         """
         if not d.copy:
             if d.pipe is None:
                 d.pipe = self._pool.take()
+                if d.pipe is None:
+                    _pipe_shortage(self._clock)
+                    return self._copy_in(d, min(want, _COPY_CHUNK))
             try:
                 n = os.splice(d.src.fd, d.pipe[1], want, flags=_SPLICE_FLAGS)
             except _WOULD_BLOCK:
@@ -460,6 +497,10 @@ class SplicePump:
             else:
                 d.held += n
                 return n
+        return self._copy_in(d, want)
+
+    def _copy_in(self, d: _Direction, want: int) -> int | None:
+        """Read up to C{want} bytes into C{pending} (user space)."""
         try:
             data = d.src.sock.recv(want)
         except _WOULD_BLOCK:
@@ -715,6 +756,7 @@ class SpliceTransfer:
 
     _release_pipe = SplicePump._release_pipe
     _take_in = SplicePump._take_in
+    _copy_in = SplicePump._copy_in
 
     # --- the end --------------------------------------------------------------------------
 

@@ -477,3 +477,26 @@ def test_out_of_descriptors_at_accept_connections_wait_and_are_served_with_one_l
     assert len(lines) == 1, lines  # one line per 10 s, not one per attempt
     assert "Too many open files" in lines[0] and "RLIMIT_NOFILE" in lines[0]
     assert "Could not accept" not in log and running.alive()
+
+
+def test_out_of_descriptors_for_a_pipe_a_large_body_is_copied_whole(relay, raw_origin, lab):
+    running, access_log = relay()
+    body = bytes(range(256)) * 4096  # 1 MiB: spliced (limits.splice_body_min is 512 KiB)
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)
+    case = raw_origin.case({"*": [send(head + body)]})
+    [worker] = _worker_pids(lab)
+    # Room for the client's and the upstream socket, none for a pipe (two more).
+    used = {int(p.name) for p in Path(f"/proc/{worker}/fd").iterdir()}
+    free = [n for n in range(max(used) + 4) if n not in used]
+    soft, hard = _nofile(worker)
+    subprocess.run(["prlimit", f"--pid={worker}", f"--nofile={free[1] + 1}:{hard}"], check=True)
+    try:
+        data, _ = client(lab, [send(b"GET /big HTTP/1.1\r\nHost: o\r\n\r\n")])
+    finally:
+        subprocess.run(["prlimit", f"--pid={worker}", f"--nofile={soft}:{hard}"], check=True)
+    response_head, _, got = data.partition(b"\r\n\r\n")
+    assert response_head.startswith(b"HTTP/1.1 200 "), running.log_text()[-3000:]
+    assert got == body, (len(got), running.log_text()[-3000:])
+    assert len(connections(case)) == 1
+    log = running.log_text()
+    assert log.count("cannot make a pipe for splice(2)") == 1, log[-3000:]

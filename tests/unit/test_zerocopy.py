@@ -651,3 +651,43 @@ def test_a_transport_aborted_by_the_owner_at_the_end_is_closed_once_as_aborted(l
     for _ in range(5):
         lab.reactor.iterate(0)
     assert (a.lost_calls, b.lost_calls) == (1, 1)
+
+
+def test_with_no_pipe_to_be_had_the_bytes_are_copied_and_the_stream_goes_on(lab, monkeypatch):
+    # Out of descriptors a pipe cannot be made: the pump copies through user space
+    # (a stream was reset before) and tries a pipe again at the next read.
+    from twisted.logger import LogLevel, globalLogPublisher
+
+    from tproxy_twist import zerocopy
+
+    pool = PipePool(keep=0)
+    pump, (a, pa), (b, pb), ends, _ = lab.pump(pool=pool)
+    pipe2 = os.pipe2
+    failing = [True]
+
+    def pipe2_while_short(flags):
+        if failing[0]:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return pipe2(flags)
+
+    monkeypatch.setattr(zerocopy.os, "pipe2", pipe2_while_short)
+    monkeypatch.setattr(zerocopy, "_shortage_log", None)
+    seen: list[dict] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        pump.start()
+        request, answer = os.urandom(300_000), os.urandom(2_000_000)
+        lab.send_all(pa, request)
+        assert lab.read(pb, len(request)) == request
+        lab.send_all(pb, answer)
+        assert lab.read(pa, len(answer)) == answer
+        assert pool.shortages > 2 and pool.in_use == 0 and ends == []
+        failing[0] = False  # descriptors back: spliced again
+        lab.send_all(pa, b"more")
+        assert lab.read(pb, 4) == b"more"
+        assert pool.in_use == 0 and ends == []
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    warnings = [e for e in seen if e.get("log_level") == LogLevel.warn]
+    assert len(warnings) == 1 and "splice" in warnings[0]["log_format"]
+    pump.abort()
