@@ -103,6 +103,14 @@ class PortFamilies:
             ["port", "reason"],
             registry=registry,
         )
+        self.accept_paused = Counter(
+            "tproxy_accept_paused",
+            "Times a port stopped accepting for half a second because accept() failed for"
+            " want of resources, by errno: EMFILE (the worker's open-files limit), ENFILE (the"
+            " system's), ENOBUFS, ENOMEM.  New connections wait in the kernel's queue meanwhile.",
+            ["port", "reason"],
+            registry=registry,
+        )
 
 
 _DEFAULT = PortFamilies(REGISTRY)
@@ -116,6 +124,7 @@ UPSTREAM_ERRORS = _DEFAULT.upstream_errors
 REJECTED = _DEFAULT.rejected
 HOST_MISMATCH = _DEFAULT.host_mismatch
 RESPONSES_INCOMPLETE = _DEFAULT.responses_incomplete
+ACCEPT_PAUSED = _DEFAULT.accept_paused
 _FAMILIES: dict[int, PortFamilies] = {id(REGISTRY): _DEFAULT}
 
 
@@ -370,6 +379,8 @@ REJECT_REASONS = (
     "bad_request", "forbidden", "loop", "limit", "timeout", "destination", "auth",
 )  # fmt: skip
 INCOMPLETE_REASONS = ("upstream", "drain", "timeout", "client")
+#: Why a port paused accepting: the errno of the failed accept() (sockets.serve_accepts).
+ACCEPT_PAUSE_REASONS = ("EMFILE", "ENFILE", "ENOBUFS", "ENOMEM")
 
 
 class PortMetrics:
@@ -402,6 +413,7 @@ class PortMetrics:
         }
         self._rejected = {r: f.rejected.labels(port, r) for r in REJECT_REASONS}
         self._incomplete = {r: f.responses_incomplete.labels(port, r) for r in INCOMPLETE_REASONS}
+        self._accept_paused = {r: f.accept_paused.labels(port, r) for r in ACCEPT_PAUSE_REASONS}
         # Children exist from the start, so every series shows 0 before the first event.
         self.bytes_in.inc(0)
         self.bytes_out.inc(0)
@@ -451,6 +463,10 @@ class PortMetrics:
 
     def incomplete(self, reason: str) -> None:
         self._incomplete[reason].inc()
+
+    def accept_paused(self, reason: str) -> None:
+        """The port paused accepting: C{reason} is the errno's name (C{EMFILE})."""
+        self._accept_paused[reason].inc()
 
 
 class _PendingHistogram:
@@ -533,4 +549,7 @@ class NullPortMetrics:
         pass
 
     def incomplete(self, reason: str) -> None:
+        pass
+
+    def accept_paused(self, reason: str) -> None:
         pass

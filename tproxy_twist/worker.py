@@ -202,7 +202,9 @@ class ProxyService(Service):
                 watch_factory(factory, port.name, reactor, self.problems.add)
             self.factories.append(factory)
             listening = reactor.adoptStreamPort(sock.fileno(), sock.family, factory)
-            _accept_within_budget(listening, self.budget, reactor, self._throttle, port.name)
+            _accept_within_budget(
+                listening, self.budget, reactor, self._throttle, port.name, factory.metrics
+            )
             self._ports.append(listening)
             log.info(
                 "{mode} port {name!r} listening on {listen}",
@@ -303,7 +305,7 @@ class ProxyService(Service):
         return self.drain(self.config.drain_timeout)
 
 
-def _accept_within_budget(port, budget, clock, throttle: LogThrottle, name: str) -> None:
+def _accept_within_budget(port, budget, clock, throttle: LogThrottle, name: str, metrics) -> None:
     """
     Accept on C{port} (L{serve_accepts}), never more connections than
     C{budget} has room for: Twisted accepts up to C{numberAccepts} in one go
@@ -319,6 +321,8 @@ def _accept_within_budget(port, budget, clock, throttle: LogThrottle, name: str)
         return port.connected and budget.used < budget.limit
 
     def on_shortage(error: OSError) -> None:
+        reason = errno.errorcode.get(error.errno or 0) or "error"
+        metrics.accept_paused(reason)
         hint = ""
         if error.errno == errno.EMFILE:
             limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -328,7 +332,7 @@ def _accept_within_budget(port, budget, clock, throttle: LogThrottle, name: str)
             )
         throttle.emit(
             log.warn,
-            "accept-" + (errno.errorcode.get(error.errno or 0) or "error"),
+            "accept-" + reason,
             "port {name!r}: cannot accept connections ({error}); they wait in the"
             " kernel's queue, accepting again in {pause:g} s{hint}",
             name=name,

@@ -169,6 +169,8 @@ def test_out_of_descriptors_a_port_pauses_accepting_and_says_so_once_per_interva
     proxy.privilegedStartService()
     proxy.startService()
     [port] = reactor.ports
+    paused: list[str] = []
+    proxy.factories[0].metrics.accept_paused = paused.append
     port.socket.error = OSError(errno.EMFILE, "Too many open files")
     seen: list[dict] = []
     globalLogPublisher.addObserver(seen.append)
@@ -185,6 +187,7 @@ def test_out_of_descriptors_a_port_pauses_accepting_and_says_so_once_per_interva
     assert "port 'forward'" in lines[0] and "Too many open files" in lines[0]
     assert "RLIMIT_NOFILE" in lines[0] and "max_connections" in lines[0]
     assert "19 more like this" in lines[1]
+    assert paused == ["EMFILE"] * 30  # every pause counted (tproxy_accept_paused_total)
     port.socket.error = None
     port.doRead()
     assert proxy.budget.used > 0  # accepting again
