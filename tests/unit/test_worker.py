@@ -101,6 +101,15 @@ def service(text: str | None = None, **kwargs) -> tuple[ProxyService, Reactor]:
     return ProxyService(C.loads(text), reactor, **kwargs), reactor
 
 
+def serving(text: str | None = None, **kwargs) -> tuple[ProxyService, Reactor, FakePort]:
+    """A started service with one port, and that port."""
+    proxy, reactor = service(text, **kwargs)
+    proxy.privilegedStartService()
+    proxy.startService()
+    [port] = reactor.ports
+    return proxy, reactor, port
+
+
 def test_privileged_start_binds_every_port_and_start_accepts_on_them():
     proxy, reactor = service()
     proxy.privilegedStartService()
@@ -125,10 +134,7 @@ def test_a_port_in_use_is_a_startup_error_naming_the_port_and_the_reason():
 
 
 def test_a_full_budget_pauses_every_port_and_one_closing_resumes_them():
-    proxy, reactor = service(max_connections=3)
-    proxy.privilegedStartService()
-    proxy.startService()
-    [port] = reactor.ports
+    proxy, reactor, port = serving(max_connections=3)
     port.doRead()
     assert port.socket.accepted == 3  # never more than the free slots in one batch
     assert proxy.budget.used == 3
@@ -141,10 +147,7 @@ def test_a_full_budget_pauses_every_port_and_one_closing_resumes_them():
 
 
 def test_a_read_event_with_a_full_budget_accepts_nothing():
-    proxy, reactor = service(max_connections=2)
-    proxy.privilegedStartService()
-    proxy.startService()
-    [port] = reactor.ports
+    proxy, reactor, port = serving(max_connections=2)
     port.doRead()
     port.doRead()  # already queued in this reactor turn: must not overshoot
     assert port.socket.accepted == 2
@@ -165,10 +168,7 @@ def test_out_of_descriptors_a_port_pauses_accepting_and_says_so_once_per_interva
 
     from tproxy_twist.sockets import ACCEPT_PAUSE
 
-    proxy, reactor = service()
-    proxy.privilegedStartService()
-    proxy.startService()
-    [port] = reactor.ports
+    proxy, reactor, port = serving()
     paused: list[str] = []
     proxy.factories[0].metrics.accept_paused = paused.append
     port.socket.error = OSError(errno.EMFILE, "Too many open files")
@@ -199,10 +199,7 @@ def test_a_paused_port_stays_paused_when_the_budget_filled_or_the_port_closed_me
 
     from tproxy_twist.sockets import ACCEPT_PAUSE
 
-    proxy, reactor = service(max_connections=2)
-    proxy.privilegedStartService()
-    proxy.startService()
-    [port] = reactor.ports
+    proxy, reactor, port = serving(max_connections=2)
     port.numberAccepts = 2
     port.doRead()  # the budget is full now
     assert proxy.budget.used == 2 and not port.reading
@@ -218,10 +215,7 @@ def test_a_paused_port_stays_paused_when_the_budget_filled_or_the_port_closed_me
 def test_a_connection_gone_before_accept_is_skipped_and_the_batch_goes_on():
     import errno
 
-    proxy, reactor = service(max_connections=5)
-    proxy.privilegedStartService()
-    proxy.startService()
-    [port] = reactor.ports
+    proxy, reactor, port = serving(max_connections=5)
     listener = port.socket
     accept = listener.accept
     errors = [OSError(errno.ECONNABORTED, "aborted")]
@@ -240,10 +234,7 @@ def test_a_connection_gone_before_accept_is_skipped_and_the_batch_goes_on():
 def test_an_error_while_accepting_is_logged_and_the_listener_stays_open():
     from twisted.logger import globalLogPublisher
 
-    proxy, reactor = service()
-    proxy.privilegedStartService()
-    proxy.startService()
-    [port] = reactor.ports
+    proxy, reactor, port = serving()
 
     def broken(addr):
         raise RuntimeError("a bug in buildProtocol")
@@ -261,10 +252,7 @@ def test_an_error_while_accepting_is_logged_and_the_listener_stays_open():
 
 
 def test_stop_service_stops_accepting_and_returns_a_deferred_that_fires_when_drained():
-    proxy, reactor = service()
-    proxy.privilegedStartService()
-    proxy.startService()
-    [port] = reactor.ports
+    proxy, reactor, port = serving()
     done = proxy.stopService()
     assert port.stopped
     assert done.called  # nothing in flight
@@ -272,10 +260,7 @@ def test_stop_service_stops_accepting_and_returns_a_deferred_that_fires_when_dra
 
 def test_stop_service_waits_for_in_flight_requests_until_the_drain_timeout():
     text = "drain_timeout = 5\n" + FORWARD.format(port=free_port())
-    proxy, reactor = service(text)
-    proxy.privilegedStartService()
-    proxy.startService()
-    [port] = reactor.ports
+    proxy, reactor, port = serving(text)
     port.numberAccepts = 1
     port.doRead()
     [connection] = proxy.factories[0].connections
