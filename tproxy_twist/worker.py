@@ -203,7 +203,13 @@ class ProxyService(Service):
             self.factories.append(factory)
             listening = reactor.adoptStreamPort(sock.fileno(), sock.family, factory)
             _accept_within_budget(
-                listening, self.budget, reactor, self._throttle, port.name, factory.metrics
+                listening,
+                self.budget,
+                reactor,
+                self._throttle,
+                port.name,
+                factory.metrics,
+                self.problems,
             )
             self._ports.append(listening)
             log.info(
@@ -305,13 +311,16 @@ class ProxyService(Service):
         return self.drain(self.config.drain_timeout)
 
 
-def _accept_within_budget(port, budget, clock, throttle: LogThrottle, name: str, metrics) -> None:
+def _accept_within_budget(
+    port, budget, clock, throttle: LogThrottle, name: str, metrics, problems=None
+) -> None:
     """
     Accept on C{port} (L{serve_accepts}), never more connections than
     C{budget} has room for: Twisted accepts up to C{numberAccepts} in one go
     and does not look at whether reading was paused in between, so a full
     budget could be overshot by a whole batch.  Out of descriptors (or
-    memory), the port pauses for a moment; one log line per 10 s says so.
+    memory), the port pauses for a moment, counted in C{metrics}; one log
+    line per 10 s says so, and goes to the status page's C{problems} too.
     """
 
     def room() -> int:
@@ -330,7 +339,7 @@ def _accept_within_budget(port, budget, clock, throttle: LogThrottle, name: str,
                 f"; this worker's open-files limit (RLIMIT_NOFILE) is {limit}: raise it"
                 " (LimitNOFILE= in the systemd unit) or lower limits.max_connections"
             )
-        throttle.emit(
+        logged = throttle.emit(
             log.warn,
             "accept-" + reason,
             "port {name!r}: cannot accept connections ({error}); they wait in the"
@@ -340,6 +349,11 @@ def _accept_within_budget(port, budget, clock, throttle: LogThrottle, name: str,
             pause=ACCEPT_PAUSE,
             hint=hint,
         )
+        if logged and problems is not None:
+            from .status.problems import ACCEPT_PAUSED, Problem
+
+            problem = Problem(time=clock.seconds(), port=name, kind=ACCEPT_PAUSED, reason=reason)
+            problems.add(problem)
 
     serve_accepts(port, clock, room=room, may_resume=may_resume, on_shortage=on_shortage)
 

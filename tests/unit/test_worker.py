@@ -194,6 +194,22 @@ def test_out_of_descriptors_a_port_pauses_accepting_and_says_so_once_per_interva
     proxy.stopService()
 
 
+def test_an_accept_pause_is_a_recent_problem_on_the_status_page_once_per_interval():
+    import errno
+
+    from tproxy_twist.sockets import ACCEPT_PAUSE
+
+    text = FORWARD.format(port=free_port()).replace('listen = ""', 'listen = "127.0.0.1:9464"', 1)
+    proxy, reactor, port = serving(text)
+    port.socket.error = OSError(errno.EMFILE, "Too many open files")
+    for _ in range(30):  # 15 s
+        port.doRead()
+        reactor.advance(ACCEPT_PAUSE)
+    problems = [(p.port, p.kind, p.reason) for p in proxy.problems.recent()]
+    assert problems == [("forward", "accept_paused", "EMFILE")] * 2
+    proxy.stopService()
+
+
 def test_a_paused_port_stays_paused_when_the_budget_filled_or_the_port_closed_meanwhile():
     import errno
 

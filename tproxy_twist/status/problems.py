@@ -34,6 +34,8 @@ RECENT = 50
 UPSTREAM_ERROR = "upstream_error"
 REJECTED = "rejected"
 TLS_REJECTED = "tls_rejected"
+#: A port stopped accepting for want of descriptors (tproxy_accept_paused_total).
+ACCEPT_PAUSED = "accept_paused"
 
 _LINE_PREFIX = "problem "
 
@@ -44,7 +46,7 @@ class Problem:
 
     time: float  # Unix seconds
     port: str
-    kind: str  # UPSTREAM_ERROR, REJECTED or TLS_REJECTED
+    kind: str  # UPSTREAM_ERROR, REJECTED, TLS_REJECTED or ACCEPT_PAUSED
     reason: str  # the metric's reason label
     client: str = "-"
     destination: str = "-"  # host:port, never a path or query
