@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionDone, NotConnectingError, UserError
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
@@ -66,6 +66,7 @@ class UpstreamAttempt:
         self.source_ip = source_ip
         self.protocol = None
         self.transport: FakeTransport | None = None
+        self.stopped = False  # stopConnecting() was called
 
     def succeed(self) -> FakeTransport:
         self.protocol = self.factory.buildProtocol(tcp_address(self.host, self.port))
@@ -78,6 +79,13 @@ class UpstreamAttempt:
 
     def fail(self, exception: BaseException) -> None:
         self.factory.clientConnectionFailed(None, Failure(exception))
+
+    def stopConnecting(self) -> None:
+        """As a Twisted connector: the attempt fails with a UserError."""
+        if self.transport is not None:
+            raise NotConnectingError()
+        self.stopped = True
+        self.fail(UserError())
 
     def close(self, reason: BaseException | None = None) -> None:
         """The upstream end closes the connection."""

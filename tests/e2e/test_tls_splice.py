@@ -459,6 +459,45 @@ SILENT_CLIENT = textwrap.dedent(
 )
 
 
+SILENT_ORIGIN_CLIENT = textwrap.dedent(
+    """
+    import socket, ssl, sys, time
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    sock = socket.create_connection((sys.argv[1], 443), timeout=60)
+    started = time.monotonic()
+    try:
+        context.wrap_socket(sock, server_hostname="origin.test")
+        print("handshake")
+    except (OSError, ssl.SSLError):
+        print("ended", round(time.monotonic() - started))
+    """
+)
+
+
+def test_an_origin_that_never_answers_is_given_up_at_the_connect_timeout(tls):
+    # The origin drops the spoofed SYNs: the splice gives up after [timeouts]
+    # connect (10 s by default), resets the client, counts it and logs a 504.
+    before = tls.metric("tproxy_upstream_errors_total", port="strict", reason="timeout")
+    tls.lab.run(
+        tls.lab.origin,
+        ["nft", "-f", "-"],
+        input=b"table inet blackhole {\n chain input {\n type filter hook input priority -10;\n"
+        b" ip saddr 198.51.100.2 tcp dport 443 drop\n }\n}\n",
+    )
+    try:
+        out = tls.python(SILENT_ORIGIN_CLIENT, Lab.ORIGIN4)
+    finally:
+        tls.lab.run(tls.lab.origin, ["nft", "delete", "table", "inet", "blackhole"])
+    word, seconds = out.split()
+    assert word == "ended" and 9 <= int(seconds) <= 30, out
+    after = tls.metric("tproxy_upstream_errors_total", port="strict", reason="timeout")
+    assert after == before + 1
+    entry = tls.wait_access_entry(lambda e: e["status"] == 504)
+    assert entry["client"] == Lab.CLIENT4 and entry["sni"] == ORIGIN_NAME
+
+
 def test_a_silent_client_is_closed_at_client_hello_timeout(tls):
     before = tls.metric("tproxy_tls_rejected_total", port="strict", reason="timeout")
     data, waited = tls.python(SILENT_CLIENT, Lab.ORIGIN4).split()

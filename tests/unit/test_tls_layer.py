@@ -237,8 +237,24 @@ def test_a_client_that_left_while_connecting_gets_no_upstream_connection():
     h = Harness()
     h.send(HELLO_BYTES)
     h.lose()
-    upstream = h.connect.last.succeed()
+    assert h.connect.last.stopped  # the attempt is called off
+    upstream = h.connect.last.succeed()  # ... or, had it connected meanwhile, closed
     assert upstream.take() == b"" and upstream.closed
+
+
+def test_an_origin_that_never_answers_is_given_up_at_the_connect_timeout():
+    h = Harness(top="[timeouts]\nconnect = 5\n")
+    h.send(HELLO_BYTES)
+    attempt = h.connect.last
+    assert attempt.timeout is None  # the connection's deadline, no timer per attempt
+    before = sample("tproxy_upstream_errors_total", port=h.name, reason="timeout")
+    h.advance(4.5)
+    assert not attempt.stopped and not h.transport.disconnecting
+    h.advance(1)
+    assert attempt.stopped and h.transport.disconnecting
+    assert sample("tproxy_upstream_errors_total", port=h.name, reason="timeout") == before + 1
+    h.lose()
+    assert h.entries[-1].status == 504
 
 
 def test_a_refused_upstream_resets_the_client_and_is_counted():

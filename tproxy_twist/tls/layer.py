@@ -34,6 +34,7 @@ host name, and a host whose clients keep refusing our certificate
 
 from __future__ import annotations
 
+from twisted.internet import error as twisted_error
 from twisted.internet import task
 from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener, IReactorTime
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
@@ -240,6 +241,15 @@ class TLSFactory(Factory):
         self._sweeper = None
 
 
+def _stop_connecting(connector) -> None:
+    """Call off a connection attempt (an upstream connector), if it still is one."""
+    if connector is not None:
+        try:
+            connector.stopConnecting()
+        except twisted_error.NotConnectingError:
+            pass  # connected or failed meanwhile: its own events follow
+
+
 @implementer(IHalfCloseableProtocol)
 class SpliceUpstream(Protocol):
     """The connection to the original destination; reports everything to its client."""
@@ -305,6 +315,7 @@ class TLSConnection(Protocol):
         self._upstream_eof = False
         self._started = 0.0
         self._connect_started = 0.0
+        self._connector = None  # the splice's upstream connector while it connects
         self._last_activity = 0.0
         self._timer = ""
         self._deadline = 0.0
@@ -437,6 +448,10 @@ class TLSConnection(Protocol):
                 upstream.transport.abortConnection()
         if previous == HELLO:
             factory.tls_metrics.action("close")  # the client left before its hello was whole
+        elif previous == CONNECTING and self._connector is not None:
+            # No connection left behind to an origin that is slow to answer.
+            connector, self._connector = self._connector, None
+            _stop_connecting(connector)
         elif previous == CONNECTING and self._origin_attempt is not None:
             self._origin_attempt.cancel()
         elif previous == HANDSHAKING:
@@ -682,11 +697,15 @@ class TLSConnection(Protocol):
         host, port = self.destination
         source = self.client_ip if self.port.spoof_client_ip else None
         self._connect_started = self._clock.seconds()
-        self.factory.connect(
-            host, port, _UpstreamFactory(self), self.factory.timeouts.connect, source
-        )
+        # The connect timeout is this connection's deadline, checked by the
+        # factory's sweep, not a timer of the connector's own: no callLater and
+        # cancel (and their heap work) per spliced connection.
+        self._connector = self.factory.connect(host, port, _UpstreamFactory(self), None, source)
+        if self.state == CONNECTING:  # not failed at once
+            self._arm("connect", self.factory.timeouts.connect)
 
     def upstream_connected(self, upstream: SpliceUpstream) -> None:
+        self._connector = None
         if self.state != CONNECTING:
             upstream.transport.abortConnection()  # the client left meanwhile
             return
@@ -754,6 +773,7 @@ class TLSConnection(Protocol):
         self.transport.loseConnection()
 
     def upstream_failed(self, reason: Failure) -> None:
+        self._connector = None
         if self.state != CONNECTING:
             return
         from ..http.session import classify_connect_failure
@@ -832,6 +852,12 @@ class TLSConnection(Protocol):
         elif kind == "linger":
             self._timer = ""
             self.abort()
+        elif kind == "connect":
+            self._timer = ""
+            connector = self._connector
+            # The metric and the log line a connector's own timeout gave.
+            self.upstream_failed(Failure(twisted_error.TimeoutError()))
+            _stop_connecting(connector)
         elif kind == "handshake":
             self.factory.throttle.emit(
                 log.info,
