@@ -603,8 +603,11 @@ def serve_accepts(
             port.startReading()
 
     def doRead() -> None:
+        free = room()
+        if free <= 0:
+            return  # another port filled the budget in this reactor turn
         try:
-            accepted = accept(min(port.numberAccepts, room()))
+            accepted = accept(min(port.numberAccepts, free))
         except Exception:
             # As Twisted's doRead: whatever went wrong, the listener stays open
             # (an exception out of doRead would make the reactor close it).
