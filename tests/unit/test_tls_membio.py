@@ -85,7 +85,8 @@ def api(request, monkeypatch) -> str:
     """Every test twice: the fast path, and what runs where pyOpenSSL's internals moved."""
     if request.param.startswith("public"):
         monkeypatch.setattr(membio, "EXACT_PENDING", False)
-        for name in ("pending_in", "pending_out", "recv", "send", "bio_write", "bio_read"):
+        names = ("pending_in", "pending_out", "recv", "send", "bio_write", "bio_read")
+        for name in (*names, "handshake_step"):
             monkeypatch.setattr(membio, f"_{name}", getattr(membio, f"_portable_{name}"))
     return request.param
 

@@ -503,3 +503,27 @@ def test_kept_name_checks_are_bounded_least_recently_used_first(
     origin, verdict = verify(trust, ports[2])  # still kept
     assert verdict.ok and len(calls) == 4
     close(origin)
+
+
+def test_a_session_offered_but_not_resumed_is_checked_by_the_full_handshake_alone(
+    counted_trust, test_ca, listen, monkeypatch
+):
+    from tproxy_twist.tls import verify as verify_module
+
+    asked = []
+    name_problem = verify_module._ResumingCreator.name_problem
+
+    def counting(creator, connection):
+        asked.append(connection)
+        return name_problem(creator, connection)
+
+    monkeypatch.setattr(verify_module._ResumingCreator, "name_problem", counting)
+    trust, calls = counted_trust
+    # No tickets, no session cache: the kept session is offered and never resumed.
+    port = listen(protocol.Factory.forProtocol(Echo), make_server_cert([ORIGIN], test_ca))
+    for _ in range(2):
+        origin, verdict = verified_and_used(trust, port)
+        assert verdict.ok and not resumed(origin)
+        close_cleanly(origin)
+    assert trust.sessions.get(("127.0.0.1", port, ORIGIN)) is not None  # it was offered
+    assert asked == [] and len(calls) == 1

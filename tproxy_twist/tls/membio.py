@@ -92,6 +92,25 @@ try:
     _SCRATCH = _ffi.new("char[]", _SCRATCH_SIZE)
 
     _SSL_pending = _lib.SSL_pending
+    _SSL_do_handshake = _lib.SSL_do_handshake
+    _SSL_get_error = _lib.SSL_get_error
+    _SSL_ERROR_WANT_READ = _lib.SSL_ERROR_WANT_READ
+
+    def _handshake_step(tls: SSL.Connection) -> bool:
+        """
+        C{tls.do_handshake()}: C{True} when done, C{False} while it waits for
+        the peer (no C{WantReadError} raised and caught per step); any other
+        outcome raises what pyOpenSSL raises.  A callback's exception (ALPN,
+        verification) fails the handshake, never leaves it waiting, so
+        pyOpenSSL's own error reporting sees every one of them.
+        """
+        result = _SSL_do_handshake(tls._ssl)
+        if result == 1:
+            return True
+        if _SSL_get_error(tls._ssl, result) == _SSL_ERROR_WANT_READ:
+            return False
+        tls._raise_ssl_error(tls._ssl, result)
+        return False  # not reached: OpenSSL had an error to report
 
     def _pending_in(tls: SSL.Connection) -> int:
         """Bytes OpenSSL holds for a further read: decrypted, or not read yet."""
@@ -170,10 +189,19 @@ def _portable_bio_read(tls: SSL.Connection, n: int) -> bytes:
     return tls.bio_read(n)
 
 
+def _portable_handshake_step(tls: SSL.Connection) -> bool:
+    try:
+        tls.do_handshake()
+    except WantReadError:
+        return False
+    return True
+
+
 if not EXACT_PENDING:  # pragma: no cover - another pyOpenSSL
     _pending_in, _pending_out = _portable_pending_in, _portable_pending_out
     _recv, _send = _portable_recv, _portable_send
     _bio_write, _bio_read = _portable_bio_write, _portable_bio_read
+    _handshake_step = _portable_handshake_step
 
 
 def _represents_eof(e: SSL.Error) -> bool:
@@ -342,12 +370,14 @@ class MemoryTLS:
     def _handshake(self) -> None:
         tls = self.connection
         try:
-            tls.do_handshake()
-        except WantReadError:
-            self._flush()
-            return
+            done = _handshake_step(tls)
+        except WantReadError:  # not raised by the inline step; pyOpenSSL's
+            done = False
         except SSL.Error:
             self._failed(Failure())
+            return
+        if not done:
+            self._flush()
             return
         if self._reason is not None:  # failVerification, yet no error (cannot happen)
             self._failed(self._reason)

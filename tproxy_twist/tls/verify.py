@@ -285,6 +285,20 @@ def _fingerprint(certificate) -> bytes:
     return hashlib.sha256(crypto.dump_certificate(crypto.FILETYPE_ASN1, certificate)).digest()
 
 
+def _resumed(connection: SSL.Connection) -> bool:
+    """
+    Whether C{connection}'s handshake resumed a session.  pyOpenSSL does not
+    say: private API (its binding's C{SSL_session_reused}), isolated here;
+    without it, C{True} (the name is checked again, as for a resumed one).
+    """
+    try:
+        from OpenSSL.SSL import _lib
+
+        return bool(_lib.SSL_session_reused(connection._ssl))
+    except (ImportError, AttributeError):
+        return True
+
+
 def _is_ip(name: str) -> bool:
     import ipaddress
 
@@ -585,7 +599,13 @@ class OriginTLS(Protocol):
         self._tls = transport.getHandle()
 
     def handshakeCompleted(self) -> None:
-        if getattr(self._creator, "offered", False) and self._tls is not None:
+        # A session offered but not resumed: a full handshake, whose verify
+        # callback checked the name already.
+        if (
+            getattr(self._creator, "offered", False)
+            and self._tls is not None
+            and _resumed(self._tls)
+        ):
             problem = self._creator.name_problem(self._tls)
             if problem is not None:
                 self._decide(OriginVerdict("bad_name", problem))
