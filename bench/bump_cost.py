@@ -30,10 +30,12 @@ request with a small 200).  Rows:
 Printed: CPU microseconds (best of C{--rounds}).  C{--callgrind} runs each
 row under C{valgrind --tool=callgrind} twice (C{N} and C{2N} exchanges,
 C{N/10} and C{N/5} connections) and prints the difference of the two
-totals per exchange: instructions in user space, the same on every run to
-a fraction of a per cent (cyclic GC runs included).  Self-contained (imports
-nothing from bench/) so that another checkout's proxy can be measured with
-this file.
+totals per exchange: instructions in user space (cyclic GC runs included),
+with C{PYTHONHASHSEED=0} so that dict and set layouts repeat too (without
+it the plain row moved by 4% between runs; a handshake's random values
+still move the connection rows by a per cent or two).  Self-contained
+(imports nothing from bench/) so that another checkout's proxy can be
+measured with this file.
 """
 
 from __future__ import annotations
@@ -381,7 +383,9 @@ def _callgrind(row: str, n: int, resumption: bool) -> int:
         ]  # fmt: skip
         if not resumption:
             argv.append("--no-resumption")
-        done = subprocess.run(argv, capture_output=True, text=True, check=True)
+        # One string hash for every run: dict and set layouts, and so the count, repeat.
+        env = dict(os.environ, PYTHONHASHSEED="0")
+        done = subprocess.run(argv, capture_output=True, text=True, check=True, env=env)
         match = re.search(r"Collected : (\d+)", done.stderr)
         if match is None:
             raise SystemExit(f"callgrind: {done.stderr[-2000:]}")
