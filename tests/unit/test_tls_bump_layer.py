@@ -362,6 +362,28 @@ def test_requests_go_over_the_verified_origin_and_are_logged_as_https(origins):
     assert entry.client == "198.51.100.2"
 
 
+class DeliveringTransport(TLSTransport):
+    """A TLS transport that, as MemoryTLS, can hand the decrypted bytes elsewhere."""
+
+    receive = None
+
+    def deliver_to(self, receive) -> None:
+        self.receive = receive
+
+
+def test_a_bumped_clients_decrypted_bytes_go_straight_to_its_http_relay(origins):
+    h = Harness(origins)
+    h.transport = DeliveringTransport(host=h.transport.getHost(), peer=h.transport.getPeer())
+    h.protocol = h.factory.buildProtocol(None)
+    h.protocol.makeConnection(h.transport)
+    origin, origin_transport = h.bumped()
+    assert h.transport.receive == h.protocol.http.dataReceived
+    h.transport.receive(b"GET / HTTP/1.1\r\nHost: www.example.org\r\n\r\n")
+    assert origin_transport.take().startswith(b"GET / HTTP/1.1\r\n")
+    origin.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert h.transport.value().endswith(b"\r\n\r\nok")
+
+
 def test_a_host_naming_another_server_than_the_sni_is_misdirected_when_strict(origins):
     h = Harness(origins, extra="host_verify_strict = true\n")
     h.bumped()

@@ -85,7 +85,8 @@ def api(request, monkeypatch) -> str:
     """Every test twice: the fast path, and what runs where pyOpenSSL's internals moved."""
     if request.param.startswith("public"):
         monkeypatch.setattr(membio, "EXACT_PENDING", False)
-        for name in ("pending_in", "pending_out", "recv", "send", "bio_write", "bio_read"):
+        names = ("pending_in", "pending_out", "recv", "send", "bio_write", "bio_read")
+        for name in (*names, "handshake_step"):
             monkeypatch.setattr(membio, f"_{name}", getattr(membio, f"_portable_{name}"))
     return request.param
 
@@ -258,6 +259,35 @@ def test_a_large_write_is_encrypted_in_records_and_sent_in_one_write(pair):
     assert len(wire) > len(body)
     feed(pair.server, wire, chunks=[4000])
     assert pair.server_app.data == body
+
+
+def test_whole_records_partial_records_and_several_at_once_each_arrive_when_complete(pair):
+    wires = []
+    for i in range(4):
+        pair.client.write(b"record %d;" % i)
+        wires.append(pair.client_tcp.take())
+    calls = []
+    pair.server_app.dataReceived = calls.append
+    pair.server.dataReceived(wires[0])  # one whole record
+    pair.server.dataReceived(wires[1] + wires[2][:7])  # a whole one and part of the next
+    pair.server.dataReceived(wires[2][7:])  # the rest of it: on its own, not a whole record
+    pair.server.dataReceived(wires[3])
+    assert calls == [b"record 0;", b"record 1;", b"record 2;", b"record 3;"]
+
+
+def test_decrypted_bytes_go_where_deliver_to_says_and_other_events_to_the_protocol(pair):
+    received = []
+    pair.server.deliver_to(received.append)
+    pair.client.write(b"one")
+    pair.to_server()
+    pair.client.write(b"two")
+    pair.client.write(b"three")
+    pair.to_server()  # two records in one read: the other path
+    assert received == [b"one", b"twothree"] and pair.server_app.data == b""
+    pair.client.loseConnection()
+    pair.to_server()
+    pair.lose_tcp(pair.server)
+    assert pair.server_app.lost.check(ConnectionDone)
 
 
 @settings(

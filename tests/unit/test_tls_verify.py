@@ -424,3 +424,106 @@ def test_a_name_check_that_breaks_fails_closed_and_logs_once_per_interval(
     failures = [e for e in events if e.get("log_failure") is not None]
     assert len(failures) == 1
     assert failures[0]["log_failure"].check(RuntimeError)
+
+
+# --- full handshakes: the name check kept per (certificate, name) --------------------------
+
+
+@pytest.fixture
+def counted_trust(test_ca, tmp_path: Path, monkeypatch):
+    """A shared-context trust whose service_identity pattern extractions are counted."""
+    import twisted.internet._service_identity as service_identity
+
+    calls = []
+    extract = service_identity.extract_patterns
+
+    def counting(certificate):
+        calls.append(certificate)
+        return extract(certificate)
+
+    monkeypatch.setattr(service_identity, "extract_patterns", counting)
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(test_ca.cert_pem)
+    trust = OriginTrust(load_trust_root(str(bundle)), clock=Clock())
+    assert trust.resumes  # the shared context, whose callback checks the name
+    return trust, calls
+
+
+def test_a_full_handshakes_name_check_is_kept_per_certificate_and_name(
+    counted_trust, test_ca, listen
+):
+    trust, calls = counted_trust
+    first = listen(protocol.Factory.forProtocol(Echo), make_server_cert([ORIGIN], test_ca))
+    for _ in range(2):  # no session offered (no destination): two full handshakes
+        origin, verdict = verify(trust, first)
+        assert verdict.ok
+        close(origin)
+    assert len(calls) == 1
+    # Another certificate for the same name: checked again.
+    second = listen(protocol.Factory.forProtocol(Echo), make_server_cert([ORIGIN], test_ca))
+    origin, verdict = verify(trust, second)
+    assert verdict.ok and len(calls) == 2
+    close(origin)
+    # The same certificate for a name it does not carry: checked, and refused each time.
+    for _ in range(2):
+        origin, verdict = verify(trust, first, "elsewhere.example")
+        assert verdict.result == "bad_name" and "elsewhere.example" in verdict.detail
+        close(origin)
+    assert len(calls) == 3
+
+
+def test_a_kept_name_check_never_passes_a_chain_that_fails(counted_trust, listen):
+    trust, calls = counted_trust
+    port = listen(protocol.Factory.forProtocol(Echo), make_server_cert([ORIGIN], None))
+    for _ in range(2):
+        origin, verdict = verify(trust, port)
+        assert verdict.result == "unknown_issuer"  # OpenSSL checks the chain every time
+        close(origin)
+
+
+def test_kept_name_checks_are_bounded_least_recently_used_first(
+    counted_trust, test_ca, listen, monkeypatch
+):
+    from tproxy_twist.tls import verify as verify_module
+
+    monkeypatch.setattr(verify_module, "_NAME_CHECKS_KEPT", 2)
+    trust, calls = counted_trust
+    ports = [
+        listen(protocol.Factory.forProtocol(Echo), make_server_cert([ORIGIN], test_ca))
+        for _ in range(3)
+    ]
+    for port in ports:
+        origin, verdict = verify(trust, port)
+        assert verdict.ok
+        close(origin)
+    assert len(calls) == 3 and len(trust.sessions.name_checks) == 2
+    origin, verdict = verify(trust, ports[0])  # the oldest was dropped: checked again
+    assert verdict.ok and len(calls) == 4
+    close(origin)
+    origin, verdict = verify(trust, ports[2])  # still kept
+    assert verdict.ok and len(calls) == 4
+    close(origin)
+
+
+def test_a_session_offered_but_not_resumed_is_checked_by_the_full_handshake_alone(
+    counted_trust, test_ca, listen, monkeypatch
+):
+    from tproxy_twist.tls import verify as verify_module
+
+    asked = []
+    name_problem = verify_module._ResumingCreator.name_problem
+
+    def counting(creator, connection):
+        asked.append(connection)
+        return name_problem(creator, connection)
+
+    monkeypatch.setattr(verify_module._ResumingCreator, "name_problem", counting)
+    trust, calls = counted_trust
+    # No tickets, no session cache: the kept session is offered and never resumed.
+    port = listen(protocol.Factory.forProtocol(Echo), make_server_cert([ORIGIN], test_ca))
+    for _ in range(2):
+        origin, verdict = verified_and_used(trust, port)
+        assert verdict.ok and not resumed(origin)
+        close_cleanly(origin)
+    assert trust.sessions.get(("127.0.0.1", port, ORIGIN)) is not None  # it was offered
+    assert asked == [] and len(calls) == 1

@@ -605,6 +605,10 @@ class TLSConnection(Protocol):
         self.status = 200
         self.http = self.factory.http.buildBumped(self)
         self.http.makeConnection(self.transport)
+        # Decrypted bytes straight to the HTTP relay (what dataReceived does when BUMPED).
+        deliver_to = getattr(self.transport, "deliver_to", None)
+        if deliver_to is not None:
+            deliver_to(self.http.dataReceived)
 
     def _client_handshake_failed(self, reason: Failure) -> None:
         factory = self.factory

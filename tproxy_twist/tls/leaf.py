@@ -324,6 +324,8 @@ class BumpServerTLS:
         sni = connection.get_servername()
         if sni is None:
             name = expected
+        elif expected is not None and sni == expected.encode():
+            name = expected  # what leaf_name(sni) is: the name was made from this SNI
         else:
             name = leaf_name(sni)
             if expected is not None and name != expected:

@@ -20,9 +20,15 @@ What it saves against C{startTLS} (bench/README.md, "Branch bumprelay"):
     in one C{dataReceived}; the loop stops when OpenSSL has nothing buffered
     (C{SSL_pending} and the read BIO's length) instead of on a C{WantReadError}
     per read, and the write BIO is looked at only when it holds something;
+    one whole application-data record (the common case) costs two calls
+    into OpenSSL, C{BIO_write} and C{SSL_read}, nothing asked besides (each
+    call costs about 1,000-2,000 instructions of cffi and GIL hand-over);
   - writes: one C{SSL_write} of the whole write (the memory BIO takes it
-    all), one C{bio_read} of exactly what is pending, one C{send} to the
-    socket (L{DirectWriter}) when nothing is buffered;
+    all), one C{BIO_read} of what is pending (a small write's records read
+    into the scratch buffer without asking how long they are), one C{send}
+    to the socket (L{DirectWriter}) when nothing is buffered;
+  - L{MemoryTLS.deliver_to}: the decrypted bytes can go straight to the
+    protocol that uses them, past one that would only pass them on;
   - a producer registered by the protocol is registered with the TCP
     transport only once a write has to be buffered (as L{DirectWriter} does).
 
@@ -40,8 +46,9 @@ Private pyOpenSSL API, isolated in the functions at the top of this module
 (pinned by tests/unit/test_tls_membio.py): the connection's BIOs and its
 binding's C{BIO_get_mem_data}, to learn how many bytes a BIO holds; its
 binding's C{SSL_read}/C{SSL_write}/C{BIO_read}/C{BIO_write} into one
-scratch buffer, with pyOpenSSL's own C{_raise_ssl_error} for every error
-(pyOpenSSL's methods allocate a buffer and check arguments per call).
+scratch buffer (bytes passed as the pointer: cffi takes them as they are),
+with pyOpenSSL's own C{_raise_ssl_error} for every error (pyOpenSSL's
+methods allocate a buffer and check arguments per call).
 Where it is missing, pyOpenSSL's public methods are used and the loops read
 until C{WantReadError}: slower, the same bytes.
 """
@@ -62,6 +69,10 @@ __all__ = ["MemoryTLS", "client_tls", "server_tls"]
 _RECV = 1 << 15
 # A bio_read without knowing how much is there (the fallback).
 _BIO_CHUNK = 1 << 16
+# A write this small is read back from the write BIO into the scratch buffer
+# at once (its records are at most a few hundred bytes longer); a larger one
+# asks the BIO how much it holds and reads it in one piece.
+_SMALL_WRITE = _RECV // 2
 
 try:
     from OpenSSL.SSL import _ffi, _lib
@@ -74,12 +85,32 @@ try:
     _BIO_write = _lib.BIO_write
     _from_buffer = _ffi.from_buffer
     _as_bytes = _ffi.buffer
+    _unpack = _ffi.unpack  # bytes from a char[]: one call, one copy
     # One reactor thread: one buffer for every SSL_read and BIO_read of this
     # module (pyOpenSSL allocates one per call).
     _SCRATCH_SIZE = _RECV
     _SCRATCH = _ffi.new("char[]", _SCRATCH_SIZE)
 
     _SSL_pending = _lib.SSL_pending
+    _SSL_do_handshake = _lib.SSL_do_handshake
+    _SSL_get_error = _lib.SSL_get_error
+    _SSL_ERROR_WANT_READ = _lib.SSL_ERROR_WANT_READ
+
+    def _handshake_step(tls: SSL.Connection) -> bool:
+        """
+        C{tls.do_handshake()}: C{True} when done, C{False} while it waits for
+        the peer (no C{WantReadError} raised and caught per step); any other
+        outcome raises what pyOpenSSL raises.  A callback's exception (ALPN,
+        verification) fails the handshake, never leaves it waiting, so
+        pyOpenSSL's own error reporting sees every one of them.
+        """
+        result = _SSL_do_handshake(tls._ssl)
+        if result == 1:
+            return True
+        if _SSL_get_error(tls._ssl, result) == _SSL_ERROR_WANT_READ:
+            return False
+        tls._raise_ssl_error(tls._ssl, result)
+        return False  # not reached: OpenSSL had an error to report
 
     def _pending_in(tls: SSL.Connection) -> int:
         """Bytes OpenSSL holds for a further read: decrypted, or not read yet."""
@@ -95,7 +126,7 @@ try:
         if n <= 0:
             tls._raise_ssl_error(tls._ssl, n)
             raise WantReadError()  # not reached: OpenSSL had an error to report
-        return _as_bytes(_SCRATCH, n)[:]
+        return _unpack(_SCRATCH, n)
 
     def _send(tls: SSL.Connection, data: bytes) -> int:
         """C{tls.send}: SSL_write; the same exceptions."""
@@ -119,7 +150,7 @@ try:
         n = _BIO_read(tls._from_ssl, _SCRATCH, n)
         if n <= 0:
             raise WantReadError()
-        return _as_bytes(_SCRATCH, n)[:]
+        return _unpack(_SCRATCH, n)
 
     _probe = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
     _probe._into_ssl, _probe._from_ssl, _probe._ssl, _probe._raise_ssl_error  # noqa: B018
@@ -158,10 +189,19 @@ def _portable_bio_read(tls: SSL.Connection, n: int) -> bytes:
     return tls.bio_read(n)
 
 
+def _portable_handshake_step(tls: SSL.Connection) -> bool:
+    try:
+        tls.do_handshake()
+    except WantReadError:
+        return False
+    return True
+
+
 if not EXACT_PENDING:  # pragma: no cover - another pyOpenSSL
     _pending_in, _pending_out = _portable_pending_in, _portable_pending_out
     _recv, _send = _portable_recv, _portable_send
     _bio_write, _bio_read = _portable_bio_write, _portable_bio_read
+    _handshake_step = _portable_handshake_step
 
 
 def _represents_eof(e: SSL.Error) -> bool:
@@ -208,6 +248,9 @@ class MemoryTLS:
         "_ssl",
         "_into",
         "_from",
+        "_fast",
+        "_clean",
+        "_receive",
     )
 
     factory = _NoFactory()
@@ -228,6 +271,11 @@ class MemoryTLS:
         self._tls_over = False  # close_notify, an error or an abort: no more TLS either way
         self._aborted = False
         self._ssl = self._into = self._from = None  # the connection's (private API)
+        # The inline paths apply: the private API is there, the handshake is done,
+        # nothing waits to be written, TLS is not over (kept by _check_fast).
+        self._fast = False
+        self._clean = False  # the read BIO is known to be empty (the inline read path)
+        self._receive = None  # deliver_to: where decrypted bytes go instead of the protocol
 
     # --- the TCP transport's protocol --------------------------------------------------
 
@@ -236,24 +284,46 @@ class MemoryTLS:
         self.transport = transport
 
     def dataReceived(self, data: bytes) -> None:
-        if self._tls_over:
-            return
-        if EXACT_PENDING and self.handshake_done and not self._waiting:
+        if self._fast:
             # The common case inline: one record in, its plaintext out in one call.
-            ssl, into = self._ssl, self._into
-            with _from_buffer(data) as pointer:
-                _BIO_write(into, pointer, len(data))
-            n = _SSL_read(ssl, _SCRATCH, _SCRATCH_SIZE)
-            if n > 0 and not _SSL_pending(ssl) and not _mem_data(into, _NULL):
-                if not self._aborted:
-                    self.protocol.dataReceived(_as_bytes(_SCRATCH, n)[:])
-                if not self._tls_over and _mem_data(self._from, _NULL):
-                    self._flush()
+            # A TCP transport's data is bytes, which cffi passes as the pointer.
+            # Each call into OpenSSL costs about 2,000 instructions of cffi and
+            # GIL hand-over besides its work: as few as can be (bench/bump_cost.py).
+            into = self._into
+            _BIO_write(into, data, len(data))
+            n = _SSL_read(self._ssl, _SCRATCH, _SCRATCH_SIZE)
+            if not 0 < n < _SCRATCH_SIZE:
+                self._clean = False
+                self._read([_unpack(_SCRATCH, n)] if n > 0 else [], None if n > 0 else n)
                 return
-            self._read([_as_bytes(_SCRATCH, n)[:]] if n > 0 else [], None if n > 0 else n)
+            # Less than the buffer: the record's plaintext was read whole (one
+            # record's, at most 16 KiB, per SSL_read): OpenSSL holds nothing decrypted.
+            if self._clean and len(data) > 5 and len(data) == (data[3] << 8 | data[4]) + 5:
+                # The read BIO was empty and this is one whole record: it was read
+                # (the BIO is empty again), and it was application data, which
+                # OpenSSL answers with nothing.
+                answered = False
+            elif _mem_data(into, _NULL):
+                self._clean = False  # more records (or part of one) to read
+                self._read([_unpack(_SCRATCH, n)])
+                return
+            else:
+                # Everything was read; records before this one (a KeyUpdate, a
+                # ticket) may have made OpenSSL answer.
+                self._clean = answered = True
+            receive = self._receive
+            if receive is None:
+                self.protocol.dataReceived(_unpack(_SCRATCH, n))
+            else:
+                receive(_unpack(_SCRATCH, n))
+            if answered and self._fast and _mem_data(self._from, _NULL):
+                self._flush()
+            return
+        if self._tls_over:
             return
         tls = self.connection
         _bio_write(tls, data)
+        self._clean = False  # what is left of it is not known
         if not self.handshake_done:
             self._handshake()
             if not self.handshake_done or self._tls_over:
@@ -271,9 +341,12 @@ class MemoryTLS:
             else:
                 self._handshake()
             self._tls_over = True
+            self._fast = False
         reason = self._reason or reason
         self._reason = None
         self.connected = False
+        self._fast = False
+        self._receive = None
         self.connection = None  # no cycle through its callbacks' references to this
         protocol, self.protocol = self.protocol, None
         if protocol is not None:
@@ -297,17 +370,20 @@ class MemoryTLS:
     def _handshake(self) -> None:
         tls = self.connection
         try:
-            tls.do_handshake()
-        except WantReadError:
-            self._flush()
-            return
+            done = _handshake_step(tls)
+        except WantReadError:  # not raised by the inline step; pyOpenSSL's
+            done = False
         except SSL.Error:
             self._failed(Failure())
+            return
+        if not done:
+            self._flush()
             return
         if self._reason is not None:  # failVerification, yet no error (cannot happen)
             self._failed(self._reason)
             return
         self.handshake_done = True
+        self._check_fast()
         if _pending_out(tls):
             self._flush()  # the Finished, or TLS 1.3 session tickets
         completed = getattr(self.protocol, "handshakeCompleted", None)
@@ -318,6 +394,19 @@ class MemoryTLS:
         if self.disconnecting and not self._tls_over and not self._waiting:
             if self.producer is None:
                 self._shutdown()
+
+    def _check_fast(self) -> None:
+        self._fast = (
+            EXACT_PENDING and self.handshake_done and not self._waiting and not self._tls_over
+        )
+
+    def deliver_to(self, receive) -> None:
+        """
+        From now on the decrypted bytes go to C{receive(data)} instead of the
+        protocol's C{dataReceived}; the protocol keeps every other event.  For a
+        protocol that would only pass them on (one call less per read).
+        """
+        self._receive = receive
 
     def failVerification(self, reason: Failure) -> None:
         """Twisted's verify callback found the wrong name: the handshake fails with C{reason}."""
@@ -360,7 +449,8 @@ class MemoryTLS:
     def _deliver(self, parts: list[bytes]) -> None:
         if not parts or self._aborted or self.protocol is None:
             return
-        self.protocol.dataReceived(parts[0] if len(parts) == 1 else b"".join(parts))
+        receive = self._receive or self.protocol.dataReceived
+        receive(parts[0] if len(parts) == 1 else b"".join(parts))
 
     def _flush(self) -> None:
         """Send what OpenSSL wrote to the write BIO."""
@@ -400,6 +490,7 @@ class MemoryTLS:
         except WantReadError:
             # A renegotiation or a key change needs the peer's answer first.
             self._waiting.append(data[sent:])
+            self._fast = False
             if self.producer is not None:
                 self.producer.pauseProducing()
         except SSL.Error:
@@ -410,6 +501,7 @@ class MemoryTLS:
     def _write_waiting(self) -> None:
         waiting, self._waiting = self._waiting, []
         self._encrypt(b"".join(waiting))
+        self._check_fast()
         if self._waiting or self._tls_over:
             return
         if self.producer is not None:
@@ -421,6 +513,7 @@ class MemoryTLS:
         """close_notify after what was written, then the TCP connection closes."""
         tls = self.connection
         self._tls_over = True
+        self._fast = False
         try:
             tls.shutdown()
         except SSL.Error:
@@ -438,6 +531,7 @@ class MemoryTLS:
         if self._reason is None:
             self._reason = failure
         self._tls_over = True
+        self._fast = False
         if self.connection is not None and _pending_out(self.connection):
             self._flush()  # OpenSSL's alert
         self.transport.loseConnection()
@@ -445,22 +539,24 @@ class MemoryTLS:
     # --- the protocol's transport -------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        if (
-            EXACT_PENDING
-            and self.handshake_done
-            and not (self._waiting or self._tls_over or self.disconnecting)
-            and data
-        ):
+        if self._fast and not self.disconnecting and data:
             # The common case inline: one SSL_write, one BIO_read, one send.
-            with _from_buffer(data) as pointer:
-                n = _SSL_write(self._ssl, pointer, len(data))
+            try:
+                n = _SSL_write(self._ssl, data, len(data))  # bytes: cffi passes the pointer
+            except TypeError:  # another buffer: through pyOpenSSL's copy
+                self._encrypt(bytes(data))
+                return
             if n == len(data):
-                out = self._from
-                pending = _mem_data(out, _NULL)
-                if 0 < pending <= _SCRATCH_SIZE:
-                    self._sender.write(_as_bytes(_SCRATCH, _BIO_read(out, _SCRATCH, pending))[:])
-                else:
-                    self._flush()
+                if n <= _SMALL_WRITE:
+                    # Its records fit the scratch buffer: read them without asking
+                    # how much there is (if it comes back full, there is more).
+                    out = _BIO_read(self._from, _SCRATCH, _SCRATCH_SIZE)
+                    if 0 < out < _SCRATCH_SIZE:
+                        self._sender.write(_unpack(_SCRATCH, out))
+                        return
+                    if out > 0:
+                        self._sender.write(_unpack(_SCRATCH, out))
+                self._flush()
                 return
             self._encrypt(data, n)
             return
@@ -488,6 +584,7 @@ class MemoryTLS:
         self._aborted = True
         self.disconnecting = True
         self._tls_over = True
+        self._fast = False
         self.transport.abortConnection()
 
     def loseWriteConnection(self) -> None:
