@@ -7,13 +7,15 @@ path (L{policy.upstream_fields} + L{headers.serialize_request_head}).
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_session import Rig
 
+from tproxy_twist.http import framing, policy
 from tproxy_twist.http import headers as H
-from tproxy_twist.http import policy
 from tproxy_twist.http.framing import (
     ProtocolError,
     Request,
@@ -289,3 +291,83 @@ def test_the_plain_host_shortcut_accepts_only_what_the_full_check_accepts(value)
     assert match is not None
     host, port = match.groups()
     assert port is None and host[:1] != b"[" and framing._valid_host(value)
+
+
+# --- what the reader finds in one pass equals what the field list says -----------------
+
+# The definitions the policy used before the reader found them in its one pass:
+# a rewritten field (hop-by-hop, Via, X-Forwarded-For) at a line start, and
+# field lines that serialize back byte for byte.
+_REWRITTEN = re.compile(
+    rb"\r\n(?:"
+    + b"|".join(re.escape(name) for name in sorted(H.HOP_BY_HOP | {b"via", b"x-forwarded-for"}))
+    + rb"):",
+    re.IGNORECASE,
+)
+_UNCANONICAL_COLON = re.compile(rb"\r\n[^:\r]*:(?! [^ \r])")
+
+
+def _plain_by_definition(block: bytes) -> bool:
+    return (
+        _REWRITTEN.search(block) is None
+        and b"\t" not in block
+        and b" \r\n" not in block
+        and block[-1:] != b" "
+        and _UNCANONICAL_COLON.search(block) is None
+    )
+
+
+def test_the_managed_fields_are_the_hop_by_hop_ones_via_and_x_forwarded_for():
+    assert framing.MANAGED_FIELDS == H.HOP_BY_HOP | {b"via", b"x-forwarded-for"}
+
+
+def _lookups_agree(message) -> None:
+    """get/get_all on the block (no field list yet) say what the field list says."""
+    names = {n.lower() for n, _ in framing._field_list(message._block)}
+    for name in names | {b"host", b"via", b"content-type", b"absent", b"te"}:
+        lazy_one, lazy_all = message.get(name), message.get_all(name)
+        fields = [v for n, v in framing._field_list(message._block) if n.lower() == name]
+        assert lazy_one == (fields[0] if fields else None), name
+        assert lazy_all == fields, name
+
+
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@given(heads())
+def test_plain_and_the_lookups_of_a_request_agree_with_their_definitions(head):
+    try:
+        request = parse(head)
+    except (ProtocolError, AssertionError):
+        return
+    assert request.plain == _plain_by_definition(head[: head.index(b"\r\n\r\n")])
+    if request.head is not None:
+        _lookups_agree(request)
+        assert request.headers == framing._field_list(request.head)
+
+
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@given(response_heads())
+def test_plain_and_the_lookups_of_a_response_agree_with_their_definitions(head):
+    try:
+        response = parse_response(head)
+    except (ProtocolError, AssertionError):
+        return
+    if response.interim:
+        return
+    assert response.plain == _plain_by_definition(head[: head.index(b"\r\n\r\n")])
+    if response.head is not None:
+        _lookups_agree(response)
+
+
+def test_a_bodiless_request_can_be_ended_without_its_end_of_message_event():
+    reader = RequestReader()
+    reader.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert isinstance(reader.next_event(), Request)
+    assert reader.end_bodiless()
+    assert reader.next_event() is framing.PAUSED
+    reader.start_next()
+    assert reader.next_event().target == b"/2"
+    reader = RequestReader()
+    reader.feed(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nok")
+    assert isinstance(reader.next_event(), Request)
+    assert not reader.end_bodiless()  # a body follows: nothing changes
+    assert reader.next_event() == framing.Data(b"ok")

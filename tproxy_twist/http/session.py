@@ -687,8 +687,9 @@ class Session:
         return _Exchange(request, record)
 
     def _start_request(self, request: Request) -> None:
+        # The deadline is armed where the request leaves HEAD/IDLE: on its way
+        # upstream (CONNECTING, SENDING, AWAITING) or answered by the proxy.
         config = self._config
-        self._arm(_DL_IDLE, config.timeouts.idle)
         record = ExchangeRecord(
             self._clock.seconds(), self.client_ip, request.method, request.target
         )
@@ -771,7 +772,10 @@ class Session:
             exchange.large = True
             self._io.large_reads(None, True)  # a large upload: larger reads
         exchange.head = head
-        exchange.replayable = request.body == "none"
+        if request.body == "none":
+            exchange.replayable = True
+            # No EndOfMessage event to wait for: the whole request is here.
+            exchange.request_done = self._reader.end_bodiless()
         self._admit(destination)
 
     def _admit(self, destination: tuple[str, int]) -> None:
@@ -780,10 +784,16 @@ class Session:
         this thread, so the session waits in CONNECTING, reading no further)
         before its upstream connection is used or made.
         """
-        if not self._config.authenticates:
+        config = self._config
+        if not config.authenticates:
+            up = self._up
+            if up is None or up.lost or up.destination != destination:
+                # CONNECTING (a reused upstream gets SENDING's or AWAITING's deadline).
+                self._arm(_DL_IDLE, config.timeouts.idle)
             self._use_upstream(destination)
             return
         self.state = _CONNECTING
+        self._arm(_DL_IDLE, config.timeouts.idle)
         link = self._connecting = self._admitting = Link(destination)
         self._io.authenticate(
             link, self.client_ip, self._exchange.request.get(b"proxy-authorization")
@@ -1089,7 +1099,9 @@ class Session:
                 up.served += 1
                 self._finish_exchange()
             else:  # NEED_DATA, PAUSED (after a tunnel head) or CLOSED
-                return
+                break
+        if self.state is _RESPONDING and self.deadline_kind is not _DL_IDLE:
+            self._arm(_DL_IDLE, self._config.timeouts.idle)
 
     def _relay_response_head(self, exchange: _Exchange, response: Response) -> None:
         tunnel = response.body == "tunnel"
@@ -1104,8 +1116,9 @@ class Session:
         record.status = response.status
         record.content_type = response.get(b"content-type") or b"-"
         exchange.upstream_keep_alive = response.keep_alive and not exchange.tunnel
+        # RESPONDING's deadline (IDLE) is armed when _relay_response returns
+        # with the response unfinished: most end in the same read.
         self.state = _RESPONDING
-        self._arm(_DL_IDLE, self._config.timeouts.idle)
         body = response.body
         if body != "none" and (
             response.content_length is None or response.content_length > LARGE_BODY
