@@ -371,3 +371,108 @@ def test_a_bodiless_request_can_be_ended_without_its_end_of_message_event():
     assert isinstance(reader.next_event(), Request)
     assert not reader.end_bodiless()  # a body follows: nothing changes
     assert reader.next_event() == framing.Data(b"ok")
+
+
+# --- the trimmed heads: plain but for Connection, Keep-Alive, Proxy-Connection ---------
+
+_TRIM_NAMES = st.sampled_from(
+    [
+        b"Accept", b"Cookie", b"Connection", b"connection", b"Keep-Alive", b"Proxy-Connection",
+        b"Accept", b"Cookie", b"Connection", b"CONNECTION", b"Keep-Alive", b"Proxy-Connection",
+        b"Close", b"X-A", b"Content-Length", b"Via", b"TE", b"Upgrade", b"Connections",
+    ]
+)  # fmt: skip
+_TRIM_VALUES = st.sampled_from(
+    [b"keep-alive", b"close", b"Keep-Alive", b"keep-alive, close", b"x-a", b"timeout=5",
+     b"keep-alive", b"close", b"upgrade", b"*/*", b"0", b"a b", b""]
+)  # fmt: skip
+
+
+@st.composite
+def trim_heads(draw, start: bytes) -> bytes:
+    lines = [start]
+    # Mostly plain lines ("name: value"), so that many heads are trimmed.
+    before = st.sampled_from([b" ", b" ", b" ", b" ", b"", b"  ", b"\t"])
+    after = st.sampled_from([b"", b"", b"", b"", b" "])
+    fields = draw(st.lists(st.tuples(_TRIM_NAMES, before, _TRIM_VALUES, after), max_size=5))
+    if start.startswith(b"GET"):
+        fields.insert(draw(st.integers(0, len(fields))), (b"Host", b" ", b"example.com", b""))
+    for name, before, value, after in fields:
+        lines.append(name + b":" + before + value + after)
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    trim_heads(b"GET /a HTTP/1.1"),
+    st.sampled_from([VIA, None]),
+    st.sampled_from(["off", "append", "strip"]),
+)
+def test_trimmed_and_slow_paths_send_the_same_request_bytes(head, via, xff_mode):
+    try:
+        request = parse(head)
+    except (ProtocolError, AssertionError):
+        return
+    trimmed = policy.trimmed_head(request, via=via, xff_mode=xff_mode, client_ip=CLIENT)
+    if trimmed is not None:
+        assert trimmed == slow(request, via, xff_mode)
+        assert not request.plain
+
+
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@given(trim_heads(b"HTTP/1.1 200 OK"), st.sampled_from([VIA, None]))
+def test_trimmed_and_slow_paths_send_the_same_response_bytes(head, via):
+    try:
+        response = parse_response(head)
+    except (ProtocolError, AssertionError):
+        return
+    trimmed = policy.trimmed_response_head(response, via)
+    if trimmed is not None:
+        assert trimmed == slow_response(response, via)
+        assert not response.plain
+
+
+def test_keep_alive_heads_of_browsers_and_nginx_are_trimmed():
+    request = parse(
+        b"GET / HTTP/1.1\r\nHost: a\r\nUser-Agent: Mozilla/5.0\r\nConnection: keep-alive\r\n"
+        b"Proxy-Connection: keep-alive\r\nAccept: */*\r\n\r\n"
+    )
+    trimmed = policy.trimmed_head(request, via=VIA, xff_mode="off", client_ip=CLIENT)
+    assert trimmed == (
+        b"GET / HTTP/1.1\r\nHost: a\r\nUser-Agent: Mozilla/5.0\r\nAccept: */*\r\nVia: " + VIA
+        + b"\r\n\r\n"
+    )  # fmt: skip
+    assert trimmed == slow(request, VIA, "off")
+    response = parse_response(
+        b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Length: 3\r\nConnection: keep-alive\r\n"
+        b'Keep-Alive: timeout=5\r\nETag: "x"\r\n\r\n'
+    )
+    trimmed = policy.trimmed_response_head(response, VIA)
+    assert trimmed == (
+        b'HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Length: 3\r\nETag: "x"\r\nVia: ' + VIA
+        + b"\r\n\r\n"
+    )  # fmt: skip
+    assert trimmed == slow_response(response, VIA)
+
+
+def test_heads_whose_connection_field_does_more_than_keep_alive_are_not_trimmed():
+    for fields in (
+        b"Connection: keep-alive, x-a\r\nX-A: 1\r\n",  # nominates a field
+        b"Connection: close\r\nClose: 1\r\n",  # "close" nominates a field named Close
+        b"Connection: keep-alive\r\nVia: 1.1 other\r\n",  # Via is merged, not dropped
+        b"Connection: keep-alive\r\nTE: trailers\r\n",
+        b"Connection: keep-alive\r\nAccept:*/*\r\n",  # not serialized back as received
+    ):
+        request = parse(b"GET / HTTP/1.1\r\nHost: a\r\n" + fields + b"\r\n")
+        assert policy.trimmed_head(request, via=VIA, xff_mode="off", client_ip=CLIENT) is None
+        response = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n" + fields + b"\r\n")
+        assert policy.trimmed_response_head(response, VIA) is None
+
+
+def test_the_session_relays_keep_alive_heads_without_their_connection_fields():
+    r = Rig("tproxy")
+    r.send(b"GET /x HTTP/1.1\r\nHost: example.com\r\nConnection: keep-alive\r\n\r\n")
+    r.connect()
+    assert r.sent() == b"GET /x HTTP/1.1\r\nHost: example.com\r\nVia: " + VIA + b"\r\n\r\n"
+    r.answer(b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok")
+    assert r.received() == (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nVia: " + VIA + b"\r\n\r\nok")

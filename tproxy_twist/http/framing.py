@@ -140,12 +140,28 @@ class _Message:
     L{get} / L{get_all} find a field in the block without building it.
     """
 
-    __slots__ = ("_fields", "_block", "_low", "plain")
+    __slots__ = ("_fields", "_block", "_low", "plain", "trim")
 
     _fields: Headers | None
     _block: bytes
     _low: bytes
     plain: bool
+    trim: bool
+
+    def without_connection_fields(self) -> bytes:
+        """
+        The head block without the lines of its Connection, Keep-Alive and
+        Proxy-Connection fields (each with the CRLF before it): for a C{trim}
+        message, what dropping the hop-by-hop fields leaves of it.
+        """
+        block = self._block
+        parts = []
+        start = 0
+        for match in _CONNECTION_LINES.finditer(self._low):
+            parts.append(block[start : match.start()])
+            start = match.end()
+        parts.append(block[start:])
+        return b"".join(parts)
 
     @property
     def headers(self) -> Headers:
@@ -202,7 +218,12 @@ class Request(_Message):
     after the colon, no whitespace around the value, no HTAB anywhere in the
     head) and no field is one a proxy rewrites or drops (hop-by-hop fields,
     Via, X-Forwarded-For: see L{MANAGED_FIELDS}): what a head must be to be
-    forwarded as received.
+    forwarded as received.  ``trim`` is True when it would be plain but for
+    Connection, Keep-Alive or Proxy-Connection fields, the Connection fields
+    naming no option but ``keep-alive`` and ``close`` and no field named
+    Close in the head: dropping those lines
+    (L{_Message.without_connection_fields}) is then all that removing the
+    hop-by-hop fields does to it.
     """
 
     __slots__ = (
@@ -231,6 +252,7 @@ class Request(_Message):
         block: bytes = b"",
         low: bytes = b"",
         plain: bool = False,
+        trim: bool = False,
     ) -> None:
         self.method = method
         self.target = target
@@ -239,6 +261,7 @@ class Request(_Message):
         self._block = block
         self._low = low
         self.plain = plain
+        self.trim = trim
         self.keep_alive = keep_alive
         self.expect_continue = expect_continue
         self.body = body
@@ -257,7 +280,7 @@ class Response(_Message):
 
     ``body`` is "none", "length", "chunked", "close" (read until the connection
     closes) or "tunnel" (everything after the head is raw tunnel bytes).
-    ``head`` and ``plain`` as for L{Request}.
+    ``head``, ``plain`` and ``trim`` as for L{Request}.
     """
 
     __slots__ = ("version", "status", "reason", "keep_alive", "body", "content_length", "head")
@@ -276,6 +299,7 @@ class Response(_Message):
         block: bytes = b"",
         low: bytes = b"",
         plain: bool = False,
+        trim: bool = False,
     ) -> None:
         self.version = version
         self.status = status
@@ -284,6 +308,7 @@ class Response(_Message):
         self._block = block
         self._low = low
         self.plain = plain
+        self.trim = trim
         self.keep_alive = keep_alive
         self.body = body
         self.content_length = content_length
@@ -394,6 +419,21 @@ def _fields_pattern(names: frozenset[bytes]) -> re.Pattern[bytes]:
     # head in one pass.  The colon after the group makes a name match whole.
     alternatives = b"|".join(re.escape(name) for name in sorted(names, key=lambda n: (-len(n), n)))
     return re.compile(rb"\r\n(" + alternatives + rb"):[ \t]*([^\r]*)")
+
+
+# The lines dropped from a head that is plain but for these fields (see Request.trim).
+_CONNECTION_LINES: Final = re.compile(rb"\r\n(?:connection|keep-alive|proxy-connection):[^\r]*")
+_CONNECTION_ONLY: Final = frozenset({b"keep-alive", b"close"})
+
+
+def _trim(canonical: bool, managed: bool, conn: list[bytes] | None, low: bytes) -> bool:
+    """Whether a head is C{trim} (see L{Request}), given what the field pass found."""
+    if not canonical or not managed:
+        return False
+    if conn is not None and conn != [b"keep-alive"] and not _tokens(conn) <= _CONNECTION_ONLY:
+        return False
+    # "Connection: close" also nominates a field named Close: the rewrite would drop it.
+    return low.find(b"\r\nclose:") < 0
 
 
 # The fields that decide a request's framing and routing, and those a proxy manages.
@@ -966,7 +1006,7 @@ class RequestReader(_Reader):
         self._pos, self._remaining, self._state = pos, remaining, _CHUNK_SIZE
 
     def _parse_head(self, head: bytes) -> Event:
-        start_line, plain = self._check_head(head)
+        start_line, canonical = self._check_head(head)
         method, target, version = _request_line(start_line)
         block = head
         headers: Headers | None = None  # built from the block when asked
@@ -976,6 +1016,8 @@ class RequestReader(_Reader):
         te: list[bytes] | None = None
         conn: list[bytes] | None = None
         expect: list[bytes] | None = None
+        managed = 0  # fields a proxy rewrites or drops
+        droppable = True  # ... and all of them are Connection, Keep-Alive, Proxy-Connection
         # Lowercased (name, value) of the fields that decide framing, and of those
         # a proxy manages, found in one pass.
         low = head.lower()
@@ -991,13 +1033,18 @@ class RequestReader(_Reader):
                 value = value.rstrip(b" \t")
                 expect = [value] if expect is None else [*expect, value]
             else:
-                plain = False  # a field the proxy rewrites or drops
+                managed += 1  # a field the proxy rewrites or drops
                 if lname == b"connection":
                     value = value.rstrip(b" \t")
                     conn = [value] if conn is None else [*conn, value]
                 elif lname == b"transfer-encoding":
                     value = value.rstrip(b" \t")
                     te = [value] if te is None else [*te, value]
+                    droppable = False
+                elif lname != b"keep-alive" and lname != b"proxy-connection":
+                    droppable = False
+        plain = canonical and not managed
+        trim = droppable and _trim(canonical, managed, conn, low)
         if host > 1:
             raise ProtocolError(400, "multiple Host headers")
         if host == 0 and http11:
@@ -1034,7 +1081,7 @@ class RequestReader(_Reader):
         self._remaining = length or 0
         return Request(
             method, target, version, headers, keep_alive, expect_continue, body, length, head,
-            block=block, low=low, plain=plain,
+            block=block, low=low, plain=plain, trim=trim,
         )  # fmt: skip
 
 
@@ -1161,7 +1208,7 @@ class ResponseReader(_Reader):
         _status_line(line)
 
     def _parse_head(self, head: bytes) -> Event:
-        start_line, plain = self._check_head(head)
+        start_line, canonical = self._check_head(head)
         version, status, reason = _status_line(start_line)
         http11 = version == b"HTTP/1.1"
         block = head
@@ -1177,19 +1224,26 @@ class ResponseReader(_Reader):
         cl: list[bytes] | None = None
         te: list[bytes] | None = None
         conn: list[bytes] | None = None
+        managed = 0
+        droppable = True
         # As for requests: framing fields, and whether the proxy must rewrite the head.
         for lname, value in _RESPONSE_FIELDS.findall(low):
             if lname == b"content-length":
                 value = value.rstrip(b" \t")
                 cl = [value] if cl is None else [*cl, value]
             else:
-                plain = False
+                managed += 1
                 if lname == b"connection":
                     value = value.rstrip(b" \t")
                     conn = [value] if conn is None else [*conn, value]
                 elif lname == b"transfer-encoding":
                     value = value.rstrip(b" \t")
                     te = [value] if te is None else [*te, value]
+                    droppable = False
+                elif lname != b"keep-alive" and lname != b"proxy-connection":
+                    droppable = False
+        plain = canonical and not managed
+        trim = droppable and _trim(canonical, managed, conn, low)
         keep_alive = http11 if conn is None else _keep_alive(conn, http11)
 
         length: int | None = None
@@ -1243,7 +1297,7 @@ class ResponseReader(_Reader):
             self._state = _TUNNEL
         return Response(
             version, status, reason, headers, keep_alive, body, length, head,
-            block=block, low=low, plain=plain,
+            block=block, low=low, plain=plain, trim=trim,
         )  # fmt: skip
 
 

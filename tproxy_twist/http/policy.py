@@ -27,6 +27,8 @@ __all__ = [
     "host_agrees",
     "is_loop",
     "route",
+    "trimmed_head",
+    "trimmed_response_head",
     "unchanged_head",
     "unchanged_response_head",
     "upstream_fields",
@@ -253,6 +255,43 @@ def unchanged_response_head(response: Response, via: bytes | None) -> bytes | No
         or head[12:13] != b" "  # b"HTTP/1.1 200 OK": serialized with the space even if empty
     ):
         return None
+    if via is not None:
+        return head + b"\r\nVia: " + via + b"\r\n\r\n"
+    return head + b"\r\n\r\n"
+
+
+def trimmed_head(
+    request: Request, *, via: bytes | None, xff_mode: str, client_ip: str
+) -> bytes | None:
+    """
+    As L{unchanged_head}, for a request that is plain but for its
+    Connection, Keep-Alive or Proxy-Connection fields (C{trim}: browsers
+    send C{Connection: keep-alive}): the head as received without those
+    lines, with Via (and X-Forwarded-For) added; or C{None}.  When not
+    C{None}, it is byte for byte what L{upstream_fields} and
+    L{headers.serialize_request_head} make.
+    """
+    if request.head is None or not request.trim or request.version != b"HTTP/1.1":
+        return None
+    head = request.without_connection_fields()
+    if via is not None:
+        head += b"\r\nVia: " + via
+    if xff_mode == "append":
+        head += b"\r\nX-Forwarded-For: " + client_ip.encode()
+    return head + b"\r\n\r\n"
+
+
+def trimmed_response_head(response: Response, via: bytes | None) -> bytes | None:
+    """
+    As L{unchanged_response_head}, for a response that is plain but for its
+    Connection, Keep-Alive or Proxy-Connection fields (C{trim}: nginx sends
+    C{Connection: keep-alive}): the head as received without those lines,
+    with Via added; or C{None}.
+    """
+    head = response.head
+    if head is None or not response.trim or response.version != b"HTTP/1.1" or head[12:13] != b" ":
+        return None
+    head = response.without_connection_fields()
     if via is not None:
         return head + b"\r\nVia: " + via + b"\r\n\r\n"
     return head + b"\r\n\r\n"

@@ -730,13 +730,13 @@ class Session:
         record.host = host
         head = None
         if host is None:
-            # The common case: the head goes upstream as it came, plus Via.
+            # The common case: the head goes upstream as it came (perhaps without
+            # its Connection field), plus Via.
+            via = config.via(request.version)
+            xff_mode = port.x_forwarded_for
             head = policy.unchanged_head(
-                request,
-                via=config.via(request.version),
-                xff_mode=port.x_forwarded_for,
-                client_ip=self.client_ip,
-            )
+                request, via=via, xff_mode=xff_mode, client_ip=self.client_ip
+            ) or policy.trimmed_head(request, via=via, xff_mode=xff_mode, client_ip=self.client_ip)
         if head is not None:
             self._forward_head(exchange, request, head, destination)
             return
@@ -1150,8 +1150,11 @@ class Session:
         via = self._config.via(response.version)
         head = None
         if not added and not tunnel:
-            # The common case: the head goes to the client as it came, plus Via.
-            head = policy.unchanged_response_head(response, via)
+            # The common case: the head goes to the client as it came (perhaps
+            # without its Connection field), plus Via.
+            head = policy.unchanged_response_head(response, via) or policy.trimmed_response_head(
+                response, via
+            )
         if head is None:
             fields = H.strip_hop_by_hop(response.headers, keep_upgrade=tunnel)
             fields += added
