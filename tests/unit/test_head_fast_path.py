@@ -362,14 +362,14 @@ def test_a_bodiless_request_can_be_ended_without_its_end_of_message_event():
     reader = RequestReader()
     reader.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
     assert isinstance(reader.next_event(), Request)
-    assert reader.end_bodiless()
+    assert reader.take_end()
     assert reader.next_event() is framing.PAUSED
     reader.start_next()
     assert reader.next_event().target == b"/2"
     reader = RequestReader()
     reader.feed(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nok")
     assert isinstance(reader.next_event(), Request)
-    assert not reader.end_bodiless()  # a body follows: nothing changes
+    assert not reader.take_end()  # a body follows: nothing changes
     assert reader.next_event() == framing.Data(b"ok")
 
 

@@ -600,17 +600,22 @@ class _Reader:
         if not self._remaining:
             self._state = _END
 
-    def end_bodiless(self) -> bool:
+    def take_end(self) -> bool:
         """
-        End the message just read if it has no body (the next event would be
-        C{EndOfMessage([])}), as if that event had been taken: True.  False,
-        changing nothing, otherwise.  For a caller that needs no event to
-        learn what the head already said.
+        If the next event would be C{EndOfMessage([])} (a message without a
+        body, or whose Content-Length body was all read), take it: True, as
+        if that event had been returned.  False, changing nothing, otherwise.
+        For a caller that needs no event to learn what it already knows.
         """
         if self._state == _END:
             self._state = _DONE
             return True
         return False
+
+    @property
+    def eof(self) -> bool:
+        """The peer closed its sending side (L{feed_eof} was called)."""
+        return self._eof
 
     # --- the state machine -----------------------------------------------------
 
@@ -856,7 +861,7 @@ class _Reader:
         """Validate Content-Length values: (length, the value, whether it was repeated)."""
         first = values[0]
         repeated = len(values) > 1
-        if b"," in first or repeated:
+        if repeated or first.find(b",") >= 0:
             items = []
             for v in values:
                 items.extend(x.strip(b" \t") for x in v.split(b","))

@@ -775,7 +775,7 @@ class Session:
         if request.body == "none":
             exchange.replayable = True
             # No EndOfMessage event to wait for: the whole request is here.
-            exchange.request_done = self._reader.end_bodiless()
+            exchange.request_done = self._reader.take_end()
         self._admit(destination)
 
     def _admit(self, destination: tuple[str, int]) -> None:
@@ -1082,6 +1082,8 @@ class Session:
                     self._write_sequence(H.encode_chunk(event.data))
                 else:
                     self._write(event.data)
+                    if reader.take_end():  # all of a Content-Length body: no event to wait for
+                        self._response_ended(up)
             elif kind is Response:
                 if event.interim:
                     if exchange.request.version == b"HTTP/1.1":
@@ -1089,19 +1091,24 @@ class Session:
                         self._write(H.serialize_response_head(event.status, event.reason, fields))
                     continue
                 self._relay_response_head(exchange, event)
+                if event.body == "none" and self._exchange is exchange and reader.take_end():
+                    self._response_ended(up)
             elif kind is EndOfMessage:
                 if not exchange.record.response_started:  # the end of a 1xx interim response
                     reader.start_next()
                     continue
                 if exchange.response_chunked:
                     self._write(H.last_chunk(event.trailers))
-                reader.start_next()
-                up.served += 1
-                self._finish_exchange()
+                self._response_ended(up)
             else:  # NEED_DATA, PAUSED (after a tunnel head) or CLOSED
                 break
         if self.state is _RESPONDING and self.deadline_kind is not _DL_IDLE:
             self._arm(_DL_IDLE, self._config.timeouts.idle)
+
+    def _response_ended(self, up: _Upstream) -> None:
+        up.reader.start_next()
+        up.served += 1
+        self._finish_exchange()
 
     def _relay_response_head(self, exchange: _Exchange, response: Response) -> None:
         tunnel = response.body == "tunnel"
@@ -1194,13 +1201,15 @@ class Session:
         if exchange.close_client or not exchange.request_done:
             self._close()
             return
-        self._reader.start_next()
+        reader = self._reader
+        reader.start_next()
         self.state = _IDLE
         self._arm(_DL_CLIENT_IDLE, self._config.timeouts.client_idle)
         self._resume_pipeline()
-        self._process()
-        if self.state is _IDLE and not self._reader.idle:
-            self._to_head()
+        if reader.buffered or reader.eof:  # else the next event is NEED_DATA
+            self._process()
+            if self.state is _IDLE and not reader.idle:
+                self._to_head()
 
     def _upstream_broke(self, cause: str) -> None:
         up = self._up
