@@ -426,9 +426,9 @@ _CONNECTION_LINES: Final = re.compile(rb"\r\n(?:connection|keep-alive|proxy-conn
 _CONNECTION_ONLY: Final = frozenset({b"keep-alive", b"close"})
 
 
-def _trim(canonical: bool, managed: bool, conn: list[bytes] | None, low: bytes) -> bool:
-    """Whether a head is C{trim} (see L{Request}), given what the field pass found."""
-    if not canonical or not managed:
+def _trim(canonical: bool, conn: list[bytes] | None, low: bytes) -> bool:
+    """Whether a head with only droppable managed fields is C{trim} (see L{Request})."""
+    if not canonical:
         return False
     if conn is not None and conn != [b"keep-alive"] and not _tokens(conn) <= _CONNECTION_ONLY:
         return False
@@ -1049,7 +1049,7 @@ class RequestReader(_Reader):
                 elif lname != b"keep-alive" and lname != b"proxy-connection":
                     droppable = False
         plain = canonical and not managed
-        trim = droppable and _trim(canonical, managed, conn, low)
+        trim = managed > 0 and droppable and _trim(canonical, conn, low)
         if host > 1:
             raise ProtocolError(400, "multiple Host headers")
         if host == 0 and http11:
@@ -1248,7 +1248,7 @@ class ResponseReader(_Reader):
                 elif lname != b"keep-alive" and lname != b"proxy-connection":
                     droppable = False
         plain = canonical and not managed
-        trim = droppable and _trim(canonical, managed, conn, low)
+        trim = managed > 0 and droppable and _trim(canonical, conn, low)
         keep_alive = http11 if conn is None else _keep_alive(conn, http11)
 
         length: int | None = None

@@ -1085,7 +1085,7 @@ class Session:
                     if reader.take_end():  # all of a Content-Length body: no event to wait for
                         self._response_ended(up)
             elif kind is Response:
-                if event.interim:
+                if event.status < 200 and event.body != "tunnel":  # 1xx interim (not 101)
                     if exchange.request.version == b"HTTP/1.1":
                         fields = H.strip_hop_by_hop(event.headers)
                         self._write(H.serialize_response_head(event.status, event.reason, fields))
