@@ -218,9 +218,12 @@ def measure(lab: BenchLab, opts, tree: Path) -> dict:
     argv = ["sh", "-c", 'exec 3>/dev/null; exec "$@"', "sh", *argv]
     log = tmp / "worker.log"
     with open(log, "ab") as out:
+        # In the tree's directory: `python -m` puts the working directory first on
+        # sys.path, before PYTHONPATH, so from another checkout its code would run.
         worker = lab.popen(
-            lab.router, argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.PIPE
-        )
+            lab.router, argv, env=env, stdout=out, stderr=subprocess.STDOUT,
+            stdin=subprocess.PIPE, cwd=str(tree),
+        )  # fmt: skip
     lab.wait_listening(lab.router, TPROXY_PORT, worker, log, timeout=120)
     lab.divert_to_proxy()
     results = {}

@@ -622,63 +622,60 @@ class _Reader:
     def next_event(self) -> Event:
         """The next event; raises ProtocolError (and keeps raising it) on a bad message."""
         try:
-            return self._next_event()
+            while True:
+                state = self._state
+                if state == _HEAD:
+                    return self._read_head()
+                if state == _LENGTH or state == _CHUNK_DATA:
+                    avail = len(self._buf) - self._pos
+                    if avail <= 0:
+                        return self._need_data()
+                    remaining = self._remaining
+                    if avail >= remaining:
+                        self._state = _END if state == _LENGTH else _CHUNK_CRLF
+                        return Data(self._take(remaining))
+                    self._remaining = remaining - avail
+                    return Data(self._take(avail))
+                if state == _END:
+                    self._state = _DONE
+                    return EndOfMessage([])
+                if state == _DONE or state == _TUNNEL:
+                    return PAUSED
+                if state == _CHUNK_CRLF:
+                    buf = self._buf
+                    pos = self._pos
+                    avail = len(buf) - pos
+                    if avail >= 2:
+                        if buf[pos] != 13 or buf[pos + 1] != 10:
+                            raise ProtocolError(self._BAD, "chunk data not followed by CRLF")
+                        self._pos = pos + 2
+                        self._state = _CHUNK_SIZE
+                        continue
+                    if avail == 1 and buf[pos] != 13:
+                        raise ProtocolError(self._BAD, "chunk data not followed by CRLF")
+                    return self._need_data()
+                if state == _CHUNK_SIZE:
+                    event = self._read_chunk_size()
+                    if event is not None:
+                        return event
+                    continue
+                if state == _TRAILERS:
+                    return self._read_trailers()
+                if state == _UNTIL_CLOSE:
+                    if self._pos < len(self._buf):
+                        return Data(self._take(len(self._buf) - self._pos))
+                    if self._eof:
+                        self._state = _DONE
+                        return EndOfMessage([])
+                    return NEED_DATA
+                if state == _CLOSED:
+                    return CLOSED
+                assert self._error is not None
+                raise self._error
         except ProtocolError as e:
             self._state = _ERROR
             self._error = e
             raise
-
-    def _next_event(self) -> Event:
-        while True:
-            state = self._state
-            if state == _HEAD:
-                return self._read_head()
-            if state == _LENGTH or state == _CHUNK_DATA:
-                avail = len(self._buf) - self._pos
-                if avail <= 0:
-                    return self._need_data()
-                remaining = self._remaining
-                if avail >= remaining:
-                    self._state = _END if state == _LENGTH else _CHUNK_CRLF
-                    return Data(self._take(remaining))
-                self._remaining = remaining - avail
-                return Data(self._take(avail))
-            if state == _END:
-                self._state = _DONE
-                return EndOfMessage([])
-            if state == _DONE or state == _TUNNEL:
-                return PAUSED
-            if state == _CHUNK_CRLF:
-                buf = self._buf
-                pos = self._pos
-                avail = len(buf) - pos
-                if avail >= 2:
-                    if buf[pos] != 13 or buf[pos + 1] != 10:
-                        raise ProtocolError(self._BAD, "chunk data not followed by CRLF")
-                    self._pos = pos + 2
-                    self._state = _CHUNK_SIZE
-                    continue
-                if avail == 1 and buf[pos] != 13:
-                    raise ProtocolError(self._BAD, "chunk data not followed by CRLF")
-                return self._need_data()
-            if state == _CHUNK_SIZE:
-                event = self._read_chunk_size()
-                if event is not None:
-                    return event
-                continue
-            if state == _TRAILERS:
-                return self._read_trailers()
-            if state == _UNTIL_CLOSE:
-                if self._pos < len(self._buf):
-                    return Data(self._take(len(self._buf) - self._pos))
-                if self._eof:
-                    self._state = _DONE
-                    return EndOfMessage([])
-                return NEED_DATA
-            if state == _CLOSED:
-                return CLOSED
-            assert self._error is not None
-            raise self._error
 
     def _need_data(self) -> _Sentinel:
         if self._eof:
@@ -722,9 +719,12 @@ class _Reader:
                 return CLOSED
             return NEED_DATA
         self._check_head_allowed()
-        end = self._find_block(start_line=True)
+        scan = self._scan
+        end = buf.find(b"\r\n\r\n", scan if scan > pos else pos)  # _find_block's first step
         if end < 0:
-            return self._need_data()
+            end = self._find_block(start_line=True)
+            if end < 0:
+                return self._need_data()
         head = buf[pos:end]
         if type(head) is not bytes:
             head = bytes(head)
