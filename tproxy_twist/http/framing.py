@@ -248,7 +248,6 @@ class Request(_Message):
         body: str,
         content_length: int | None,
         head: bytes | None = None,
-        *,
         block: bytes = b"",
         low: bytes = b"",
         plain: bool = False,
@@ -295,7 +294,6 @@ class Response(_Message):
         body: str,
         content_length: int | None,
         head: bytes | None = None,
-        *,
         block: bytes = b"",
         low: bytes = b"",
         plain: bool = False,
@@ -367,6 +365,10 @@ Event = Request | Response | Data | EndOfMessage | _Sentinel
 
 _TCHAR: Final = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _HEXDIG: Final = b"0123456789abcdefABCDEF"
+# Methods known to be tokens: a set lookup instead of checking every byte.
+_COMMON_METHODS: Final = frozenset(
+    {b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"CONNECT", b"TRACE"}
+)
 _HTTP_VERSION: Final = re.compile(rb"HTTP/[0-9]\.[0-9]")
 _SCHEME: Final = re.compile(rb"[A-Za-z][A-Za-z0-9+.\-]*:")
 _AUTHORITY: Final = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[^:/?#@\[\]]+):[0-9]+")
@@ -1086,7 +1088,7 @@ class RequestReader(_Reader):
         self._remaining = length or 0
         return Request(
             method, target, version, headers, keep_alive, expect_continue, body, length, head,
-            block=block, low=low, plain=plain, trim=trim,
+            block, low, plain, trim,
         )  # fmt: skip
 
 
@@ -1126,7 +1128,7 @@ def _request_line(line: bytes) -> tuple[bytes, bytes, bytes]:
         if _HTTP_VERSION.fullmatch(version):
             raise ProtocolError(505, "HTTP version not supported")
         raise ProtocolError(400, "malformed request line")
-    if not method or method.translate(None, _TCHAR):
+    if method not in _COMMON_METHODS and (not method or method.translate(None, _TCHAR)):
         raise ProtocolError(400, "invalid method")
     _check_target(method, target)
     return method, target, version
@@ -1302,7 +1304,7 @@ class ResponseReader(_Reader):
             self._state = _TUNNEL
         return Response(
             version, status, reason, headers, keep_alive, body, length, head,
-            block=block, low=low, plain=plain, trim=trim,
+            block, low, plain, trim,
         )  # fmt: skip
 
 
