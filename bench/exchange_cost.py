@@ -10,7 +10,8 @@ every key at its default, metrics on with a temporary multiprocess
 directory, the access log on) runs in the router namespace of a throwaway
 lab (L{bench.lab.BenchLab}: client 198.51.100.2 -- router -- origin
 203.0.113.2, nftables TPROXY, documentation addresses only).  A tiny origin
-(asyncio, its own process) answers C{ok}.  A client process sends N
+(asyncio, its own process) answers C{ok} (C{--heads browser}: the client
+sends Firefox's head, the origin answers with nginx's).  A client process sends N
 keep-alive exchanges over C connections, then N exchanges on a new
 connection each (C{Connection: close}); after a warm-up of its own in each
 mode, the worker's CPU time is read around the measured exchanges from
@@ -52,8 +53,15 @@ from bench.lab import TPROXY_PORT, BenchLab
 ORIGIN_ADDRESS = "203.0.113.2"
 
 ORIGIN = r"""
-import asyncio
+import asyncio, sys
 ANSWER = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n\r\nok\n"
+if sys.argv[1] == "browser":  # what nginx answers for a small static file
+    ANSWER = (
+        b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Mon, 30 Nov 2026 12:00:00 GMT\r\n"
+        b"Content-Type: application/javascript\r\nContent-Length: 3\r\n"
+        b"Last-Modified: Mon, 30 Nov 2026 11:00:00 GMT\r\nConnection: keep-alive\r\n"
+        b'ETag: "5f-3"\r\nAccept-Ranges: bytes\r\n\r\nok\n'
+    )
 async def serve(reader, writer):
     try:
         while True:
@@ -74,13 +82,20 @@ asyncio.run(main())
 # waits for "go" on stdin, does the measured exchanges, says "done".
 CLIENT = r"""
 import selectors, socket, sys
-mode, host = sys.argv[1], sys.argv[5]
+mode, host, heads = sys.argv[1], sys.argv[5], sys.argv[6]
 n, warm, concurrency = (int(a) for a in sys.argv[2:5])
 close = mode == "new"
 REQUEST = (
     f"GET /small HTTP/1.1\r\nHost: {host}\r\nUser-Agent: exchange-cost\r\nAccept: */*\r\n"
     + ("Connection: close\r\n" if close else "") + "\r\n"
 ).encode()
+if heads == "browser":  # what Firefox sends for a script
+    REQUEST = (
+        f"GET /assets/app.js?v=3 HTTP/1.1\r\nHost: {host}\r\nUser-Agent: Mozilla/5.0 (X11;"
+        " Linux x86_64; rv:120.0) Gecko/20100101 Firefox/120.0\r\nAccept: */*\r\n"
+        "Accept-Language: en-US,en;q=0.5\r\nAccept-Encoding: gzip, deflate\r\n"
+        f"Connection: {'close' if close else 'keep-alive'}\r\nReferer: http://{host}/\r\n\r\n"
+    ).encode()
 sel = selectors.DefaultSelector()
 
 def answered(buf):
@@ -203,9 +218,12 @@ def measure(lab: BenchLab, opts, tree: Path) -> dict:
     argv = ["sh", "-c", 'exec 3>/dev/null; exec "$@"', "sh", *argv]
     log = tmp / "worker.log"
     with open(log, "ab") as out:
+        # In the tree's directory: `python -m` puts the working directory first on
+        # sys.path, before PYTHONPATH, so from another checkout its code would run.
         worker = lab.popen(
-            lab.router, argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.PIPE
-        )
+            lab.router, argv, env=env, stdout=out, stderr=subprocess.STDOUT,
+            stdin=subprocess.PIPE, cwd=str(tree),
+        )  # fmt: skip
     lab.wait_listening(lab.router, TPROXY_PORT, worker, log, timeout=120)
     lab.divert_to_proxy()
     results = {}
@@ -224,6 +242,7 @@ def measure(lab: BenchLab, opts, tree: Path) -> dict:
                 str(opts.warm),
                 str(opts.concurrency),
                 ORIGIN_ADDRESS,
+                opts.heads,
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -449,6 +468,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tree", type=Path, default=Path(__file__).resolve().parents[1])
     parser.add_argument("--access-log", choices=("on", "off"), default="on")
     parser.add_argument("--metrics", choices=("on", "off"), default="on")
+    parser.add_argument(
+        "--heads",
+        choices=("small", "browser"),
+        default="small",
+        help="small: a 4-line request and a 3-line answer (the default); browser: a Firefox"
+        " request (with Connection: keep-alive) and nginx's answer (with Connection:"
+        " keep-alive), for the counted client",
+    )
     parser.add_argument("--callgrind", action="store_true")
     parser.add_argument("--keep-dumps", metavar="DIR", help="with --callgrind: copy the dumps here")
     parser.add_argument(
@@ -483,7 +510,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     lab = BenchLab()
     with lab:
-        origin = lab.popen(lab.origin, [sys.executable, "-c", ORIGIN], env=dict(os.environ))
+        origin = lab.popen(
+            lab.origin, [sys.executable, "-c", ORIGIN, opts.heads], env=dict(os.environ)
+        )
         lab.wait_listening(lab.origin, 80, origin, lab.tmpdir / "none")
         if opts.master:
             if not opts.wrk:

@@ -7,13 +7,15 @@ path (L{policy.upstream_fields} + L{headers.serialize_request_head}).
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_session import Rig
 
+from tproxy_twist.http import framing, policy
 from tproxy_twist.http import headers as H
-from tproxy_twist.http import policy
 from tproxy_twist.http.framing import (
     ProtocolError,
     Request,
@@ -289,3 +291,188 @@ def test_the_plain_host_shortcut_accepts_only_what_the_full_check_accepts(value)
     assert match is not None
     host, port = match.groups()
     assert port is None and host[:1] != b"[" and framing._valid_host(value)
+
+
+# --- what the reader finds in one pass equals what the field list says -----------------
+
+# The definitions the policy used before the reader found them in its one pass:
+# a rewritten field (hop-by-hop, Via, X-Forwarded-For) at a line start, and
+# field lines that serialize back byte for byte.
+_REWRITTEN = re.compile(
+    rb"\r\n(?:"
+    + b"|".join(re.escape(name) for name in sorted(H.HOP_BY_HOP | {b"via", b"x-forwarded-for"}))
+    + rb"):",
+    re.IGNORECASE,
+)
+_UNCANONICAL_COLON = re.compile(rb"\r\n[^:\r]*:(?! [^ \r])")
+
+
+def _plain_by_definition(block: bytes) -> bool:
+    return (
+        _REWRITTEN.search(block) is None
+        and b"\t" not in block
+        and b" \r\n" not in block
+        and block[-1:] != b" "
+        and _UNCANONICAL_COLON.search(block) is None
+    )
+
+
+def test_the_managed_fields_are_the_hop_by_hop_ones_via_and_x_forwarded_for():
+    assert framing.MANAGED_FIELDS == H.HOP_BY_HOP | {b"via", b"x-forwarded-for"}
+
+
+def _lookups_agree(message) -> None:
+    """get/get_all on the block (no field list yet) say what the field list says."""
+    names = {n.lower() for n, _ in framing._field_list(message._block)}
+    for name in names | {b"host", b"via", b"content-type", b"absent", b"te"}:
+        lazy_one, lazy_all = message.get(name), message.get_all(name)
+        fields = [v for n, v in framing._field_list(message._block) if n.lower() == name]
+        assert lazy_one == (fields[0] if fields else None), name
+        assert lazy_all == fields, name
+
+
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@given(heads())
+def test_plain_and_the_lookups_of_a_request_agree_with_their_definitions(head):
+    try:
+        request = parse(head)
+    except (ProtocolError, AssertionError):
+        return
+    assert request.plain == _plain_by_definition(head[: head.index(b"\r\n\r\n")])
+    if request.head is not None:
+        _lookups_agree(request)
+        assert request.headers == framing._field_list(request.head)
+
+
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@given(response_heads())
+def test_plain_and_the_lookups_of_a_response_agree_with_their_definitions(head):
+    try:
+        response = parse_response(head)
+    except (ProtocolError, AssertionError):
+        return
+    if response.interim:
+        return
+    assert response.plain == _plain_by_definition(head[: head.index(b"\r\n\r\n")])
+    if response.head is not None:
+        _lookups_agree(response)
+
+
+def test_a_bodiless_request_can_be_ended_without_its_end_of_message_event():
+    reader = RequestReader()
+    reader.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert isinstance(reader.next_event(), Request)
+    assert reader.take_end()
+    assert reader.next_event() is framing.PAUSED
+    reader.start_next()
+    assert reader.next_event().target == b"/2"
+    reader = RequestReader()
+    reader.feed(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nok")
+    assert isinstance(reader.next_event(), Request)
+    assert not reader.take_end()  # a body follows: nothing changes
+    assert reader.next_event() == framing.Data(b"ok")
+
+
+# --- the trimmed heads: plain but for Connection, Keep-Alive, Proxy-Connection ---------
+
+_TRIM_NAMES = st.sampled_from(
+    [
+        b"Accept", b"Cookie", b"Connection", b"connection", b"Keep-Alive", b"Proxy-Connection",
+        b"Accept", b"Cookie", b"Connection", b"CONNECTION", b"Keep-Alive", b"Proxy-Connection",
+        b"Close", b"X-A", b"Content-Length", b"Via", b"TE", b"Upgrade", b"Connections",
+    ]
+)  # fmt: skip
+_TRIM_VALUES = st.sampled_from(
+    [b"keep-alive", b"close", b"Keep-Alive", b"keep-alive, close", b"x-a", b"timeout=5",
+     b"keep-alive", b"close", b"upgrade", b"*/*", b"0", b"a b", b""]
+)  # fmt: skip
+
+
+@st.composite
+def trim_heads(draw, start: bytes) -> bytes:
+    lines = [start]
+    # Mostly plain lines ("name: value"), so that many heads are trimmed.
+    before = st.sampled_from([b" ", b" ", b" ", b" ", b"", b"  ", b"\t"])
+    after = st.sampled_from([b"", b"", b"", b"", b" "])
+    fields = draw(st.lists(st.tuples(_TRIM_NAMES, before, _TRIM_VALUES, after), max_size=5))
+    if start.startswith(b"GET"):
+        fields.insert(draw(st.integers(0, len(fields))), (b"Host", b" ", b"example.com", b""))
+    for name, before, value, after in fields:
+        lines.append(name + b":" + before + value + after)
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    trim_heads(b"GET /a HTTP/1.1"),
+    st.sampled_from([VIA, None]),
+    st.sampled_from(["off", "append", "strip"]),
+)
+def test_trimmed_and_slow_paths_send_the_same_request_bytes(head, via, xff_mode):
+    try:
+        request = parse(head)
+    except (ProtocolError, AssertionError):
+        return
+    trimmed = policy.trimmed_head(request, via=via, xff_mode=xff_mode, client_ip=CLIENT)
+    if trimmed is not None:
+        assert trimmed == slow(request, via, xff_mode)
+        assert not request.plain
+
+
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@given(trim_heads(b"HTTP/1.1 200 OK"), st.sampled_from([VIA, None]))
+def test_trimmed_and_slow_paths_send_the_same_response_bytes(head, via):
+    try:
+        response = parse_response(head)
+    except (ProtocolError, AssertionError):
+        return
+    trimmed = policy.trimmed_response_head(response, via)
+    if trimmed is not None:
+        assert trimmed == slow_response(response, via)
+        assert not response.plain
+
+
+def test_keep_alive_heads_of_browsers_and_nginx_are_trimmed():
+    request = parse(
+        b"GET / HTTP/1.1\r\nHost: a\r\nUser-Agent: Mozilla/5.0\r\nConnection: keep-alive\r\n"
+        b"Proxy-Connection: keep-alive\r\nAccept: */*\r\n\r\n"
+    )
+    trimmed = policy.trimmed_head(request, via=VIA, xff_mode="off", client_ip=CLIENT)
+    assert trimmed == (
+        b"GET / HTTP/1.1\r\nHost: a\r\nUser-Agent: Mozilla/5.0\r\nAccept: */*\r\nVia: " + VIA
+        + b"\r\n\r\n"
+    )  # fmt: skip
+    assert trimmed == slow(request, VIA, "off")
+    response = parse_response(
+        b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Length: 3\r\nConnection: keep-alive\r\n"
+        b'Keep-Alive: timeout=5\r\nETag: "x"\r\n\r\n'
+    )
+    trimmed = policy.trimmed_response_head(response, VIA)
+    assert trimmed == (
+        b'HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Length: 3\r\nETag: "x"\r\nVia: ' + VIA
+        + b"\r\n\r\n"
+    )  # fmt: skip
+    assert trimmed == slow_response(response, VIA)
+
+
+def test_heads_whose_connection_field_does_more_than_keep_alive_are_not_trimmed():
+    for fields in (
+        b"Connection: keep-alive, x-a\r\nX-A: 1\r\n",  # nominates a field
+        b"Connection: close\r\nClose: 1\r\n",  # "close" nominates a field named Close
+        b"Connection: keep-alive\r\nVia: 1.1 other\r\n",  # Via is merged, not dropped
+        b"Connection: keep-alive\r\nTE: trailers\r\n",
+        b"Connection: keep-alive\r\nAccept:*/*\r\n",  # not serialized back as received
+    ):
+        request = parse(b"GET / HTTP/1.1\r\nHost: a\r\n" + fields + b"\r\n")
+        assert policy.trimmed_head(request, via=VIA, xff_mode="off", client_ip=CLIENT) is None
+        response = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n" + fields + b"\r\n")
+        assert policy.trimmed_response_head(response, VIA) is None
+
+
+def test_the_session_relays_keep_alive_heads_without_their_connection_fields():
+    r = Rig("tproxy")
+    r.send(b"GET /x HTTP/1.1\r\nHost: example.com\r\nConnection: keep-alive\r\n\r\n")
+    r.connect()
+    assert r.sent() == b"GET /x HTTP/1.1\r\nHost: example.com\r\nVia: " + VIA + b"\r\n\r\n"
+    r.answer(b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok")
+    assert r.received() == (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nVia: " + VIA + b"\r\n\r\nok")

@@ -132,22 +132,80 @@ CLOSED: Final = _Sentinel("CLOSED")
 
 
 class _Message:
-    __slots__ = ("headers",)
+    """What requests and responses share: their fields.
 
-    headers: Headers
+    A parsed head keeps its block (C{_block}: the start line and field lines
+    as received) and its lowercased copy; the field list is built only when
+    C{headers} is first read (the relay's common path never needs it), and
+    L{get} / L{get_all} find a field in the block without building it.
+    """
+
+    __slots__ = ("_fields", "_block", "_low", "plain", "trim")
+
+    _fields: Headers | None
+    _block: bytes
+    _low: bytes
+    plain: bool
+    trim: bool
+
+    def without_connection_fields(self) -> bytes:
+        """
+        The head block without the lines of its Connection, Keep-Alive and
+        Proxy-Connection fields (each with the CRLF before it): for a C{trim}
+        message, what dropping the hop-by-hop fields leaves of it.
+        """
+        block = self._block
+        parts = []
+        start = 0
+        for match in _CONNECTION_LINES.finditer(self._low):
+            parts.append(block[start : match.start()])
+            start = match.end()
+        parts.append(block[start:])
+        return b"".join(parts)
+
+    @property
+    def headers(self) -> Headers:
+        """The fields, C{[(name, value), ...]}: names as received, values without
+        surrounding whitespace."""
+        fields = self._fields
+        if fields is None:
+            fields = self._fields = _field_list(self._block)
+        return fields
+
+    @headers.setter
+    def headers(self, fields: Headers) -> None:
+        self._fields = fields
 
     def get(self, name: bytes) -> bytes | None:
         """The first value of the field ``name`` (given in lowercase), or None."""
+        if self._fields is None:
+            # Field lines are "token:" right after a CRLF (the reader made sure).
+            i = self._low.find(b"\r\n" + name + b":")
+            if i < 0:
+                return None
+            i += len(name) + 3
+            block = self._block
+            j = block.find(b"\r\n", i)
+            return (block[i:j] if j >= 0 else block[i:]).strip(b" \t")
         size = len(name)
-        for field, value in self.headers:
+        for field, value in self._fields:
             if len(field) == size and field.lower() == name:
                 return value
         return None
 
     def get_all(self, name: bytes) -> list[bytes]:
         """Every value of the field ``name`` (given in lowercase), in order."""
+        if self._fields is None and self._low.find(b"\r\n" + name + b":") < 0:
+            return []  # the usual answer, without building the field list
         size = len(name)
         return [v for f, v in self.headers if len(f) == size and f.lower() == name]
+
+
+def _field_list(block: bytes) -> Headers:
+    """The fields of a checked head block (its start line and field lines)."""
+    lines = block.split(b"\r\n")
+    del lines[0]
+    return [(n, v.strip(b" \t")) for n, _, v in map(bytes.partition, lines, _COLONS)]
 
 
 class Request(_Message):
@@ -156,6 +214,16 @@ class Request(_Message):
     ``head`` is the head as received (request line and field lines, without
     the final CRLFCRLF) when ``headers`` are exactly its field lines, or None
     when the reader changed them (repeated Content-Length values merged).
+    ``plain`` is True when every field line is ``name: value`` (one space
+    after the colon, no whitespace around the value, no HTAB anywhere in the
+    head) and no field is one a proxy rewrites or drops (hop-by-hop fields,
+    Via, X-Forwarded-For: see L{MANAGED_FIELDS}): what a head must be to be
+    forwarded as received.  ``trim`` is True when it would be plain but for
+    Connection, Keep-Alive or Proxy-Connection fields, the Connection fields
+    naming no option but ``keep-alive`` and ``close`` and no field named
+    Close in the head: dropping those lines
+    (L{_Message.without_connection_fields}) is then all that removing the
+    hop-by-hop fields does to it.
     """
 
     __slots__ = (
@@ -180,11 +248,19 @@ class Request(_Message):
         body: str,
         content_length: int | None,
         head: bytes | None = None,
+        block: bytes = b"",
+        low: bytes = b"",
+        plain: bool = False,
+        trim: bool = False,
     ) -> None:
         self.method = method
         self.target = target
         self.version = version
-        self.headers = headers
+        self._fields = headers
+        self._block = block
+        self._low = low
+        self.plain = plain
+        self.trim = trim
         self.keep_alive = keep_alive
         self.expect_continue = expect_continue
         self.body = body
@@ -203,6 +279,7 @@ class Response(_Message):
 
     ``body`` is "none", "length", "chunked", "close" (read until the connection
     closes) or "tunnel" (everything after the head is raw tunnel bytes).
+    ``head``, ``plain`` and ``trim`` as for L{Request}.
     """
 
     __slots__ = ("version", "status", "reason", "keep_alive", "body", "content_length", "head")
@@ -217,11 +294,19 @@ class Response(_Message):
         body: str,
         content_length: int | None,
         head: bytes | None = None,
+        block: bytes = b"",
+        low: bytes = b"",
+        plain: bool = False,
+        trim: bool = False,
     ) -> None:
         self.version = version
         self.status = status
         self.reason = reason
-        self.headers = headers
+        self._fields = headers
+        self._block = block
+        self._low = low
+        self.plain = plain
+        self.trim = trim
         self.keep_alive = keep_alive
         self.body = body
         self.content_length = content_length
@@ -280,6 +365,10 @@ Event = Request | Response | Data | EndOfMessage | _Sentinel
 
 _TCHAR: Final = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _HEXDIG: Final = b"0123456789abcdefABCDEF"
+# Methods known to be tokens: a set lookup instead of checking every byte.
+_COMMON_METHODS: Final = frozenset(
+    {b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"CONNECT", b"TRACE"}
+)
 _HTTP_VERSION: Final = re.compile(rb"HTTP/[0-9]\.[0-9]")
 _SCHEME: Final = re.compile(rb"[A-Za-z][A-Za-z0-9+.\-]*:")
 _AUTHORITY: Final = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[^:/?#@\[\]]+):[0-9]+")
@@ -301,9 +390,57 @@ _CHUNK_EXT: Final = re.compile(
 _FIELD_CHARS: Final = b"\t" + bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100))
 # A line start (after CRLF) that is not "token:"; the start line is not preceded by CRLF.
 _BAD_FIELD_START: Final = re.compile(rb"\r\n(?!" + _TOKEN_RE + rb":)")
-_FRAMING_FIELDS: Final = re.compile(
-    rb"\r\n(host|content-length|transfer-encoding|connection|expect):[ \t]*([^\r]*)"
+# A field line start that is not "token: " followed by a byte that is neither
+# whitespace nor CR: not a valid field line, or one whose value does not come
+# right after a single space (searched first: when nothing matches, the
+# _BAD_FIELD_START search has nothing to find either).
+_NOT_PLAIN_FIELD_START: Final = re.compile(rb"\r\n(?!" + _TOKEN_RE + rb": [^ \t\r])")
+
+MANAGED_FIELDS: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+        b"via",
+        b"x-forwarded-for",
+    }
 )
+"""Fields (lowercase) that a relaying proxy rewrites or drops: the hop-by-hop
+fields (L{tproxy_twist.http.headers.HOP_BY_HOP}), Via and X-Forwarded-For.
+A head with none of them may be forwarded as received (C{plain})."""
+
+
+def _fields_pattern(names: frozenset[bytes]) -> re.Pattern[bytes]:
+    # (lowercased name, value) of the named fields, searched in the lowercased
+    # head in one pass.  The colon after the group makes a name match whole.
+    alternatives = b"|".join(re.escape(name) for name in sorted(names, key=lambda n: (-len(n), n)))
+    return re.compile(rb"\r\n(" + alternatives + rb"):[ \t]*([^\r]*)")
+
+
+# The lines dropped from a head that is plain but for these fields (see Request.trim).
+_CONNECTION_LINES: Final = re.compile(rb"\r\n(?:connection|keep-alive|proxy-connection):[^\r]*")
+_CONNECTION_ONLY: Final = frozenset({b"keep-alive", b"close"})
+
+
+def _trim(canonical: bool, conn: list[bytes] | None, low: bytes) -> bool:
+    """Whether a head with only droppable managed fields is C{trim} (see L{Request})."""
+    if not canonical:
+        return False
+    if conn is not None and conn != [b"keep-alive"] and not _tokens(conn) <= _CONNECTION_ONLY:
+        return False
+    # "Connection: close" also nominates a field named Close: the rewrite would drop it.
+    return low.find(b"\r\nclose:") < 0
+
+
+# The fields that decide a request's framing and routing, and those a proxy manages.
+_REQUEST_FIELDS: Final = _fields_pattern(MANAGED_FIELDS | {b"host", b"content-length", b"expect"})
+_RESPONSE_FIELDS: Final = _fields_pattern(MANAGED_FIELDS | {b"content-length"})
 _COLONS: Final = repeat(b":")
 _MAX_CHUNK_SIZE_DIGITS: Final = 16
 _MAX_CONTENT_LENGTH_DIGITS: Final = 64  # beyond any real body; keeps int() cheap
@@ -465,68 +602,82 @@ class _Reader:
         if not self._remaining:
             self._state = _END
 
+    def take_end(self) -> bool:
+        """
+        If the next event would be C{EndOfMessage([])} (a message without a
+        body, or whose Content-Length body was all read), take it: True, as
+        if that event had been returned.  False, changing nothing, otherwise.
+        For a caller that needs no event to learn what it already knows.
+        """
+        if self._state == _END:
+            self._state = _DONE
+            return True
+        return False
+
+    @property
+    def eof(self) -> bool:
+        """The peer closed its sending side (L{feed_eof} was called)."""
+        return self._eof
+
+    # --- the state machine -----------------------------------------------------
+
     def next_event(self) -> Event:
         """The next event; raises ProtocolError (and keeps raising it) on a bad message."""
         try:
-            return self._next_event()
+            while True:
+                state = self._state
+                if state == _HEAD:
+                    return self._read_head()
+                if state == _LENGTH or state == _CHUNK_DATA:
+                    avail = len(self._buf) - self._pos
+                    if avail <= 0:
+                        return self._need_data()
+                    remaining = self._remaining
+                    if avail >= remaining:
+                        self._state = _END if state == _LENGTH else _CHUNK_CRLF
+                        return Data(self._take(remaining))
+                    self._remaining = remaining - avail
+                    return Data(self._take(avail))
+                if state == _END:
+                    self._state = _DONE
+                    return EndOfMessage([])
+                if state == _DONE or state == _TUNNEL:
+                    return PAUSED
+                if state == _CHUNK_CRLF:
+                    buf = self._buf
+                    pos = self._pos
+                    avail = len(buf) - pos
+                    if avail >= 2:
+                        if buf[pos] != 13 or buf[pos + 1] != 10:
+                            raise ProtocolError(self._BAD, "chunk data not followed by CRLF")
+                        self._pos = pos + 2
+                        self._state = _CHUNK_SIZE
+                        continue
+                    if avail == 1 and buf[pos] != 13:
+                        raise ProtocolError(self._BAD, "chunk data not followed by CRLF")
+                    return self._need_data()
+                if state == _CHUNK_SIZE:
+                    event = self._read_chunk_size()
+                    if event is not None:
+                        return event
+                    continue
+                if state == _TRAILERS:
+                    return self._read_trailers()
+                if state == _UNTIL_CLOSE:
+                    if self._pos < len(self._buf):
+                        return Data(self._take(len(self._buf) - self._pos))
+                    if self._eof:
+                        self._state = _DONE
+                        return EndOfMessage([])
+                    return NEED_DATA
+                if state == _CLOSED:
+                    return CLOSED
+                assert self._error is not None
+                raise self._error
         except ProtocolError as e:
             self._state = _ERROR
             self._error = e
             raise
-
-    # --- the state machine -----------------------------------------------------
-
-    def _next_event(self) -> Event:
-        while True:
-            state = self._state
-            if state == _HEAD:
-                return self._read_head()
-            if state == _LENGTH or state == _CHUNK_DATA:
-                avail = len(self._buf) - self._pos
-                if avail <= 0:
-                    return self._need_data()
-                remaining = self._remaining
-                if avail >= remaining:
-                    self._state = _END if state == _LENGTH else _CHUNK_CRLF
-                    return Data(self._take(remaining))
-                self._remaining = remaining - avail
-                return Data(self._take(avail))
-            if state == _END:
-                self._state = _DONE
-                return EndOfMessage([])
-            if state == _DONE or state == _TUNNEL:
-                return PAUSED
-            if state == _CHUNK_CRLF:
-                buf = self._buf
-                pos = self._pos
-                avail = len(buf) - pos
-                if avail >= 2:
-                    if buf[pos] != 13 or buf[pos + 1] != 10:
-                        raise ProtocolError(self._BAD, "chunk data not followed by CRLF")
-                    self._pos = pos + 2
-                    self._state = _CHUNK_SIZE
-                    continue
-                if avail == 1 and buf[pos] != 13:
-                    raise ProtocolError(self._BAD, "chunk data not followed by CRLF")
-                return self._need_data()
-            if state == _CHUNK_SIZE:
-                event = self._read_chunk_size()
-                if event is not None:
-                    return event
-                continue
-            if state == _TRAILERS:
-                return self._read_trailers()
-            if state == _UNTIL_CLOSE:
-                if self._pos < len(self._buf):
-                    return Data(self._take(len(self._buf) - self._pos))
-                if self._eof:
-                    self._state = _DONE
-                    return EndOfMessage([])
-                return NEED_DATA
-            if state == _CLOSED:
-                return CLOSED
-            assert self._error is not None
-            raise self._error
 
     def _need_data(self) -> _Sentinel:
         if self._eof:
@@ -570,9 +721,12 @@ class _Reader:
                 return CLOSED
             return NEED_DATA
         self._check_head_allowed()
-        end = self._find_block(start_line=True)
+        scan = self._scan
+        end = buf.find(b"\r\n\r\n", scan if scan > pos else pos)  # _find_block's first step
         if end < 0:
-            return self._need_data()
+            end = self._find_block(start_line=True)
+            if end < 0:
+                return self._need_data()
         head = buf[pos:end]
         if type(head) is not bytes:
             head = bytes(head)
@@ -628,44 +782,61 @@ class _Reader:
     def _section_name(self, start_line: bool) -> str:
         return "header section" if start_line else "trailer section"
 
-    def _parse_block(self, block: bytes, start_line: bool) -> tuple[bytes, Headers]:
-        """Check a head or trailer block (without its final CRLFCRLF) and parse its fields.
+    def _check_head(self, head: bytes) -> tuple[bytes, bool]:
+        """Check a head (without its final CRLFCRLF): ProtocolError if it is invalid.
 
-        Returns the start line (b"" for trailers) and the fields.  The checks run
-        over the whole block in C (translate, one regex) rather than per field.
+        Returns the start line, and whether every field line is plainly
+        C{name: value} (see L{Request}).  The checks run over the whole head
+        in C (count, translate, one regex) rather than per field; the field
+        list is not built (L{_Message.headers} does that when asked).
         """
-        lines = block.split(b"\r\n")
+        crlfs = head.count(b"\r\n")
+        first_end = head.find(b"\r\n") if crlfs else len(head)
         # Deleting every allowed byte leaves the controls: only the CRLFs may remain.
-        if len(block.translate(None, _FIELD_CHARS)) != 2 * (len(lines) - 1):
-            self._bad_control(block, lines[0] if start_line else b"")
-        size = len(block)
-        max_line = self._max_line
-        if start_line and size > max_line and len(lines[0]) > max_line:
+        if len(head.translate(None, _FIELD_CHARS)) != 2 * crlfs:
+            self._bad_control(head, head[:first_end])
+        size = len(head)
+        if size > self._max_line and first_end > self._max_line:
             raise ProtocolError(self._LINE_TOO_LONG, f"{self._START_LINE} too long")
         if size + 4 > self._max_head:
-            raise ProtocolError(self._HEAD_TOO_LARGE, self._section_name(start_line) + " too large")
+            raise ProtocolError(self._HEAD_TOO_LARGE, "header section too large")
         max_field = self._max_field_line
         if size > max_field:
-            field_lines = lines[1:] if start_line else lines
+            field_lines = head.split(b"\r\n")[1:]
             if field_lines and max(map(len, field_lines)) > max_field:
                 raise ProtocolError(self._HEAD_TOO_LARGE, "header field line too long")
-        if start_line:
-            if len(lines) - 1 > self._max_fields:
-                raise ProtocolError(self._HEAD_TOO_LARGE, "too many header fields")
-            bad = _BAD_FIELD_START.search(block)
-            if bad is not None:
-                self._bad_field_line(block[bad.end() :].partition(b"\r\n")[0])
-            start = lines[0]
-            del lines[0]
+        if crlfs > self._max_fields:
+            raise ProtocolError(self._HEAD_TOO_LARGE, "too many header fields")
+        if _NOT_PLAIN_FIELD_START.search(head) is None:
+            # Every field line is "token: " and a value: valid, and plain unless
+            # whitespace ends a line or an HTAB is somewhere (rare: not worth a
+            # closer look).
+            plain = head.find(b"\t") < 0 and head.find(b" \r\n") < 0 and head[-1:] != b" "
         else:
-            if len(lines) > self._max_fields:
-                raise ProtocolError(self._HEAD_TOO_LARGE, "too many trailer fields")
-            prefixed = b"\r\n" + block
-            bad = _BAD_FIELD_START.search(prefixed)
+            bad = _BAD_FIELD_START.search(head)
             if bad is not None:
-                self._bad_field_line(prefixed[bad.end() :].partition(b"\r\n")[0])
-            start = b""
-        return start, [(n, v.strip(b" \t")) for n, _, v in map(bytes.partition, lines, _COLONS)]
+                self._bad_field_line(head[bad.end() :].partition(b"\r\n")[0])
+            plain = False
+        return head[:first_end], plain
+
+    def _parse_trailers(self, block: bytes) -> Headers:
+        """Check a trailer section (without its final CRLFCRLF) and parse its fields."""
+        lines = block.split(b"\r\n")
+        if len(block.translate(None, _FIELD_CHARS)) != 2 * (len(lines) - 1):
+            self._bad_control(block, b"")
+        size = len(block)
+        if size + 4 > self._max_head:
+            raise ProtocolError(self._HEAD_TOO_LARGE, "trailer section too large")
+        max_field = self._max_field_line
+        if size > max_field and max(map(len, lines)) > max_field:
+            raise ProtocolError(self._HEAD_TOO_LARGE, "header field line too long")
+        if len(lines) > self._max_fields:
+            raise ProtocolError(self._HEAD_TOO_LARGE, "too many trailer fields")
+        prefixed = b"\r\n" + block
+        bad = _BAD_FIELD_START.search(prefixed)
+        if bad is not None:
+            self._bad_field_line(prefixed[bad.end() :].partition(b"\r\n")[0])
+        return [(n, v.strip(b" \t")) for n, _, v in map(bytes.partition, lines, _COLONS)]
 
     def _bad_control(self, block: bytes, start_line: bytes) -> NoReturn:
         crlf = block.count(b"\r\n")
@@ -692,7 +863,7 @@ class _Reader:
         """Validate Content-Length values: (length, the value, whether it was repeated)."""
         first = values[0]
         repeated = len(values) > 1
-        if b"," in first or repeated:
+        if repeated or first.find(b",") >= 0:
             items = []
             for v in values:
                 items.extend(x.strip(b" \t") for x in v.split(b","))
@@ -784,7 +955,7 @@ class _Reader:
             block = bytes(block)
         self._pos = end + 4
         self._scan = 0
-        trailers = self._parse_block(block, False)[1]
+        trailers = self._parse_trailers(block)
         self._state = _DONE
         return EndOfMessage(trailers)
 
@@ -842,29 +1013,45 @@ class RequestReader(_Reader):
         self._pos, self._remaining, self._state = pos, remaining, _CHUNK_SIZE
 
     def _parse_head(self, head: bytes) -> Event:
-        start_line, headers = self._parse_block(head, True)
+        start_line, canonical = self._check_head(head)
         method, target, version = _request_line(start_line)
+        block = head
+        headers: Headers | None = None  # built from the block when asked
         http11 = version == b"HTTP/1.1"
         host = 0
         cl: list[bytes] | None = None
         te: list[bytes] | None = None
         conn: list[bytes] | None = None
         expect: list[bytes] | None = None
-        # Lowercased (name, value) of the fields that decide framing, found in one pass.
-        for lname, value in _FRAMING_FIELDS.findall(head.lower()):
-            value = value.rstrip(b" \t")
+        managed = 0  # fields a proxy rewrites or drops
+        droppable = True  # ... and all of them are Connection, Keep-Alive, Proxy-Connection
+        # Lowercased (name, value) of the fields that decide framing, and of those
+        # a proxy manages, found in one pass.
+        low = head.lower()
+        for lname, value in _REQUEST_FIELDS.findall(low):
             if lname == b"host":
                 host += 1
-                if not _valid_host(value):
+                if not _valid_host(value.rstrip(b" \t")):
                     raise ProtocolError(400, "invalid Host header")
             elif lname == b"content-length":
+                value = value.rstrip(b" \t")
                 cl = [value] if cl is None else [*cl, value]
-            elif lname == b"transfer-encoding":
-                te = [value] if te is None else [*te, value]
-            elif lname == b"connection":
-                conn = [value] if conn is None else [*conn, value]
-            else:
+            elif lname == b"expect":
+                value = value.rstrip(b" \t")
                 expect = [value] if expect is None else [*expect, value]
+            else:
+                managed += 1  # a field the proxy rewrites or drops
+                if lname == b"connection":
+                    value = value.rstrip(b" \t")
+                    conn = [value] if conn is None else [*conn, value]
+                elif lname == b"transfer-encoding":
+                    value = value.rstrip(b" \t")
+                    te = [value] if te is None else [*te, value]
+                    droppable = False
+                elif lname != b"keep-alive" and lname != b"proxy-connection":
+                    droppable = False
+        plain = canonical and not managed
+        trim = managed > 0 and droppable and _trim(canonical, conn, low)
         if host > 1:
             raise ProtocolError(400, "multiple Host headers")
         if host == 0 and http11:
@@ -890,7 +1077,7 @@ class RequestReader(_Reader):
             if length:
                 body = "length"
             if repeated:
-                headers = _single_content_length(headers, raw)
+                headers = _single_content_length(_field_list(head), raw)
                 head = None  # the fields are no longer the lines received
 
         keep_alive = http11 if conn is None else _keep_alive(conn, http11)
@@ -900,8 +1087,9 @@ class RequestReader(_Reader):
         self._state = _LENGTH if body == "length" else (_CHUNK_SIZE if body == "chunked" else _END)
         self._remaining = length or 0
         return Request(
-            method, target, version, headers, keep_alive, expect_continue, body, length, head
-        )
+            method, target, version, headers, keep_alive, expect_continue, body, length, head,
+            block, low, plain, trim,
+        )  # fmt: skip
 
 
 def _valid_host(value: bytes) -> bool:
@@ -940,14 +1128,14 @@ def _request_line(line: bytes) -> tuple[bytes, bytes, bytes]:
         if _HTTP_VERSION.fullmatch(version):
             raise ProtocolError(505, "HTTP version not supported")
         raise ProtocolError(400, "malformed request line")
-    if not method or method.translate(None, _TCHAR):
+    if method not in _COMMON_METHODS and (not method or method.translate(None, _TCHAR)):
         raise ProtocolError(400, "invalid method")
     _check_target(method, target)
     return method, target, version
 
 
 def _check_target(method: bytes, target: bytes) -> None:
-    if not target or b"\t" in target:
+    if not target or target.find(b"\t") >= 0:  # (find: `in` formats an exception first)
         raise ProtocolError(400, "invalid request-target")
     if method == b"CONNECT":
         if _AUTHORITY.fullmatch(target) is None:
@@ -1027,27 +1215,42 @@ class ResponseReader(_Reader):
         _status_line(line)
 
     def _parse_head(self, head: bytes) -> Event:
-        start_line, headers = self._parse_block(head, True)
+        start_line, canonical = self._check_head(head)
         version, status, reason = _status_line(start_line)
         http11 = version == b"HTTP/1.1"
+        block = head
+        low = head.lower()
+        headers: Headers | None = None  # built from the block when asked
 
         if status < 200 and status != 101:
             # Interim: its fields say nothing about framing; the request is still open.
             self._state = _END
-            return Response(version, status, reason, headers, True, "none", None)
+            return Response(version, status, reason, None, True, "none", None, block=block, low=low)
         method = self._methods.pop(0)
 
         cl: list[bytes] | None = None
         te: list[bytes] | None = None
         conn: list[bytes] | None = None
-        for lname, value in _FRAMING_FIELDS.findall(head.lower()):
-            value = value.rstrip(b" \t")
+        managed = 0
+        droppable = True
+        # As for requests: framing fields, and whether the proxy must rewrite the head.
+        for lname, value in _RESPONSE_FIELDS.findall(low):
             if lname == b"content-length":
+                value = value.rstrip(b" \t")
                 cl = [value] if cl is None else [*cl, value]
-            elif lname == b"transfer-encoding":
-                te = [value] if te is None else [*te, value]
-            elif lname == b"connection":
-                conn = [value] if conn is None else [*conn, value]
+            else:
+                managed += 1
+                if lname == b"connection":
+                    value = value.rstrip(b" \t")
+                    conn = [value] if conn is None else [*conn, value]
+                elif lname == b"transfer-encoding":
+                    value = value.rstrip(b" \t")
+                    te = [value] if te is None else [*te, value]
+                    droppable = False
+                elif lname != b"keep-alive" and lname != b"proxy-connection":
+                    droppable = False
+        plain = canonical and not managed
+        trim = managed > 0 and droppable and _trim(canonical, conn, low)
         keep_alive = http11 if conn is None else _keep_alive(conn, http11)
 
         length: int | None = None
@@ -1058,14 +1261,14 @@ class ResponseReader(_Reader):
         if te is not None:
             if cl is not None:
                 # RFC 9112 §6.3: Transfer-Encoding overrides; never forward both.
-                headers = _without_content_length(headers)
+                headers = _without_content_length(_field_list(head))
                 head = None  # the fields are no longer the lines received
                 length = None
                 keep_alive = False
             if not http11:
                 keep_alive = False
         elif repeated:
-            headers = _single_content_length(headers, raw)
+            headers = _single_content_length(_field_list(head), raw)
             head = None
 
         if status == 101 or (method == b"CONNECT" and status < 300):
@@ -1099,7 +1302,10 @@ class ResponseReader(_Reader):
             self._state = _UNTIL_CLOSE
         else:
             self._state = _TUNNEL
-        return Response(version, status, reason, headers, keep_alive, body, length, head)
+        return Response(
+            version, status, reason, headers, keep_alive, body, length, head,
+            block, low, plain, trim,
+        )  # fmt: skip
 
 
 def _status_line(line: bytes) -> tuple[bytes, int, bytes]:

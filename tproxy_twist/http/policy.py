@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-import re
 from collections.abc import Container
 
 from ..config import PortConfig
@@ -28,6 +27,8 @@ __all__ = [
     "host_agrees",
     "is_loop",
     "route",
+    "trimmed_head",
+    "trimmed_response_head",
     "unchanged_head",
     "unchanged_response_head",
     "upstream_fields",
@@ -204,32 +205,6 @@ def upstream_fields(
     return fields
 
 
-# A field the proxy rewrites or removes on the way upstream: hop-by-hop fields
-# (Connection may nominate more), Via and X-Forwarded-For.  Field names are
-# tokens followed directly by the colon (the framing rejects anything else).
-_REWRITTEN_FIELD = re.compile(
-    rb"\r\n(?:"
-    + b"|".join(re.escape(name) for name in sorted(H.HOP_BY_HOP | {b"via", b"x-forwarded-for"}))
-    + rb"):",
-    re.IGNORECASE,
-)
-# A field line whose colon is not followed by exactly one space and a value
-# (an empty value included): serializing the parsed field would not give it
-# back byte for byte.  One literal-led pattern: sre finds "\r\n" with memchr,
-# where an alternation would be tried at every byte (ten times slower).
-_UNCANONICAL_COLON = re.compile(rb"\r\n[^:\r]*:(?! [^ \r])")
-
-
-def _canonical(head: bytes) -> bool:
-    """Whether every field line of C{head} is C{name: value} with nothing around the value."""
-    return (
-        b"\t" not in head  # a rare byte in a head: the slow path decides what it means
-        and b" \r\n" not in head
-        and head[-1:] != b" "
-        and _UNCANONICAL_COLON.search(head) is None
-    )
-
-
 def unchanged_head(
     request: Request, *, via: bytes | None, xff_mode: str, client_ip: str
 ) -> bytes | None:
@@ -242,17 +217,13 @@ def unchanged_head(
 
     The caller makes sure that the target and Host stay as received (an
     origin-form request that L{route} leaves alone).  Taken as received: an
-    HTTP/1.1 request whose head the reader did not change, with no field
-    that is rewritten or dropped (hop-by-hop fields, Connection, Proxy-*,
-    Via, X-Forwarded-For), and every field line in the form C{name: value}.
+    HTTP/1.1 request whose head the reader did not change and found
+    C{plain}: no field that is rewritten or dropped (hop-by-hop fields,
+    Connection, Proxy-*, Via, X-Forwarded-For), and every field line in the
+    form C{name: value}.
     """
     head = request.head
-    if (
-        head is None
-        or request.version != b"HTTP/1.1"
-        or _REWRITTEN_FIELD.search(head) is not None
-        or not _canonical(head)
-    ):
+    if head is None or not request.plain or request.version != b"HTTP/1.1":
         return None
     if via is not None:
         head += b"\r\nVia: " + via
@@ -274,17 +245,53 @@ def unchanged_response_head(response: Response, via: bytes | None) -> bytes | No
     as received: an HTTP/1.1 response whose head the reader did not change,
     with a status line of version, code and a reason after a space, no field
     that is rewritten or dropped, and every field line in the form
-    C{name: value}.
+    C{name: value} (C{plain}).
     """
     head = response.head
     if (
         head is None
+        or not response.plain
         or response.version != b"HTTP/1.1"
         or head[12:13] != b" "  # b"HTTP/1.1 200 OK": serialized with the space even if empty
-        or _REWRITTEN_FIELD.search(head) is not None
-        or not _canonical(head)
     ):
         return None
+    if via is not None:
+        return head + b"\r\nVia: " + via + b"\r\n\r\n"
+    return head + b"\r\n\r\n"
+
+
+def trimmed_head(
+    request: Request, *, via: bytes | None, xff_mode: str, client_ip: str
+) -> bytes | None:
+    """
+    As L{unchanged_head}, for a request that is plain but for its
+    Connection, Keep-Alive or Proxy-Connection fields (C{trim}: browsers
+    send C{Connection: keep-alive}): the head as received without those
+    lines, with Via (and X-Forwarded-For) added; or C{None}.  When not
+    C{None}, it is byte for byte what L{upstream_fields} and
+    L{headers.serialize_request_head} make.
+    """
+    if request.head is None or not request.trim or request.version != b"HTTP/1.1":
+        return None
+    head = request.without_connection_fields()
+    if via is not None:
+        head += b"\r\nVia: " + via
+    if xff_mode == "append":
+        head += b"\r\nX-Forwarded-For: " + client_ip.encode()
+    return head + b"\r\n\r\n"
+
+
+def trimmed_response_head(response: Response, via: bytes | None) -> bytes | None:
+    """
+    As L{unchanged_response_head}, for a response that is plain but for its
+    Connection, Keep-Alive or Proxy-Connection fields (C{trim}: nginx sends
+    C{Connection: keep-alive}): the head as received without those lines,
+    with Via added; or C{None}.
+    """
+    head = response.head
+    if head is None or not response.trim or response.version != b"HTTP/1.1" or head[12:13] != b" ":
+        return None
+    head = response.without_connection_fields()
     if via is not None:
         return head + b"\r\nVia: " + via + b"\r\n\r\n"
     return head + b"\r\n\r\n"

@@ -687,8 +687,9 @@ class Session:
         return _Exchange(request, record)
 
     def _start_request(self, request: Request) -> None:
+        # The deadline is armed where the request leaves HEAD/IDLE: on its way
+        # upstream (CONNECTING, SENDING, AWAITING) or answered by the proxy.
         config = self._config
-        self._arm(_DL_IDLE, config.timeouts.idle)
         record = ExchangeRecord(
             self._clock.seconds(), self.client_ip, request.method, request.target
         )
@@ -729,13 +730,13 @@ class Session:
         record.host = host
         head = None
         if host is None:
-            # The common case: the head goes upstream as it came, plus Via.
+            # The common case: the head goes upstream as it came (perhaps without
+            # its Connection field), plus Via.
+            via = config.via(request.version)
+            xff_mode = port.x_forwarded_for
             head = policy.unchanged_head(
-                request,
-                via=config.via(request.version),
-                xff_mode=port.x_forwarded_for,
-                client_ip=self.client_ip,
-            )
+                request, via=via, xff_mode=xff_mode, client_ip=self.client_ip
+            ) or policy.trimmed_head(request, via=via, xff_mode=xff_mode, client_ip=self.client_ip)
         if head is not None:
             self._forward_head(exchange, request, head, destination)
             return
@@ -771,7 +772,10 @@ class Session:
             exchange.large = True
             self._io.large_reads(None, True)  # a large upload: larger reads
         exchange.head = head
-        exchange.replayable = request.body == "none"
+        if request.body == "none":
+            exchange.replayable = True
+            # No EndOfMessage event to wait for: the whole request is here.
+            exchange.request_done = self._reader.take_end()
         self._admit(destination)
 
     def _admit(self, destination: tuple[str, int]) -> None:
@@ -780,10 +784,16 @@ class Session:
         this thread, so the session waits in CONNECTING, reading no further)
         before its upstream connection is used or made.
         """
-        if not self._config.authenticates:
+        config = self._config
+        if not config.authenticates:
+            up = self._up
+            if up is None or up.lost or up.destination != destination:
+                # CONNECTING (a reused upstream gets SENDING's or AWAITING's deadline).
+                self._arm(_DL_IDLE, config.timeouts.idle)
             self._use_upstream(destination)
             return
         self.state = _CONNECTING
+        self._arm(_DL_IDLE, config.timeouts.idle)
         link = self._connecting = self._admitting = Link(destination)
         self._io.authenticate(
             link, self.client_ip, self._exchange.request.get(b"proxy-authorization")
@@ -1072,24 +1082,33 @@ class Session:
                     self._write_sequence(H.encode_chunk(event.data))
                 else:
                     self._write(event.data)
+                    if reader.take_end():  # all of a Content-Length body: no event to wait for
+                        self._response_ended(up)
             elif kind is Response:
-                if event.interim:
+                if event.status < 200 and event.body != "tunnel":  # 1xx interim (not 101)
                     if exchange.request.version == b"HTTP/1.1":
                         fields = H.strip_hop_by_hop(event.headers)
                         self._write(H.serialize_response_head(event.status, event.reason, fields))
                     continue
                 self._relay_response_head(exchange, event)
+                if event.body == "none" and self._exchange is exchange and reader.take_end():
+                    self._response_ended(up)
             elif kind is EndOfMessage:
                 if not exchange.record.response_started:  # the end of a 1xx interim response
                     reader.start_next()
                     continue
                 if exchange.response_chunked:
                     self._write(H.last_chunk(event.trailers))
-                reader.start_next()
-                up.served += 1
-                self._finish_exchange()
+                self._response_ended(up)
             else:  # NEED_DATA, PAUSED (after a tunnel head) or CLOSED
-                return
+                break
+        if self.state is _RESPONDING and self.deadline_kind is not _DL_IDLE:
+            self._arm(_DL_IDLE, self._config.timeouts.idle)
+
+    def _response_ended(self, up: _Upstream) -> None:
+        up.reader.start_next()
+        up.served += 1
+        self._finish_exchange()
 
     def _relay_response_head(self, exchange: _Exchange, response: Response) -> None:
         tunnel = response.body == "tunnel"
@@ -1104,8 +1123,9 @@ class Session:
         record.status = response.status
         record.content_type = response.get(b"content-type") or b"-"
         exchange.upstream_keep_alive = response.keep_alive and not exchange.tunnel
+        # RESPONDING's deadline (IDLE) is armed when _relay_response returns
+        # with the response unfinished: most end in the same read.
         self.state = _RESPONDING
-        self._arm(_DL_IDLE, self._config.timeouts.idle)
         body = response.body
         if body != "none" and (
             response.content_length is None or response.content_length > LARGE_BODY
@@ -1137,8 +1157,11 @@ class Session:
         via = self._config.via(response.version)
         head = None
         if not added and not tunnel:
-            # The common case: the head goes to the client as it came, plus Via.
-            head = policy.unchanged_response_head(response, via)
+            # The common case: the head goes to the client as it came (perhaps
+            # without its Connection field), plus Via.
+            head = policy.unchanged_response_head(response, via) or policy.trimmed_response_head(
+                response, via
+            )
         if head is None:
             fields = H.strip_hop_by_hop(response.headers, keep_upgrade=tunnel)
             fields += added
@@ -1178,13 +1201,15 @@ class Session:
         if exchange.close_client or not exchange.request_done:
             self._close()
             return
-        self._reader.start_next()
+        reader = self._reader
+        reader.start_next()
         self.state = _IDLE
         self._arm(_DL_CLIENT_IDLE, self._config.timeouts.client_idle)
         self._resume_pipeline()
-        self._process()
-        if self.state is _IDLE and not self._reader.idle:
-            self._to_head()
+        if reader.buffered or reader.eof:  # else the next event is NEED_DATA
+            self._process()
+            if self.state is _IDLE and not reader.idle:
+                self._to_head()
 
     def _upstream_broke(self, cause: str) -> None:
         up = self._up
