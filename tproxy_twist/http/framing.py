@@ -396,7 +396,8 @@ _BAD_FIELD_START: Final = re.compile(rb"\r\n(?!" + _TOKEN_RE + rb":)")
 # _BAD_FIELD_START search has nothing to find either).
 _NOT_PLAIN_FIELD_START: Final = re.compile(rb"\r\n(?!" + _TOKEN_RE + rb": [^ \t\r])")
 
-MANAGED_FIELDS: Final = frozenset(
+#: Hop-by-hop fields: never forwarded (headers.HOP_BY_HOP, which strips them, says why).
+HOP_BY_HOP: Final[frozenset[bytes]] = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -405,12 +406,14 @@ MANAGED_FIELDS: Final = frozenset(
         b"trailer",
         b"transfer-encoding",
         b"upgrade",
+        # Credentials for a proxy stay with the proxy (issue 11): never sent to
+        # an origin, and an upstream's challenge never reaches the client.
         b"proxy-authorization",
         b"proxy-authenticate",
-        b"via",
-        b"x-forwarded-for",
     }
 )
+#: The fields a proxy rewrites or drops: the hop-by-hop ones, Via, X-Forwarded-For.
+MANAGED_FIELDS: Final = HOP_BY_HOP | {b"via", b"x-forwarded-for"}
 """Fields (lowercase) that a relaying proxy rewrites or drops: the hop-by-hop
 fields (L{tproxy_twist.http.headers.HOP_BY_HOP}), Via and X-Forwarded-For.
 A head with none of them may be forwarded as received (C{plain})."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Final
 
+from tproxy_twist.http.framing import HOP_BY_HOP as _HOP_BY_HOP
 from tproxy_twist.http.framing import Headers
 
 __all__ = [
@@ -29,21 +30,7 @@ __all__ = [
     "via_value",
 ]
 
-HOP_BY_HOP: Final[frozenset[bytes]] = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        # Credentials for a proxy stay with the proxy (issue 11): never sent to
-        # an origin, and an upstream's challenge never reaches the client.
-        b"proxy-authorization",
-        b"proxy-authenticate",
-    }
-)
+HOP_BY_HOP: Final[frozenset[bytes]] = _HOP_BY_HOP
 """Fields that describe one connection and are never forwarded (RFC 9110 §7.6.1),
 in either direction, on every port mode.  Proxy-Authorization and
 Proxy-Authenticate are among them (RFC 9110 §11.7.1-2: they are for the proxy
