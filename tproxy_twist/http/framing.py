@@ -441,6 +441,33 @@ def _trim(canonical: bool, conn: list[bytes] | None, low: bytes) -> bool:
     return low.find(b"\r\nclose:") < 0
 
 
+def _managed_facts(
+    managed: list[tuple[bytes, bytes]] | None, canonical: bool, low: bytes
+) -> tuple[list[bytes] | None, list[bytes] | None, bool]:
+    """
+    From the (lowercased name, value) of a head's proxy-managed fields: the
+    Connection values, the Transfer-Encoding values (C{None} when absent) and
+    whether the head is C{trim} (see L{Request}): plain but for Connection,
+    Keep-Alive and Proxy-Connection fields that only say keep-alive or close.
+    """
+    if managed is None:
+        return None, None, False
+    conn: list[bytes] | None = None
+    te: list[bytes] | None = None
+    droppable = True
+    for lname, value in managed:
+        if lname == b"connection":
+            value = value.rstrip(b" \t")
+            conn = [value] if conn is None else [*conn, value]
+        elif lname == b"transfer-encoding":
+            value = value.rstrip(b" \t")
+            te = [value] if te is None else [*te, value]
+            droppable = False
+        elif lname != b"keep-alive" and lname != b"proxy-connection":
+            droppable = False
+    return conn, te, droppable and _trim(canonical, conn, low)
+
+
 # The fields that decide a request's framing and routing, and those a proxy manages.
 _REQUEST_FIELDS: Final = _fields_pattern(MANAGED_FIELDS | {b"host", b"content-length", b"expect"})
 _RESPONSE_FIELDS: Final = _fields_pattern(MANAGED_FIELDS | {b"content-length"})
@@ -1023,11 +1050,8 @@ class RequestReader(_Reader):
         http11 = version == b"HTTP/1.1"
         host = 0
         cl: list[bytes] | None = None
-        te: list[bytes] | None = None
-        conn: list[bytes] | None = None
         expect: list[bytes] | None = None
-        managed = 0  # fields a proxy rewrites or drops
-        droppable = True  # ... and all of them are Connection, Keep-Alive, Proxy-Connection
+        managed: list[tuple[bytes, bytes]] | None = None  # fields a proxy rewrites or drops
         # Lowercased (name, value) of the fields that decide framing, and of those
         # a proxy manages, found in one pass.
         low = head.lower()
@@ -1042,19 +1066,10 @@ class RequestReader(_Reader):
             elif lname == b"expect":
                 value = value.rstrip(b" \t")
                 expect = [value] if expect is None else [*expect, value]
-            else:
-                managed += 1  # a field the proxy rewrites or drops
-                if lname == b"connection":
-                    value = value.rstrip(b" \t")
-                    conn = [value] if conn is None else [*conn, value]
-                elif lname == b"transfer-encoding":
-                    value = value.rstrip(b" \t")
-                    te = [value] if te is None else [*te, value]
-                    droppable = False
-                elif lname != b"keep-alive" and lname != b"proxy-connection":
-                    droppable = False
-        plain = canonical and not managed
-        trim = managed > 0 and droppable and _trim(canonical, conn, low)
+            else:  # a field the proxy rewrites or drops
+                managed = [(lname, value)] if managed is None else [*managed, (lname, value)]
+        conn, te, trim = _managed_facts(managed, canonical, low)
+        plain = canonical and managed is None
         if host > 1:
             raise ProtocolError(400, "multiple Host headers")
         if host == 0 and http11:
@@ -1232,28 +1247,16 @@ class ResponseReader(_Reader):
         method = self._methods.pop(0)
 
         cl: list[bytes] | None = None
-        te: list[bytes] | None = None
-        conn: list[bytes] | None = None
-        managed = 0
-        droppable = True
+        managed: list[tuple[bytes, bytes]] | None = None
         # As for requests: framing fields, and whether the proxy must rewrite the head.
         for lname, value in _RESPONSE_FIELDS.findall(low):
             if lname == b"content-length":
                 value = value.rstrip(b" \t")
                 cl = [value] if cl is None else [*cl, value]
-            else:
-                managed += 1
-                if lname == b"connection":
-                    value = value.rstrip(b" \t")
-                    conn = [value] if conn is None else [*conn, value]
-                elif lname == b"transfer-encoding":
-                    value = value.rstrip(b" \t")
-                    te = [value] if te is None else [*te, value]
-                    droppable = False
-                elif lname != b"keep-alive" and lname != b"proxy-connection":
-                    droppable = False
-        plain = canonical and not managed
-        trim = managed > 0 and droppable and _trim(canonical, conn, low)
+            else:  # a field the proxy rewrites or drops
+                managed = [(lname, value)] if managed is None else [*managed, (lname, value)]
+        conn, te, trim = _managed_facts(managed, canonical, low)
+        plain = canonical and managed is None
         keep_alive = http11 if conn is None else _keep_alive(conn, http11)
 
         length: int | None = None
