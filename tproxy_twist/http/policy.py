@@ -225,11 +225,7 @@ def unchanged_head(
     head = request.head
     if head is None or not request.plain or request.version != b"HTTP/1.1":
         return None
-    if via is not None:
-        head += b"\r\nVia: " + via
-    if xff_mode == "append":
-        head += b"\r\nX-Forwarded-For: " + client_ip.encode()
-    return head + b"\r\n\r\n"
+    return _request_head_out(head, via, xff_mode, client_ip)
 
 
 def unchanged_response_head(response: Response, via: bytes | None) -> bytes | None:
@@ -255,6 +251,20 @@ def unchanged_response_head(response: Response, via: bytes | None) -> bytes | No
         or head[12:13] != b" "  # b"HTTP/1.1 200 OK": serialized with the space even if empty
     ):
         return None
+    return _response_head_out(head, via)
+
+
+def _request_head_out(head: bytes, via: bytes | None, xff_mode: str, client_ip: str) -> bytes:
+    """A request head's fields as they go on, plus Via and X-Forwarded-For, and its end."""
+    if via is not None:
+        head += b"\r\nVia: " + via
+    if xff_mode == "append":
+        head += b"\r\nX-Forwarded-For: " + client_ip.encode()
+    return head + b"\r\n\r\n"
+
+
+def _response_head_out(head: bytes, via: bytes | None) -> bytes:
+    """A response head's fields as they go on, plus Via, and its end."""
     if via is not None:
         return head + b"\r\nVia: " + via + b"\r\n\r\n"
     return head + b"\r\n\r\n"
@@ -273,12 +283,7 @@ def trimmed_head(
     """
     if request.head is None or not request.trim or request.version != b"HTTP/1.1":
         return None
-    head = request.without_connection_fields()
-    if via is not None:
-        head += b"\r\nVia: " + via
-    if xff_mode == "append":
-        head += b"\r\nX-Forwarded-For: " + client_ip.encode()
-    return head + b"\r\n\r\n"
+    return _request_head_out(request.without_connection_fields(), via, xff_mode, client_ip)
 
 
 def trimmed_response_head(response: Response, via: bytes | None) -> bytes | None:
@@ -291,10 +296,7 @@ def trimmed_response_head(response: Response, via: bytes | None) -> bytes | None
     head = response.head
     if head is None or not response.trim or response.version != b"HTTP/1.1" or head[12:13] != b" ":
         return None
-    head = response.without_connection_fields()
-    if via is not None:
-        return head + b"\r\nVia: " + via + b"\r\n\r\n"
-    return head + b"\r\n\r\n"
+    return _response_head_out(response.without_connection_fields(), via)
 
 
 def x_forwarded_for(fields: Headers, mode: str, client_ip: str) -> Headers:
