@@ -29,6 +29,7 @@ from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger
 
 from .config import ListenAddress
+from .logthrottle import LogThrottle
 
 _log = Logger()
 
@@ -596,6 +597,7 @@ def serve_accepts(
     """
     listener = port.socket
     resuming = []
+    throttle = LogThrottle(clock)  # a bug met per connection must not flood the log
 
     def resume() -> None:
         resuming.clear()
@@ -611,7 +613,7 @@ def serve_accepts(
         except Exception:
             # As Twisted's doRead: whatever went wrong, the listener stays open
             # (an exception out of doRead would make the reactor close it).
-            _log.failure("accepting on {port}", port=port)
+            throttle.emit(_log.failure, "accept", "accepting on {port}", port=port)
             return
         # Twisted's batch sizing: a full batch suggests more are waiting.
         if accepted and accepted == port.numberAccepts:

@@ -260,9 +260,10 @@ def test_an_error_while_accepting_is_logged_and_the_listener_stays_open():
     globalLogPublisher.addObserver(seen.append)
     try:
         port.doRead()  # does not raise: the reactor would close the listener
+        port.doRead()  # the same bug again: counted, not logged again within 10 s
     finally:
         globalLogPublisher.removeObserver(seen.append)
-    assert any(e.get("log_failure") is not None for e in seen)
+    assert sum(e.get("log_failure") is not None for e in seen) == 1
     assert port.reading and not port.stopped
     proxy.stopService()
 
