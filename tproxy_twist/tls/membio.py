@@ -204,6 +204,9 @@ if not EXACT_PENDING:  # pragma: no cover - another pyOpenSSL
     _handshake_step = _portable_handshake_step
 
 
+_NO_CLOSE_NOTIFY = "the peer closed without close_notify"
+
+
 def _represents_eof(e: SSL.Error) -> bool:
     # As twisted.protocols.tls._representsEOF: the peer closed TCP without close_notify.
     if isinstance(e, SSL.SysCallError):
@@ -333,13 +336,22 @@ class MemoryTLS:
         self._read()
 
     def connectionLost(self, reason: Failure) -> None:
-        if not self._tls_over and self.connection is not None:
-            # Whatever was read still counts; then the missing close_notify is an EOF.
-            self.connection.bio_shutdown()
-            if self.handshake_done:
-                self._read()
+        tls = self.connection
+        if not self._tls_over and tls is not None:
+            if self.handshake_done and EXACT_PENDING and not _pending_in(tls):
+                # Nothing is left to decrypt: the peer closed without close_notify.
+                # Said here, not by an EOF fed to OpenSSL, whose fatal error would
+                # make the session not resumable (an origin's, kept for the next
+                # connection: verify.py) where the close itself lost nothing.
+                if self._reason is None:
+                    self._reason = Failure(error.ConnectionLost(_NO_CLOSE_NOTIFY))
             else:
-                self._handshake()
+                # Whatever was read still counts; then the missing close_notify is an EOF.
+                tls.bio_shutdown()
+                if self.handshake_done:
+                    self._read()
+                else:
+                    self._handshake()
             self._tls_over = True
             self._fast = False
         reason = self._reason or reason
@@ -527,7 +539,7 @@ class MemoryTLS:
 
     def _failed(self, failure: Failure) -> None:
         if isinstance(failure.value, SSL.Error) and _represents_eof(failure.value):
-            failure = Failure(error.ConnectionLost("the peer closed without close_notify"))
+            failure = Failure(error.ConnectionLost(_NO_CLOSE_NOTIFY))
         if self._reason is None:
             self._reason = failure
         self._tls_over = True

@@ -251,33 +251,21 @@ class _OriginCreator:
         return connection
 
 
-def _detached(session: SSL.Session) -> SSL.Session:
+def _keep_resumable(connection: SSL.Connection) -> None:
     """
-    A copy of C{session} that is not the connection's own: OpenSSL marks a
-    connection's session not resumable when the connection is aborted, and
-    the relay aborts an origin connection whenever its client leaves (an
-    abandoned connection, not a failed one: the session is as good as it
-    was).  Private pyOpenSSL API (its binding's i2d/d2i_SSL_SESSION),
-    isolated here; without it the session itself is kept.
+    Keep the session of C{connection} (verified, kept for the next
+    connection: L{_ResumingCreator.verified}) resumable when the connection
+    is freed.  OpenSSL marks a connection's session not resumable when the
+    connection is freed without having sent close_notify (ssl_sess.c,
+    C{ssl_clear_bad_session}), and the relay aborts an origin connection
+    whenever its client leaves: an abandoned connection, not a failed one,
+    whose session is as good as it was.  Marking close_notify as sent (the
+    connection is over: nothing more is sent on it) leaves the session
+    alone; a fatal error on the connection still makes OpenSSL forget it
+    (RFC 5246, 7.2.2).  Before, a copy of the session was kept (an
+    i2d/d2i of it, the peer's certificate parsed again: per connection).
     """
-    try:
-        from OpenSSL.SSL import _ffi, _lib
-
-        size = _lib.i2d_SSL_SESSION(session._session, _ffi.NULL)
-        if size <= 0:
-            return session
-        buffer = _ffi.new("unsigned char[]", size)
-        _lib.i2d_SSL_SESSION(session._session, _ffi.new("unsigned char **", buffer))
-        copy = _lib.d2i_SSL_SESSION(_ffi.NULL, _ffi.new("const unsigned char **", buffer), size)
-        if copy == _ffi.NULL:
-            return session
-        detached = SSL.Session.__new__(SSL.Session)
-        detached._session = _ffi.gc(copy, _lib.SSL_SESSION_free)
-        if hasattr(session, "_context"):
-            detached._context = session._context  # set_session() checks it
-        return detached
-    except (ImportError, AttributeError, TypeError):
-        return session
+    connection.set_shutdown(connection.get_shutdown() | SSL.SENT_SHUTDOWN)
 
 
 def _fingerprint(certificate) -> bytes:
@@ -457,7 +445,7 @@ class _ResumingCreator:
         """C{connection}'s handshake was verified: keep its session for the next one."""
         session = connection.get_session()
         if session is not None:
-            self._sessions.put(self.key, _detached(session))
+            self._sessions.put(self.key, session)
 
     def failed(self) -> None:
         self._sessions.forget(self.key)
@@ -639,6 +627,8 @@ class OriginTLS(Protocol):
             self._memory.deliver_to(self._app.dataReceived)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._session_kept and self._tls is not None:
+            _keep_resumable(self._tls)
         if not self.verdict.called:
             self._decide(classify_failure(reason, self._tls))
         elif self._app is not None:
