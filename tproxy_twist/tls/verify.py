@@ -549,6 +549,9 @@ class OriginTLS(Protocol):
     once with an L{OriginVerdict}, within C{timeout} seconds.  Cancelling
     C{verdict} aborts the connection.  After C{ok}, L{attach} hands the
     connection to the protocol that relays the decrypted stream.
+
+    C{timer=False}: no timer of its own; the caller keeps the deadline
+    (C{connected_at} + C{timeout}) and calls L{time_out} when it passes.
     """
 
     def __init__(
@@ -556,10 +559,15 @@ class OriginTLS(Protocol):
         creator: IOpenSSLClientConnectionCreator,
         clock: IReactorTime,
         timeout: float,
+        *,
+        timer: bool = True,
     ) -> None:
         self._creator = creator
         self._clock = clock
         self._timeout = timeout
+        self._own_timer = timer
+        #: when the TCP connection was made (C{None}: not yet)
+        self.connected_at: float | None = None
         self._timer: IDelayedCall | None = None
         self._tls: SSL.Connection | None = None
         self._memory = None  # the MemoryTLS on a TCP transport
@@ -571,7 +579,10 @@ class OriginTLS(Protocol):
         self.verdict: defer.Deferred[OriginVerdict] = defer.Deferred(self._cancel)
 
     def connectionMade(self) -> None:
-        self._timer = self._clock.callLater(self._timeout, self._timed_out)
+        if self._own_timer:
+            self._timer = self._clock.callLater(self._timeout, self.time_out)
+        else:
+            self.connected_at = self._clock.seconds()
         transport = self.transport
         # Without it Nagle holds the first request behind the unacknowledged
         # Finished: a delayed ACK (40 ms) on every new bumped connection.
@@ -666,8 +677,11 @@ class OriginTLS(Protocol):
                     failed()  # whatever was kept for this origin is not offered again
             self.verdict.callback(verdict)
 
-    def _timed_out(self) -> None:
+    def time_out(self) -> None:
+        """No verdict within the time allowed: C{timeout}, and the connection is aborted."""
         self._timer = None
+        if self.verdict.called:
+            return
         self._decide(OriginVerdict("timeout", f"no TLS handshake within {self._timeout:g}s"))
         self.transport.abortConnection()
 
