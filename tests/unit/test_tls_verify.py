@@ -113,6 +113,12 @@ def listen(request):
         wait(defer.maybeDeferred(port.stopListening))
 
 
+def _bundle_root(ca: Issued):
+    from twisted.internet.ssl import Certificate, trustRootFromCertificates
+
+    return trustRootFromCertificates([Certificate.loadPEM(ca.cert_pem)])
+
+
 def verify(trust: OriginTrust, port: int, name: str = ORIGIN, clock=None, timeout=10.0):
     origin = OriginTLS(trust.creator(name), clock or reactor, timeout)
     reactor.connectTCP("127.0.0.1", port, protocol.ClientFactory.forProtocol(lambda: origin))
@@ -407,6 +413,28 @@ def test_a_resumed_session_is_still_checked_for_the_name(trust, test_ca, listen)
     other, verdict = verified_and_used(trust, port, "elsewhere.example")
     assert verdict.result == "bad_name"
     assert trust.sessions.get(("127.0.0.1", port, "elsewhere.example")) is None  # forgotten
+
+
+def test_a_kept_session_carries_its_certificates_sha256_and_is_still_checked_for_the_name(
+    test_ca, listen
+):
+    import hashlib
+
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    issued = make_server_cert([ORIGIN], test_ca)
+    port = listen(protocol.Factory.forProtocol(Echo), issued, tickets=True)
+    bundle_trust = OriginTrust(_bundle_root(test_ca))
+    first, verdict = verified_and_used(bundle_trust, port)
+    assert verdict.ok
+    session, fingerprint = bundle_trust.sessions.offer(("127.0.0.1", port, ORIGIN))
+    assert fingerprint == hashlib.sha256(issued.certificate.public_bytes(Encoding.DER)).digest()
+    close_cleanly(first)
+    # The same session and its SHA-256 planted under a name the certificate does not
+    # carry: the name check looks the pair up, does not find it, checks: refused.
+    bundle_trust.sessions.put(("127.0.0.1", port, "elsewhere.example"), session, fingerprint)
+    other, verdict = verified_and_used(bundle_trust, port, "elsewhere.example")
+    assert resumed(other) and verdict.result == "bad_name"
 
 
 def test_a_connection_that_failed_verification_leaves_no_session(trust, listen):

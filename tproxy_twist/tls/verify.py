@@ -174,6 +174,7 @@ def _creator_maker(trust_root, throttle: LogThrottle, name_checks: NameChecks | 
         # The answer depends on the certificate's bytes and the name only: kept
         # per pair (OpenSSL still checks the chain, validity and signature).
         key = (_fingerprint(certificate), connection.name)
+        connection.fingerprint = key[0]  # kept with the session (OriginSessions.put)
         known = name_checks.get(key, _UNKNOWN)
         if known is None:
             name_checks.move_to_end(key)
@@ -229,6 +230,7 @@ class _OriginConnection(SSL.Connection):
     name_id = None  # the service_identity ID of the name verified
     name = ""  # that name, as given (the key of its kept checks)
     tls = None  # the TLS transport (failVerification)
+    fingerprint = None  # the SHA-256 of the certificate whose name was checked
 
 
 @implementer(IOpenSSLClientConnectionCreator)
@@ -358,7 +360,9 @@ class OriginSessions:
         self._clock = clock
         self._size = size
         self._max_age = max_age
-        self._sessions: OrderedDict[tuple[str, int, str], tuple[float, SSL.Session]] = OrderedDict()
+        self._sessions: OrderedDict[
+            tuple[str, int, str], tuple[float, SSL.Session, bytes | None]
+        ] = OrderedDict()
         #: (certificate SHA-256, name) -> None, or why the certificate does not name
         #: it: service_identity's check, done once per pair (L{NameChecks}).
         self.name_checks: NameChecks = OrderedDict()
@@ -370,18 +374,33 @@ class OriginSessions:
         return self._clock.seconds() if self._clock is not None else 0.0
 
     def get(self, key: tuple[str, int, str]) -> SSL.Session | None:
+        entry = self.offer(key)
+        return None if entry is None else entry[0]
+
+    def offer(self, key: tuple[str, int, str]) -> tuple[SSL.Session, bytes | None] | None:
+        """The session kept for C{key} and the SHA-256 of its certificate (if known)."""
         entry = self._sessions.get(key)
         if entry is None:
             return None
-        stored, session = entry
+        stored, session, fingerprint = entry
         if self._clock is not None and self._now() - stored > self._max_age:
             del self._sessions[key]
             return None
         self._sessions.move_to_end(key)
-        return session
+        return session, fingerprint
 
-    def put(self, key: tuple[str, int, str], session: SSL.Session) -> None:
-        self._sessions[key] = (self._now(), session)
+    def put(
+        self,
+        key: tuple[str, int, str],
+        session: SSL.Session,
+        fingerprint: bytes | None = None,
+    ) -> None:
+        """
+        Keep C{session} for C{key}; C{fingerprint}: the SHA-256 of its peer
+        certificate when known (a resumed handshake's name check then looks
+        its answer up without reading the certificate out of the session).
+        """
+        self._sessions[key] = (self._now(), session, fingerprint)
         self._sessions.move_to_end(key)
         while len(self._sessions) > self._size:
             self._sessions.popitem(last=False)
@@ -399,13 +418,15 @@ class _ResumingCreator:
         self._sessions = sessions
         self.key = key
         self.offered = False
+        self._offered_fingerprint: bytes | None = None
 
     def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
         connection = self._inner.clientConnectionForTLS(tlsProtocol)
-        session = self._sessions.get(self.key)
-        if session is not None:
-            connection.set_session(session)
+        entry = self._sessions.offer(self.key)
+        if entry is not None:
+            connection.set_session(entry[0])
             self.offered = True
+            self._offered_fingerprint = entry[1]
         return connection
 
     def name_problem(self, connection: SSL.Connection) -> str | None:
@@ -414,16 +435,21 @@ class _ResumingCreator:
         C{None}.  Twisted checks the name in OpenSSL's verify callback, which
         a resumed handshake never calls (no certificate is sent): so after a
         session was offered the name is checked here, on the certificate the
-        session carries.
+        session carries: the offered one's (a resumed handshake resumes the one
+        session offered), whose SHA-256 was kept with it when known.
         """
         from service_identity import CertificateError, VerificationError
         from service_identity.pyopenssl import verify_hostname, verify_ip_address
 
         name = self.key[2]
-        certificate = connection.get_peer_certificate()
+        fingerprint = self._offered_fingerprint
+        if fingerprint is None:
+            certificate = connection.get_peer_certificate()
+            fingerprint = _fingerprint(certificate) if certificate is not None else None
+        connection.fingerprint = fingerprint  # kept with this connection's session
         # The answer depends on the certificate and the name only: kept per pair
         # (the full handshakes' verify callback keeps its answers there too).
-        key = (_fingerprint(certificate), name) if certificate is not None else None
+        key = (fingerprint, name) if fingerprint is not None else None
         checks = self._sessions.name_checks
         answer = checks.get(key, _UNKNOWN) if key is not None else _UNKNOWN
         if answer is _UNKNOWN:
@@ -445,7 +471,7 @@ class _ResumingCreator:
         """C{connection}'s handshake was verified: keep its session for the next one."""
         session = connection.get_session()
         if session is not None:
-            self._sessions.put(self.key, session)
+            self._sessions.put(self.key, session, getattr(connection, "fingerprint", None))
 
     def failed(self) -> None:
         self._sessions.forget(self.key)
