@@ -120,12 +120,20 @@ try:
         """Encrypted bytes OpenSSL wrote that are still to be sent."""
         return _mem_data(tls._from_ssl, _NULL)
 
-    def _recv(tls: SSL.Connection) -> bytes:
-        """C{tls.recv}: SSL_read into the scratch buffer; the same exceptions."""
-        n = _SSL_read(tls._ssl, _SCRATCH, _SCRATCH_SIZE)
+    def _recv(tls: SSL.Connection) -> bytes | None:
+        """
+        C{tls.recv}: SSL_read into the scratch buffer; C{None} when OpenSSL
+        waits for more (no C{WantReadError} raised and caught: every
+        handshake's end reads once with nothing to read), otherwise the same
+        exceptions.
+        """
+        ssl = tls._ssl
+        n = _SSL_read(ssl, _SCRATCH, _SCRATCH_SIZE)
         if n <= 0:
-            tls._raise_ssl_error(tls._ssl, n)
-            raise WantReadError()  # not reached: OpenSSL had an error to report
+            if _SSL_get_error(ssl, n) == _SSL_ERROR_WANT_READ:
+                return None
+            tls._raise_ssl_error(ssl, n)
+            return None  # not reached: OpenSSL had an error to report
         return _unpack(_SCRATCH, n)
 
     def _send(tls: SSL.Connection, data: bytes) -> int:
@@ -173,8 +181,11 @@ def _portable_pending_out(tls: SSL.Connection) -> int:
     return _BIO_CHUNK
 
 
-def _portable_recv(tls: SSL.Connection) -> bytes:
-    return tls.recv(_RECV)
+def _portable_recv(tls: SSL.Connection) -> bytes | None:
+    try:
+        return tls.recv(_RECV)
+    except WantReadError:
+        return None
 
 
 def _portable_send(tls: SSL.Connection, data: bytes) -> int:
@@ -440,7 +451,10 @@ class MemoryTLS:
                     tls._raise_ssl_error(tls._ssl, result)
                     break  # not reached: a failed SSL_read has an error to raise
                 if not parts or _pending_in(tls):
-                    parts.append(_recv(tls))
+                    data = _recv(tls)
+                    if data is None:
+                        break  # OpenSSL waits for more
+                    parts.append(data)
                 else:
                     break
             except WantReadError:
