@@ -448,6 +448,8 @@ class MemoryTLS:
             try:
                 if failed is not None:
                     result, failed = failed, None
+                    if _SSL_get_error(tls._ssl, result) == _SSL_ERROR_WANT_READ:
+                        break  # records without data (session tickets): nothing to raise
                     tls._raise_ssl_error(tls._ssl, result)
                     break  # not reached: a failed SSL_read has an error to raise
                 if not parts or _pending_in(tls):
