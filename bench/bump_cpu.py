@@ -322,6 +322,26 @@ def in_memory(handshakes: int = 300, requests: int = 20000) -> None:
     print(f"request + response TLS work (2 enc, 2 dec) {per_request:8.1f} us CPU")
 
 
+def _gc_stats() -> list:
+    """
+    Count the cyclic GC's collections and their CPU time from now on:
+    [collections, CPU seconds, the start of the one running] (gc.callbacks).
+    """
+    import gc
+
+    stats = [0, 0.0, 0.0]
+
+    def callback(phase: str, info: dict) -> None:
+        if phase == "start":
+            stats[2] = time.process_time()
+        else:
+            stats[0] += 1
+            stats[1] += time.process_time() - stats[2]
+
+    gc.callbacks.append(callback)
+    return stats
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.bump_cpu")
     parser.add_argument("--seconds", type=float, default=5.0)
@@ -337,6 +357,11 @@ def main(argv: list[str] | None = None) -> int:
         "--gc-freeze",
         action="store_true",
         help="gc.freeze() after the warm-up: the cyclic GC skips everything made before",
+    )
+    parser.add_argument(
+        "--gc-stats",
+        action="store_true",
+        help="also print the cyclic GC's collections and CPU per request (gc.callbacks)",
     )
     parser.add_argument(
         "--twisted-connector",
@@ -375,9 +400,11 @@ def main(argv: list[str] | None = None) -> int:
 
             gc.collect()
             gc.freeze()
+        gc_time = _gc_stats() if opts.gc_stats else None
         print(
             f"{'row':16} {'requests':>9} {'CPU ms/request':>15} {'user':>7} {'system':>7}"
             f" {'req/s (noise)':>14} errors"
+            + ("  GC/request: collections, ms CPU" if gc_time else "")
         )
         for name in opts.only.split(","):
             url, close = rows[name]
@@ -385,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
             if profiler is not None:
                 profiler.enable()
             started = time.monotonic()
+            if gc_time is not None:
+                gc_time[:] = [0, 0.0, 0.0]
             requests, cpu, errors = run_wrk(url, opts.seconds, opts.connections, close)
             elapsed = time.monotonic() - started - 2
             if profiler is not None:
@@ -395,6 +424,11 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{name:16} {requests:9d} {(cpu[0] + cpu[1]) * per:15.3f} {cpu[0] * per:7.3f}"
                 f" {cpu[1] * per:7.3f} {requests / elapsed:14.0f} {errors}"
+                + (
+                    f"  {gc_time[0] / max(requests, 1):.3f} {gc_time[1] * per:.3f}"
+                    if gc_time is not None
+                    else ""
+                )
             )
     finally:
         if nginx is not None:
