@@ -163,7 +163,9 @@ def to(port: int):
     through the worker's own connector (L{connect_upstream}: non-blocking socket,
     TCP_NODELAY before connect, no address parsing), as a worker does; with
     C{--twisted-connector}, Twisted's C{connectTCP} (what this bench used before
-    branch bumpconn: about 0.1 ms more per upstream connection).
+    branch bumpconn: about 0.1 ms more per upstream connection; its sockets have
+    no TCP_NODELAY, which the bump leaves to the worker's connector: compare CPU
+    only).
     """
     if TWISTED_CONNECTOR:
 

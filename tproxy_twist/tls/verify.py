@@ -610,9 +610,9 @@ class OriginTLS(Protocol):
         else:
             self.connected_at = self._clock.seconds()
         transport = self.transport
-        # Without it Nagle holds the first request behind the unacknowledged
-        # Finished: a delayed ACK (40 ms) on every new bumped connection.
-        transport.setTcpNoDelay(True)
+        # TCP_NODELAY is set on the socket before connecting (sockets.connect_upstream,
+        # as for the splice): without it Nagle would hold the first request behind the
+        # unacknowledged Finished, a delayed ACK (40 ms) on every new bumped connection.
         if isinstance(transport, tcp.Connection):
             # OpenSSL over memory BIOs, driven here (membio.py); self.transport is
             # now the MemoryTLS, which encrypts what is written to it.
