@@ -80,6 +80,9 @@ class OriginAttempt(ClientFactory):
         self._cancelled = False
 
     def buildProtocol(self, addr) -> OriginTLS:
+        # Connected: the connector (which holds this factory) is not needed any
+        # more; dropping it leaves no reference cycle for the cyclic GC to find.
+        self.connector = None
         origin = self.origin = OriginTLS(
             self._creator, self._clock, self._timeout, timer=self._timers
         )
@@ -94,6 +97,7 @@ class OriginAttempt(ClientFactory):
         self.result.callback((origin, verdict))
 
     def clientConnectionFailed(self, connector, reason: Failure) -> None:
+        self.connector = None
         if not self._cancelled:
             self.result.errback(reason)
 

@@ -458,7 +458,9 @@ class TLSConnection(Protocol):
             self._client_handshake_failed(reason)
         self.flush_bytes()
         if previous == BUMPED:
-            self.http.connectionLost(reason)  # the HTTP session logs each request...
+            # Dropped (it refers back to this connection: a cycle for the cyclic GC).
+            http, self.http = self.http, None
+            http.connectionLost(reason)  # the HTTP session logs each request...
         self._log_entry()  # ...and the connection gets its own line
 
     # --- deciding ---------------------------------------------------------------

@@ -669,7 +669,9 @@ class OriginTLS(Protocol):
         if not self.verdict.called:
             self._decide(classify_failure(reason, self._tls))
         elif self._app is not None:
-            self._app.connectionLost(reason)
+            # Dropped: the relay's protocol refers back to this one's owner (a cycle).
+            app, self._app = self._app, None
+            app.connectionLost(reason)
         else:
             self._lost = reason
 
