@@ -41,6 +41,8 @@ NAME = "origin.test"
 BAD_PORTS = {"wrong_name": 4441, "self_signed": 4442, "expired": 4443}
 DIRECT_PORT = 8443
 DENIED_PORT = 4444  # diverted, the good certificate, refused by deny_destinations
+SILENT_PORT = 4445  # diverted, accepts TCP and never says a word
+CONNECT_TIMEOUT = 3  # [timeouts] connect: the origin's TCP connection, then its handshake
 BUMP_PORT = 3130
 LEAF_CACHE_SIZE = 200
 MANY = 5000
@@ -48,6 +50,9 @@ CLI = [sys.executable, "-m", "tproxy_twist.cli"]
 
 PROXY_CONFIG = """\
 workers = 1
+
+[timeouts]
+connect = {connect_timeout}
 
 [access_log]
 path = "{tmp}/access.log"
@@ -67,7 +72,7 @@ name = "bump"
 listen = "[::]:3130"
 mode = "tproxy"
 protocol = "tls"
-divert = [443, 4441, 4442, 4443, 4444]
+divert = [443, 4441, 4442, 4443, 4444, 4445]
 host_verify_strict = true
 deny_destinations = ["*:4444"]
 [port.tls]
@@ -253,7 +258,25 @@ def bump(lab: Lab) -> Iterator[BumpLab]:
               stderr=subprocess.STDOUT)  # fmt: skip
     for port in (443, DIRECT_PORT, DENIED_PORT, *BAD_PORTS.values()):
         lab.wait_port(lab.origin, Lab.ORIGIN4, port)
-    config_text = PROXY_CONFIG.format(tmp=tmp, cache=LEAF_CACHE_SIZE)
+    # Reads what it is sent, answers nothing, closes after the peer's EOF.
+    silent = (
+        "import socket, threading\n"
+        "def hold(c):\n"
+        "    try:\n"
+        "        while c.recv(65536):\n"
+        "            pass\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "    c.close()\n"
+        f"s = socket.create_server(('{Lab.ORIGIN4}', {SILENT_PORT}))\n"
+        "while True:\n"
+        "    threading.Thread(target=hold, args=(s.accept()[0],), daemon=True).start()\n"
+    )
+    lab.popen(lab.origin, [sys.executable, "-c", silent])
+    lab.wait_port(lab.origin, Lab.ORIGIN4, SILENT_PORT)
+    config_text = PROXY_CONFIG.format(
+        tmp=tmp, cache=LEAF_CACHE_SIZE, connect_timeout=CONNECT_TIMEOUT
+    )
     config_path = tmp / "proxy.toml"
     config_path.write_text(config_text)
     _run([*CLI, "ca", "init", "--config", str(config_path), "--name", "tproxy-twist e2e proxy CA"])
@@ -388,6 +411,29 @@ def test_an_origin_that_fails_verification_is_spliced_and_never_gets_a_proxy_lea
     )
     proc = bump.curl(f"https://{NAME}:{BAD_PORTS[kind]}/")
     assert proc.returncode == 60, proc.stderr  # curl: the peer's certificate is not trusted
+
+
+def test_an_origin_that_never_finishes_its_handshake_is_spliced_at_the_connect_timeout(bump):
+    # The origin accepts the TCP connection and stays silent: after the connect
+    # timeout its handshake has timed out, and the client is spliced (the hello
+    # replayed to the same silent origin), never given a proxy-signed certificate.
+    before = bump.metric("tproxy_tls_origin_verify_total", port="bump", result="timeout")
+    proc = bump.client(
+        ["timeout", str(CONNECT_TIMEOUT + 5), "openssl", "s_client", "-connect",
+         f"{Lab.ORIGIN4}:{SILENT_PORT}", "-servername", NAME, "-ign_eof"],
+        input=b"",
+    )  # fmt: skip
+    assert b"BEGIN CERTIFICATE" not in proc.stdout
+    assert (
+        bump.wait_metric(
+            "tproxy_tls_origin_verify_total", before + 1, port="bump", result="timeout"
+        )
+        == before + 1
+    )
+    entry = bump.wait_access_entry(
+        lambda e: e["url"] == f"{NAME}:{SILENT_PORT}" and e.get("action") == "splice"
+    )
+    assert entry["client"] == Lab.CLIENT4
 
 
 def test_a_client_offering_only_h2_is_spliced(bump):

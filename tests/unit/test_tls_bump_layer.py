@@ -101,9 +101,10 @@ class Harness:
         pinned_after: int = 0,
         extra: str = "",
         sni: bytes | None = SNI.encode(),
+        top: str = "",
     ) -> None:
         self.name = f"bump{next(_names)}"
-        text = (
+        text = top + (
             f'[[port]]\nname = "{self.name}"\nlisten = "[::]:3130"\nmode = "tproxy"\n'
             f'protocol = "tls"\n{extra}[port.tls]\ndefault = "bump"\n'
         )
@@ -176,6 +177,11 @@ class Harness:
         self.protocol.handshakeCompleted()
         assert self.protocol.state == BUMPED
         return origin, transport
+
+    def advance(self, seconds: float) -> None:
+        """Time passes, the factory's sweep looking at the deadlines every 0.25 s."""
+        for _ in range(round(seconds / 0.25)):
+            self.clock.advance(0.25)
 
     def tls(self, what: str, value: str) -> float:
         self.factory.tls_metrics.flush()
@@ -291,6 +297,60 @@ def test_with_terminate_an_origin_failing_verification_closes_the_client(origins
     assert h.transport.value() == HANDSHAKE_FAILURE
     assert h.transport.write_closed
     assert h.tls("reason", "origin_unverified") == 1 and h.tls("action", "close") == 1
+
+
+def test_an_origin_that_never_accepts_the_connection_is_given_up_at_the_connect_timeout(
+    origins,
+):
+    h = Harness(origins, top="[timeouts]\nconnect = 5\n")
+    h.protocol.dataReceived(hello())
+    attempt = h.connect.last
+    assert attempt.timeout is None  # the connection's deadline, no timer per attempt
+    before = sample("tproxy_upstream_errors_total", port=h.name, reason="timeout")
+    h.advance(4.5)
+    assert not attempt.stopped and not h.transport.closed
+    h.advance(1)
+    assert attempt.stopped and h.transport.closed and h.server.started == []
+    assert sample("tproxy_upstream_errors_total", port=h.name, reason="timeout") == before + 1
+    h.transport.disconnected = True
+    h.protocol.connectionLost(Failure(neterror.ConnectionLost()))
+    assert (h.entries[-1].status, h.entries[-1].action) == (504, "bump")
+
+
+@pytest.mark.parametrize("on_verify_failure", ["splice", "terminate"])
+def test_an_origin_that_does_not_finish_its_handshake_times_out_as_a_failed_verification(
+    origins, on_verify_failure
+):
+    h = Harness(origins, on_verify_failure=on_verify_failure, top="[timeouts]\nconnect = 5\n")
+    h.protocol.dataReceived(hello())
+    first = h.connect.last
+    h.advance(3)
+    origin, transport = h.origin_connected()  # TCP made: the handshake gets 5 s of its own
+    h.advance(4.5)
+    assert not origin.verdict.called and not transport.closed
+    h.advance(1)
+    assert origin.verdict.called and transport.closed  # aborted: nothing more said to it
+    assert h.verify_count("timeout") == 1 and h.server.started == []
+    if on_verify_failure == "terminate":
+        assert h.connect.last is first and h.transport.value() == HANDSHAKE_FAILURE
+        return
+    second = h.connect.last
+    assert second is not first and not isinstance(second.factory, OriginAttempt)
+    assert second.succeed().take() == hello()  # spliced, the hello replayed
+    assert h.protocol.state == RELAYING
+
+
+def test_an_origin_verified_in_time_leaves_no_deadline_of_its_own(origins):
+    h = Harness(origins, top="[timeouts]\nconnect = 5\n")
+    h.protocol.dataReceived(hello())
+    h.advance(3)
+    origin, transport = h.origin_connected()
+    # No timer armed for the origin's handshake: the sweep's deadline is the only one.
+    assert [c for c in h.clock.getDelayedCalls() if c.func == origin.time_out] == []
+    origin.handshakeCompleted()
+    h.advance(4)  # past the first connection's TCP + 5 s: its deadline was replaced
+    assert h.verify_count("ok") == 1 and h.verify_count("timeout") == 0
+    assert h.protocol.state == HANDSHAKING
 
 
 def test_an_unreachable_origin_resets_the_client(origins):

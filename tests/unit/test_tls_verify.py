@@ -7,12 +7,13 @@ The reactor is iterated until the event a test waits for has happened.
 from __future__ import annotations
 
 import datetime
+import gc
 from pathlib import Path
 
 import pytest
 from OpenSSL import crypto
 from twisted.internet import defer, protocol, reactor
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -46,15 +47,30 @@ class Silent(protocol.Protocol):
         self.lost.callback(None)
 
 
+class EchoUntilCut(protocol.Protocol):
+    """Echoes; on C{cut} closes TCP without close_notify (as nginx after its keep-alive timeout)."""
+
+    def dataReceived(self, data: bytes) -> None:
+        if data == b"cut":
+            self.transport.abortConnection()
+        else:
+            self.transport.write(data)
+
+
 class Collect(protocol.Protocol):
     def __init__(self) -> None:
         self.data = b""
         self.got = defer.Deferred()
+        self.lost = defer.Deferred()
 
     def dataReceived(self, data: bytes) -> None:
         self.data += data
         if not self.got.called:
             self.got.callback(self.data)
+
+    def connectionLost(self, reason=None) -> None:
+        self.reason = reason
+        self.lost.callback(None)
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +111,12 @@ def listen(request):
     yield start
     for port in ports:
         wait(defer.maybeDeferred(port.stopListening))
+
+
+def _bundle_root(ca: Issued):
+    from twisted.internet.ssl import Certificate, trustRootFromCertificates
+
+    return trustRootFromCertificates([Certificate.loadPEM(ca.cert_pem)])
 
 
 def verify(trust: OriginTrust, port: int, name: str = ORIGIN, clock=None, timeout=10.0):
@@ -305,7 +327,8 @@ def close_cleanly(origin: OriginTLS) -> None:
 def verified_and_used(trust: OriginTrust, port: int, name: str = ORIGIN):
     """Verify (offering a kept session), then exchange data: (origin, verdict)."""
     origin = OriginTLS(trust.creator(name, ("127.0.0.1", port)), reactor, 10.0)
-    reactor.connectTCP("127.0.0.1", port, protocol.ClientFactory.forProtocol(lambda: origin))
+    once = [origin]  # the factory keeps no reference: the connection can be freed
+    reactor.connectTCP("127.0.0.1", port, protocol.ClientFactory.forProtocol(once.pop))
     verdict = wait(origin.verdict)
     if verdict.ok:
         app = Collect()
@@ -322,7 +345,7 @@ def test_the_next_connection_to_a_verified_origin_resumes_its_session(trust, tes
     first, verdict = verified_and_used(trust, port)
     assert verdict.ok and not resumed(first)
     assert len(trust.sessions) == (1 if trust.resumes else 0)
-    close(first)  # aborted, as the relay does when its client leaves: the kept copy is good
+    close(first)  # aborted, as the relay does when its client leaves: still resumable
     second, verdict = verified_and_used(trust, port)
     # Only the shared context can resume (the other is the fallback without
     # Twisted's private API: a context, and so a session cache, per connection).
@@ -331,6 +354,48 @@ def test_the_next_connection_to_a_verified_origin_resumes_its_session(trust, tes
     # Another name at the same address is another key: nothing is offered.
     third, verdict = verified_and_used(trust, port, "127.0.0.1")
     assert not verdict.ok and not resumed(third)
+
+
+def test_an_aborted_connections_session_is_resumed_after_the_connection_is_freed(
+    trust, test_ca, listen
+):
+    # OpenSSL marks the session of a connection freed without close_notify as not
+    # resumable; the relay aborts an origin connection whenever its client leaves.
+    if not trust.resumes:
+        trust = OriginTrust(trust.trust_root)  # the shared context, which resumes
+    port = listen(
+        protocol.Factory.forProtocol(Echo), make_server_cert([ORIGIN], test_ca), tickets=True
+    )
+    first, verdict = verified_and_used(trust, port)
+    assert verdict.ok
+    close(first)
+    del first
+    gc.collect()  # its SSL freed: where OpenSSL would have marked the session
+    second, verdict = verified_and_used(trust, port)
+    assert verdict.ok and resumed(second)
+    close_cleanly(second)
+
+
+def test_an_origin_closing_without_close_notify_leaves_its_session_resumable(
+    trust, test_ca, listen
+):
+    if not trust.resumes:
+        trust = OriginTrust(trust.trust_root)  # the shared context, which resumes
+    port = listen(
+        protocol.Factory.forProtocol(EchoUntilCut),
+        make_server_cert([ORIGIN], test_ca),
+        tickets=True,
+    )
+    first, verdict = verified_and_used(trust, port)
+    app = first._app
+    app.transport.write(b"cut")
+    wait(app.lost)
+    assert app.reason.check(ConnectionLost)  # a truncated stream, as before
+    del first, app
+    gc.collect()
+    second, verdict = verified_and_used(trust, port)
+    assert verdict.ok and resumed(second)
+    close_cleanly(second)
 
 
 def test_a_resumed_session_is_still_checked_for_the_name(trust, test_ca, listen):
@@ -348,6 +413,28 @@ def test_a_resumed_session_is_still_checked_for_the_name(trust, test_ca, listen)
     other, verdict = verified_and_used(trust, port, "elsewhere.example")
     assert verdict.result == "bad_name"
     assert trust.sessions.get(("127.0.0.1", port, "elsewhere.example")) is None  # forgotten
+
+
+def test_a_kept_session_carries_its_certificates_sha256_and_is_still_checked_for_the_name(
+    test_ca, listen
+):
+    import hashlib
+
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    issued = make_server_cert([ORIGIN], test_ca)
+    port = listen(protocol.Factory.forProtocol(Echo), issued, tickets=True)
+    bundle_trust = OriginTrust(_bundle_root(test_ca))
+    first, verdict = verified_and_used(bundle_trust, port)
+    assert verdict.ok
+    session, fingerprint = bundle_trust.sessions.offer(("127.0.0.1", port, ORIGIN))
+    assert fingerprint == hashlib.sha256(issued.certificate.public_bytes(Encoding.DER)).digest()
+    close_cleanly(first)
+    # The same session and its SHA-256 planted under a name the certificate does not
+    # carry: the name check looks the pair up, does not find it, checks: refused.
+    bundle_trust.sessions.put(("127.0.0.1", port, "elsewhere.example"), session, fingerprint)
+    other, verdict = verified_and_used(bundle_trust, port, "elsewhere.example")
+    assert resumed(other) and verdict.result == "bad_name"
 
 
 def test_a_connection_that_failed_verification_leaves_no_session(trust, listen):

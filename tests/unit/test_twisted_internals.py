@@ -266,8 +266,7 @@ def test_the_pyopenssl_internals_tls_membio_uses():
     assert membio._pending_out(tls) > 0 and membio._pending_in(tls) == 0
     hello = membio._bio_read(tls, membio._pending_out(tls))
     assert hello[:1] == b"\x16" and membio._pending_out(tls) == 0
-    with pytest.raises(SSL.WantReadError):
-        membio._recv(tls)
+    assert membio._recv(tls) is None  # waiting for the peer: no WantReadError
 
 
 @pytest.mark.parametrize("family, host", [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")])

@@ -54,7 +54,8 @@ class OriginAttempt(ClientFactory):
     C{(origin, verdict)} (an L{OriginTLS} and its L{OriginVerdict}), or
     fails with the reason the TCP connection could not be made.  L{cancel}
     gives up: the connection, made or not, is aborted and C{result} never
-    fires.
+    fires.  C{timers=False}: the TCP connection and the handshake have no
+    timers of their own; the caller keeps the deadline (see L{connect_origin}).
     """
 
     noisy = False
@@ -66,17 +67,25 @@ class OriginAttempt(ClientFactory):
         clock: IReactorTime,
         timeout: float,
         destination: tuple[str, int] | None = None,
+        *,
+        timers: bool = True,
     ):
         self._creator = kit.origins.creator(server_name, destination)
         self._clock = clock
         self._timeout = timeout
+        self._timers = timers
         self.origin: OriginTLS | None = None
         self.connector = None
         self.result: defer.Deferred[tuple[OriginTLS, OriginVerdict]] = defer.Deferred()
         self._cancelled = False
 
     def buildProtocol(self, addr) -> OriginTLS:
-        origin = self.origin = OriginTLS(self._creator, self._clock, self._timeout)
+        # Connected: the connector (which holds this factory) is not needed any
+        # more; dropping it leaves no reference cycle for the cyclic GC to find.
+        self.connector = None
+        origin = self.origin = OriginTLS(
+            self._creator, self._clock, self._timeout, timer=self._timers
+        )
         origin.verdict.addCallback(self._verdict, origin)
         return origin
 
@@ -88,6 +97,7 @@ class OriginAttempt(ClientFactory):
         self.result.callback((origin, verdict))
 
     def clientConnectionFailed(self, connector, reason: Failure) -> None:
+        self.connector = None
         if not self._cancelled:
             self.result.errback(reason)
 
@@ -114,15 +124,22 @@ def connect_origin(
     source_ip: str | None,
     clock: IReactorTime,
     timeout: float,
+    *,
+    timers: bool = True,
 ) -> OriginAttempt:
     """
     Connect to C{destination} (from C{source_ip} when given) and verify its
     certificate for C{server_name}; C{timeout} bounds the TCP connection and,
     again, the TLS handshake.  See L{OriginAttempt}.
+
+    C{timers=False}: no timer (a C{callLater} and its cancel each) for
+    either; the caller checks the deadline itself (the TLS layer's sweep:
+    L{tproxy_twist.tls.layer.TLSConnection.check_deadline}) and gives up
+    with L{OriginAttempt.cancel}, or L{OriginTLS.time_out} once connected.
     """
-    attempt = OriginAttempt(kit, server_name, clock, timeout, destination)
+    attempt = OriginAttempt(kit, server_name, clock, timeout, destination, timers=timers)
     host, port = destination
-    attempt.connector = connect(host, port, attempt, timeout, source_ip)
+    attempt.connector = connect(host, port, attempt, timeout if timers else None, source_ip)
     return attempt
 
 

@@ -458,7 +458,9 @@ class TLSConnection(Protocol):
             self._client_handshake_failed(reason)
         self.flush_bytes()
         if previous == BUMPED:
-            self.http.connectionLost(reason)  # the HTTP session logs each request...
+            # Dropped (it refers back to this connection: a cycle for the cyclic GC).
+            http, self.http = self.http, None
+            http.connectionLost(reason)  # the HTTP session logs each request...
         self._log_entry()  # ...and the connection gets its own line
 
     # --- deciding ---------------------------------------------------------------
@@ -523,8 +525,11 @@ class TLSConnection(Protocol):
             source,
             self._clock,
             factory.timeouts.connect,
+            timers=False,  # this connection's deadline, checked by the sweep
         )
         attempt.result.addCallbacks(self._origin_verdict, self._origin_unreachable)
+        if self.state == CONNECTING:  # not failed at once
+            self._arm("origin", factory.timeouts.connect)
 
     def _why_not_bump(self, hello: ClientHello) -> str | None:
         """Why this connection is spliced although the rules say bump, or C{None}."""
@@ -544,6 +549,27 @@ class TLSConnection(Protocol):
         if kit.pinned.should_splice(self.leaf):
             return "its clients kept refusing our certificate (pinned_splice_after)"
         return None
+
+    def _origin_deadline(self, now: float) -> None:
+        # The bump's origin connection has no timers of its own: the connect timeout
+        # for the TCP connection, then again for the TLS handshake, as its timers were.
+        attempt = self._origin_attempt
+        if attempt is None or self.state != CONNECTING:
+            self._timer = ""
+            return
+        origin = attempt.origin
+        if origin is None or origin.connected_at is None:
+            self._timer = ""
+            self._origin_attempt = None
+            attempt.cancel()  # its result never fires
+            self._origin_unreachable(Failure(twisted_error.TimeoutError()))
+            return
+        left = origin.connected_at + self.factory.timeouts.connect - now
+        if left > 0:
+            self._deadline = now + left
+            return
+        self._timer = ""
+        origin.time_out()  # verdict "timeout": spliced or terminated (_origin_verdict)
 
     def _origin_unreachable(self, reason: Failure) -> None:
         self._origin_attempt = None
@@ -862,6 +888,8 @@ class TLSConnection(Protocol):
             # The metric and the log line a connector's own timeout gave.
             self.upstream_failed(Failure(twisted_error.TimeoutError()))
             _stop_connecting(connector)
+        elif kind == "origin":
+            self._origin_deadline(now)
         elif kind == "handshake":
             self.factory.throttle.emit(
                 log.info,

@@ -244,6 +244,27 @@ class LeafCache:
         return leaf
 
 
+def _use_certificate(connection: SSL.Connection, certificate: crypto.X509) -> None:
+    """
+    C{connection.use_certificate(certificate)} without pyOpenSSL's deprecation
+    warning per call (its binding's C{SSL_use_certificate}: private API,
+    isolated here; without it, the public method).
+    """
+    if (
+        _SSL_use_certificate is None
+        or _SSL_use_certificate(connection._ssl, certificate._x509) != 1
+    ):
+        connection.use_certificate(certificate)  # raises OpenSSL's error, if any
+
+
+try:
+    from OpenSSL.SSL import _lib
+
+    _SSL_use_certificate = _lib.SSL_use_certificate
+except (ImportError, AttributeError):  # another pyOpenSSL
+    _SSL_use_certificate = None
+
+
 class NoHTTP11(SSL.Error):
     """The client offered ALPN protocols, none of them http/1.1 (alert no_application_protocol)."""
 
@@ -289,6 +310,10 @@ class BumpServerTLS:
         context.set_session_id(b"tproxy-twist-bump")
         for certificate in (leaves.ca.certificate, *leaves.ca.chain):
             context.add_extra_chain_cert(crypto.X509.from_cryptography(certificate))
+        # Every leaf of this worker carries its one key: set once here, each
+        # connection copies it (SSL_new), the SNI callback adds only the leaf,
+        # which OpenSSL checks against this key (SSL_use_certificate).
+        context.use_privatekey(leaves.key)
         context.set_tlsext_servername_callback(self._install_leaf)
         context.set_alpn_select_callback(self._select_alpn)
         self.context = context
@@ -333,8 +358,7 @@ class BumpServerTLS:
         if name is None:
             return
         try:
-            connection.use_certificate(self.leaves.get(name))
-            connection.use_privatekey(self.leaves.key)
+            _use_certificate(connection, self.leaves.get(name))
         except Exception:
             log.failure("cannot make a leaf certificate for {name}", name=name)
 

@@ -120,12 +120,20 @@ try:
         """Encrypted bytes OpenSSL wrote that are still to be sent."""
         return _mem_data(tls._from_ssl, _NULL)
 
-    def _recv(tls: SSL.Connection) -> bytes:
-        """C{tls.recv}: SSL_read into the scratch buffer; the same exceptions."""
-        n = _SSL_read(tls._ssl, _SCRATCH, _SCRATCH_SIZE)
+    def _recv(tls: SSL.Connection) -> bytes | None:
+        """
+        C{tls.recv}: SSL_read into the scratch buffer; C{None} when OpenSSL
+        waits for more (no C{WantReadError} raised and caught: every
+        handshake's end reads once with nothing to read), otherwise the same
+        exceptions.
+        """
+        ssl = tls._ssl
+        n = _SSL_read(ssl, _SCRATCH, _SCRATCH_SIZE)
         if n <= 0:
-            tls._raise_ssl_error(tls._ssl, n)
-            raise WantReadError()  # not reached: OpenSSL had an error to report
+            if _SSL_get_error(ssl, n) == _SSL_ERROR_WANT_READ:
+                return None
+            tls._raise_ssl_error(ssl, n)
+            return None  # not reached: OpenSSL had an error to report
         return _unpack(_SCRATCH, n)
 
     def _send(tls: SSL.Connection, data: bytes) -> int:
@@ -173,8 +181,11 @@ def _portable_pending_out(tls: SSL.Connection) -> int:
     return _BIO_CHUNK
 
 
-def _portable_recv(tls: SSL.Connection) -> bytes:
-    return tls.recv(_RECV)
+def _portable_recv(tls: SSL.Connection) -> bytes | None:
+    try:
+        return tls.recv(_RECV)
+    except WantReadError:
+        return None
 
 
 def _portable_send(tls: SSL.Connection, data: bytes) -> int:
@@ -202,6 +213,9 @@ if not EXACT_PENDING:  # pragma: no cover - another pyOpenSSL
     _recv, _send = _portable_recv, _portable_send
     _bio_write, _bio_read = _portable_bio_write, _portable_bio_read
     _handshake_step = _portable_handshake_step
+
+
+_NO_CLOSE_NOTIFY = "the peer closed without close_notify"
 
 
 def _represents_eof(e: SSL.Error) -> bool:
@@ -333,13 +347,22 @@ class MemoryTLS:
         self._read()
 
     def connectionLost(self, reason: Failure) -> None:
-        if not self._tls_over and self.connection is not None:
-            # Whatever was read still counts; then the missing close_notify is an EOF.
-            self.connection.bio_shutdown()
-            if self.handshake_done:
-                self._read()
+        tls = self.connection
+        if not self._tls_over and tls is not None:
+            if self.handshake_done and EXACT_PENDING and not _pending_in(tls):
+                # Nothing is left to decrypt: the peer closed without close_notify.
+                # Said here, not by an EOF fed to OpenSSL, whose fatal error would
+                # make the session not resumable (an origin's, kept for the next
+                # connection: verify.py) where the close itself lost nothing.
+                if self._reason is None:
+                    self._reason = Failure(error.ConnectionLost(_NO_CLOSE_NOTIFY))
             else:
-                self._handshake()
+                # Whatever was read still counts; then the missing close_notify is an EOF.
+                tls.bio_shutdown()
+                if self.handshake_done:
+                    self._read()
+                else:
+                    self._handshake()
             self._tls_over = True
             self._fast = False
         reason = self._reason or reason
@@ -425,10 +448,15 @@ class MemoryTLS:
             try:
                 if failed is not None:
                     result, failed = failed, None
+                    if _SSL_get_error(tls._ssl, result) == _SSL_ERROR_WANT_READ:
+                        break  # records without data (session tickets): nothing to raise
                     tls._raise_ssl_error(tls._ssl, result)
                     break  # not reached: a failed SSL_read has an error to raise
                 if not parts or _pending_in(tls):
-                    parts.append(_recv(tls))
+                    data = _recv(tls)
+                    if data is None:
+                        break  # OpenSSL waits for more
+                    parts.append(data)
                 else:
                     break
             except WantReadError:
@@ -527,7 +555,7 @@ class MemoryTLS:
 
     def _failed(self, failure: Failure) -> None:
         if isinstance(failure.value, SSL.Error) and _represents_eof(failure.value):
-            failure = Failure(error.ConnectionLost("the peer closed without close_notify"))
+            failure = Failure(error.ConnectionLost(_NO_CLOSE_NOTIFY))
         if self._reason is None:
             self._reason = failure
         self._tls_over = True

@@ -174,6 +174,7 @@ def _creator_maker(trust_root, throttle: LogThrottle, name_checks: NameChecks | 
         # The answer depends on the certificate's bytes and the name only: kept
         # per pair (OpenSSL still checks the chain, validity and signature).
         key = (_fingerprint(certificate), connection.name)
+        connection.fingerprint = key[0]  # kept with the session (OriginSessions.put)
         known = name_checks.get(key, _UNKNOWN)
         if known is None:
             name_checks.move_to_end(key)
@@ -229,6 +230,7 @@ class _OriginConnection(SSL.Connection):
     name_id = None  # the service_identity ID of the name verified
     name = ""  # that name, as given (the key of its kept checks)
     tls = None  # the TLS transport (failVerification)
+    fingerprint = None  # the SHA-256 of the certificate whose name was checked
 
 
 @implementer(IOpenSSLClientConnectionCreator)
@@ -251,33 +253,21 @@ class _OriginCreator:
         return connection
 
 
-def _detached(session: SSL.Session) -> SSL.Session:
+def _keep_resumable(connection: SSL.Connection) -> None:
     """
-    A copy of C{session} that is not the connection's own: OpenSSL marks a
-    connection's session not resumable when the connection is aborted, and
-    the relay aborts an origin connection whenever its client leaves (an
-    abandoned connection, not a failed one: the session is as good as it
-    was).  Private pyOpenSSL API (its binding's i2d/d2i_SSL_SESSION),
-    isolated here; without it the session itself is kept.
+    Keep the session of C{connection} (verified, kept for the next
+    connection: L{_ResumingCreator.verified}) resumable when the connection
+    is freed.  OpenSSL marks a connection's session not resumable when the
+    connection is freed without having sent close_notify (ssl_sess.c,
+    C{ssl_clear_bad_session}), and the relay aborts an origin connection
+    whenever its client leaves: an abandoned connection, not a failed one,
+    whose session is as good as it was.  Marking close_notify as sent (the
+    connection is over: nothing more is sent on it) leaves the session
+    alone; a fatal error on the connection still makes OpenSSL forget it
+    (RFC 5246, 7.2.2).  Before, a copy of the session was kept (an
+    i2d/d2i of it, the peer's certificate parsed again: per connection).
     """
-    try:
-        from OpenSSL.SSL import _ffi, _lib
-
-        size = _lib.i2d_SSL_SESSION(session._session, _ffi.NULL)
-        if size <= 0:
-            return session
-        buffer = _ffi.new("unsigned char[]", size)
-        _lib.i2d_SSL_SESSION(session._session, _ffi.new("unsigned char **", buffer))
-        copy = _lib.d2i_SSL_SESSION(_ffi.NULL, _ffi.new("const unsigned char **", buffer), size)
-        if copy == _ffi.NULL:
-            return session
-        detached = SSL.Session.__new__(SSL.Session)
-        detached._session = _ffi.gc(copy, _lib.SSL_SESSION_free)
-        if hasattr(session, "_context"):
-            detached._context = session._context  # set_session() checks it
-        return detached
-    except (ImportError, AttributeError, TypeError):
-        return session
+    connection.set_shutdown(connection.get_shutdown() | SSL.SENT_SHUTDOWN)
 
 
 def _fingerprint(certificate) -> bytes:
@@ -370,7 +360,9 @@ class OriginSessions:
         self._clock = clock
         self._size = size
         self._max_age = max_age
-        self._sessions: OrderedDict[tuple[str, int, str], tuple[float, SSL.Session]] = OrderedDict()
+        self._sessions: OrderedDict[
+            tuple[str, int, str], tuple[float, SSL.Session, bytes | None]
+        ] = OrderedDict()
         #: (certificate SHA-256, name) -> None, or why the certificate does not name
         #: it: service_identity's check, done once per pair (L{NameChecks}).
         self.name_checks: NameChecks = OrderedDict()
@@ -382,18 +374,33 @@ class OriginSessions:
         return self._clock.seconds() if self._clock is not None else 0.0
 
     def get(self, key: tuple[str, int, str]) -> SSL.Session | None:
+        entry = self.offer(key)
+        return None if entry is None else entry[0]
+
+    def offer(self, key: tuple[str, int, str]) -> tuple[SSL.Session, bytes | None] | None:
+        """The session kept for C{key} and the SHA-256 of its certificate (if known)."""
         entry = self._sessions.get(key)
         if entry is None:
             return None
-        stored, session = entry
+        stored, session, fingerprint = entry
         if self._clock is not None and self._now() - stored > self._max_age:
             del self._sessions[key]
             return None
         self._sessions.move_to_end(key)
-        return session
+        return session, fingerprint
 
-    def put(self, key: tuple[str, int, str], session: SSL.Session) -> None:
-        self._sessions[key] = (self._now(), session)
+    def put(
+        self,
+        key: tuple[str, int, str],
+        session: SSL.Session,
+        fingerprint: bytes | None = None,
+    ) -> None:
+        """
+        Keep C{session} for C{key}; C{fingerprint}: the SHA-256 of its peer
+        certificate when known (a resumed handshake's name check then looks
+        its answer up without reading the certificate out of the session).
+        """
+        self._sessions[key] = (self._now(), session, fingerprint)
         self._sessions.move_to_end(key)
         while len(self._sessions) > self._size:
             self._sessions.popitem(last=False)
@@ -411,13 +418,15 @@ class _ResumingCreator:
         self._sessions = sessions
         self.key = key
         self.offered = False
+        self._offered_fingerprint: bytes | None = None
 
     def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
         connection = self._inner.clientConnectionForTLS(tlsProtocol)
-        session = self._sessions.get(self.key)
-        if session is not None:
-            connection.set_session(session)
+        entry = self._sessions.offer(self.key)
+        if entry is not None:
+            connection.set_session(entry[0])
             self.offered = True
+            self._offered_fingerprint = entry[1]
         return connection
 
     def name_problem(self, connection: SSL.Connection) -> str | None:
@@ -426,16 +435,21 @@ class _ResumingCreator:
         C{None}.  Twisted checks the name in OpenSSL's verify callback, which
         a resumed handshake never calls (no certificate is sent): so after a
         session was offered the name is checked here, on the certificate the
-        session carries.
+        session carries: the offered one's (a resumed handshake resumes the one
+        session offered), whose SHA-256 was kept with it when known.
         """
         from service_identity import CertificateError, VerificationError
         from service_identity.pyopenssl import verify_hostname, verify_ip_address
 
         name = self.key[2]
-        certificate = connection.get_peer_certificate()
+        fingerprint = self._offered_fingerprint
+        if fingerprint is None:
+            certificate = connection.get_peer_certificate()
+            fingerprint = _fingerprint(certificate) if certificate is not None else None
+        connection.fingerprint = fingerprint  # kept with this connection's session
         # The answer depends on the certificate and the name only: kept per pair
         # (the full handshakes' verify callback keeps its answers there too).
-        key = (_fingerprint(certificate), name) if certificate is not None else None
+        key = (fingerprint, name) if fingerprint is not None else None
         checks = self._sessions.name_checks
         answer = checks.get(key, _UNKNOWN) if key is not None else _UNKNOWN
         if answer is _UNKNOWN:
@@ -457,7 +471,7 @@ class _ResumingCreator:
         """C{connection}'s handshake was verified: keep its session for the next one."""
         session = connection.get_session()
         if session is not None:
-            self._sessions.put(self.key, _detached(session))
+            self._sessions.put(self.key, session, getattr(connection, "fingerprint", None))
 
     def failed(self) -> None:
         self._sessions.forget(self.key)
@@ -561,6 +575,9 @@ class OriginTLS(Protocol):
     once with an L{OriginVerdict}, within C{timeout} seconds.  Cancelling
     C{verdict} aborts the connection.  After C{ok}, L{attach} hands the
     connection to the protocol that relays the decrypted stream.
+
+    C{timer=False}: no timer of its own; the caller keeps the deadline
+    (C{connected_at} + C{timeout}) and calls L{time_out} when it passes.
     """
 
     def __init__(
@@ -568,10 +585,15 @@ class OriginTLS(Protocol):
         creator: IOpenSSLClientConnectionCreator,
         clock: IReactorTime,
         timeout: float,
+        *,
+        timer: bool = True,
     ) -> None:
         self._creator = creator
         self._clock = clock
         self._timeout = timeout
+        self._own_timer = timer
+        #: when the TCP connection was made (C{None}: not yet)
+        self.connected_at: float | None = None
         self._timer: IDelayedCall | None = None
         self._tls: SSL.Connection | None = None
         self._memory = None  # the MemoryTLS on a TCP transport
@@ -583,11 +605,14 @@ class OriginTLS(Protocol):
         self.verdict: defer.Deferred[OriginVerdict] = defer.Deferred(self._cancel)
 
     def connectionMade(self) -> None:
-        self._timer = self._clock.callLater(self._timeout, self._timed_out)
+        if self._own_timer:
+            self._timer = self._clock.callLater(self._timeout, self.time_out)
+        else:
+            self.connected_at = self._clock.seconds()
         transport = self.transport
-        # Without it Nagle holds the first request behind the unacknowledged
-        # Finished: a delayed ACK (40 ms) on every new bumped connection.
-        transport.setTcpNoDelay(True)
+        # TCP_NODELAY is set on the socket before connecting (sockets.connect_upstream,
+        # as for the splice): without it Nagle would hold the first request behind the
+        # unacknowledged Finished, a delayed ACK (40 ms) on every new bumped connection.
         if isinstance(transport, tcp.Connection):
             # OpenSSL over memory BIOs, driven here (membio.py); self.transport is
             # now the MemoryTLS, which encrypts what is written to it.
@@ -639,10 +664,14 @@ class OriginTLS(Protocol):
             self._memory.deliver_to(self._app.dataReceived)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._session_kept and self._tls is not None:
+            _keep_resumable(self._tls)
         if not self.verdict.called:
             self._decide(classify_failure(reason, self._tls))
         elif self._app is not None:
-            self._app.connectionLost(reason)
+            # Dropped: the relay's protocol refers back to this one's owner (a cycle).
+            app, self._app = self._app, None
+            app.connectionLost(reason)
         else:
             self._lost = reason
 
@@ -676,8 +705,11 @@ class OriginTLS(Protocol):
                     failed()  # whatever was kept for this origin is not offered again
             self.verdict.callback(verdict)
 
-    def _timed_out(self) -> None:
+    def time_out(self) -> None:
+        """No verdict within the time allowed: C{timeout}, and the connection is aborted."""
         self._timer = None
+        if self.verdict.called:
+            return
         self._decide(OriginVerdict("timeout", f"no TLS handshake within {self._timeout:g}s"))
         self.transport.abortConnection()
 
