@@ -937,6 +937,8 @@ def _answers(out: bytes) -> int:
     if switched is not None:
         out = out[: switched.end()]
     return len(_FINAL_HEAD.findall(out))
+
+
 _ERRORS = [
     neterror.ConnectionRefusedError(),
     neterror.TimeoutError(),
