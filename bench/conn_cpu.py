@@ -42,7 +42,7 @@ from prometheus_client import CollectorRegistry
 from tproxy_twist import config as C
 from tproxy_twist.metrics import PortMetrics, StreamMetrics, TLSPortMetrics
 from tproxy_twist.reactor import WorkerReactor
-from tproxy_twist.sockets import connect_upstream, serve_accepts
+from tproxy_twist.sockets import connect_upstream, open_upstream, serve_accepts
 from tproxy_twist.testing import loopback_forward_factory
 
 ORIGIN = r"""
@@ -157,6 +157,7 @@ def tls_factory(reactor, origin_port: int):
         tls_metrics=TLSPortMetrics("tls"),
         stream_metrics=StreamMetrics("tls"),
         reactor=reactor,
+        open_upstream=open_upstream,  # as tls_factory gives the worker's ports
     )
     return factory, client_hello()
 
