@@ -498,6 +498,31 @@ def test_an_origin_that_never_answers_is_given_up_at_the_connect_timeout(tls):
     assert entry["client"] == Lab.CLIENT4 and entry["sni"] == ORIGIN_NAME
 
 
+@pytest.mark.parametrize("origin", [Lab.ORIGIN4, Lab.ORIGIN6], ids=["ipv4", "ipv6"])
+def test_an_origin_that_refuses_resets_the_client_at_once_and_is_counted(tls, origin):
+    # The origin answers the spoofed SYN with a reset: the splice's connect is
+    # refused, the client is reset at once, a 502 is logged and counted.
+    client = Lab.CLIENT6 if ":" in origin else Lab.CLIENT4
+    family = "ip6" if ":" in origin else "ip"
+    before = tls.metric("tproxy_upstream_errors_total", port="strict", reason="refused")
+    tls.lab.run(
+        tls.lab.origin,
+        ["nft", "-f", "-"],
+        input=f"table inet refuse {{\n chain input {{\n type filter hook input priority -10;\n"
+        f" {family} saddr {client} tcp dport 443 reject with tcp reset\n }}\n}}\n".encode(),
+    )
+    try:
+        out = tls.python(SILENT_ORIGIN_CLIENT, origin)
+    finally:
+        tls.lab.run(tls.lab.origin, ["nft", "delete", "table", "inet", "refuse"])
+    word, seconds = out.split()
+    assert word == "ended" and int(seconds) < 5, out
+    after = tls.metric("tproxy_upstream_errors_total", port="strict", reason="refused")
+    assert after == before + 1
+    entry = tls.wait_access_entry(lambda e: e["status"] == 502 and e["client"] == client)
+    assert entry["sni"] == ORIGIN_NAME and entry["result"] == "NONE"
+
+
 def test_a_silent_client_is_closed_at_client_hello_timeout(tls):
     before = tls.metric("tproxy_tls_rejected_total", port="strict", reason="timeout")
     data, waited = tls.python(SILENT_CLIENT, Lab.ORIGIN4).split()
