@@ -412,12 +412,12 @@ class SplicePump:
             transport = end.transport
             if transport is None:
                 continue
-            transport.stopWriting()
-            # A transport that is reading hands its registration to our end (no
-            # epoll_ctl DEL and ADD): the worker reactor can; others cannot.
+            # A transport that is reading only hands its registration to our end
+            # (no epoll_ctl DEL and ADD): the worker reactor can; others cannot.
             if hand_over is not None and hand_over(transport, end):
                 end.reading = True
             else:
+                transport.stopWriting()
                 transport.stopReading()
         # What Twisted still buffered for one side is the first thing that
         # direction delivers.

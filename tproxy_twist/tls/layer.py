@@ -356,7 +356,6 @@ class TLSConnection(Protocol):
     def connectionMade(self) -> None:
         factory = self.factory
         transport = self.transport  # TCP_NODELAY: inherited from the listener (sockets.py)
-        self._writer = writer_for(transport)
         factory.connections.add(self)
         if factory.budget is not None:
             factory.budget.acquire()
@@ -947,7 +946,10 @@ class TLSConnection(Protocol):
     def _write(self, data: bytes) -> None:
         self._bytes_out += len(data)
         self._unflushed_out += len(data)
-        self._writer.write(data)
+        writer = self._writer
+        if writer is None:  # made when first needed: a spliced connection never writes here
+            writer = self._writer = writer_for(self.transport)
+        writer.write(data)
 
     def _sync_pump(self) -> None:
         """Add what the pump moved since the last look to the byte counts."""
