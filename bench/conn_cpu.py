@@ -164,7 +164,8 @@ def tls_factory(reactor, origin_port: int):
 
     class Factory(TLSFactory):
         def buildProtocol(self, addr):
-            super().buildProtocol(addr)  # starts the sweeper
+            if self._sweeper is None:
+                super().buildProtocol(addr)  # starts the sweeper (its protocol is dropped)
             return LoopbackTLSConnection(self)
 
     registry = CollectorRegistry()
