@@ -2,7 +2,7 @@
 The worker's own cost of a new connection, in one process on loopback: CPU time, or
 instructions under callgrind. Deterministic enough for A/B comparisons on a busy machine.
 
-    PYTHONPATH=. .venv/bin/python -m bench.conn_cpu [--kind http|tls] [--connections N]
+    PYTHONPATH=. .venv/bin/python -m bench.conn_cpu [--kind http|tls|tls-exchange] [--connections N]
     valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p \\
         .venv/bin/python -m bench.conn_cpu --kind http --connections N   # twice, N and 2N
 
@@ -20,6 +20,10 @@ relays, and closes both sides:
   reads the hello, sends 4 KB (a server's first flight) and closes. The
   destination, which a tproxy port takes from the accepted socket's local
   address, is set to the origin's address (the only bench-side shim).
+- ``tls-exchange``: ``tls``, then what a real handshake and one request add:
+  once the 4 KB flight is in, the client sends 150 bytes (its Finished and
+  the request), the origin answers 800 bytes (session tickets and the
+  response) and closes first, as nginx does after ``Connection: close``.
 
 Printed: this process's CPU time (``time.process_time``) per connection
 while the N connections are served (warm-up excluded). Under callgrind,
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import os
 import ssl
 import subprocess
@@ -40,6 +45,7 @@ import time
 from prometheus_client import CollectorRegistry
 
 from tproxy_twist import config as C
+from tproxy_twist import sockets
 from tproxy_twist.metrics import PortMetrics, StreamMetrics, TLSPortMetrics
 from tproxy_twist.reactor import WorkerReactor
 from tproxy_twist.sockets import connect_upstream, serve_accepts
@@ -50,6 +56,7 @@ import asyncio, sys
 kind = sys.argv[1]
 ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n"
 FLIGHT = b"\x16\x03\x03" + b"s" * 4093
+FINISHED_AND_REQUEST, ANSWER_SIZE = 150, 800
 async def serve(reader, writer):
     try:
         if kind == "http":
@@ -58,6 +65,12 @@ async def serve(reader, writer):
         else:
             await reader.read(65536)
             writer.write(FLIGHT)
+            if kind == "tls-exchange":
+                # The client's Finished and its request; then the session tickets and
+                # the response, and the origin closes (as nginx after Connection: close).
+                await writer.drain()
+                await reader.readexactly(FINISHED_AND_REQUEST)
+                writer.write(b"\x17\x03\x03" + b"r" * (ANSWER_SIZE - 3))
         await writer.drain()
     except Exception:
         pass
@@ -73,6 +86,7 @@ CLIENT = r"""
 import socket, sys, threading
 port, n, concurrency = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 payload = bytes.fromhex(sys.argv[4])
+exchange = sys.argv[5] == "tls-exchange"
 lock = threading.Lock()
 left = [n]
 bad = [0]
@@ -86,14 +100,21 @@ def run():
             s = socket.create_connection(("127.0.0.1", port), timeout=20)
             s.sendall(payload)
             got = b""
+            sent_request = False
             while True:
                 chunk = s.recv(65536)
                 if not chunk:
                     break
                 got += chunk
+                if exchange and not sent_request and len(got) >= 4096:
+                    s.sendall(b"\x17\x03\x03" + b"q" * 147)  # Finished and the request
+                    sent_request = True
             s.close()
-            # TLS: the origin's 4 KB flight; HTTP: the origin's own 200 answer
-            ok = len(got) == 4096 if payload[:1] == b"\x16" else got.startswith(b"HTTP/1.1 200")
+            # TLS: the origin's 4 KB flight (and its 800-byte answer); HTTP: a 200 answer
+            if payload[:1] == b"\x16":
+                ok = len(got) == (4896 if exchange else 4096)
+            else:
+                ok = got.startswith(b"HTTP/1.1 200")
         except OSError:
             ok = False
         if not ok:
@@ -143,10 +164,16 @@ def tls_factory(reactor, origin_port: int):
 
     class Factory(TLSFactory):
         def buildProtocol(self, addr):
-            super().buildProtocol(addr)  # starts the sweeper
+            if self._sweeper is None:
+                super().buildProtocol(addr)  # starts the sweeper (its protocol is dropped)
             return LoopbackTLSConnection(self)
 
     registry = CollectorRegistry()
+    # The raw upstream socket, as tls_factory gives the worker's ports (a tree
+    # from before it, for an A/B run with this tool, has no such parameter).
+    lean = {}
+    if "open_upstream" in inspect.signature(TLSFactory.__init__).parameters:
+        lean["open_upstream"] = sockets.open_upstream
     factory = Factory(
         port,
         timeouts=config.timeouts,
@@ -157,14 +184,15 @@ def tls_factory(reactor, origin_port: int):
         tls_metrics=TLSPortMetrics("tls"),
         stream_metrics=StreamMetrics("tls"),
         reactor=reactor,
+        **lean,
     )
     return factory, client_hello()
 
 
-def serve(reactor, port: int, payload: bytes, n: int, concurrency: int) -> float:
+def serve(reactor, port: int, payload: bytes, n: int, concurrency: int, kind: str) -> float:
     """Run the reactor while a client makes N connections; return this process's CPU seconds."""
     client = subprocess.Popen(
-        [sys.executable, "-c", CLIENT, str(port), str(n), str(concurrency), payload.hex()],
+        [sys.executable, "-c", CLIENT, str(port), str(n), str(concurrency), payload.hex(), kind],
         stdout=subprocess.PIPE,
     )
     started = time.process_time()
@@ -179,7 +207,7 @@ def serve(reactor, port: int, payload: bytes, n: int, concurrency: int) -> float
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.conn_cpu")
-    parser.add_argument("--kind", choices=("http", "tls"), default="http")
+    parser.add_argument("--kind", choices=("http", "tls", "tls-exchange"), default="http")
     parser.add_argument("--connections", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=200)
@@ -204,11 +232,11 @@ def main(argv: list[str] | None = None) -> int:
                 listener, reactor, room=lambda: 1 << 30, may_resume=lambda: True, on_shortage=print
             )
         port = listener.getHost().port
-        serve(reactor, port, payload, opts.warmup, opts.concurrency)
+        serve(reactor, port, payload, opts.warmup, opts.concurrency, opts.kind)
         if opts.gc_freeze:
             gc.collect()
             gc.freeze()
-        used = serve(reactor, port, payload, opts.connections, opts.concurrency)
+        used = serve(reactor, port, payload, opts.connections, opts.concurrency, opts.kind)
         print(
             f"{opts.kind}: {used / opts.connections * 1e6:.1f} us of CPU per connection"
             f" ({opts.connections} connections, {opts.concurrency} at a time)"

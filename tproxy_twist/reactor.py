@@ -12,7 +12,7 @@ of Twisted's EPollReactor (stable since Twisted 10): the only place that
 does; _doReadOrWrite still turns exceptions in a connection into a logged
 error and a closed connection, as before.
 
-Two hooks save C{epoll_ctl} calls on every new connection; both read the
+Hooks that save C{epoll_ctl} calls on every new connection; they read the
 epoll reactor's registrations (C{_reads}, C{_writes}, C{_selectables}) and
 are used only where the reactor has them (anything else takes Twisted's
 public calls):
@@ -23,7 +23,10 @@ public calls):
   - L{WorkerReactor.add_reader_and_writer}: a connecting socket is watched
     for both with one C{epoll_ctl(ADD)} (L{tproxy_twist.sockets}: the
     upstream connector; Twisted's C{addReader} and C{addWriter} take an
-    C{ADD} and a C{MOD}).
+    C{ADD} and a C{MOD});
+  - L{WorkerReactor.set_interest}: reading and writing changed together
+    with one C{epoll_ctl}, and L{WorkerReactor.forget}: no C{DEL} for a
+    socket that is closed right after (a L{SplicePump}'s sockets).
 """
 
 from __future__ import annotations
@@ -88,6 +91,52 @@ class WorkerReactor(EPollReactor):
         self._reads.add(fd)
         self._writes.add(fd)
         self._selectables[fd] = selectable
+
+    def set_interest(self, selectable, reading: bool, writing: bool) -> None:
+        """
+        Watch C{selectable} for exactly these events, with at most one
+        C{epoll_ctl} (C{ADD}, C{MOD} or C{DEL}), where Twisted's C{addReader},
+        C{removeWriter} and so on take one each.
+        """
+        fd = selectable.fileno()
+        reads, writes = self._reads, self._writes
+        was_reading, was_writing = fd in reads, fd in writes
+        if reading == was_reading and writing == was_writing:
+            if reading or writing:
+                self._selectables[fd] = selectable
+            return
+        mask = (EPOLLIN if reading else 0) | (EPOLLOUT if writing else 0)
+        if not (was_reading or was_writing):
+            self._poller.register(fd, mask)
+            self._selectables[fd] = selectable
+        elif mask:
+            self._poller.modify(fd, mask)
+            self._selectables[fd] = selectable
+        else:
+            self._poller.unregister(fd)
+            del self._selectables[fd]
+        if reading:
+            reads.add(fd)
+        else:
+            reads.discard(fd)
+        if writing:
+            writes.add(fd)
+        else:
+            writes.discard(fd)
+
+    def forget(self, selectable) -> None:
+        """
+        Drop C{selectable}'s registrations without a system call, for a
+        descriptor that its owner closes right after (closing a socket
+        removes it from epoll; left open, its events would find no
+        selectable).  A descriptor registered for another selectable is
+        left be.
+        """
+        fd = selectable.fileno()
+        if self._selectables.get(fd) is selectable:
+            del self._selectables[fd]
+            self._reads.discard(fd)
+            self._writes.discard(fd)
 
 
 def install() -> WorkerReactor:

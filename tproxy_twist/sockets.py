@@ -309,6 +309,54 @@ def connect_upstream(reactor: object) -> UpstreamConnect:
     return connect
 
 
+def open_upstream(host: str, port: int, source_ip: str | None) -> socket.socket:
+    """
+    A raw non-blocking socket connecting to C{(host, port)} (an IP literal,
+    never a scoped IPv6 address), for an owner that watches it itself (a
+    L{tproxy_twist.zerocopy.SplicePump}): no Twisted transport, connector or
+    protocol.  The options and the spoofing bind are L{connect_upstream}'s:
+    TCP_NODELAY; with a C{source_ip}, IP_TRANSPARENT, IP_BIND_ADDRESS_NO_PORT
+    and a bind to C{(source_ip, 0)}.
+
+    The connection is usually still being made when this returns: the socket
+    turns writable when it is done (C{SO_ERROR} says how it went).  Raises
+    L{twisted.internet.error.ConnectBindError} when no socket can be made or
+    the bind fails (out of descriptors, spoofing refused), and Twisted's
+    connect error for the errno (refused, unreachable, ...) when C{connect()}
+    fails at once: the errors a Twisted connector reports, so callers
+    classify both paths alike.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    except OSError as e:
+        raise twisted_error.ConnectBindError(e.errno, e.strerror) from None
+    try:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if source_ip is not None:
+                set_transparent(sock, family)
+                sock.setsockopt(SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                sock.bind((source_ip, 0))
+        except OSError as e:
+            raise twisted_error.ConnectBindError(e.errno, e.strerror) from None
+        result = sock.connect_ex((host, port) if family == socket.AF_INET else (host, port, 0, 0))
+        if result not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY, errno.EISCONN):
+            raise twisted_error.getConnectError((result, strerror(result)))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def connect_error_for(err: int) -> twisted_error.ConnectError:
+    """
+    Twisted's error for a failed connect's errno (C{SO_ERROR} of an
+    L{open_upstream} socket), as a connector would report it.
+    """
+    return twisted_error.getConnectError((err, strerror(err)))
+
+
 def probe_transparent_bind(family: int) -> OSError | None:
     """
     Squid's start-up test: can a transparent socket bind a non-local address?

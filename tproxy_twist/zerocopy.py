@@ -57,6 +57,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .logthrottle import LogThrottle
+from .sockets import connect_error_for
 
 log = Logger()
 
@@ -78,6 +79,7 @@ _COPY_CHUNK = 1 << 16
 
 #: Reasons L{SplicePump} gives its owner when it ends.
 DONE = "done"  # both sides sent their EOF and everything was delivered
+CONNECT_FAILED = "connect_failed"  # the upstream socket's connect failed (connect_failure says why)
 RESET = "reset"  # a side failed (reset, broken pipe, other socket error)
 ABORTED = "aborted"  # the owner called abort()
 
@@ -242,6 +244,16 @@ def _abort_now(transport: tcp.Connection) -> None:
     transport.connectionLost(_CONNECTION_ABORTED)
 
 
+def _closes_now(end: _End) -> bool:
+    """Whether L{SplicePump._finish} closes this end's socket (see L{_close_now}, L{_abort_now})."""
+    transport = end.transport
+    if transport is None:
+        return True  # a raw socket of the pump's own
+    return not (
+        transport.disconnected or transport._aborting or getattr(transport, "socket", None) is None
+    )
+
+
 #: One failure for every clean end, as Twisted's reactor shares its own.
 _CONNECTION_DONE = Failure(ConnectionDone())
 _CONNECTION_ABORTED = Failure(ConnectionAborted())
@@ -253,10 +265,12 @@ class _End:
 
     __slots__ = ("pump", "fd", "sock", "transport", "source", "sink", "reading", "writing")
 
-    def __init__(self, pump: SplicePump, transport: tcp.Connection) -> None:
+    def __init__(
+        self, pump: SplicePump, transport: tcp.Connection | None, sock: socket.socket | None = None
+    ) -> None:
         self.pump = pump
-        self.transport = transport
-        self.sock: socket.socket = transport.socket
+        self.transport = transport  # None: a raw socket of the pump's own
+        self.sock: socket.socket = transport.socket if transport is not None else sock
         self.fd = self.sock.fileno()
         self.source: _Direction | None = None  # the direction this socket feeds
         self.sink: _Direction | None = None  # the direction that writes to it
@@ -277,9 +291,9 @@ class _End:
 
     def connectionLost(self, reason) -> None:
         # Only the reactor calls this: an error or hang-up on a socket we were
-        # not reading, or the reactor shutting down.
+        # not reading (a refused connect, too), or the reactor shutting down.
         self.reading = self.writing = False
-        self.pump._fail(self, reason.getErrorMessage())
+        self.pump._lost(self, reason.getErrorMessage())
 
 
 class _Direction:
@@ -317,27 +331,52 @@ class SplicePump:
     told to abort (their protocols' C{connectionLost} follows from Twisted);
     after L{DONE} just before both are closed, in the same call.
     C{on_eof(transport)} (optional) is called when a side sends its EOF.
+
+    C{b} may instead be a raw socket whose non-blocking C{connect()} is under
+    way (L{tproxy_twist.sockets.open_upstream}): no Twisted transport at all
+    for the upstream side of a splice.  The pump then watches it for the
+    connect's end; C{on_connected()} is called when it is connected, just
+    before C{to_b} (the bytes read from C{a} so far: a ClientHello) is sent
+    to it, ahead of everything else.  Meanwhile C{a} is not read, only
+    watched: a reset ends the pump (L{RESET}: the connect is called off),
+    data or an EOF wait in the kernel.  A failed connect ends it with
+    L{CONNECT_FAILED} (C{connect_failure}: Twisted's error for the errno).
+    The pump closes such a socket itself when it ends: plainly after L{DONE},
+    as an abort otherwise (the owner never sees it).
     """
 
     def __init__(
         self,
         a: tcp.Connection,
-        b: tcp.Connection,
+        b: tcp.Connection | socket.socket,
         *,
         reactor: IReactorFDSet,
         clock: IReactorTime,
         on_end: Callable[[str], None],
         on_eof: Callable[[tcp.Connection], None] | None = None,
+        on_connected: Callable[[], None] | None = None,
+        to_b: bytes = b"",
         pool: PipePool | None = None,
         copy: bool = not _HAVE_SPLICE,
     ) -> None:
         self._reactor = reactor
+        # The worker reactor changes both interests with one epoll_ctl, and
+        # drops a socket about to be closed without any.
+        self._set_interest = getattr(reactor, "set_interest", None)
+        self._forget = getattr(reactor, "forget", None)
         self._clock = clock
         self._on_end = on_end
         self._on_eof = on_eof
+        self._on_connected = on_connected
         self._pool = pool if pool is not None else default_pool()
         self._a = _End(self, a)
-        self._b = _End(self, b)
+        raw = isinstance(b, socket.socket)
+        self._b = _End(self, None, b) if raw else _End(self, b)
+        self._to_b = to_b
+        #: the raw upstream socket's connect is under way
+        self.connecting = raw
+        #: after L{CONNECT_FAILED}: why (Twisted's connect error for the errno)
+        self.connect_failure: Exception | None = None
         self._copy = copy
         self._forward: _Direction | None = None
         self._backward: _Direction | None = None
@@ -371,19 +410,32 @@ class SplicePump:
         hand_over = getattr(self._reactor, "hand_over_reader", None)
         for end in (a, b):
             transport = end.transport
-            transport.stopWriting()
-            # A transport that is reading hands its registration to our end (no
-            # epoll_ctl DEL and ADD): the worker reactor can; others cannot.
+            if transport is None:
+                continue
+            # A transport that is reading only hands its registration to our end
+            # (no epoll_ctl DEL and ADD): the worker reactor can; others cannot.
             if hand_over is not None and hand_over(transport, end):
                 end.reading = True
             else:
+                transport.stopWriting()
                 transport.stopReading()
         # What Twisted still buffered for one side is the first thing that
         # direction delivers.
-        self._forward = _Direction(a, b, _take_buffered(b.transport), self._copy)
+        to_b = self._to_b if b.transport is None else _take_buffered(b.transport)
+        self._to_b = b""
+        self._forward = _Direction(a, b, to_b, self._copy)
         self._backward = _Direction(b, a, _take_buffered(a.transport), self._copy)
         a.source = b.sink = self._forward
         b.source = a.sink = self._backward
+        if self.connecting:
+            # Until the connect ends: the socket watched for writing (its end,
+            # errors included), the client only for a reset.
+            self._watch(a, True, False)
+            self._watch(b, False, True)
+            return
+        self._run_both()
+
+    def _run_both(self) -> None:
         for d in (self._forward, self._backward):
             if d.pending:
                 self._run(d)
@@ -404,14 +456,66 @@ class SplicePump:
     def _readable(self, end: _End) -> None:
         direction = end.source
         if self.ended is None and end.reading and direction is not None:
-            self._run(direction)
+            if self.connecting:
+                self._client_while_connecting(end)
+            else:
+                self._run(direction)
 
     def _writable(self, end: _End) -> None:
         direction = end.sink
         if self.ended is None and end.writing and direction is not None:
-            self._run(direction)
+            if self.connecting:
+                self._connect_ended()
+            else:
+                self._run(direction)
+
+    def _lost(self, end: _End, why: str) -> None:
+        """The reactor saw an error or hang-up on a socket we were not reading."""
+        if self.connecting and end is self._b:
+            self._connect_ended()  # a refused connect: SO_ERROR says why
+        else:
+            self._fail(end, why)
+
+    # --- the raw upstream socket's connect ----------------------------------------------
+
+    def _client_while_connecting(self, a: _End) -> None:
+        """The client is readable while the upstream connects: a reset ends it all."""
+        try:
+            a.sock.recv(1, socket.MSG_PEEK)
+        except _WOULD_BLOCK:
+            return
+        except OSError as e:
+            self._fail(a, os.strerror(e.errno) if e.errno else str(e))
+            return
+        # Data or an EOF: it waits in the kernel until the upstream is connected.
+        self._watch(a, False, False)
+
+    def _connect_ended(self) -> None:
+        self.connecting = False
+        a, b = self._a, self._b
+        err = b.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.connect_failure = connect_error_for(err)
+            self._finish(CONNECT_FAILED)
+            return
+        # Reading from both from now on.  A client still watched had nothing to
+        # say yet (level-triggered epoll would have told): no read attempt now.
+        self._forward.drained = a.reading
+        self._watch(b, True, False)
+        if self._on_connected is not None:
+            self._on_connected()
+        if self.ended is None:
+            self._run_both()
 
     def _watch(self, end: _End, reading: bool, writing: bool) -> None:
+        if reading == end.reading and writing == end.writing:
+            return
+        set_interest = self._set_interest
+        if set_interest is not None:
+            end.reading = reading
+            end.writing = writing
+            set_interest(end, reading, writing)
+            return
         reactor = self._reactor
         if reading != end.reading:
             end.reading = reading
@@ -546,10 +650,11 @@ class SplicePump:
                 except OSError as e:
                     self._fail(d.dst, os.strerror(e.errno) if e.errno else str(e))
                     return
+        if self._forward.ended and self._backward.ended:
+            self._finish(DONE)  # unwatches both (or lets their close do it)
+            return
         self._watch(d.src, False, d.src.writing)
         self._watch(d.dst, d.dst.reading, False)
-        if self._forward.ended and self._backward.ended:
-            self._finish(DONE)
 
     # --- the end --------------------------------------------------------------------------
 
@@ -562,8 +667,12 @@ class SplicePump:
 
     def _finish(self, reason: str) -> None:
         self.ended = reason
+        # A socket closed below leaves epoll with its close: no epoll_ctl(DEL) for
+        # it (the worker reactor forgets it then); the others are unwatched now.
+        closing = self._forget is not None
         for end in (self._a, self._b):
-            self._watch(end, False, False)
+            if not (closing and _closes_now(end)):
+                self._watch(end, False, False)
         for d in (self._forward, self._backward):
             if d is not None and d.pipe is not None:
                 self._pool.give_back(d.pipe, empty=not d.held)
@@ -574,7 +683,11 @@ class SplicePump:
                 self._on_end(reason)
             finally:
                 for end in (self._a, self._b):
-                    _abort_now(end.transport)
+                    self._unwatch_for_close(end)
+                    if end.transport is None:
+                        end.sock.close()
+                    else:
+                        _abort_now(end.transport)
             return
         # Both directions were shut down for writing and both EOFs read; Twisted's
         # buffers are empty.  loseConnection() would register each socket for
@@ -585,7 +698,21 @@ class SplicePump:
             self._on_end(reason)
         finally:
             for end in (self._a, self._b):
-                _close_now(end.transport)
+                self._unwatch_for_close(end)
+                if end.transport is None:
+                    end.sock.close()
+                else:
+                    _close_now(end.transport)
+
+    def _unwatch_for_close(self, end: _End) -> None:
+        """Take an end out of the reactor just before its socket is closed (or left be)."""
+        if not (end.reading or end.writing):
+            return
+        if self._forget is not None and _closes_now(end):
+            end.reading = end.writing = False
+            self._forget(end)
+        else:
+            self._watch(end, False, False)  # the owner closed it meanwhile: Twisted will
 
 
 # --- one-shot transfers: a body of known length ---------------------------------------
@@ -628,6 +755,7 @@ class SpliceTransfer:
         copy: bool = not _HAVE_SPLICE,
     ) -> None:
         self._reactor = reactor
+        self._set_interest = getattr(reactor, "set_interest", None)  # see SplicePump
         self._clock = clock
         self._on_end = on_end
         self._pool = pool if pool is not None else default_pool()
@@ -689,6 +817,9 @@ class SpliceTransfer:
         if self.ended is None:
             self.failure = f"fd {end.fd}: {why}"  # kept, not logged (see SplicePump._fail)
             self._finish(SOURCE_FAILED if end is self._source else SINK_FAILED)
+
+    def _lost(self, end: _End, why: str) -> None:
+        self._fail(end, why)
 
     _watch = SplicePump._watch
 

@@ -498,6 +498,92 @@ def test_an_origin_that_never_answers_is_given_up_at_the_connect_timeout(tls):
     assert entry["client"] == Lab.CLIENT4 and entry["sni"] == ORIGIN_NAME
 
 
+LEAVING_CLIENT = textwrap.dedent(
+    """
+    import socket, ssl, struct, sys, time
+    context = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="origin.test")
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    sock = socket.create_connection((sys.argv[1], 443), timeout=10)
+    sock.sendall(outgoing.read())  # the hello: the proxy starts connecting
+    time.sleep(0.3)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()  # a reset while the upstream connection is still being made
+    print("left")
+    """
+)
+
+
+def _blackhole_syns(tls) -> int:
+    out = tls.lab.run(tls.lab.origin, ["nft", "-j", "list", "table", "inet", "blackhole2"])
+    for item in json.loads(out.stdout)["nftables"]:
+        for expr in item.get("rule", {}).get("expr", []):
+            if "counter" in expr:
+                return expr["counter"]["packets"]
+    raise AssertionError("no counter in the blackhole table")
+
+
+def test_a_client_leaving_while_the_splice_connects_calls_the_attempt_off(tls):
+    # The origin drops the spoofed SYNs (counting them): the client resets while
+    # the proxy is still connecting; the proxy gives the attempt up at once (no
+    # SYN retransmitted a second and three seconds later) and logs the connection.
+    tls.lab.run(
+        tls.lab.origin,
+        ["nft", "-f", "-"],
+        input=b"table inet blackhole2 {\n chain input {\n type filter hook input priority -10;\n"
+        b" ip saddr 198.51.100.2 tcp dport 443 tcp flags & (syn | ack) == syn counter drop\n"
+        b" }\n}\n",
+    )
+    try:
+        logged = len(tls.access_entries())
+        assert tls.python(LEAVING_CLIENT, Lab.ORIGIN4).strip() == "left"
+        deadline = time.monotonic() + 15
+        while len(tls.access_entries()) == logged and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (entry,) = tls.access_entries()[logged:]  # this connection's, once it ended
+        assert (entry["client"], entry["status"], entry.get("action")) == (
+            Lab.CLIENT4,
+            0,
+            "splice",
+        )
+        assert entry["sni"] == ORIGIN_NAME and entry["destination"] is None
+        sent = _blackhole_syns(tls)
+        assert sent >= 1  # the attempt was made
+        time.sleep(3.5)  # proving an absence: SYN retries would come 1 s and 3 s after the first
+        assert _blackhole_syns(tls) == sent
+    finally:
+        tls.lab.run(tls.lab.origin, ["nft", "delete", "table", "inet", "blackhole2"])
+
+
+@pytest.mark.parametrize("origin", [Lab.ORIGIN4, Lab.ORIGIN6], ids=["ipv4", "ipv6"])
+def test_an_origin_that_refuses_resets_the_client_at_once_and_is_counted(tls, origin):
+    # The origin answers the spoofed SYN with a reset: the splice's connect is
+    # refused, the client is reset at once, a 502 is logged and counted.
+    client = Lab.CLIENT6 if ":" in origin else Lab.CLIENT4
+    family = "ip6" if ":" in origin else "ip"
+    before = tls.metric("tproxy_upstream_errors_total", port="strict", reason="refused")
+    tls.lab.run(
+        tls.lab.origin,
+        ["nft", "-f", "-"],
+        input=f"table inet refuse {{\n chain input {{\n type filter hook input priority -10;\n"
+        f" {family} saddr {client} tcp dport 443 reject with tcp reset\n }}\n}}\n".encode(),
+    )
+    try:
+        out = tls.python(SILENT_ORIGIN_CLIENT, origin)
+    finally:
+        tls.lab.run(tls.lab.origin, ["nft", "delete", "table", "inet", "refuse"])
+    word, seconds = out.split()
+    assert word == "ended" and int(seconds) < 5, out
+    after = tls.metric("tproxy_upstream_errors_total", port="strict", reason="refused")
+    assert after == before + 1
+    entry = tls.wait_access_entry(lambda e: e["status"] == 502 and e["client"] == client)
+    assert entry["sni"] == ORIGIN_NAME and entry["result"] == "NONE"
+
+
 def test_a_silent_client_is_closed_at_client_hello_timeout(tls):
     before = tls.metric("tproxy_tls_rejected_total", port="strict", reason="timeout")
     data, waited = tls.python(SILENT_CLIENT, Lab.ORIGIN4).split()

@@ -137,3 +137,67 @@ def test_reading_and_writing_added_at_once_wake_both_and_are_removed_separately(
     assert a.fileno() not in reactor._selectables
     a.close()
     b.close()
+
+
+def test_set_interest_changes_reading_and_writing_together_with_one_epoll_call():
+    from tproxy_twist.reactor import WorkerReactor
+
+    reactor = WorkerReactor()
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    reader = _Reader(a)
+    calls = []
+    poller = reactor._poller
+
+    class Counting:
+        def __getattr__(self, name):
+            method = getattr(poller, name)
+            if name in ("register", "modify", "unregister"):
+                return lambda *args: (calls.append(name), method(*args))[1]
+            return method
+
+    reactor._poller = Counting()
+    reactor.set_interest(reader, False, True)  # writing only
+    _iterate_until(reactor, lambda: reader.writable, "writable")
+    reactor.set_interest(reader, True, False)  # both change: one call
+    b.send(b"ping")
+    _iterate_until(reactor, lambda: reader.read, "readable")
+    writable = reader.writable
+    reactor.set_interest(reader, True, False)  # no change: no call
+    b.send(b"pong")
+    _iterate_until(reactor, lambda: len(reader.read) == 2, "read again")
+    assert reader.writable == writable
+    reactor.set_interest(reader, False, False)
+    assert calls == ["register", "modify", "unregister"]
+    fd = a.fileno()
+    assert fd not in reactor._reads and fd not in reactor._writes
+    assert fd not in reactor._selectables
+    reactor._poller = poller
+    a.close()
+    b.close()
+
+
+def test_forget_drops_a_registration_without_a_system_call_for_a_socket_closed_next():
+    from tproxy_twist.reactor import WorkerReactor
+
+    reactor = WorkerReactor()
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    reader, other = _Reader(a), _Reader(a)
+    reactor.addReader(reader)
+    reactor.forget(other)  # not the registered selectable: left be
+    assert reactor._selectables[a.fileno()] is reader
+    reactor.forget(reader)
+    fd = a.fileno()
+    assert fd not in reactor._reads and fd not in reactor._selectables
+    a.close()  # which takes it out of epoll
+    b.close()
+    c, d = socket.socketpair()  # may reuse the number: registering it works
+    c.setblocking(False)
+    again = _Reader(c)
+    reactor.addReader(again)
+    d.send(b"x")
+    _iterate_until(reactor, lambda: again.read, "the new socket read")
+    reactor.removeReader(again)
+    c.close()
+    d.close()

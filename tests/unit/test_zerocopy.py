@@ -691,3 +691,200 @@ def test_with_no_pipe_to_be_had_the_bytes_are_copied_and_the_stream_goes_on(lab,
     warnings = [e for e in seen if e.get("log_level") == LogLevel.warn]
     assert len(warnings) == 1 and "splice" in warnings[0]["log_format"]
     pump.abort()
+
+
+# --- a raw upstream socket that the pump connects (the lean splice) ------------------------
+
+
+class Origin:
+    """A plain listening socket for raw upstream connections, accepted by the test."""
+
+    def __init__(self, backlog: int = 16) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(backlog)
+        self.sock.setblocking(False)
+        self.port = self.sock.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+
+    def accept(self, lab: Lab) -> socket.socket:
+        def more() -> bool:
+            try:
+                conn, _ = self.sock.accept()
+            except BlockingIOError:
+                return False
+            conn.setblocking(False)
+            self.accepted.append(conn)
+            return True
+
+        lab.run_until(more, "the upstream connection accepted")
+        return self.accepted[-1]
+
+    def close(self) -> None:
+        for conn in self.accepted:
+            conn.close()
+        self.sock.close()
+
+
+@pytest.fixture
+def origin():
+    origin = Origin()
+    yield origin
+    origin.close()
+
+
+def connecting_pump(lab: Lab, port: int, to_b: bytes = b"hello"):
+    """A pump from a lab connection to a raw socket connecting to 127.0.0.1:port."""
+    from tproxy_twist.sockets import open_upstream
+
+    a, pa = lab.connection()
+    raw = open_upstream("127.0.0.1", port, None)
+    events: list[object] = []
+    pump = SplicePump(
+        a.transport,
+        raw,
+        reactor=lab.reactor,
+        clock=lab.reactor,
+        on_end=events.append,
+        on_connected=lambda: events.append("connected"),
+        to_b=to_b,
+        pool=PipePool(),
+    )
+    return pump, (a, pa), raw, events
+
+
+def test_a_raw_upstream_is_connected_sent_what_was_read_first_and_relayed(lab, origin):
+    pump, (a, pa), raw, events = connecting_pump(lab, origin.port, b"the hello")
+    pump.start()
+    assert pump.connecting and events == []
+    ob = origin.accept(lab)
+    assert lab.read(ob, 9) == b"the hello"
+    assert events == ["connected"] and not pump.connecting
+    lab.send_all(pa, b"then this")
+    assert lab.read(ob, 9) == b"then this"
+    lab.send_all(ob, b"answer")
+    assert lab.read(pa, 6) == b"answer"
+    assert (pump.a_to_b, pump.b_to_a) == (9, 6)  # what was read before is the owner's count
+    ob.shutdown(socket.SHUT_WR)
+    lab.run_until(lambda: lab.eof_seen(pa), "the upstream's EOF passed on")
+    pa.shutdown(socket.SHUT_WR)
+    lab.run_until(lambda: len(events) == 2, "the pump ends")
+    assert events == ["connected", DONE]
+    assert a.lost.check(ConnectionDone) and raw.fileno() == -1  # both closed
+    assert lab.eof_seen(ob)
+
+
+def test_what_the_client_sends_while_connecting_follows_what_was_read_first(lab, origin):
+    pump, (a, pa), raw, events = connecting_pump(lab, origin.port, b"first")
+    pump.start()
+    lab.send_all(pa, b"second")  # before the connect's end is seen, or after: same order
+    ob = origin.accept(lab)
+    assert lab.read(ob, 11) == b"firstsecond"
+    pump.abort()
+    assert events == ["connected", ABORTED] and raw.fileno() == -1
+
+
+def test_a_refused_connect_ends_the_pump_with_the_reason_and_resets_the_client(lab):
+    from twisted.internet.error import ConnectionRefusedError
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there
+    pump, (a, pa), raw, events = connecting_pump(lab, port)
+    pump.start()
+    lab.run_until(lambda: bool(events), "the connect fails")
+    assert events == [zerocopy.CONNECT_FAILED]
+    assert isinstance(pump.connect_failure, ConnectionRefusedError)
+    assert a.lost.check(ConnectionAborted) and raw.fileno() == -1
+    for _ in range(5):
+        lab.reactor.iterate(0)
+    assert a.lost_calls == 1
+
+
+def stalled_origin() -> tuple[socket.socket, socket.socket]:
+    """A listener whose accept queue is full: a new connect to it stays under way."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    filler = socket.create_connection(listener.getsockname())  # fills the queue of one
+    return listener, filler
+
+
+def test_a_client_reset_while_connecting_calls_the_connect_off(lab):
+    listener, filler = stalled_origin()
+    try:
+        pump, (a, pa), raw, events = connecting_pump(lab, listener.getsockname()[1])
+        pump.start()
+        for _ in range(3):
+            lab.reactor.iterate(0.01)
+        assert pump.connecting and events == []
+        pa.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        pa.close()  # a reset
+        lab.peers.remove(pa)
+        lab.run_until(lambda: bool(events), "the client's reset seen")
+        assert events == [RESET] and pump.failure is not None
+        assert a.lost.check(ConnectionAborted) and raw.fileno() == -1
+    finally:
+        filler.close()
+        listener.close()
+
+
+def test_a_client_eof_while_connecting_waits_for_the_connect_and_follows_the_bytes(lab, origin):
+    listener, filler = stalled_origin()
+    try:
+        pump, (a, pa), raw, events = connecting_pump(lab, listener.getsockname()[1], b"hi")
+        pump.start()
+        pa.shutdown(socket.SHUT_WR)
+        for _ in range(5):
+            lab.reactor.iterate(0.01)
+        assert pump.connecting and events == []  # the EOF waits: the attempt goes on
+        listener.settimeout(10)
+        listener.accept()[0].close()  # the queue has room: the SYN's next try gets through
+        filler.close()
+        ob, _ = listener.accept()
+        ob.setblocking(False)
+        origin.accepted.append(ob)
+        assert lab.read(ob, 2) == b"hi"
+        lab.run_until(lambda: lab.eof_seen(ob), "the client's EOF passed on")
+        assert events == ["connected"]
+        pump.abort()
+    finally:
+        listener.close()
+
+
+def test_abort_while_connecting_closes_the_raw_socket_and_resets_the_client(lab):
+    listener, filler = stalled_origin()
+    try:
+        pump, (a, pa), raw, events = connecting_pump(lab, listener.getsockname()[1])
+        pump.start()
+        pump.abort()
+        assert events == [ABORTED] and raw.fileno() == -1
+        assert a.lost.check(ConnectionAborted)
+    finally:
+        filler.close()
+        listener.close()
+
+
+def test_a_connecting_pump_costs_one_registration_and_one_change_until_relaying(lab, origin):
+    pump, (a, pa), raw, events = connecting_pump(lab, origin.port)
+    poller = lab.reactor._poller
+    counting = lab.reactor._poller = CountingPoller(poller)
+    try:
+        pump.start()
+        ob = origin.accept(lab)
+        assert lab.read(ob, 5) == b"hello"
+        lab.send_all(ob, b"answer")
+        assert lab.read(pa, 6) == b"answer"
+        # The raw socket: added for writing, then switched to reading; the client's
+        # registration taken over from Twisted: no call.
+        assert counting.calls == [("register", raw.fileno()), ("modify", raw.fileno())]
+        counting.calls.clear()
+        ob.shutdown(socket.SHUT_WR)
+        lab.run_until(lambda: lab.eof_seen(pa), "EOF to the client")
+        pa.shutdown(socket.SHUT_WR)
+        lab.run_until(lambda: len(events) == 2, "the end")
+        # The upstream's EOF: it is no longer read; the end: both closed, no DEL for either.
+        assert [call for call, _ in counting.calls] == ["unregister"]
+    finally:
+        lab.reactor._poller = poller

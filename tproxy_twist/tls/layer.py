@@ -18,9 +18,15 @@ ports, writes the bytes read so far, then relays bytes both ways with
 backpressure, half-close (an EOF from one side becomes a write shutdown
 towards the other) and the idle timeout.  Between two plain TCP sockets
 the relaying is zero-copy (L{SplicePump}: splice(2) through a pipe, both
-sockets out of Twisted's reading); otherwise (test fakes, C{zerocopy=False})
-each side's transport is the other's producer.  One access log entry and
-one action per connection.
+sockets out of Twisted's reading), and the upstream side is a raw socket
+(L{tproxy_twist.sockets.open_upstream}) that the pump itself connects, sends
+the hello to and relays: no Twisted connector, client transport or protocol
+per splice.  Otherwise (test fakes, C{zerocopy=False}, a scoped IPv6
+destination) the upstream is connected through C{connect} and each side's
+transport is the other's producer.  Either way the connect timeout is the
+connection's deadline (the factory's sweep), and a failed connect has the
+same metric, log line, access-log entry and answer (a reset).  One access
+log entry and one action per connection.
 
 Bumping (L{tproxy_twist.tls.bump}) verifies the origin first, then starts
 TLS on the client's connection with a leaf for the verified name, replaying
@@ -46,8 +52,8 @@ from ..accesslog import AccessEntry
 from ..config import PortConfig, Timeouts
 from ..destinations import normalize
 from ..logthrottle import LogThrottle
-from ..sockets import UpstreamConnect, nat_original_destination, unmap, writer_for
-from ..zerocopy import DONE, SplicePump, can_splice
+from ..sockets import UpstreamConnect, nat_original_destination, open_upstream, unmap, writer_for
+from ..zerocopy import CONNECT_FAILED, DONE, SplicePump, can_splice
 from .clienthello import ALERT_ACCESS_DENIED, ClientHello, ClientHelloReader, HelloError, alert
 from .decide import Decision, decide
 
@@ -115,6 +121,7 @@ def tls_factory(
         bump_metrics=bump_metrics,
         limits=config.limits,
         reactor=reactor,
+        open_upstream=open_upstream,
     )
 
 
@@ -141,6 +148,7 @@ class TLSFactory(Factory):
         reactor=None,
         zerocopy: bool = True,
         stream_metrics=None,
+        open_upstream=None,
     ) -> None:
         assert port.tls is not None, "a TLS factory needs a protocol = 'tls' port"
         self.port = port
@@ -154,6 +162,11 @@ class TLSFactory(Factory):
         self.reactor = reactor if reactor is not None else clock
         #: relay with splice(2) where both sockets allow it
         self.zerocopy = zerocopy
+        #: C{open_upstream(host, port, source_ip)} (L{tproxy_twist.sockets.open_upstream}):
+        #: a splice's upstream as a raw socket that the L{SplicePump} connects and
+        #: owns, without Twisted's connector, client and protocol; C{None}: always
+        #: through C{connect}
+        self.open_upstream = open_upstream
         self.local_addresses = local_addresses
         self.metrics = metrics
         self.tls_metrics = tls_metrics
@@ -343,7 +356,6 @@ class TLSConnection(Protocol):
     def connectionMade(self) -> None:
         factory = self.factory
         transport = self.transport  # TCP_NODELAY: inherited from the listener (sockets.py)
-        self._writer = writer_for(transport)
         factory.connections.add(self)
         if factory.budget is not None:
             factory.budget.acquire()
@@ -727,12 +739,59 @@ class TLSConnection(Protocol):
         host, port = self.destination
         source = self.client_ip if self.port.spoof_client_ip else None
         self._connect_started = self._clock.seconds()
+        factory = self.factory
+        if (
+            factory.open_upstream is not None
+            and factory.zerocopy
+            and "%" not in host  # a scoped IPv6 address: Twisted's connector resolves it
+            and can_splice(self.transport)
+        ):
+            self._connect_pumped(host, port, source)
+            return
         # The connect timeout is this connection's deadline, checked by the
         # factory's sweep, not a timer of the connector's own: no callLater and
         # cancel (and their heap work) per spliced connection.
         self._connector = self.factory.connect(host, port, _UpstreamFactory(self), None, source)
         if self.state == CONNECTING:  # not failed at once
             self._arm("connect", self.factory.timeouts.connect)
+
+    def _connect_pumped(self, host: str, port: int, source: str | None) -> None:
+        """
+        The lean splice: a raw upstream socket that the pump connects, replays
+        the hello to and relays, the client handed to the pump at once.  The
+        same deadlines, metrics, log lines and answers as through Twisted's
+        connector (L{upstream_failed}, L{_pump_connected}).
+        """
+        factory = self.factory
+        try:
+            sock = factory.open_upstream(host, port, source)
+        except twisted_error.ConnectError as e:
+            self.upstream_failed(Failure(e))
+            return
+        replay = self.reader.buffered if self.hello is not None else self._pending
+        self._pending = b""
+        self._paused = False  # the pump reads the client from now on
+        self.pump = SplicePump(
+            self.transport,
+            sock,
+            reactor=factory.reactor,
+            clock=self._clock,
+            on_end=self._pump_ended,
+            on_connected=self._pump_connected,
+            to_b=replay,
+        )
+        self.pump.start()
+        self._arm("connect", factory.timeouts.connect)
+
+    def _pump_connected(self) -> None:
+        """The pump's upstream socket is connected; the hello goes out next."""
+        factory = self.factory
+        factory.metrics.connect_duration.observe(self._clock.seconds() - self._connect_started)
+        self.state = RELAYING
+        self.status = 200
+        self._arm("idle", factory.timeouts.idle)
+        if factory.stream_metrics is not None:
+            factory.stream_metrics.started("splice")
 
     def upstream_connected(self, upstream: SpliceUpstream) -> None:
         self._connector = None
@@ -779,6 +838,8 @@ class TLSConnection(Protocol):
         self._sync_pump()
         if reason == DONE:
             self._client_eof = self._upstream_eof = True
+        elif reason == CONNECT_FAILED:
+            self.upstream_failed(Failure(self.pump.connect_failure))
         self.state = CLOSING
 
     def upstream_data(self, data: bytes) -> None:
@@ -823,7 +884,10 @@ class TLSConnection(Protocol):
         )
         # A reset is the nearest a relay can come to "connection refused".
         self.state = CLOSING
-        self.transport.abortConnection()
+        if self.pump is not None:
+            self.pump.abort()  # the pump owns the client: it resets it (no-op if it ended)
+        else:
+            self.transport.abortConnection()
 
     def _close_both(self) -> None:
         self.transport.loseConnection()
@@ -910,7 +974,10 @@ class TLSConnection(Protocol):
     def _write(self, data: bytes) -> None:
         self._bytes_out += len(data)
         self._unflushed_out += len(data)
-        self._writer.write(data)
+        writer = self._writer
+        if writer is None:  # made when first needed: a spliced connection never writes here
+            writer = self._writer = writer_for(self.transport)
+        writer.write(data)
 
     def _sync_pump(self) -> None:
         """Add what the pump moved since the last look to the byte counts."""
@@ -965,7 +1032,11 @@ class TLSConnection(Protocol):
                 bytes_out=bytes_out,
                 bytes_in=bytes_in,
                 destination=(
-                    address if self.upstream is not None or self.origin is not None else None
+                    address
+                    if self.upstream is not None
+                    or self.origin is not None
+                    or (self.pump is not None and self.status == 200)
+                    else None
                 ),
                 result=result,
                 content_type="-",
