@@ -391,13 +391,34 @@ def _worker_pids(lab: Lab) -> list[int]:
     return sorted({int(p) for p in re.findall(r"pid=(\d+)", out)})
 
 
+def _settled_fds(pid: int) -> set[int]:
+    """
+    The worker's open descriptors once two listings 0.2 s apart agree: a worker
+    that has just started listening may still open or close one (a descriptor
+    counted as used that closes a moment later leaves one more free below the
+    limit these tests set, and the case under test does not happen).
+    """
+    listing = None
+
+    def settled():
+        nonlocal listing
+        now = {int(p.name) for p in Path(f"/proc/{pid}/fd").iterdir()}
+        same, listing = now == listing, now
+        if not same:
+            time.sleep(0.2)
+        return same
+
+    wait_for(settled, "the worker's descriptors settling", timeout=30)
+    return listing
+
+
 def test_an_upstream_socket_failing_with_emfile_is_503_no_descriptors(relay, raw_origin, lab):
     running, _ = relay()
     case = raw_origin.case({"*": [send(OK)]})
     [worker] = _worker_pids(lab)
     # Room for the accepted client connection, none for the upstream socket.
     # (The limit bounds descriptor numbers: the lowest free one stays usable.)
-    used = {int(p.name) for p in Path(f"/proc/{worker}/fd").iterdir()}
+    used = _settled_fds(worker)
     free = [n for n in range(max(used) + 3) if n not in used]
     limit = free[1]
     subprocess.run(["prlimit", f"--pid={worker}", f"--nofile={limit}:{limit}"], check=True)
@@ -447,7 +468,7 @@ def test_out_of_descriptors_at_accept_connections_wait_and_are_served_with_one_l
     # No descriptor left for an accepted connection.  Twisted's own accept loop
     # logged every attempt and tried again every reactor turn (a busy loop and a
     # log flood); the worker pauses accepting instead, and the connections wait.
-    used = {int(p.name) for p in Path(f"/proc/{worker}/fd").iterdir()}
+    used = _settled_fds(worker)
     lowest_free = min(n for n in range(max(used) + 2) if n not in used)
     soft, hard = _nofile(worker)
     subprocess.run(["prlimit", f"--pid={worker}", f"--nofile={lowest_free}:{hard}"], check=True)
@@ -486,7 +507,7 @@ def test_out_of_descriptors_for_a_pipe_a_large_body_is_copied_whole(relay, raw_o
     case = raw_origin.case({"*": [send(head + body)]})
     [worker] = _worker_pids(lab)
     # Room for the client's and the upstream socket, none for a pipe (two more).
-    used = {int(p.name) for p in Path(f"/proc/{worker}/fd").iterdir()}
+    used = _settled_fds(worker)
     free = [n for n in range(max(used) + 4) if n not in used]
     soft, hard = _nofile(worker)
     subprocess.run(["prlimit", f"--pid={worker}", f"--nofile={free[1] + 1}:{hard}"], check=True)
