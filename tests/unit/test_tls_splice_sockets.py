@@ -165,6 +165,23 @@ def origin():
     sock.close()
 
 
+def hello_is_reset_and_logged(proxy: Proxy, status: int, reason: str):
+    """
+    Send a hello from a new client: it must be reset with nothing sent, and
+    one access-log entry (C{status}, no destination) and one upstream error
+    (C{reason}) counted.  Returns the client socket and the entry.
+    """
+    client = proxy.client()
+    client.sendall(HELLO)
+    data, how = read_until_end(proxy, client)
+    assert data == b""
+    proxy.run_until(lambda: proxy.entries, "the access-log entry")
+    (entry,) = proxy.entries
+    assert (entry.status, entry.destination) == (status, None)
+    assert proxy.sample("tproxy_upstream_errors_total", reason=reason) == 1
+    return client, entry
+
+
 def test_a_hello_is_spliced_through_the_pump_and_logged_as_a_tunnel(origin):
     proxy = Proxy(origin.getsockname()[1])
     try:
@@ -208,14 +225,8 @@ def test_a_refused_connect_resets_the_client_counts_refused_and_logs_a_502():
     closed.close()  # nothing listens there
     proxy = Proxy(port)
     try:
-        client = proxy.client()
-        client.sendall(HELLO)
-        data, how = read_until_end(proxy, client)
-        assert data == b""
-        proxy.run_until(lambda: proxy.entries, "the access-log entry")
-        (entry,) = proxy.entries
-        assert (entry.status, entry.result, entry.destination) == (502, "NONE", None)
-        assert proxy.sample("tproxy_upstream_errors_total", reason="refused") == 1
+        client, entry = hello_is_reset_and_logged(proxy, 502, "refused")
+        assert entry.result == "NONE"
         assert proxy.sample("tproxy_streams_total", how="splice") == 0
         assert proxy.factory.connections == set()
         client.close()
@@ -288,14 +299,7 @@ def test_an_upstream_socket_that_cannot_be_opened_resets_the_client_and_is_count
 
     proxy = Proxy(origin.getsockname()[1], opener=opener)
     try:
-        client = proxy.client()
-        client.sendall(HELLO)
-        data, how = read_until_end(proxy, client)
-        assert data == b""
-        proxy.run_until(lambda: proxy.entries, "the access-log entry")
-        (entry,) = proxy.entries
-        assert (entry.status, entry.destination) == (status, None)
-        assert proxy.sample("tproxy_upstream_errors_total", reason=reason) == 1
+        client, _ = hello_is_reset_and_logged(proxy, status, reason)
         client.close()
     finally:
         proxy.close()
