@@ -8,6 +8,7 @@ built byte by byte.
 from __future__ import annotations
 
 import struct
+import time
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone, NotConnectingError, UserError
@@ -177,6 +178,18 @@ class FakeNames:
             receiver.addressResolved(tcp_address(address, portNumber))
         receiver.resolutionComplete()
         return receiver
+
+
+def iterate_until(reactor, done, what: str, timeout: float = 20.0) -> None:
+    """
+    Turn a real C{reactor} (sockets on loopback) until C{done()} is true;
+    AssertionError naming C{what} if C{timeout} seconds pass first.
+    """
+    give_up = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > give_up:
+            raise AssertionError(f"never happened: {what}")
+        reactor.iterate(0.01)
 
 
 def loopback_forward_factory(reactor, origin_port: int, *, limits: str = "", pseudonym="test"):

@@ -22,7 +22,7 @@ from tproxy_twist import config as C
 from tproxy_twist.metrics import PortMetrics, StreamMetrics, TLSPortMetrics
 from tproxy_twist.reactor import WorkerReactor
 from tproxy_twist.sockets import open_upstream
-from tproxy_twist.testing import hello_message, records, sni_extension
+from tproxy_twist.testing import hello_message, iterate_until, records, sni_extension
 from tproxy_twist.tls.layer import RELAYING, TLSConnection, TLSFactory
 
 HELLO = records(hello_message([sni_extension(b"www.example.org")]))
@@ -85,11 +85,7 @@ class Proxy:
         return sock
 
     def run_until(self, done, what: str, timeout: float = 20.0) -> None:
-        give_up = time.monotonic() + timeout
-        while not done():
-            if time.monotonic() > give_up:
-                raise AssertionError(f"never happened: {what}")
-            self.reactor.iterate(0.01)
+        iterate_until(self.reactor, done, what, timeout)
 
     def sample(self, name: str, **labels) -> float:
         self.factory.flush_metrics()

@@ -10,7 +10,6 @@ import errno
 import os
 import socket
 import struct
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -21,6 +20,7 @@ from twisted.internet.testing import StringTransport
 
 from tproxy_twist import zerocopy
 from tproxy_twist.reactor import WorkerReactor
+from tproxy_twist.testing import iterate_until
 from tproxy_twist.zerocopy import (
     ABORTED,
     DONE,
@@ -65,11 +65,7 @@ class Lab:
         self.peers: list[socket.socket] = []
 
     def run_until(self, done, what: str, timeout: float = 20.0) -> None:
-        give_up = time.monotonic() + timeout
-        while not done():
-            if time.monotonic() > give_up:
-                raise AssertionError(f"never happened: {what}")
-            self.reactor.iterate(0.01)
+        iterate_until(self.reactor, done, what, timeout)
 
     def connection(self, rcvbuf: int | None = None):
         peer = socket.socket()
