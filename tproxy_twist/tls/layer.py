@@ -768,8 +768,7 @@ class TLSConnection(Protocol):
         except twisted_error.ConnectError as e:
             self.upstream_failed(Failure(e))
             return
-        replay = self.reader.buffered if self.hello is not None else self._pending
-        self._pending = b""
+        replay = self._take_replay()
         self._paused = False  # the pump reads the client from now on
         self.pump = SplicePump(
             self.transport,
@@ -785,30 +784,37 @@ class TLSConnection(Protocol):
 
     def _pump_connected(self) -> None:
         """The pump's upstream socket is connected; the hello goes out next."""
+        self._relaying("splice")
+
+    def _take_replay(self) -> bytes:
+        """What the client sent so far (the hello), for the upstream's first bytes."""
+        replay = self.reader.buffered if self.hello is not None else self._pending
+        self._pending = b""
+        return replay
+
+    def _relaying(self, how: str) -> None:
+        """The upstream is connected: bytes flow both ways (C{how}: splice or copy)."""
         factory = self.factory
         factory.metrics.connect_duration.observe(self._clock.seconds() - self._connect_started)
         self.state = RELAYING
         self.status = 200
         self._arm("idle", factory.timeouts.idle)
         if factory.stream_metrics is not None:
-            factory.stream_metrics.started("splice")
+            factory.stream_metrics.started(how)
 
     def upstream_connected(self, upstream: SpliceUpstream) -> None:
         self._connector = None
         if self.state != CONNECTING:
             upstream.transport.abortConnection()  # the client left meanwhile
             return
-        self.factory.metrics.connect_duration.observe(self._clock.seconds() - self._connect_started)
         self.upstream = upstream
-        self.state = RELAYING
-        self.status = 200
-        replay = self.reader.buffered if self.hello is not None else self._pending
-        self._pending = b""
+        client, server = self.transport, upstream.transport
+        splice = self.factory.zerocopy and can_splice(client) and can_splice(server)
+        self._relaying("splice" if splice else "copy")
+        replay = self._take_replay()
         if replay:
             upstream.writer.write(replay)
-        client, server = self.transport, upstream.transport
-        self._arm("idle", self.factory.timeouts.idle)
-        if self.factory.zerocopy and can_splice(client) and can_splice(server):
+        if splice:
             self._paused = False
             self.pump = SplicePump(
                 client,
@@ -817,12 +823,8 @@ class TLSConnection(Protocol):
                 clock=self._clock,
                 on_end=self._pump_ended,
             )
-            if self.factory.stream_metrics is not None:
-                self.factory.stream_metrics.started("splice")
             self.pump.start()
             return
-        if self.factory.stream_metrics is not None:
-            self.factory.stream_metrics.started("copy")
         client.bufferSize = server.bufferSize = _SPLICE_READ
         # Backpressure both ways: a full send buffer pauses reading on the other side.
         client.registerProducer(server, True)
