@@ -682,12 +682,7 @@ class SplicePump:
             try:
                 self._on_end(reason)
             finally:
-                for end in (self._a, self._b):
-                    self._unwatch_for_close(end)
-                    if end.transport is None:
-                        end.sock.close()
-                    else:
-                        _abort_now(end.transport)
+                self._close_ends(abort=True)
             return
         # Both directions were shut down for writing and both EOFs read; Twisted's
         # buffers are empty.  loseConnection() would register each socket for
@@ -697,12 +692,21 @@ class SplicePump:
         try:
             self._on_end(reason)
         finally:
-            for end in (self._a, self._b):
-                self._unwatch_for_close(end)
-                if end.transport is None:
-                    end.sock.close()
-                else:
-                    _close_now(end.transport)
+            self._close_ends(abort=False)
+
+    def _close_ends(self, abort: bool) -> None:
+        """
+        Close both sockets now: a raw one of the pump's own with close(), a
+        transport with L{_abort_now} or, after L{DONE}, L{_close_now}.
+        """
+        for end in (self._a, self._b):
+            self._unwatch_for_close(end)
+            if end.transport is None:
+                end.sock.close()
+            elif abort:
+                _abort_now(end.transport)
+            else:
+                _close_now(end.transport)
 
     def _unwatch_for_close(self, end: _End) -> None:
         """Take an end out of the reactor just before its socket is closed (or left be)."""
