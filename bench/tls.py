@@ -14,7 +14,10 @@ direct path), its certificate from a CA made here with openssl. The paths:
   ``req.ssl_sni``, ``source 0.0.0.0 usesrc clientip``, ``nbthread 2``;
 - ``squid-tls``: Squid 5.7 ``https_port 3129 tproxy ssl-bump`` with ``ssl_bump
   peek step1`` + ``ssl_bump splice all``, ``workers 2`` (Debian's squid-openssl);
-- ``tproxy-twist-tls``: a ``protocol = "tls"`` tproxy port, ``workers = 2``, metrics on.
+- ``tproxy-twist-tls``: a ``protocol = "tls"`` tproxy port, ``workers = 2``, metrics on
+  (the default ``stream_relay = "copy"``);
+- ``tproxy-twist-tls-splice``: the same port with ``stream_relay = "splice"``
+  (not measured unless named in ``--only``).
 
 Bump (issue 13), both with the same proxy CA (``tproxy-twist ca init``, EC
 P-256) and verifying the origin against the bench CA:
@@ -265,6 +268,7 @@ hosts_file {workdir}/hosts
 
 class TproxyTwistTLS(Contender):
     name = "tproxy-twist-tls"
+    stream_relay = "copy"
 
     def prepare(self, lab: BenchLab, workdir: Path) -> list[str]:
         conf = workdir / "tproxy.toml"
@@ -280,6 +284,7 @@ name = "tls"
 listen = "0.0.0.0:{TPROXY_PORT}"
 mode = "tproxy"
 protocol = "tls"
+stream_relay = "{self.stream_relay}"
 """
         loads(text)  # a mistake here is ours: fail before starting anything
         conf.write_text(text)
@@ -293,6 +298,11 @@ protocol = "tls"
             if line.startswith("tproxy_tls_connections_total{") and 'action="splice"' in line:
                 total += float(line.rsplit(" ", 1)[1])
         return total
+
+
+class TproxyTwistTLSSplice(TproxyTwistTLS):
+    name = "tproxy-twist-tls-splice"
+    stream_relay = "splice"
 
 
 def _proxy_ca(lab: BenchLab) -> Path:
@@ -381,8 +391,14 @@ class TproxyTwistBump(TproxyTwistTLS):
 
 
 PATHS = {
-    c.name: c for c in (DirectTLS, HAProxyTLS, SquidTLS, TproxyTwistTLS, SquidBump, TproxyTwistBump)
-}
+    c.name: c
+    for c in (
+        DirectTLS, HAProxyTLS, SquidTLS, TproxyTwistTLS, TproxyTwistTLSSplice, SquidBump,
+        TproxyTwistBump,
+    )
+}  # fmt: skip
+#: measured when --only names none
+DEFAULT_PATHS = [name for name in PATHS if name != TproxyTwistTLSSplice.name]
 
 
 # -- measuring ---------------------------------------------------------------------------
@@ -644,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", help="write the results to this file")
     opts = parser.parse_args(argv)
-    names = opts.only.split(",") if opts.only else list(PATHS)
+    names = opts.only.split(",") if opts.only else DEFAULT_PATHS
     with BenchLab() as lab:
         hosts = Path("/etc/netns") / lab.client / "hosts"
         hosts.parent.mkdir(parents=True, exist_ok=True)

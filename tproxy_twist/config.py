@@ -25,6 +25,8 @@ from .tls.decide import ACTIONS, TLSPolicy, TLSRule
 MODES = ("tproxy", "forward", "intercept")
 PROTOCOLS = ("http", "tls")
 ON_NOT_TLS = ("close", "tunnel")
+#: How a port relays byte streams (TLS passthrough, tunnels): see PortConfig.stream_relay.
+STREAM_RELAYS = ("copy", "splice")
 
 # Squid's `http_access allow localnet` default, as networks: a forward port
 # is not an open relay unless the operator says so.
@@ -101,6 +103,9 @@ class PortConfig:
     auth: AuthConfig | None = None  # forward ports: proxy authentication (407)
     protocol: str = "http"  # "tls": the port carries TLS (a ClientHello first), see tls/
     tls: TLSPortConfig | None = None  # set exactly when protocol == "tls"
+    # Byte streams relayed unread (TLS passthrough, not-TLS, CONNECT and Upgrade
+    # tunnels): "copy" through the worker's buffer, or "splice" with splice(2).
+    stream_relay: str = "copy"
     # Asked for every connection: worked out once (the cached function hashed
     # every network of C{allow} on each call).
     _allows_everyone: bool = attrs.field(init=False, default=False, eq=False, repr=False)
@@ -447,6 +452,9 @@ def _port(table: _Table, index: int) -> PortConfig:
     if x_forwarded_for not in X_FORWARDED_FOR:
         raise table.error("x_forwarded_for", f"must be one of {', '.join(X_FORWARDED_FOR)}")
     via = table.get("via", True, bool)
+    stream_relay = table.get("stream_relay", "copy", str)
+    if stream_relay not in STREAM_RELAYS:
+        raise table.error("stream_relay", f"must be one of {', '.join(STREAM_RELAYS)}")
     destinations = DestinationPolicy(
         deny=table.destination_list("deny_destinations", allow=False),
         allow=table.destination_list("allow_destinations", allow=True),
@@ -470,6 +478,7 @@ def _port(table: _Table, index: int) -> PortConfig:
         auth=auth,
         protocol=protocol,
         tls=tls,
+        stream_relay=stream_relay,
     )
 
 

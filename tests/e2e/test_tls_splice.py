@@ -6,9 +6,10 @@ the router namespace, and curl, openssl s_client, Python and headless
 Chromium in the client namespace.
 
 Port 443 goes to TLS port "strict" (no SNI: deny, not TLS: close, a short
-client_hello_timeout, rule: deny denied.test); 4443 to TLS port "lenient"
-(no SNI: splice, not TLS: tunnel).  The origin's 8443 is not diverted: the
-direct path to compare with.
+client_hello_timeout, rule: deny denied.test, streams spliced); 4443 to TLS
+port "lenient" (no SNI: splice, not TLS: tunnel, streams copied: the
+default).  The origin's 8443 is not diverted: the direct path to compare
+with.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from tproxy_twist.rules import render_for_config
 ORIGIN_NAME = "origin.test"
 DIRECT_PORT = 8443
 STRICT_PORT, LENIENT_PORT = 3130, 3131
+LENIENT_DIVERT = 4443  # the destination port diverted to "lenient"
 BIG_SIZE = 20 * 1024 * 1024
 
 PROXY_CONFIG = """\
@@ -56,6 +58,7 @@ protocol = "tls"
 divert = [443]
 on_not_tls = "close"
 client_hello_timeout = 1.0
+stream_relay = "splice"
 [port.tls]
 default = "splice"
 no_sni = "deny"
@@ -296,6 +299,24 @@ def test_the_client_sees_the_origins_own_certificate(tls):
     assert diverted == direct
     assert tls.fingerprint(f"[{Lab.ORIGIN6}]", 443, "-servername", ORIGIN_NAME) == direct
     assert tls.metric("tproxy_tls_connections_total", port="strict", action="splice") >= 2
+
+
+def test_a_download_on_a_port_with_the_default_stream_relay_is_copied_intact_and_counted(tls):
+    spliced = tls.metric("tproxy_streams_total", port="lenient", how="splice")
+    copied = tls.metric("tproxy_streams_total", port="lenient", how="copy")
+    sent_out = tls.metric("tproxy_bytes_total", port="lenient", direction="out")
+    target = tls.tmp / "big.copied"
+    proc = curl(
+        tls, "--resolve", f"{ORIGIN_NAME}:{LENIENT_DIVERT}:{Lab.ORIGIN4}", "-o", str(target),
+        f"https://{ORIGIN_NAME}:{LENIENT_DIVERT}/big",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert target.read_bytes() == (tls.tmp / "www" / "big").read_bytes()
+    target.unlink()
+    # Copied through the pump's buffer (stream_relay = "copy"), every byte counted.
+    assert tls.metric("tproxy_streams_total", port="lenient", how="copy") == copied + 1
+    assert tls.metric("tproxy_streams_total", port="lenient", how="splice") == spliced
+    assert tls.metric("tproxy_bytes_total", port="lenient", direction="out") > sent_out + BIG_SIZE
 
 
 # --- deny, no SNI -------------------------------------------------------------------------

@@ -30,6 +30,7 @@ listen = "0.0.0.0:3128"
 mode = "forward"
 allow = ["198.51.100.0/24", "2001:db8:1::/64"]
 connect_ports = [8080]
+stream_relay = "splice"
 
 [[port]]
 name = "transparent"
@@ -156,7 +157,9 @@ print(head.split(b"\\r\\n")[0].decode(), echo.decode())
 """
     )
     assert out.strip() == "HTTP/1.1 101 Switching Protocols ping over the tunnel"
-    assert streams(lab)[("transparent", "splice")] == 1.0  # the tunnel was spliced
+    # The port's stream_relay is the default: the tunnel's bytes were copied by the pump.
+    assert streams(lab)[("transparent", "copy")] == 1.0
+    assert streams(lab)[("transparent", "splice")] == 0.0
 
 
 def test_forward_port_relays_absolute_urls_from_the_routers_address(running, curl):

@@ -122,6 +122,8 @@ def test_listen_addresses_parse(text, expected):
         ("[limits]\nmax_body_size = -1\n" + BASE, "limits.max_body_size: must be from 0"),
         (BASE + "host_verify_strict = true\n", "port[0].host_verify_strict: only applies"),
         (BASE + 'x_forwarded_for = "yes"\n', "port[0].x_forwarded_for: must be one of off"),
+        (BASE + 'stream_relay = "zerocopy"\n', "port[0].stream_relay: must be one of copy, splice"),
+        (BASE + "stream_relay = true\n", "port[0].stream_relay: must be"),
     ],
 )
 def test_mistakes_name_the_key_and_the_rule(text, fragment):
@@ -169,6 +171,11 @@ def test_allow_accepts_networks_in_both_families():
 def test_missing_file_is_a_config_error():
     with pytest.raises(C.ConfigError, match="nope.toml: file not found"):
         C.load("nope.toml")
+
+
+def test_byte_streams_are_copied_unless_the_port_asks_for_splice():
+    assert load(BASE).ports[0].stream_relay == "copy"
+    assert load(BASE + 'stream_relay = "splice"\n').ports[0].stream_relay == "splice"
 
 
 def test_workers_flag_overrides_config():

@@ -32,13 +32,20 @@ _names = itertools.count()
 class Proxy:
     """A TLS port on loopback whose original destination is C{origin_port}."""
 
-    def __init__(self, origin_port: int, *, connect_timeout: float = 10.0, opener=None) -> None:
+    def __init__(
+        self,
+        origin_port: int,
+        *,
+        connect_timeout: float = 10.0,
+        opener=None,
+        stream_relay: str = "copy",
+    ) -> None:
         self.reactor = reactor = WorkerReactor()
         self.name = f"tlssock{next(_names)}"
         config = C.loads(
             f"[timeouts]\nconnect = {connect_timeout}\n"
             f'[[port]]\nname = "{self.name}"\nlisten = "127.0.0.1:3130"\nmode = "tproxy"\n'
-            'protocol = "tls"\nspoof_client_ip = false\n'
+            f'protocol = "tls"\nspoof_client_ip = false\nstream_relay = "{stream_relay}"\n'
         )
         self.registry = CollectorRegistry()
         self.entries = []
@@ -178,8 +185,9 @@ def hello_is_reset_and_logged(proxy: Proxy, status: int, reason: str):
     return client, entry
 
 
-def test_a_hello_is_spliced_through_the_pump_and_logged_as_a_tunnel(origin):
-    proxy = Proxy(origin.getsockname()[1])
+@pytest.mark.parametrize("relay", ["copy", "splice"])
+def test_a_hello_is_spliced_through_the_pump_and_logged_as_a_tunnel(origin, relay):
+    proxy = Proxy(origin.getsockname()[1], stream_relay=relay)
     try:
         client = proxy.client()
         client.sendall(HELLO)
@@ -195,6 +203,8 @@ def test_a_hello_is_spliced_through_the_pump_and_logged_as_a_tunnel(origin):
         connection = proxy.connections[0]
         assert connection.state == RELAYING and connection.upstream is None
         assert connection.pump is not None  # the pump owns both sockets
+        # The port's stream_relay decides how the pump moves the bytes.
+        assert connection.pump._forward.copy is (relay == "copy")
         upstream.sendall(b"s" * 4096)
         upstream.shutdown(socket.SHUT_WR)
         data, how = read_until_end(proxy, client)
@@ -206,7 +216,7 @@ def test_a_hello_is_spliced_through_the_pump_and_logged_as_a_tunnel(origin):
         assert entry.url == f"www.example.org:{origin.getsockname()[1]}"
         assert entry.destination == f"127.0.0.1:{origin.getsockname()[1]}"
         assert (entry.bytes_in, entry.bytes_out) == (len(HELLO), 4096)
-        assert proxy.sample("tproxy_streams_total", how="splice") == 1
+        assert proxy.sample("tproxy_streams_total", how=relay) == 1
         assert proxy.sample("tproxy_upstream_connect_duration_seconds_count") == 1
         assert proxy.sample("tproxy_bytes_total", direction="out") == 4096
         assert read_until_end(proxy, upstream) == (b"", "eof")
@@ -223,7 +233,7 @@ def test_a_refused_connect_resets_the_client_counts_refused_and_logs_a_502():
     try:
         client, entry = hello_is_reset_and_logged(proxy, 502, "refused")
         assert entry.result == "NONE"
-        assert proxy.sample("tproxy_streams_total", how="splice") == 0
+        assert proxy.sample("tproxy_streams_total", how="copy") == 0
         assert proxy.factory.connections == set()
         client.close()
     finally:

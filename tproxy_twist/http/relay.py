@@ -485,6 +485,7 @@ class ClientConnection(Protocol):
         upstream.gate.hand_over()
         self._relayed_in = self._relayed_out = 0
         self.finished = self._finished_spliced
+        splice = factory.port.stream_relay == "splice"
         self.pump = SplicePump(
             client,
             server,
@@ -492,9 +493,10 @@ class ClientConnection(Protocol):
             clock=factory.clock,
             on_end=self._pump_ended,
             on_eof=self._pump_eof,
+            copy=not splice,
         )
         if factory.stream_metrics is not None:
-            factory.stream_metrics.started("splice")
+            factory.stream_metrics.started("splice" if splice else "copy")
         self.pump.start()
 
     def pump_activity(self) -> None:

@@ -17,8 +17,9 @@ advisory: it is never looked up), from the client's own address on spoofing
 ports, writes the bytes read so far, then relays bytes both ways with
 backpressure, half-close (an EOF from one side becomes a write shutdown
 towards the other) and the idle timeout.  Between two plain TCP sockets
-the relaying is zero-copy (L{SplicePump}: splice(2) through a pipe, both
-sockets out of Twisted's reading), and the upstream side is a raw socket
+a L{SplicePump} relays (both sockets out of Twisted's reading; the bytes
+copied through its buffer, or with C{[[port]] stream_relay = "splice"}
+moved by splice(2) through a pipe), and the upstream side is a raw socket
 (L{tproxy_twist.sockets.open_upstream}) that the pump itself connects, sends
 the hello to and relays: no Twisted connector, client transport or protocol
 per splice.  Otherwise (test fakes, C{zerocopy=False}, a scoped IPv6
@@ -160,8 +161,11 @@ class TLSFactory(Factory):
         self.throttle = LogThrottle(clock)
         #: the reactor a L{SplicePump} registers its sockets with
         self.reactor = reactor if reactor is not None else clock
-        #: relay with splice(2) where both sockets allow it
+        #: relay through a L{SplicePump} where both sockets allow it
         self.zerocopy = zerocopy
+        #: ... moving the bytes with splice(2) ([[port]] stream_relay = "splice"),
+        #: else copying them through the pump's buffer
+        self.splice_streams = port.stream_relay == "splice"
         #: C{open_upstream(host, port, source_ip)} (L{tproxy_twist.sockets.open_upstream}):
         #: a splice's upstream as a raw socket that the L{SplicePump} connects and
         #: owns, without Twisted's connector, client and protocol; C{None}: always
@@ -778,13 +782,14 @@ class TLSConnection(Protocol):
             on_end=self._pump_ended,
             on_connected=self._pump_connected,
             to_b=replay,
+            copy=not factory.splice_streams,
         )
         self.pump.start()
         self._arm("connect", factory.timeouts.connect)
 
     def _pump_connected(self) -> None:
         """The pump's upstream socket is connected; the hello goes out next."""
-        self._relaying("splice")
+        self._relaying("splice" if self.factory.splice_streams else "copy")
 
     def _take_replay(self) -> bytes:
         """What the client sent so far (the hello), for the upstream's first bytes."""
@@ -809,19 +814,21 @@ class TLSConnection(Protocol):
             return
         self.upstream = upstream
         client, server = self.transport, upstream.transport
-        splice = self.factory.zerocopy and can_splice(client) and can_splice(server)
-        self._relaying("splice" if splice else "copy")
+        factory = self.factory
+        pumped = factory.zerocopy and can_splice(client) and can_splice(server)
+        self._relaying("splice" if pumped and factory.splice_streams else "copy")
         replay = self._take_replay()
         if replay:
             upstream.writer.write(replay)
-        if splice:
+        if pumped:
             self._paused = False
             self.pump = SplicePump(
                 client,
                 server,
-                reactor=self.factory.reactor,
+                reactor=factory.reactor,
                 clock=self._clock,
                 on_end=self._pump_ended,
+                copy=not factory.splice_streams,
             )
             self.pump.start()
             return
