@@ -74,8 +74,10 @@ _HAVE_SPLICE = hasattr(os, "splice")
 _WOULD_BLOCK = (BlockingIOError, InterruptedError)
 #: A pipe cannot be made now: the bytes go through user space instead.
 _SHORTAGE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
-#: At most this much is read at once when copying (recv allocates what it asks for).
-_COPY_CHUNK = 1 << 16
+#: At most this much is read at once when copying (recv allocates what it asks
+#: for): also what a copied stream holds in user space at most per direction
+#: while its destination is full.
+_COPY_CHUNK = 1 << 18
 
 #: Reasons L{SplicePump} gives its owner when it ends.
 DONE = "done"  # both sides sent their EOF and everything was delivered
@@ -568,16 +570,16 @@ class SplicePump:
                 self._on_eof(d.src.transport)
             return True
         d.moved += n
-        d.drained = n < CHUNK
         self.last_activity = self._clock.seconds()
         return True
 
     def _take_in(self, d: _Direction, want: int) -> int | None:
         """
         Read up to C{want} bytes from the direction's source into its pipe
-        (or, once copying, into C{pending}): how many (0 at its EOF), or
-        C{None} when nothing is there for now.  A socket that turns out not
-        to be spliceable (EINVAL) is copied from then on; when no pipe can
+        (or, copying, at most L{_COPY_CHUNK} into C{pending}): how many (0 at
+        its EOF), or C{None} when nothing is there for now; C{drained} says
+        whether the read got less than it asked for.  A socket that turns out
+        not to be spliceable (EINVAL) is copied from then on; when no pipe can
         be had (out of descriptors), this read is copied; other errors are
         raised.
         """
@@ -586,7 +588,7 @@ class SplicePump:
                 d.pipe = self._pool.take()
                 if d.pipe is None:
                     _pipe_shortage(self._clock)
-                    return self._copy_in(d, min(want, _COPY_CHUNK))
+                    return self._copy_in(d, want)
             try:
                 n = os.splice(d.src.fd, d.pipe[1], want, flags=_SPLICE_FLAGS)
             except _WOULD_BLOCK:
@@ -600,17 +602,21 @@ class SplicePump:
                 d.copy = True
             else:
                 d.held += n
+                d.drained = n < want
                 return n
         return self._copy_in(d, want)
 
     def _copy_in(self, d: _Direction, want: int) -> int | None:
-        """Read up to C{want} bytes into C{pending} (user space)."""
+        """Read up to C{want} (at most L{_COPY_CHUNK}) bytes into C{pending} (user space)."""
+        want = min(want, _COPY_CHUNK)
         try:
             data = d.src.sock.recv(want)
         except _WOULD_BLOCK:
             return None
         d.pending = data
-        return len(data)
+        n = len(data)
+        d.drained = n < want
+        return n
 
     def _deliver(self, d: _Direction) -> bool:
         """Write what the direction holds; False if the destination is full."""
@@ -876,7 +882,6 @@ class SpliceTransfer:
             self._release_pipe(d)
             return True
         d.moved += n
-        d.drained = n < want
         self._left -= n
         self.last_activity = self._clock.seconds()
         return True

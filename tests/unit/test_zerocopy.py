@@ -208,15 +208,17 @@ def test_a_half_close_is_passed_on_and_the_other_direction_keeps_flowing(lab):
     assert lab.eof_seen(pa)
 
 
-def test_a_full_destination_stops_reading_the_source_until_it_drains(lab):
-    pump, (a, pa), (b, pb), ends, _ = lab.pump(rcvbuf=1 << 16)
+@pytest.mark.parametrize("copy", [False, True], ids=["splice", "copy"])
+def test_a_full_destination_stops_reading_the_source_until_it_drains(lab, copy):
+    pump, (a, pa), (b, pb), ends, _ = lab.pump(rcvbuf=1 << 16, copy=copy)
     pump.start()
     data = os.urandom(32_000_000)
     # pb reads nothing: a's sender must end up blocked, the pump holding at
-    # most its pipe's worth, not the rest of the 32 MB.
+    # most its pipe's worth (copying: one read's, in user space), not the
+    # rest of the 32 MB.
     view = lab.send_until_stalled(pa, data)
     assert view, "the whole transfer fitted in the buffers: no backpressure was needed"
-    assert pump.held <= 2 << 20
+    assert pump.held <= (zerocopy._COPY_CHUNK if copy else 2 << 20)
     assert pump.a_to_b < len(data)
     rest = bytes(view)
     got = bytearray()
@@ -233,6 +235,24 @@ def test_a_full_destination_stops_reading_the_source_until_it_drains(lab):
     assert bytes(got) == data
     assert ends == []
     pump.abort()
+
+
+def test_a_copying_read_asks_for_at_most_one_copy_chunk_whatever_the_caller_wants():
+    # What a copied stream holds in user space while its destination is full
+    # is one read: bounded per direction, not a pipe's megabyte.
+    asked = []
+
+    class Source:
+        class sock:
+            @staticmethod
+            def recv(n: int) -> bytes:
+                asked.append(n)
+                return b"x" * min(n, 10)
+
+    d = zerocopy._Direction(Source, None, b"", True)
+    assert SplicePump._copy_in(None, d, zerocopy.CHUNK) == 10
+    assert asked == [zerocopy._COPY_CHUNK] < [zerocopy.CHUNK]
+    assert d.pending == b"x" * 10 and d.drained  # less than asked: the source is empty
 
 
 def test_a_reset_on_one_side_closes_both_and_tells_the_owner_once(lab):
