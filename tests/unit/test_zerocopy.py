@@ -153,8 +153,9 @@ def lab():
     lab.close()
 
 
-def test_bytes_flow_both_ways_and_are_counted(lab):
-    pump, (a, pa), (b, pb), ends, _ = lab.pump()
+@pytest.mark.parametrize("copy", [False, True], ids=["splice", "copy"])
+def test_bytes_flow_both_ways_and_are_counted(lab, copy):
+    pump, (a, pa), (b, pb), ends, _ = lab.pump(copy=copy)
     pump.start()
     up, down = os.urandom(3_000_000), os.urandom(200_000)
     lab.send_all(pa, up)
@@ -190,8 +191,9 @@ def test_any_interleaving_of_writes_arrives_intact_and_in_order(lab, chunks, cop
     assert ends == [ABORTED]
 
 
-def test_a_half_close_is_passed_on_and_the_other_direction_keeps_flowing(lab):
-    pump, (a, pa), (b, pb), ends, eofs = lab.pump()
+@pytest.mark.parametrize("copy", [False, True], ids=["splice", "copy"])
+def test_a_half_close_is_passed_on_and_the_other_direction_keeps_flowing(lab, copy):
+    pump, (a, pa), (b, pb), ends, eofs = lab.pump(copy=copy)
     pump.start()
     lab.send_all(pa, b"request")
     pa.shutdown(socket.SHUT_WR)
@@ -255,8 +257,9 @@ def test_a_copying_read_asks_for_at_most_one_copy_chunk_whatever_the_caller_want
     assert d.pending == b"x" * 10 and d.drained  # less than asked: the source is empty
 
 
-def test_a_reset_on_one_side_closes_both_and_tells_the_owner_once(lab):
-    pump, (a, pa), (b, pb), ends, _ = lab.pump()
+@pytest.mark.parametrize("copy", [False, True], ids=["splice", "copy"])
+def test_a_reset_on_one_side_closes_both_and_tells_the_owner_once(lab, copy):
+    pump, (a, pa), (b, pb), ends, _ = lab.pump(copy=copy)
     pump.start()
     lab.send_all(pa, b"x" * 1000)
     assert lab.read(pb, 1000) == b"x" * 1000
@@ -275,8 +278,9 @@ def test_a_reset_on_one_side_closes_both_and_tells_the_owner_once(lab):
     assert ends == [RESET]
 
 
-def test_after_a_reset_both_connections_are_aborted_along_with_the_owner_once(lab):
-    pump, (a, pa), (b, pb), ends, _ = lab.pump()
+@pytest.mark.parametrize("copy", [False, True], ids=["splice", "copy"])
+def test_after_a_reset_both_connections_are_aborted_along_with_the_owner_once(lab, copy):
+    pump, (a, pa), (b, pb), ends, _ = lab.pump(copy=copy)
     pump.start()
     pb.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     pb.close()
@@ -295,8 +299,9 @@ def test_after_a_reset_both_connections_are_aborted_along_with_the_owner_once(la
         lab.run_until(lambda: lab.eof_seen(pa), "a reset")
 
 
-def test_bytes_twisted_still_buffered_are_delivered_before_spliced_ones(lab):
-    pump, (a, pa), (b, pb), ends, _ = lab.pump()
+@pytest.mark.parametrize("copy", [False, True], ids=["splice", "copy"])
+def test_bytes_twisted_still_buffered_are_delivered_before_spliced_ones(lab, copy):
+    pump, (a, pa), (b, pb), ends, _ = lab.pump(copy=copy)
     a.transport.write(b"hello from twisted, ")
     b.transport.write(b"replayed hello, ")
     pump.start()
@@ -333,8 +338,9 @@ def test_an_idle_pump_holds_no_pipe_and_the_pool_reuses_them(lab):
     assert pool._idle == []
 
 
-def test_the_last_activity_time_moves_only_with_bytes(lab):
-    pump, (a, pa), (b, pb), ends, _ = lab.pump()
+@pytest.mark.parametrize("copy", [False, True], ids=["splice", "copy"])
+def test_the_last_activity_time_moves_only_with_bytes(lab, copy):
+    pump, (a, pa), (b, pb), ends, _ = lab.pump(copy=copy)
     pump.start()
     started = pump.last_activity
     lab.reactor.iterate(0.02)
