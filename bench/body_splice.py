@@ -50,6 +50,7 @@ listen = "{router}:3128"
 mode = "forward"
 allow = ["198.51.100.0/24"]
 connect_ports = [8080]
+stream_relay = "splice"
 """
 
 TICK = os.sysconf("SC_CLK_TCK")
