@@ -148,11 +148,12 @@ def http_factory(reactor, origin_port: int):
     return factory, payload
 
 
-def tls_factory(reactor, origin_port: int):
+def tls_factory(reactor, origin_port: int, stream_relay: str = "copy"):
     from tproxy_twist.tls.layer import TLSConnection, TLSFactory
 
     config = C.loads(
         '[[port]]\nname = "tls"\nlisten = "127.0.0.1:3129"\nmode = "tproxy"\nprotocol = "tls"\n'
+        f'stream_relay = "{stream_relay}"\n'
     )
     port = config.ports[0]
 
@@ -212,6 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument(
+        "--stream-relay",
+        choices=("copy", "splice"),
+        default="copy",
+        help="tls kinds: the port's stream_relay (copy, the default, or splice)",
+    )
+    parser.add_argument(
         "--gc-freeze",
         action="store_true",
         help="gc.freeze() once set up: what a worker that freezes its start-up heap would spend",
@@ -223,8 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         origin_port = int(origin.stdout.readline())
-        make = http_factory if opts.kind == "http" else tls_factory
-        factory, payload = make(reactor, origin_port)
+        if opts.kind == "http":
+            factory, payload = http_factory(reactor, origin_port)
+        else:
+            factory, payload = tls_factory(reactor, origin_port, opts.stream_relay)
         listener = reactor.listenTCP(0, factory, interface="127.0.0.1", backlog=4096)
         if not os.environ.get("TWISTED_ACCEPT"):  # A/B: Twisted's own accept loop
             # The worker's accept loop (worker._accept_within_budget).
