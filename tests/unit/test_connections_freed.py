@@ -3,11 +3,12 @@ A connection that ended is freed by reference counting alone: nothing of
 it is left for the cyclic GC, whose collections cost CPU per connection
 and walk every live object besides (bench/README.md, "Branch gccycles").
 
-Each test makes a connection of one kind on fake transports, ends it, lets
-go of its own references and looks, with the cyclic GC off, for any of the
-connection's objects still in memory: one left over is held only by a
-reference cycle.  A spliced connection (L{tproxy_twist.zerocopy.SplicePump})
-is not here: the pump's own cycles are the pump's.
+Each test makes a connection of one kind (on fake transports, and one
+through the worker's real objects on loopback), ends it, lets go of its own
+references and looks, with the cyclic GC off, for any of the connection's
+objects still in memory: one left over is held only by a reference cycle.
+A connection relayed by a L{tproxy_twist.zerocopy.SplicePump} is freed once
+the pump is: the pump's own cycles are not the relay's (a stand-in here).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def _forget(h) -> None:
     h.connect.attempts.clear()
 
 
-def _made(h, kind: type) -> None:
+def _made(kind: type) -> None:
     """Evidence that the run made what it is about (else it would prove nothing)."""
     assert any(isinstance(o, kind) for o in gc.get_objects())
 
@@ -96,7 +97,7 @@ def test_a_closed_keep_alive_connection_on_a_tproxy_port_leaves_nothing_to_the_c
             h.answer(OK)
         assert h.received().count(b"HTTP/1.1 200 OK") == 2
         assert len(h.connect.attempts) == 1  # one upstream connection, kept alive
-        _made(h, Upstream)
+        _made(Upstream)
         h.transport.disconnected = True
         h.protocol.connectionLost(DONE)  # the client left: the upstream is aborted...
         assert h.connect.last.transport.disconnecting
@@ -244,7 +245,7 @@ def test_a_closed_bumped_connection_leaves_nothing_to_the_cyclic_gc(origins):
             h.protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: www.example.org\r\n\r\n")
             origin.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         assert h.transport.value().count(b"HTTP/1.1 200 OK") == 2
-        _made(h, Upstream)
+        _made(Upstream)
         h.transport.disconnected = True
         h.protocol.connectionLost(DONE)  # the client left: the origin is aborted...
         assert origin_transport.disconnecting
@@ -300,3 +301,83 @@ def test_a_further_origin_verified_after_the_bumped_client_left_is_aborted(origi
         _forget(h)
 
     assert left_for_the_cyclic_gc(run) == []
+
+
+# --- the worker's real objects on loopback ---------------------------------------------------
+
+
+def test_a_keep_alive_connection_through_real_sockets_leaves_nothing_to_the_cyclic_gc():
+    import socket
+
+    from tproxy_twist.reactor import WorkerReactor
+    from tproxy_twist.testing import iterate_until, loopback_forward_factory
+
+    reactor = WorkerReactor()
+    origin = socket.socket()
+    origin.bind(("127.0.0.1", 0))
+    origin.listen()
+    origin.setblocking(False)
+    origin_port = origin.getsockname()[1]
+    factory = loopback_forward_factory(reactor, origin_port)
+    listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    request = f"GET http://127.0.0.1:{origin_port}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+
+    def run() -> None:
+        client = socket.create_connection(("127.0.0.1", listening.getHost().port))
+        client.setblocking(False)
+        served: list[socket.socket] = []
+        answers: list[bytes] = []
+
+        def accepted() -> bool:
+            try:
+                served.append(origin.accept()[0])
+            except BlockingIOError:
+                return False
+            return True
+
+        def received(what: bytes, sock: socket.socket, into: list[bytes]) -> Callable[[], bool]:
+            def done() -> bool:
+                try:
+                    into.append(sock.recv(65536))
+                except BlockingIOError:
+                    pass
+                return what in b"".join(into)
+
+            return done
+
+        for n in (1, 2):
+            client.sendall(request)
+            if n == 1:
+                iterate_until(reactor, accepted, "the upstream connection")
+                served[0].setblocking(False)
+            asked: list[bytes] = []
+            iterate_until(reactor, received(b"\r\n\r\n", served[0], asked), "a request upstream")
+            served[0].sendall(OK)
+            iterate_until(reactor, received(b"hello", client, answers), "the answer")
+            answers.clear()
+        assert len(factory.connections) == 1
+        _made(Upstream)
+        client.close()
+        iterate_until(reactor, lambda: not factory.connections, "the client connection's end")
+        gone: list[bytes] = []
+
+        def upstream_closed() -> bool:
+            try:
+                gone.append(served[0].recv(65536))
+            except BlockingIOError:
+                return False
+            except ConnectionResetError:
+                return True
+            return gone[-1] == b""
+
+        iterate_until(reactor, upstream_closed, "the upstream connection's end")
+        served[0].close()
+        for _ in range(3):  # Twisted's connectionLost calls of the closed sockets
+            reactor.iterate(0.01)
+
+    try:
+        assert left_for_the_cyclic_gc(run) == []
+    finally:
+        listening.stopListening()
+        origin.close()
+        factory.shutdown()
