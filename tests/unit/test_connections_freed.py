@@ -26,8 +26,9 @@ from twisted.python.failure import Failure
 
 from tproxy_twist.http.relay import ClientConnection, ReadGate, Upstream
 from tproxy_twist.http.session import Link, Session
+from tproxy_twist.testing import FakeTransport
 from tproxy_twist.tls.bump import OriginAttempt
-from tproxy_twist.tls.layer import BUMPED, TLSConnection
+from tproxy_twist.tls.layer import BUMPED, SpliceUpstream, TLSConnection
 from tproxy_twist.tls.testing import make_ca
 from tproxy_twist.tls.verify import OriginTLS, OriginTrust, trustRootFromCertificates
 
@@ -41,6 +42,7 @@ _CONNECTION_TYPES = (
     TLSConnection,
     OriginTLS,
     OriginAttempt,
+    SpliceUpstream,
 )
 
 DONE = Failure(neterror.ConnectionDone())
@@ -381,3 +383,36 @@ def test_a_keep_alive_connection_through_real_sockets_leaves_nothing_to_the_cycl
         listening.stopListening()
         origin.close()
         factory.shutdown()
+
+
+# --- spliced TLS ---------------------------------------------------------------------------
+
+
+def test_a_spliced_tls_connection_copied_through_twisted_leaves_nothing_to_the_cyclic_gc():
+    from test_tls_layer import HELLO_BYTES
+    from test_tls_layer import Harness as TLSHarness
+
+    from tproxy_twist.tls.layer import RELAYING
+
+    h = TLSHarness()
+    host, peer = h.transport.getHost(), h.transport.getPeer()
+    _forget(h)
+
+    def run() -> None:
+        h.protocol = h.factory.buildProtocol(None)
+        h.transport = FakeTransport(host=host, peer=peer)
+        h.protocol.makeConnection(h.transport)
+        h.send(HELLO_BYTES)
+        upstream = h.connect.last.succeed()
+        assert h.protocol.state == RELAYING and upstream.take() == HELLO_BYTES
+        _made(SpliceUpstream)
+        h.connect.last.protocol.dataReceived(b"server flight")
+        assert h.received() == b"server flight"
+        h.lose()  # the client left: the upstream is aborted...
+        assert upstream.disconnecting
+        h.connect.last.close()  # ...and ends
+        (entry,) = h.entries
+        assert entry.destination == "203.0.113.2:443"  # the line names where it went
+        _forget(h)
+
+    assert left_for_the_cyclic_gc(run) == []
