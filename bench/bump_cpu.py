@@ -4,7 +4,8 @@ seconds, on loopback in one process: the figure that does not depend on how
 busy the rest of the machine is (wall-clock req/s does).
 
     PYTHONPATH=. .venv/bin/python -m bench.bump_cpu [--seconds 5] [--connections 16]
-        [--only plain,bump-keepalive,bump-new] [--profile DIR] [--gc-freeze]
+        [--only plain,plain-new,bump-keepalive,bump-new] [--profile DIR] [--gc-freeze]
+        [--gc-stats]
         [--no-resumption] [--twisted-connector] [--in-memory]
 
 This process is the worker: the real TLS port factory (L{tls_factory}, bump
@@ -19,7 +20,9 @@ C{connectTCP} with C{--twisted-connector}); wrk connects to C{localhost}
 (the proxy listens on 127.0.0.1 and ::1), the SNI and the name verified and
 forged for.
 
-Rows: C{plain} (keep-alive through the HTTP relay), C{bump-keepalive}
+Rows: C{plain} (keep-alive through the HTTP relay), C{plain-new} (the same
+with C{Connection: close}: a new client and upstream connection per
+request), C{bump-keepalive}
 (keep-alive over bumped connections: each handshaken once), C{bump-new}
 (C{Connection: close}: origin handshake, verification, client handshake per
 request).  Each: requests, the worker's CPU milliseconds per request, and
@@ -31,7 +34,9 @@ pair (our server with its leaf, our verifying client: L{MemoryTLS} on both
 ends over fake transports) and per bumped request's TLS work (a request and
 its response through both ends: two encryptions, two decryptions).
 C{--gc-freeze}: C{gc.freeze()} after the warm-up (what a worker that froze
-its start-up objects would see; the worker does not today).
+its start-up objects would see; the worker does not today).  C{--gc-stats}:
+the cyclic GC's collections, CPU and the objects it freed (garbage only it
+could free: reference cycles), per request.
 """
 
 from __future__ import annotations
@@ -326,12 +331,13 @@ def in_memory(handshakes: int = 300, requests: int = 20000) -> None:
 
 def _gc_stats() -> list:
     """
-    Count the cyclic GC's collections and their CPU time from now on:
-    [collections, CPU seconds, the start of the one running] (gc.callbacks).
+    Count the cyclic GC's collections, their CPU time and the objects they
+    freed from now on: [collections, CPU seconds, the start of the one
+    running, objects collected] (gc.callbacks).
     """
     import gc
 
-    stats = [0, 0.0, 0.0]
+    stats = [0, 0.0, 0.0, 0]
 
     def callback(phase: str, info: dict) -> None:
         if phase == "start":
@@ -339,6 +345,7 @@ def _gc_stats() -> list:
         else:
             stats[0] += 1
             stats[1] += time.process_time() - stats[2]
+            stats[3] += info["collected"]
 
     gc.callbacks.append(callback)
     return stats
@@ -348,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.bump_cpu")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--connections", type=int, default=16)
-    parser.add_argument("--only", default="plain,bump-keepalive,bump-new")
+    parser.add_argument("--only", default="plain,bump-keepalive,bump-new")  # or plain-new
     parser.add_argument("--profile", help="write DIR/<row>.prof (cProfile) for each row")
     parser.add_argument(
         "--no-resumption",
@@ -392,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         bump = listen_bump(config, https)
         rows = {
             "plain": (f"http://localhost:{plain}/small", False),
+            "plain-new": (f"http://localhost:{plain}/small", True),
             "bump-keepalive": (f"https://localhost:{bump}/small", False),
             "bump-new": (f"https://localhost:{bump}/small", True),
         }
@@ -406,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{'row':16} {'requests':>9} {'CPU ms/request':>15} {'user':>7} {'system':>7}"
             f" {'req/s (noise)':>14} errors"
-            + ("  GC/request: collections, ms CPU" if gc_time else "")
+            + ("  GC/request: collections, ms CPU, objects freed" if gc_time else "")
         )
         for name in opts.only.split(","):
             url, close = rows[name]
@@ -415,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
                 profiler.enable()
             started = time.monotonic()
             if gc_time is not None:
-                gc_time[:] = [0, 0.0, 0.0]
+                gc_time[:] = [0, 0.0, 0.0, 0]
             requests, cpu, errors = run_wrk(url, opts.seconds, opts.connections, close)
             elapsed = time.monotonic() - started - 2
             if profiler is not None:
@@ -428,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
                 f" {cpu[1] * per:7.3f} {requests / elapsed:14.0f} {errors}"
                 + (
                     f"  {gc_time[0] / max(requests, 1):.3f} {gc_time[1] * per:.3f}"
+                    f" {gc_time[3] / max(requests, 1):.1f}"
                     if gc_time is not None
                     else ""
                 )

@@ -291,8 +291,12 @@ class Upstream(Protocol):
         self.writer = writer_for(self.transport)
         self.link.handle = self
         client = self.client
-        client.session.upstream_connected(self.link)
-        if client.session.state is _TUNNEL:
+        session = client.session
+        if session is None:  # the client left while this connection was being made
+            self.transport.abortConnection()
+            return
+        session.upstream_connected(self.link)
+        if session.state is _TUNNEL:
             client.splice_tunnel()  # CONNECT: "200 Connection established" went out
 
     def dataReceived(self, data: bytes) -> None:
@@ -301,6 +305,9 @@ class Upstream(Protocol):
     def connectionLost(self, reason: Failure) -> None:
         self.lost = True
         self.client.upstream_lost(self)
+        # Its link refers back to this protocol (link.handle): dropped, so that
+        # reference counting frees both, no cycle left for the cyclic GC.
+        self.link = None
 
 
 class _UpstreamFactory(ClientFactory):
@@ -314,7 +321,9 @@ class _UpstreamFactory(ClientFactory):
         return Upstream(self.client, self.link)
 
     def clientConnectionFailed(self, connector, reason: Failure) -> None:
-        self.client.session.upstream_failed(self.link, reason.value)
+        session = self.client.session
+        if session is not None:  # else the client left meanwhile
+            session.upstream_failed(self.link, reason.value)
 
 
 @implementer(IHalfCloseableProtocol)
@@ -444,18 +453,35 @@ class ClientConnection(Protocol):
             bytes_in, bytes_out = session.unrecorded_bytes()
             if bytes_in or bytes_out:
                 self.metrics.transferred(bytes_in, bytes_out)
+        self._let_go()
+
+    def _let_go(self) -> None:
+        """
+        The connection is gone: drop what refers back to it (the session's
+        adapter is this connection, a pump's callbacks and C{finished} are its
+        methods), so that reference counting frees it, without the cyclic GC.
+        Late events (an upstream connected, failed, speaking or lost after the
+        client left) find no session and change nothing but their own
+        connection.
+        """
+        self.session = None
+        self.pump = None
+        self.finished = self.factory.sink
 
     # --- upstream transport events ----------------------------------------------------
 
     def upstream_data(self, upstream: Upstream, data: bytes) -> None:
+        session = self.session
+        if session is None:
+            return  # the client left: an upstream being closed still spoke
         # Corked: a response's head and body (and the next pipelined answer)
         # leave in one send instead of one per piece.
         self._corked = []
         try:
-            self.session.upstream_data(upstream.link, data)
+            session.upstream_data(upstream.link, data)
         finally:
             self._uncork()
-        state = self.session.state
+        state = session.state
         if state is _TUNNEL and self.pump is None:
             self.splice_tunnel()  # a 101 upgrade: its head went out just now
         elif state is _RESPONDING and self.factory.splice_bodies:
@@ -522,7 +548,7 @@ class ClientConnection(Protocol):
         return n_in, n_out
 
     def _pump_eof(self, transport) -> None:
-        if transport is self.transport:
+        if transport is self.transport and self.session is not None:
             self.session.client_eof()  # the pump shut the upstream's writing already
 
     def _pump_ended(self, reason: str) -> None:
@@ -572,6 +598,8 @@ class ClientConnection(Protocol):
         self.body = None
         self.finished = self.factory.sink
         session = self.session
+        if session is None:
+            return  # the client left: nothing is relayed any more
         session.relayed(n_in, n_out)
         if reason != DONE:
             session.body_splice_failed(upstream=reason != SINK_FAILED)
@@ -598,9 +626,12 @@ class ClientConnection(Protocol):
             self._attached = None
         self._writer.drop_producer(upstream.gate)
         self.gate.resume(BACKPRESSURE)
+        session = self.session
+        if session is None:
+            return  # the client left before this upstream connection ended
         self._corked = []
         try:
-            self.session.upstream_lost(upstream.link)
+            session.upstream_lost(upstream.link)
         finally:
             self._uncork()
 

@@ -250,6 +250,7 @@ class BumpedClient(ClientConnection):
                 self.metrics.transferred(bytes_in, bytes_out)
                 self.tls.decrypted_in += bytes_in
                 self.tls.decrypted_out += bytes_out
+        self._let_go()
 
     def shutdown_write(self) -> None:
         # TLS has no half-close: close_notify, then the connection closes.
@@ -286,8 +287,8 @@ class BumpedClient(ClientConnection):
             origin, verdict = result
             tls_factory.bump_metrics.origin_verified(verdict.result)
             if verdict.ok:
-                origin.attach(Upstream(self, link))
-            else:
+                origin.attach(Upstream(self, link))  # aborted if the client left meanwhile
+            elif self.session is not None:
                 self.session.upstream_failed(
                     link,
                     OriginNotVerified(
@@ -296,6 +297,8 @@ class BumpedClient(ClientConnection):
                     ),
                 )
 
-        attempt.result.addCallbacks(
-            verified, lambda failure: self.session.upstream_failed(link, failure.value)
-        )
+        def unreachable(failure: Failure) -> None:
+            if self.session is not None:  # else the client left meanwhile
+                self.session.upstream_failed(link, failure.value)
+
+        attempt.result.addCallbacks(verified, unreachable)

@@ -478,6 +478,10 @@ class TLSConnection(Protocol):
             http, self.http = self.http, None
             http.connectionLost(reason)  # the HTTP session logs each request...
         self._log_entry()  # ...and the connection gets its own line
+        # A splice's upstream protocol refers back to this connection: dropped (after
+        # the log line, which names its destination), so that reference counting
+        # frees both; its late events find nothing to do (upstream_lost, upstream_eof).
+        self.upstream = None
 
     # --- deciding ---------------------------------------------------------------
 
