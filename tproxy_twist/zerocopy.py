@@ -270,7 +270,7 @@ class _End:
     def __init__(
         self, pump: SplicePump, transport: tcp.Connection | None, sock: socket.socket | None = None
     ) -> None:
-        self.pump = pump
+        self.pump: SplicePump | SpliceTransfer | None = pump  # None once the pump let go
         self.transport = transport  # None: a raw socket of the pump's own
         self.sock: socket.socket = transport.socket if transport is not None else sock
         self.fd = self.sock.fileno()
@@ -286,16 +286,26 @@ class _End:
         return "SplicePump"
 
     def doRead(self) -> None:
-        self.pump._readable(self)
+        pump = self.pump
+        if pump is not None:
+            pump._readable(self)
 
     def doWrite(self) -> None:
-        self.pump._writable(self)
+        pump = self.pump
+        if pump is not None:
+            pump._writable(self)
 
     def connectionLost(self, reason) -> None:
         # Only the reactor calls this: an error or hang-up on a socket we were
         # not reading (a refused connect, too), or the reactor shutting down.
         self.reading = self.writing = False
-        self.pump._lost(self, reason.getErrorMessage())
+        pump = self.pump
+        if pump is not None:
+            pump._lost(self, reason.getErrorMessage())
+
+    def let_go(self) -> None:
+        """The pump ended: no reference back to it or its directions (no cycle for the GC)."""
+        self.pump = self.source = self.sink = None
 
 
 class _Direction:
@@ -713,6 +723,12 @@ class SplicePump:
                 _abort_now(end.transport)
             else:
                 _close_now(end.transport)
+        # Nothing refers back to the pump from here on: it, its ends and its
+        # owner (through these callbacks) are freed by reference counting, not
+        # left to the cyclic GC.  Byte counts stay readable.
+        for end in (self._a, self._b):
+            end.let_go()
+        self._on_end = self._on_eof = self._on_connected = None
 
     def _unwatch_for_close(self, end: _End) -> None:
         """Take an end out of the reactor just before its socket is closed (or left be)."""
@@ -811,6 +827,7 @@ class SpliceTransfer:
     def abort(self) -> None:
         """Stop now (timeouts, the owner closing): C{on_end} is not called."""
         if self.ended is None:
+            self._on_end = None
             self._stop(ABORTED)
 
     # --- readiness (the reactor calls these through L{_End}) --------------------------
@@ -904,11 +921,13 @@ class SpliceTransfer:
         self.ended = reason
         for end in (self._source, self._sink):
             self._watch(end, False, False)
+            end.let_go()  # no cycle through the ends for the GC (see SplicePump)
         d = self._d
         if d is not None and d.pipe is not None:
             self._pool.give_back(d.pipe, empty=not d.held)
             d.pipe = None
 
     def _finish(self, reason: str) -> None:
+        on_end, self._on_end = self._on_end, None
         self._stop(reason)
-        self._on_end(reason)
+        on_end(reason)

@@ -7,9 +7,11 @@ resets, Twisted's buffered bytes, abort, pipes, the copying fallback.
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import socket
 import struct
+import weakref
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -362,6 +364,48 @@ def test_only_plain_open_tcp_transports_can_be_spliced(lab):
     assert not can_splice(b.transport)
 
 
+def freed_once_let_go(make_and_end) -> bool:
+    """
+    With the cyclic GC off, run C{make_and_end} (which returns an ended pump
+    or transfer) and drop it: whether reference counting alone freed it.
+    """
+    gc.collect()
+    gc.disable()
+    try:
+        ref = weakref.ref(make_and_end())
+        return ref() is None
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("how", ["done", "reset", "abort"])
+def test_an_ended_pump_is_freed_by_reference_counting(lab, how):
+    # Its ends and directions point back at it while it runs; once it ended
+    # they let go, so neither the pump nor its owner (its callbacks) wait for
+    # the cyclic GC.
+    def make_and_end():
+        pump, (a, pa), (b, pb), ends, _ = lab.pump()
+        pump.start()
+        lab.send_all(pa, b"x" * 1000)
+        assert lab.read(pb, 1000) == b"x" * 1000
+        if how == "abort":
+            pump.abort()
+        elif how == "reset":
+            pb.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            pb.close()
+            lab.peers.remove(pb)
+            lab.send_all(pa, b"more")
+        else:
+            pa.shutdown(socket.SHUT_WR)
+            pb.shutdown(socket.SHUT_WR)
+        lab.run_until(lambda: bool(ends), "the pump ends")
+        lab.run_until(lambda: a.lost is not None and b.lost is not None, "both closed")
+        assert pump.a_to_b >= 1000  # the byte counts stay readable
+        return pump
+
+    assert freed_once_let_go(make_and_end)
+
+
 # --- SpliceTransfer: exactly N bytes one way, then both handed back ------------------
 
 
@@ -380,6 +424,23 @@ def transfer(lab: Lab, length: int, *, copy=False, rcvbuf=None, pool=None):
         copy=copy,
     )
     return t, (a, pa), (b, pb), ends
+
+
+@pytest.mark.parametrize("how", ["done", "abort"])
+def test_an_ended_transfer_is_freed_by_reference_counting(lab, how):
+    def make_and_end():
+        t, (a, pa), (b, pb), ends = transfer(lab, 100_000)
+        t.start()
+        if how == "abort":
+            t.abort()
+        else:
+            lab.send_all(pa, b"y" * 100_000)
+            lab.run_until(lambda: bool(ends), "the transfer ends")
+            assert ends == [DONE]
+            assert lab.read(pb, 100_000) == b"y" * 100_000
+        return t
+
+    assert freed_once_let_go(make_and_end)
 
 
 @pytest.mark.parametrize("copy", [False, True], ids=["splice", "copy"])
