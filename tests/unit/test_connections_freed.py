@@ -233,19 +233,29 @@ def origins() -> OriginTrust:
     return OriginTrust(trustRootFromCertificates([Certificate.loadPEM(ca.cert_pem)]))
 
 
+_REQUEST = b"GET / HTTP/1.1\r\nHost: www.example.org\r\n\r\n"
+_OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+def _bumped(h, *answers: bytes):
+    """A new bumped connection, one request answered with each of C{answers}: its origin."""
+    h.new_connection()
+    h.protocol.dataReceived(hello())
+    origin, origin_transport = h.verified()
+    h.protocol.handshakeCompleted()
+    assert h.protocol.state == BUMPED
+    for answer in answers:
+        h.protocol.dataReceived(_REQUEST)
+        origin.dataReceived(answer)
+    return origin, origin_transport
+
+
 def test_a_closed_bumped_connection_leaves_nothing_to_the_cyclic_gc(origins):
     h = BumpHarness(origins)
     _forget(h)
 
     def run() -> None:
-        h.new_connection()
-        h.protocol.dataReceived(hello())
-        origin, origin_transport = h.verified()
-        h.protocol.handshakeCompleted()
-        assert h.protocol.state == BUMPED
-        for _ in range(2):
-            h.protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: www.example.org\r\n\r\n")
-            origin.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        origin, origin_transport = _bumped(h, _OK, _OK)
         assert h.transport.value().count(b"HTTP/1.1 200 OK") == 2
         _made(Upstream)
         h.transport.disconnected = True
@@ -264,12 +274,7 @@ def test_a_bumped_connection_whose_origin_closed_first_leaves_nothing(origins):
     _forget(h)
 
     def run() -> None:
-        h.new_connection()
-        h.protocol.dataReceived(hello())
-        origin, origin_transport = h.verified()
-        h.protocol.handshakeCompleted()
-        h.protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: www.example.org\r\n\r\n")
-        origin.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        origin, origin_transport = _bumped(h, _OK)
         origin_transport.disconnected = True
         origin.connectionLost(DONE)
         h.transport.disconnected = True
@@ -284,12 +289,9 @@ def test_a_further_origin_verified_after_the_bumped_client_left_is_aborted(origi
     _forget(h)
 
     def run() -> None:
-        h.new_connection()
-        h.protocol.dataReceived(hello())
-        origin, origin_transport = h.verified()
-        h.protocol.handshakeCompleted()
-        h.protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: www.example.org\r\n\r\n")
-        origin.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        origin, origin_transport = _bumped(
+            h, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+        )
         origin_transport.disconnected = True
         origin.connectionLost(DONE)
         h.protocol.dataReceived(b"GET /2 HTTP/1.1\r\nHost: www.example.org\r\n\r\n")
