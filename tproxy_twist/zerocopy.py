@@ -333,7 +333,10 @@ class _Direction:
 
 class SplicePump:
     """
-    Relays bytes between two connected TCP transports with splice(2).
+    Relays bytes between two connected TCP transports with splice(2), or
+    with C{copy=True} through user space (C{recv} + C{send}, at most
+    L{_COPY_CHUNK} held per direction; the TLS and HTTP layers pass the
+    port's C{stream_relay}).
 
     The owner builds it, checks L{can_splice} for both transports first, and
     calls L{start}.  From then on neither transport may be written to or read
