@@ -675,24 +675,33 @@ def test_many_spliced_connections_ending_in_resets_add_no_log_line_each(tls):
 # --- reload ----------------------------------------------------------------------------------
 
 
-def test_a_spliced_download_survives_a_reload(tls):
+@pytest.mark.parametrize(
+    "destination_port", [443, LENIENT_DIVERT], ids=["stream_relay-splice", "stream_relay-copy"]
+)
+def test_a_spliced_download_survives_a_reload(tls, destination_port):
+    where = f"{ORIGIN_NAME}:{destination_port}"
     download = tls.lab.popen(
         tls.lab.client,
         ["curl", "--silent", "--show-error", "--max-time", "60", "--limit-rate", "4M",
-         "--cacert", str(tls.tmp / "ca.pem"), "--resolve", f"{ORIGIN_NAME}:443:{Lab.ORIGIN4}",
-         "-o", "/dev/null", "-w", "%{size_download} %{http_code}", f"https://{ORIGIN_NAME}/big"],
+         "--cacert", str(tls.tmp / "ca.pem"), "--resolve", f"{where}:{Lab.ORIGIN4}",
+         "-o", "/dev/null", "-w", "%{size_download} %{http_code}", f"https://{where}/big"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
+    # Under way through the proxy: a TPROXY-accepted socket's local port is the
+    # original destination's.
+    accepted = ["ss", "-Htn", "state", "established", "sport", "=", f":{destination_port}"]
     deadline = time.monotonic() + 20
-    while not any(line.endswith(" /big") for line in tls.origin_log()):
-        assert time.monotonic() < deadline, "the download never reached the origin"
+    while not tls.lab.run(tls.lab.router, accepted, check=False).stdout.strip():
+        assert time.monotonic() < deadline, "the download never reached the proxy"
         time.sleep(0.1)
+    drained = tls.proxy_log.read_text().count("draining")
     os.kill(tls.proxy.pid, signal.SIGHUP)
     out, err = download.communicate(timeout=90)
     assert out.decode() == f"{BIG_SIZE} 200", err.decode()
-    assert "draining" in tls.proxy_log.read_text()  # the old worker drained meanwhile
+    # The old worker drained meanwhile.
+    assert tls.proxy_log.read_text().count("draining") > drained
     # The new generation serves new connections.
-    proc = curl(tls, "--resolve", f"{ORIGIN_NAME}:443:{Lab.ORIGIN4}", f"https://{ORIGIN_NAME}/")
+    proc = curl(tls, "--resolve", f"{where}:{Lab.ORIGIN4}", f"https://{where}/")
     assert b"hello through tls" in proc.stdout
 
 
