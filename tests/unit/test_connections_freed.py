@@ -77,6 +77,19 @@ def _forget(h) -> None:
     h.connect.attempts.clear()
 
 
+def _new_connection(h) -> None:
+    """The relay harness's next client connection (a fresh transport, the same factory)."""
+    h.protocol = h.factory.buildProtocol(None)
+    h.transport = type(h.transport)(host=h.transport.getHost(), peer=h.transport.getPeer())
+    h.protocol.makeConnection(h.transport)
+
+
+def _client_left(h) -> None:
+    """The client's connection is closed (its transport gone, the protocol told)."""
+    h.transport.disconnected = True
+    h.protocol.connectionLost(DONE)
+
+
 def _made(kind: type) -> None:
     """Evidence that the run made what it is about (else it would prove nothing)."""
     assert any(isinstance(o, kind) for o in gc.get_objects())
@@ -89,9 +102,7 @@ def test_a_closed_keep_alive_connection_on_a_tproxy_port_leaves_nothing_to_the_c
     h = RelayHarness()
 
     def run() -> None:
-        h.protocol = h.factory.buildProtocol(None)
-        h.transport = type(h.transport)(host=h.transport.getHost(), peer=h.transport.getPeer())
-        h.protocol.makeConnection(h.transport)
+        _new_connection(h)
         for first in (True, False):
             h.send(GET)
             if first:
@@ -100,8 +111,7 @@ def test_a_closed_keep_alive_connection_on_a_tproxy_port_leaves_nothing_to_the_c
         assert h.received().count(b"HTTP/1.1 200 OK") == 2
         assert len(h.connect.attempts) == 1  # one upstream connection, kept alive
         _made(Upstream)
-        h.transport.disconnected = True
-        h.protocol.connectionLost(DONE)  # the client left: the upstream is aborted...
+        _client_left(h)  # the client left: the upstream is aborted...
         assert h.connect.last.transport.disconnecting
         h.connect.last.close()  # ...and ends
         _forget(h)
@@ -113,9 +123,7 @@ def test_a_keep_alive_connection_on_a_forward_port_leaves_nothing_once_the_origi
     h = RelayHarness("forward", FORWARD_ALLOW, destination=("198.51.100.1", 3128))
 
     def run() -> None:
-        h.protocol = h.factory.buildProtocol(None)
-        h.transport = type(h.transport)(host=h.transport.getHost(), peer=h.transport.getPeer())
-        h.protocol.makeConnection(h.transport)
+        _new_connection(h)
         h.send(b"GET http://203.0.113.2/ HTTP/1.1\r\nHost: 203.0.113.2\r\n\r\n")
         h.upstream()
         h.answer(OK)
@@ -124,8 +132,7 @@ def test_a_keep_alive_connection_on_a_forward_port_leaves_nothing_once_the_origi
         h.upstream()
         h.answer(OK)
         assert h.received().count(b"HTTP/1.1 200 OK") == 2
-        h.transport.disconnected = True
-        h.protocol.connectionLost(DONE)
+        _client_left(h)
         h.connect.last.close()
         _forget(h)
 
@@ -136,9 +143,7 @@ def test_a_connect_tunnel_copied_through_twisted_leaves_nothing_to_the_cyclic_gc
     h = RelayHarness("forward", FORWARD_ALLOW, destination=("198.51.100.1", 3128))
 
     def run() -> None:
-        h.protocol = h.factory.buildProtocol(None)
-        h.transport = type(h.transport)(host=h.transport.getHost(), peer=h.transport.getPeer())
-        h.protocol.makeConnection(h.transport)
+        _new_connection(h)
         h.send(b"CONNECT 203.0.113.2:443 HTTP/1.1\r\nHost: 203.0.113.2:443\r\n\r\n")
         upstream = h.upstream()
         h.send(b"client bytes")
@@ -147,8 +152,7 @@ def test_a_connect_tunnel_copied_through_twisted_leaves_nothing_to_the_cyclic_gc
         assert h.received().endswith(b"server bytes")
         h.connect.last.close()  # the origin ends the tunnel: the client is closed
         assert h.transport.closed
-        h.transport.disconnected = True
-        h.protocol.connectionLost(DONE)
+        _client_left(h)
         _forget(h)
 
     assert left_for_the_cyclic_gc(run) == []
@@ -168,16 +172,13 @@ def test_a_spliced_tunnels_connection_lets_go_of_its_pump_and_its_own_methods():
     h = RelayHarness("forward", FORWARD_ALLOW, destination=("198.51.100.1", 3128))
 
     def run() -> None:
-        h.protocol = h.factory.buildProtocol(None)
-        h.transport = type(h.transport)(host=h.transport.getHost(), peer=h.transport.getPeer())
-        h.protocol.makeConnection(h.transport)
+        _new_connection(h)
         h.send(b"CONNECT 203.0.113.2:443 HTTP/1.1\r\nHost: 203.0.113.2:443\r\n\r\n")
         h.upstream()
         # What splice_tunnel does with a pump (fake transports cannot splice).
         h.protocol.pump = _Pump()
         h.protocol.finished = h.protocol._finished_spliced
-        h.transport.disconnected = True
-        h.protocol.connectionLost(DONE)
+        _client_left(h)
         h.connect.last.close()
         assert [entry.status for entry in h.entries] == [200]  # the tunnel's record
         _forget(h)
@@ -189,12 +190,9 @@ def test_an_upstream_connected_after_its_client_left_is_aborted_and_leaves_nothi
     h = RelayHarness()
 
     def run() -> None:
-        h.protocol = h.factory.buildProtocol(None)
-        h.transport = type(h.transport)(host=h.transport.getHost(), peer=h.transport.getPeer())
-        h.protocol.makeConnection(h.transport)
+        _new_connection(h)
         h.send(GET)
-        h.transport.disconnected = True
-        h.protocol.connectionLost(DONE)  # before the upstream connection is made
+        _client_left(h)  # before the upstream connection is made
         late = h.upstream()
         assert late.disconnecting  # aborted at once: nobody is left to use it
         h.connect.last.close()
@@ -209,15 +207,13 @@ def test_an_upstream_failing_or_speaking_after_its_client_left_changes_nothing()
     h.upstream()
     h.answer(OK)
     attempt = h.connect.last
-    h.transport.disconnected = True
-    h.protocol.connectionLost(DONE)
+    _client_left(h)
     attempt.protocol.dataReceived(b"HTTP/1.1 200 OK\r\n")  # late bytes of a closing upstream
     attempt.close()
     assert h.received().count(b"HTTP/1.1 200 OK") == 1
     h2 = RelayHarness()
     h2.send(GET)
-    h2.transport.disconnected = True
-    h2.protocol.connectionLost(DONE)
+    _client_left(h2)
     h2.connect.last.fail(neterror.ConnectionRefusedError())
     assert [entry.status for entry in h2.entries] == [0]  # the client's leaving, nothing more
 
@@ -258,8 +254,7 @@ def test_a_closed_bumped_connection_leaves_nothing_to_the_cyclic_gc(origins):
         origin, origin_transport = _bumped(h, _OK, _OK)
         assert h.transport.value().count(b"HTTP/1.1 200 OK") == 2
         _made(Upstream)
-        h.transport.disconnected = True
-        h.protocol.connectionLost(DONE)  # the client left: the origin is aborted...
+        _client_left(h)  # the client left: the origin is aborted...
         assert origin_transport.disconnecting
         origin_transport.disconnected = True
         origin.connectionLost(DONE)  # ...and ends
@@ -277,8 +272,7 @@ def test_a_bumped_connection_whose_origin_closed_first_leaves_nothing(origins):
         origin, origin_transport = _bumped(h, _OK)
         origin_transport.disconnected = True
         origin.connectionLost(DONE)
-        h.transport.disconnected = True
-        h.protocol.connectionLost(DONE)
+        _client_left(h)
         _forget(h)
 
     assert left_for_the_cyclic_gc(run) == []
@@ -296,8 +290,7 @@ def test_a_further_origin_verified_after_the_bumped_client_left_is_aborted(origi
         origin.connectionLost(DONE)
         h.protocol.dataReceived(b"GET /2 HTTP/1.1\r\nHost: www.example.org\r\n\r\n")
         assert len(h.connect.attempts) == 2  # a further origin connection, being verified
-        h.transport.disconnected = True
-        h.protocol.connectionLost(DONE)
+        _client_left(h)
         second, second_transport = h.verified()  # verified after the client left
         assert second_transport.disconnecting
         second_transport.disconnected = True
