@@ -4,6 +4,8 @@ import socket
 import subprocess
 import sys
 
+from tproxy_twist.testing import iterate_until
+
 SCRIPT = r"""
 from tproxy_twist.reactor import WorkerReactor, install
 reactor = install()
@@ -83,25 +85,22 @@ class _Reader:
         pass
 
 
-def _iterate_until(reactor, done, what):
-    for _ in range(500):
-        if done():
-            return
-        reactor.iterate(0.01)
-    raise AssertionError(f"never happened: {what}")
+def _reactor_and_socketpair():
+    """A worker reactor and a connected pair: C{a} (non-blocking) to watch, C{b} to poke it."""
+    from tproxy_twist.reactor import WorkerReactor
+
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    return WorkerReactor(), a, b
 
 
 def test_a_read_registration_handed_over_delivers_the_next_events_to_the_new_reader():
-    from tproxy_twist.reactor import WorkerReactor
-
-    reactor = WorkerReactor()
-    a, b = socket.socketpair()
-    a.setblocking(False)
+    reactor, a, b = _reactor_and_socketpair()
     old, new = _Reader(a), _Reader(a)
     reactor.addReader(old)
     assert reactor.hand_over_reader(old, new)
     b.send(b"ping")
-    _iterate_until(reactor, lambda: new.read, "the new reader reads")
+    iterate_until(reactor, lambda: new.read, "the new reader reads")
     assert new.read == [b"ping"] and old.read == []
     # A selectable that is not the registered reader, or is also writing, is refused.
     assert not reactor.hand_over_reader(old, new)
@@ -115,19 +114,15 @@ def test_a_read_registration_handed_over_delivers_the_next_events_to_the_new_rea
 
 
 def test_reading_and_writing_added_at_once_wake_both_and_are_removed_separately():
-    from tproxy_twist.reactor import WorkerReactor
-
-    reactor = WorkerReactor()
-    a, b = socket.socketpair()
-    a.setblocking(False)
+    reactor, a, b = _reactor_and_socketpair()
     reader = _Reader(a)
     reactor.add_reader_and_writer(reader)
     b.send(b"ping")
-    _iterate_until(reactor, lambda: reader.read and reader.writable, "readable and writable")
+    iterate_until(reactor, lambda: reader.read and reader.writable, "readable and writable")
     reactor.removeWriter(reader)
     writable = reader.writable
     b.send(b"pong")
-    _iterate_until(reactor, lambda: len(reader.read) == 2, "read again")
+    iterate_until(reactor, lambda: len(reader.read) == 2, "read again")
     assert reader.writable == writable and reader.read == [b"ping", b"pong"]
     # Already watched: the same as addReader and addWriter.
     reactor.add_reader_and_writer(reader)
@@ -140,11 +135,7 @@ def test_reading_and_writing_added_at_once_wake_both_and_are_removed_separately(
 
 
 def test_set_interest_changes_reading_and_writing_together_with_one_epoll_call():
-    from tproxy_twist.reactor import WorkerReactor
-
-    reactor = WorkerReactor()
-    a, b = socket.socketpair()
-    a.setblocking(False)
+    reactor, a, b = _reactor_and_socketpair()
     reader = _Reader(a)
     calls = []
     poller = reactor._poller
@@ -158,14 +149,14 @@ def test_set_interest_changes_reading_and_writing_together_with_one_epoll_call()
 
     reactor._poller = Counting()
     reactor.set_interest(reader, False, True)  # writing only
-    _iterate_until(reactor, lambda: reader.writable, "writable")
+    iterate_until(reactor, lambda: reader.writable, "writable")
     reactor.set_interest(reader, True, False)  # both change: one call
     b.send(b"ping")
-    _iterate_until(reactor, lambda: reader.read, "readable")
+    iterate_until(reactor, lambda: reader.read, "readable")
     writable = reader.writable
     reactor.set_interest(reader, True, False)  # no change: no call
     b.send(b"pong")
-    _iterate_until(reactor, lambda: len(reader.read) == 2, "read again")
+    iterate_until(reactor, lambda: len(reader.read) == 2, "read again")
     assert reader.writable == writable
     reactor.set_interest(reader, False, False)
     assert calls == ["register", "modify", "unregister"]
@@ -178,11 +169,7 @@ def test_set_interest_changes_reading_and_writing_together_with_one_epoll_call()
 
 
 def test_forget_drops_a_registration_without_a_system_call_for_a_socket_closed_next():
-    from tproxy_twist.reactor import WorkerReactor
-
-    reactor = WorkerReactor()
-    a, b = socket.socketpair()
-    a.setblocking(False)
+    reactor, a, b = _reactor_and_socketpair()
     reader, other = _Reader(a), _Reader(a)
     reactor.addReader(reader)
     reactor.forget(other)  # not the registered selectable: left be
@@ -197,7 +184,7 @@ def test_forget_drops_a_registration_without_a_system_call_for_a_socket_closed_n
     again = _Reader(c)
     reactor.addReader(again)
     d.send(b"x")
-    _iterate_until(reactor, lambda: again.read, "the new socket read")
+    iterate_until(reactor, lambda: again.read, "the new socket read")
     reactor.removeReader(again)
     c.close()
     d.close()
