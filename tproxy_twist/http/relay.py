@@ -163,6 +163,9 @@ class ProxyFactory(Factory):
         self.zerocopy = zerocopy
         #: ... and response bodies with a Content-Length ([limits] splice_body_min)
         self.splice_bodies = zerocopy and settings.limits.splice_body_min > 0
+        #: tunnels' bytes moved with splice(2) ([[port]] stream_relay = "splice"),
+        #: else copied through the pump
+        self.splice_streams = port.stream_relay == "splice"
         self.connections: set[ClientConnection] = set()
         self._sweeper: task.LoopingCall | None = None
         self.per_client: dict[str, int] = {}
@@ -511,7 +514,7 @@ class ClientConnection(Protocol):
         upstream.gate.hand_over()
         self._relayed_in = self._relayed_out = 0
         self.finished = self._finished_spliced
-        splice = factory.port.stream_relay == "splice"
+        splice = factory.splice_streams
         self.pump = SplicePump(
             client,
             server,
