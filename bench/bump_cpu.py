@@ -60,7 +60,7 @@ reactor = worker_reactor.install()
 from tproxy_twist import config as C  # noqa: E402
 from tproxy_twist.http.relay import ProxyFactory, RelaySettings  # noqa: E402
 from tproxy_twist.metrics import PortMetrics  # noqa: E402
-from tproxy_twist.sockets import connect_upstream  # noqa: E402
+from tproxy_twist.sockets import connect_upstream, serve_accepts  # noqa: E402
 from tproxy_twist.tls.bumpkit import load_bump_kit  # noqa: E402
 from tproxy_twist.tls.layer import tls_factory  # noqa: E402
 from tproxy_twist.tls.testing import make_ca, make_server_cert  # noqa: E402
@@ -204,9 +204,22 @@ def listen_plain(config: C.Config, origin_port: int) -> int:
 
 
 def listen_both(factory) -> int:
-    """Listen on ::1 and 127.0.0.1, the same port: C{localhost} is either."""
-    port = reactor.listenTCP(0, factory, backlog=1024, interface="::1").getHost().port
-    reactor.listenTCP(port, factory, backlog=1024, interface="127.0.0.1")
+    """
+    Listen on ::1 and 127.0.0.1, the same port: C{localhost} is either.  Each
+    listener accepts through the worker's own accept loop (L{serve_accepts},
+    which makes the worker's transports), not Twisted's C{tcp.Port.doRead}.
+    """
+    ipv6 = reactor.listenTCP(0, factory, backlog=1024, interface="::1")
+    port = ipv6.getHost().port
+    ipv4 = reactor.listenTCP(port, factory, backlog=1024, interface="127.0.0.1")
+    for listening in (ipv6, ipv4):
+        serve_accepts(
+            listening,
+            reactor,
+            room=lambda: 1 << 20,
+            may_resume=lambda: True,
+            on_shortage=lambda error: None,
+        )
     return port
 
 

@@ -22,11 +22,12 @@ import struct
 from collections.abc import Callable
 from os import strerror
 
-from twisted.internet import abstract, address, base, tcp
+from twisted.internet import abstract, address, base, main, tcp
 from twisted.internet import error as twisted_error
 from twisted.internet.interfaces import IConnector, IReactorTime
 from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from .config import ListenAddress
 from .logthrottle import LogThrottle
@@ -125,7 +126,88 @@ def nat_original_destination(sock: socket.socket) -> tuple[str, int]:
 # checks SO_ERROR and switches epoll to reading with one epoll_ctl.
 
 
-class _UpstreamClient(tcp.Client):
+# --- closing ------------------------------------------------------------------------------
+# Twisted's loseConnection, with nothing left to write, stops reading (epoll_ctl
+# DEL), starts writing (ADD) and closes when the socket turns writable: a reactor
+# event, then another DEL, shutdown() and close().  A connection of the worker
+# with nothing buffered closes on the next reactor turn instead (one callLater),
+# with close() alone: shutdown() before close() only matters for a descriptor
+# shared with another process, and the worker's sockets are close-on-exec and
+# never inherited (Twisted's own comment on _closeSocket says as much).  Bytes
+# written after loseConnection are still sent first (they take Twisted's way).
+
+_CONNECTION_DONE = Failure(main.CONNECTION_DONE)  # shared, as Twisted's own faildict does
+
+
+class _ClosesWhenIdle:
+    """
+    Mixin for the worker's TCP transports (L{AcceptedConnection},
+    L{_UpstreamClient}): C{loseConnection} without a writable event when
+    nothing waits to be written; no C{shutdown()} before C{close()}.
+    """
+
+    _shouldShutdown = False
+
+    def _nothing_to_write(self) -> bool:
+        return (
+            self.producer is None
+            and not self._tempDataLen
+            and len(self.dataBuffer) <= self.offset
+            and not self._writeDisconnecting
+            and not self._writeDisconnected
+        )
+
+    def loseConnection(self) -> None:
+        if not self.connected or self.disconnecting or not self._nothing_to_write():
+            super().loseConnection()
+            return
+        self.stopReading()
+        self.stopWriting()
+        self.disconnecting = 1
+        self.reactor.callLater(0, self._close_if_idle)
+
+    def _close_if_idle(self) -> None:
+        if self.disconnected or self._aborting:
+            return  # lost meanwhile (the peer reset it), or aborted: that says how it ended
+        if not self._nothing_to_write():
+            self.startWriting()  # written meanwhile: flushed first, then closed (Twisted's way)
+            return
+        self.connectionLost(_CONNECTION_DONE)
+
+
+class AcceptedConnection(_ClosesWhenIdle, tcp.Server):
+    """
+    The transport of an accepted connection in a worker (L{serve_accepts}):
+    Twisted's C{tcp.Server}, closed as L{_ClosesWhenIdle} says, and without
+    the two strings C{tcp.Server.__init__} formats per connection for log
+    prefixes and C{repr} (made when asked for: Twisted asks only to log).
+    """
+
+    def __init__(self, sock, protocol, client, server, sessionno, reactor) -> None:
+        tcp.Connection.__init__(self, sock, protocol, reactor)
+        if len(client) != 2:
+            self._addressType = address.IPv6Address
+        self.server = server
+        self.client = client
+        self.sessionno = sessionno
+        self.hostname = client[0]
+        self.startReading()
+        self.connected = 1
+
+    @property
+    def logstr(self) -> str:
+        protocol = getattr(self, "protocol", None)  # gone after connectionLost
+        prefix = self._getLogPrefix(protocol) if protocol is not None else "-"
+        return f"{prefix},{self.sessionno},{self.hostname}"
+
+    @property
+    def repstr(self) -> str:
+        protocol = getattr(self, "protocol", None)
+        name = type(protocol).__name__ if protocol is not None else "-"
+        return f"<{name} #{self.sessionno} on {self.server._realPortNumber}>"
+
+
+class _UpstreamClient(_ClosesWhenIdle, tcp.Client):
     """A client transport to an IP literal, connected without Twisted's detours."""
 
     def __init__(self, host, port, bindAddress, connector, reactor=None) -> None:
@@ -644,6 +726,8 @@ def serve_accepts(
     full).
     """
     listener = port.socket
+    # The worker's own transport where the port has Twisted's (a test may give another).
+    make_transport = AcceptedConnection if port.transport is tcp.Server else port.transport
     resuming = []
     throttle = LogThrottle(clock)  # a bug met per connection must not flood the log
 
@@ -698,7 +782,7 @@ def serve_accepts(
                 continue
             session = port.sessionno
             port.sessionno = session + 1
-            transport = port.transport(sock, protocol, addr, port, session, port.reactor)
+            transport = make_transport(sock, protocol, addr, port, session, port.reactor)
             protocol.makeConnection(transport)
         return accepted
 

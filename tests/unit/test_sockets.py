@@ -446,3 +446,200 @@ def test_a_factory_that_wants_the_end_of_its_connection_is_told():
     peer.close()
     _spin(reactor, lambda: ended)
     assert len(ended) == 1
+
+
+# --- the worker's transports: closing when nothing waits to be written -----------------
+
+
+class _CountingPoller:
+    """The reactor's epoll object, counting the registrations it is asked to change."""
+
+    def __init__(self, poller):
+        self._poller = poller
+        self.calls = []
+
+    def register(self, fd, mask):
+        self.calls.append(("register", fd, mask))
+        return self._poller.register(fd, mask)
+
+    def modify(self, fd, mask):
+        self.calls.append(("modify", fd, mask))
+        return self._poller.modify(fd, mask)
+
+    def unregister(self, fd):
+        self.calls.append(("unregister", fd))
+        return self._poller.unregister(fd)
+
+    def __getattr__(self, name):
+        return getattr(self._poller, name)
+
+
+def _served_pair(reactor, protocol_class=None):
+    """A connection accepted by the worker's accept loop, its protocol and the peer socket."""
+    from twisted.internet.protocol import Factory, Protocol
+
+    accepted = []
+
+    class Keep(protocol_class or Protocol):
+        def connectionMade(self):
+            accepted.append(self)
+
+    port = reactor.listenTCP(0, Factory.forProtocol(Keep), interface="127.0.0.1")
+    sockets.serve_accepts(
+        port, reactor, room=lambda: 10, may_resume=lambda: True, on_shortage=print
+    )
+    peer = socket.create_connection(("127.0.0.1", port.getHost().port))
+    _spin(reactor, lambda: accepted)
+    port.stopListening()
+    return accepted[0], peer
+
+
+class _Ends:
+    def __init__(self):
+        self.lost = []
+
+    def connectionLost(self, reason):
+        self.lost.append(reason)
+
+
+def _read_until_eof(peer) -> bytes:
+    peer.settimeout(30)
+    received = b""
+    while chunk := peer.recv(65536):
+        received += chunk
+    return received
+
+
+def test_the_accept_loop_gives_the_worker_transport_with_twisteds_prefix_and_repr():
+    from tproxy_twist.reactor import WorkerReactor
+
+    reactor = WorkerReactor()
+    protocol, peer = _served_pair(reactor)
+    transport = protocol.transport
+    assert isinstance(transport, sockets.AcceptedConnection)
+    host, port = peer.getsockname()
+    assert transport.logPrefix() == f"Keep,{transport.sessionno},{host}"
+    assert repr(transport).startswith(f"<Keep #{transport.sessionno} on ")
+    assert transport.getPeer().port == port
+    transport.abortConnection()
+    _spin(reactor, lambda: transport.disconnected)
+    peer.close()
+
+
+def test_an_idle_connection_closes_on_the_next_turn_without_waiting_to_be_writable():
+    from twisted.internet.error import ConnectionDone
+    from twisted.internet.protocol import Protocol
+
+    from tproxy_twist.reactor import WorkerReactor
+
+    reactor = WorkerReactor()
+
+    class Recording(_Ends, Protocol):
+        def __init__(self):
+            _Ends.__init__(self)
+
+    protocol, peer = _served_pair(reactor, Recording)
+    transport = protocol.transport
+    fd = transport.fileno()
+    reactor._poller = poller = _CountingPoller(reactor._poller)
+    sockets.DirectWriter(transport).write(b"last words")  # sent at once: nothing buffered
+    shutdowns = []
+
+    class _ShutdownRecorder:
+        def __init__(self, real):
+            self._real = real
+
+        def shutdown(self, how):
+            shutdowns.append(how)
+            self._real.shutdown(how)
+
+        def __getattr__(self, name):
+            return getattr(self._real, name)
+
+    transport.socket = _ShutdownRecorder(transport.socket)
+    transport.loseConnection()
+    assert not protocol.lost  # never synchronously: the protocol hears of it a turn later
+    _spin(reactor, lambda: protocol.lost)
+    assert protocol.lost[0].check(ConnectionDone)
+    # Reading stopped (one DEL); never watched for writing, no shutdown() before close().
+    assert poller.calls == [("unregister", fd)]
+    assert shutdowns == []
+    assert _read_until_eof(peer) == b"last words"
+    peer.close()
+
+
+def test_bytes_written_after_lose_connection_still_go_out_before_the_close():
+    from twisted.internet.protocol import Protocol
+
+    from tproxy_twist.reactor import WorkerReactor
+
+    reactor = WorkerReactor()
+
+    class Recording(_Ends, Protocol):
+        def __init__(self):
+            _Ends.__init__(self)
+
+    protocol, peer = _served_pair(reactor, Recording)
+    transport = protocol.transport
+    transport.loseConnection()
+    transport.write(b"after")  # Twisted's contract: written, then closed
+    transport.write(b"x" * 4_000_000)  # more than the socket takes at once
+    _spin(reactor, lambda: transport.dataBuffer or transport._tempDataLen)
+    received = b""
+    peer.settimeout(30)
+    while not protocol.lost:
+        reactor.iterate(0)
+        try:
+            peer.setblocking(False)
+            received += peer.recv(1 << 20)
+        except BlockingIOError:
+            pass
+    received += _read_until_eof(peer)
+    assert received == b"after" + b"x" * 4_000_000
+    peer.close()
+
+
+def test_an_idle_upstream_connection_closes_the_same_way_and_tells_its_factory():
+    from tproxy_twist.reactor import WorkerReactor
+
+    reactor = WorkerReactor()
+    recorder = _Recorder()
+    ended = []
+    type(recorder.factory).clientConnectionLost = lambda self, connector, reason: ended.append(
+        reason
+    )
+    connector, peer = _connected_upstream(reactor, recorder.factory)
+    _spin(reactor, lambda: recorder.events)
+    transport = recorder.events[0][1]
+    reactor._poller = poller = _CountingPoller(reactor._poller)
+    fd = transport.fileno()
+    transport.loseConnection()
+    _spin(reactor, lambda: ended)
+    assert len(ended) == 1
+    assert poller.calls == [("unregister", fd)]
+    assert _read_until_eof(peer) == b""
+    peer.close()
+
+
+def test_an_idle_connection_aborted_before_its_close_is_lost_once():
+    from twisted.internet.error import ConnectionAborted
+    from twisted.internet.protocol import Protocol
+
+    from tproxy_twist.reactor import WorkerReactor
+
+    reactor = WorkerReactor()
+
+    class Recording(_Ends, Protocol):
+        def __init__(self):
+            _Ends.__init__(self)
+
+    protocol, peer = _served_pair(reactor, Recording)
+    transport = protocol.transport
+    transport.loseConnection()
+    transport.abortConnection()
+    _spin(reactor, lambda: protocol.lost)
+    for _ in range(5):
+        reactor.iterate(0)
+    assert len(protocol.lost) == 1
+    assert protocol.lost[0].check(ConnectionAborted)
+    peer.close()

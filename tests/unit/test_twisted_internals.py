@@ -301,7 +301,7 @@ def test_the_accept_loop_builds_what_twisteds_port_builds(family, host):
                 break
             reactor.iterate(0.01)
         [first, second] = accepted
-        assert isinstance(first.transport, tcp.Server)
+        assert isinstance(first.transport, tcp.Server)  # the worker's subclass of it
         assert first.transport.getPeer().port == peers[0].getsockname()[1]
         assert first.transport.getPeer().host == host
         assert (first.transport.sessionno, second.transport.sessionno) == (0, 1)
@@ -312,3 +312,35 @@ def test_the_accept_loop_builds_what_twisteds_port_builds(family, host):
         for protocol in accepted:
             protocol.transport.abortConnection()
         port.stopListening()
+
+
+def test_the_close_of_a_connection_the_worker_transports_shortcut():
+    # sockets._ClosesWhenIdle (AcceptedConnection, the upstream client) closes an
+    # idle connection itself: it reads the write buffer's state, sets disconnecting
+    # and calls connectionLost as the reactor would, and turns shutdown() off with
+    # the flag _closeSocket reads; AcceptedConnection sets up what tcp.Server.__init__
+    # does, less the two strings it formats (logstr and repstr, made when asked).
+    who = "tproxy_twist/sockets.py (_ClosesWhenIdle, AcceptedConnection)"
+    assert "self._shouldShutdown" in inspect.getsource(tcp.Connection._closeSocket), moved(
+        "tcp.Connection._shouldShutdown", who
+    )
+    source = inspect.getsource(abstract.FileDescriptor.loseConnection)
+    for name in ("self.stopReading()", "self.startWriting()", "self.disconnecting = 1"):
+        assert name in source, moved(f"FileDescriptor.loseConnection ({name})", who)
+    source = inspect.getsource(tcp.Server.__init__)
+    for name in ("Connection.__init__(self, sock, protocol, reactor)", "self.server = server",
+                 "self.client = client", "self.sessionno = sessionno",
+                 "self.hostname = client[0]", "self.logstr", "self.repstr",
+                 "self.startReading()", "self.connected = 1"):  # fmt: skip
+        assert name in source, moved(f"tcp.Server.__init__ ({name})", who)
+    assert "return self.logstr" in inspect.getsource(tcp.Server.logPrefix) or (
+        "return self.logstr" in inspect.getsource(tcp.Connection.logPrefix)
+    ), moved("tcp.Server.logPrefix", who)
+    assert "return self.repstr" in inspect.getsource(tcp.Server.__repr__), moved(
+        "tcp.Server.__repr__", who
+    )
+    connection = abstract.FileDescriptor(reactor=WorkerReactor())
+    for name in ("_tempDataLen", "dataBuffer", "offset", "_writeDisconnecting",
+                 "_writeDisconnected", "producer", "disconnecting", "disconnected"):  # fmt: skip
+        assert hasattr(connection, name), moved(f"FileDescriptor.{name}", who)
+    assert tcp.Connection._aborting is False, moved("tcp.Connection._aborting", who)
