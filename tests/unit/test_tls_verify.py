@@ -93,7 +93,7 @@ def listen(request):
     ports = []
 
     def start(factory, tls: Issued | None = None, chain=(), alpn=(b"h2", b"http/1.1"),
-              tickets=False):  # fmt: skip
+              tickets=False, groups: bytes | None = None):  # fmt: skip
         if tls is None:
             port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         else:
@@ -104,6 +104,11 @@ def listen(request):
                 acceptableProtocols=list(alpn),
                 enableSessionTickets=tickets,
             )
+            if groups is not None:  # the key exchange groups this origin knows
+                from OpenSSL.SSL import _lib
+
+                context = options.getContext()
+                assert _lib.SSL_CTX_set1_curves_list(context._context, groups) == 1
             port = reactor.listenSSL(0, factory, options, interface="127.0.0.1")
         ports.append(port)
         return port.getHost().port
@@ -614,3 +619,102 @@ def test_a_session_offered_but_not_resumed_is_checked_by_the_full_handshake_alon
         close_cleanly(origin)
     assert trust.sessions.get(("127.0.0.1", port, ORIGIN)) is not None  # it was offered
     assert asked == [] and len(calls) == 1
+
+
+# --- key share prediction ---------------------------------------------------------------------
+
+
+def _hello_key_shares(creator) -> tuple[list[int], list[int]]:
+    """The groups of the key shares and of supported_groups in the hello C{creator} makes."""
+    from OpenSSL import SSL
+
+    class Transport:  # what Twisted's per-connection creator asks a TLS transport
+        class factory:
+            wrappedFactory = None
+
+    connection = creator.clientConnectionForTLS(Transport())
+    connection.set_connect_state()
+    with pytest.raises(SSL.WantReadError):
+        connection.do_handshake()
+    body = connection.bio_read(1 << 16)[5:]  # one handshake record: the ClientHello
+    pos = 4 + 2 + 32
+    pos += 1 + body[pos]  # session id
+    pos += 2 + int.from_bytes(body[pos : pos + 2], "big")  # cipher suites
+    pos += 1 + body[pos]  # compression methods
+    end = pos + 2 + int.from_bytes(body[pos : pos + 2], "big")
+    pos += 2
+    extensions = {}
+    while pos < end:
+        kind, size = (
+            int.from_bytes(body[pos : pos + 2], "big"),
+            int.from_bytes(body[pos + 2 : pos + 4], "big"),
+        )
+        extensions[kind] = body[pos + 4 : pos + 4 + size]
+        pos += 4 + size
+    shares, data, at = [], extensions[51], 2
+    while at < len(data):
+        shares.append(int.from_bytes(data[at : at + 2], "big"))
+        at += 4 + int.from_bytes(data[at + 2 : at + 4], "big")
+    supported = extensions[10]
+    groups = [int.from_bytes(supported[i : i + 2], "big") for i in range(2, len(supported), 2)]
+    return shares, groups
+
+
+X25519, X25519MLKEM768 = 0x001D, 0x11EC
+
+
+def test_the_next_hello_to_an_origin_that_chose_x25519_sends_its_key_share_alone(
+    trust, test_ca, listen
+):
+    port = listen(
+        protocol.Factory.forProtocol(Echo), make_server_cert([ORIGIN], test_ca), groups=b"x25519"
+    )
+    key = ("127.0.0.1", port)
+    shares, groups = _hello_key_shares(trust.creator(ORIGIN, key))
+    assert shares == [X25519MLKEM768, X25519]  # OpenSSL's default: the hybrid's and X25519's
+    first, verdict = verified_and_used(trust, port)
+    assert verdict.ok
+    close(first)
+    shares, groups = _hello_key_shares(trust.creator(ORIGIN, key))
+    if trust.resumes:
+        # X25519's share alone; the hybrid is still named (the origin may ask for it).
+        assert shares == [X25519]
+        assert X25519MLKEM768 in groups and groups[0] == X25519
+        # Any name at that address: the choice is the server's.
+        assert _hello_key_shares(trust.creator("127.0.0.1", key))[0] == [X25519]
+    else:
+        assert shares == [X25519MLKEM768, X25519]  # no shared context, nothing kept
+    # Another origin address predicts nothing.
+    assert _hello_key_shares(trust.creator(ORIGIN, ("127.0.0.1", port + 1)))[0] == [
+        X25519MLKEM768,
+        X25519,
+    ]
+
+
+def test_an_origin_that_chose_the_hybrid_keeps_both_key_shares(trust, test_ca, listen):
+    port = listen(protocol.Factory.forProtocol(Echo), make_server_cert([ORIGIN], test_ca))
+    first, verdict = verified_and_used(trust, port)
+    assert verdict.ok
+    close(first)
+    shares, _ = _hello_key_shares(trust.creator(ORIGIN, ("127.0.0.1", port)))
+    assert shares == [X25519MLKEM768, X25519]
+
+
+def test_a_prediction_is_dropped_when_the_origin_chooses_the_hybrid_again():
+    from tproxy_twist.tls.verify import OriginSessions
+
+    sessions = OriginSessions(size=2)
+    key = ("192.0.2.1", 443, "a.example")
+    sessions.chose(key, b"x25519")
+    assert sessions.key_share(key).startswith(b"x25519:")
+    assert sessions.key_share(("192.0.2.1", 443, "b.example")) == sessions.key_share(key)
+    sessions.chose(key, b"X25519MLKEM768")
+    assert sessions.key_share(key) is None
+    sessions.chose(key, b"secp256r1")
+    assert sessions.key_share(key).startswith(b"secp256r1:")
+    sessions.chose(key, None)  # not known (another OpenSSL): OpenSSL's default
+    assert sessions.key_share(key) is None
+    for host in ("192.0.2.2", "192.0.2.3", "192.0.2.4"):  # least recently used first out
+        sessions.chose((host, 443, "a.example"), b"x25519")
+    assert sessions.key_share(("192.0.2.2", 443, "a.example")) is None
+    assert sessions.key_share(("192.0.2.4", 443, "a.example")) is not None

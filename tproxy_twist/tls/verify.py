@@ -289,6 +289,78 @@ def _resumed(connection: SSL.Connection) -> bool:
         return True
 
 
+# --- key share prediction ---------------------------------------------------------------
+# A TLS 1.3 client sends a key share for the groups it expects the server to pick
+# (RFC 8446, 4.2.8).  OpenSSL's default sends two: X25519MLKEM768 (post-quantum
+# hybrid) and X25519, and making the ML-KEM share costs about 2 % of a new bumped
+# connection; an origin that does not know the hybrid picks X25519, and the share
+# (1.2 KB of the hello) was made for nothing.  So the group an origin chose in a
+# verified handshake is remembered per origin address (OriginSessions.key_share),
+# and the next connection sends its share alone, that group first in a list that
+# still names every other group: an origin that has meanwhile learned the hybrid
+# can ask for it (HelloRetryRequest), and then that is remembered.  Only a
+# verified handshake teaches it (its transcript is signed: an attacker who strips
+# the hybrid share from a hello breaks the handshake, it teaches nothing), and
+# only the classic groups are predicted: an origin that chose the hybrid keeps
+# OpenSSL's default, both shares.  Private API (the binding's SSL_get0_group_name
+# and SSL_set1_curves_list, which is SSL_set1_groups_list), isolated here.
+
+#: The groups a predicting connection names after the predicted one (OpenSSL's
+#: default set, hybrids first); L{_groups_list} checks once that OpenSSL knows them.
+_GROUPS = (
+    b"X25519MLKEM768", b"SecP256r1MLKEM768", b"SecP384r1MLKEM1024", b"x25519",
+    b"secp256r1", b"x448", b"secp384r1", b"secp521r1", b"ffdhe2048", b"ffdhe3072",
+)  # fmt: skip
+#: Groups whose share is sent alone when an origin chose one: the classic ones.
+_PREDICTED = frozenset({b"x25519", b"secp256r1", b"x448", b"secp384r1", b"secp521r1"})
+_lists: dict[bytes, bytes | None] = {}
+
+
+def _chosen_group(connection: SSL.Connection) -> bytes | None:
+    """The name of the group C{connection}'s handshake agreed on (C{x25519}), or C{None}."""
+    try:
+        from OpenSSL.SSL import _ffi, _lib
+
+        name = _lib.SSL_get0_group_name(connection._ssl)
+    except (ImportError, AttributeError):
+        return None
+    return None if name == _ffi.NULL else _ffi.string(name)
+
+
+def _groups_list(group: bytes) -> bytes | None:
+    """
+    The groups list that sends C{group}'s key share alone (the first of a list
+    without key-share marks gets the share), or C{None} (not a predicted group,
+    or this OpenSSL takes no such list).
+    """
+    if group in _lists:
+        return _lists[group]
+    answer = None
+    if group in _PREDICTED:
+        try:
+            from OpenSSL.SSL import _lib
+
+            probe = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None)
+            for known in (_GROUPS, tuple(g for g in _GROUPS if g in _PREDICTED)):
+                names = b":".join([group, *(g for g in known if g != group)])
+                if _lib.SSL_set1_curves_list(probe._ssl, names) == 1:
+                    answer = names
+                    break
+        except (ImportError, AttributeError):
+            pass
+    _lists[group] = answer
+    return answer
+
+
+def _offer_key_share(connection: SSL.Connection, groups: bytes) -> None:
+    try:
+        from OpenSSL.SSL import _lib
+
+        _lib.SSL_set1_curves_list(connection._ssl, groups)
+    except (ImportError, AttributeError):
+        pass
+
+
 def _is_ip(name: str) -> bool:
     import ipaddress
 
@@ -366,6 +438,10 @@ class OriginSessions:
         #: (certificate SHA-256, name) -> None, or why the certificate does not name
         #: it: service_identity's check, done once per pair (L{NameChecks}).
         self.name_checks: NameChecks = OrderedDict()
+        #: (address, port) -> the groups list that sends the key share of the group
+        #: the origin chose last (see "key share prediction" above), least recently
+        #: used first out beyond C{size}.
+        self._key_shares: OrderedDict[tuple[str, int], bytes] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -408,6 +484,23 @@ class OriginSessions:
     def forget(self, key: tuple[str, int, str]) -> None:
         self._sessions.pop(key, None)
 
+    def key_share(self, key: tuple[str, int, str]) -> bytes | None:
+        """The groups list for a connection to C{key}'s origin (see L{chose}), or C{None}."""
+        return self._key_shares.get(key[:2])
+
+    def chose(self, key: tuple[str, int, str], group: bytes | None) -> None:
+        """C{key}'s origin chose C{group} in a verified handshake: predict it next time."""
+        origin = key[:2]
+        groups = _groups_list(group) if group is not None else None
+        if groups is None:
+            self._key_shares.pop(origin, None)  # the hybrid (or unknown): OpenSSL's default
+            return
+        if self._key_shares.get(origin) != groups:
+            self._key_shares[origin] = groups
+        self._key_shares.move_to_end(origin)
+        while len(self._key_shares) > self._size:
+            self._key_shares.popitem(last=False)
+
 
 @implementer(IOpenSSLClientConnectionCreator)
 class _ResumingCreator:
@@ -422,6 +515,9 @@ class _ResumingCreator:
 
     def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
         connection = self._inner.clientConnectionForTLS(tlsProtocol)
+        groups = self._sessions.key_share(self.key)
+        if groups is not None:
+            _offer_key_share(connection, groups)
         entry = self._sessions.offer(self.key)
         if entry is not None:
             connection.set_session(entry[0])
@@ -468,7 +564,11 @@ class _ResumingCreator:
         return None if answer is None else str(answer) or type(answer).__name__
 
     def verified(self, connection: SSL.Connection) -> None:
-        """C{connection}'s handshake was verified: keep its session for the next one."""
+        """
+        C{connection}'s handshake was verified: keep its session for the next
+        one, and the group the origin chose for the next one's key share.
+        """
+        self._sessions.chose(self.key, _chosen_group(connection))
         session = connection.get_session()
         if session is not None:
             self._sessions.put(self.key, session, getattr(connection, "fingerprint", None))
