@@ -225,6 +225,57 @@ def test_every_split_of_the_handshake_bytes_still_completes(trust, server_tls):
     assert p.server_app.data == b"ping"
 
 
+def test_a_tls13_servers_session_tickets_go_with_its_first_write_in_one_send(trust, server_tls):
+    p = Pair(trust, server_tls)
+    p.handshake()
+    assert p.server.handshake_done and p.client.handshake_done
+    # The server's first flight, then nothing: the tickets wait for the first write.
+    assert p.server_tcp.writes == 1
+    p.client.write(b"GET / HTTP/1.1\r\n\r\n")
+    p.to_server()
+    assert p.server_tcp.writes == 1  # reading the request sent nothing either
+    p.server.write(b"HTTP/1.1 200 OK\r\n\r\n")
+    assert p.server_tcp.writes == 2
+    wire = p.to_client()
+    # The response's record (19 bytes + 22 of header and tag) and the two tickets.
+    assert len(wire) > 19 + 22 + 2 * 100
+    assert p.client_app.data == b"HTTP/1.1 200 OK\r\n\r\n"
+    p.server.write(b"more")
+    assert len(p.to_client()) == 4 + 22  # nothing held any more
+
+
+def test_held_session_tickets_go_before_the_close_notify(trust, server_tls):
+    p = Pair(trust, server_tls)
+    p.handshake()
+    p.server.loseConnection()
+    assert p.server_tcp.writes == 2
+    p.to_client()
+    assert p.client_tcp.disconnecting  # the close_notify was read (and answered)
+
+
+class _TLS12Creator:
+    """A client connection that speaks TLS 1.2 at most (no verification: not the point)."""
+
+    def clientConnectionForTLS(self, protocol):
+        context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        context.set_max_proto_version(SSL.TLS1_2_VERSION)
+        connection = SSL.Connection(context, None)
+        connection.set_tlsext_host_name(NAME.encode())
+        return connection
+
+
+def test_a_tls12_servers_finished_is_sent_at_once(server_tls):
+    client_app, client_tcp, server_tcp = App(), TCP(), TCP()
+    client = client_tls(client_tcp, client_app, _TLS12Creator())
+    server_tcp.protocol = App()
+    server = server_tls.start(server_tcp, NAME, client_tcp.take())
+    for _ in range(5):  # the client waits for the server's Finished, which is not held
+        feed(client, server_tcp.take())
+        feed(server, client_tcp.take())
+    assert client.handshake_done and server.handshake_done
+    assert client_app.handshakes == 1
+
+
 # --- records -------------------------------------------------------------------------------
 
 

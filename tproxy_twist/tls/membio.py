@@ -218,6 +218,16 @@ if not EXACT_PENDING:  # pragma: no cover - another pyOpenSSL
 _NO_CLOSE_NOTIFY = "the peer closed without close_notify"
 
 
+def _is_tls13(tls: SSL.Connection) -> bool:
+    """Whether C{tls} (its handshake done) speaks TLS 1.3; C{False} if not known."""
+    try:
+        from OpenSSL.SSL import _lib
+
+        return _lib.SSL_version(tls._ssl) == _lib.TLS1_3_VERSION
+    except (ImportError, AttributeError):
+        return False
+
+
 def _represents_eof(e: SSL.Error) -> bool:
     # As twisted.protocols.tls._representsEOF: the peer closed TCP without close_notify.
     if isinstance(e, SSL.SysCallError):
@@ -265,6 +275,8 @@ class MemoryTLS:
         "_fast",
         "_clean",
         "_receive",
+        "_hold",
+        "_server",
     )
 
     factory = _NoFactory()
@@ -290,6 +302,10 @@ class MemoryTLS:
         self._fast = False
         self._clean = False  # the read BIO is known to be empty (the inline read path)
         self._receive = None  # deliver_to: where decrypted bytes go instead of the protocol
+        # What the write BIO holds may wait for the next write (a TLS 1.3 server's
+        # session tickets, or a KeyUpdate's answer): sent with it, in one send.
+        self._hold = False
+        self._server = False  # the server end (server_tls)
 
     # --- the TCP transport's protocol --------------------------------------------------
 
@@ -330,7 +346,7 @@ class MemoryTLS:
                 self.protocol.dataReceived(_unpack(_SCRATCH, n))
             else:
                 receive(_unpack(_SCRATCH, n))
-            if answered and self._fast and _mem_data(self._from, _NULL):
+            if answered and self._fast and not self._hold and _mem_data(self._from, _NULL):
                 self._flush()
             return
         if self._tls_over:
@@ -408,7 +424,15 @@ class MemoryTLS:
         self.handshake_done = True
         self._check_fast()
         if _pending_out(tls):
-            self._flush()  # the Finished, or TLS 1.3 session tickets
+            if self._server and _is_tls13(tls):
+                # A TLS 1.3 server's session tickets, all that is left to send after
+                # the client's Finished (ours went with the first flight): nothing
+                # the client waits for.  They go with the first bytes written (or
+                # the close_notify), in the same send.  (A TLS 1.2 server's Finished
+                # and a client's are waited for.)
+                self._hold = True
+            else:
+                self._flush()  # the Finished (the client's; a TLS 1.2 server's)
         completed = getattr(self.protocol, "handshakeCompleted", None)
         if completed is not None:
             completed()
@@ -471,8 +495,15 @@ class MemoryTLS:
                 return
         if parts:
             self._deliver(parts)
-        if not self._tls_over and self.connection is not None and _pending_out(tls):
-            self._flush()  # a KeyUpdate answered, or an alert
+        if (
+            not self._tls_over
+            and self.connection is not None
+            and not self._hold
+            and _pending_out(tls)
+        ):
+            # A KeyUpdate answered (RFC 8446, 4.6.3: before our next application data,
+            # so it may wait with whatever is held for the next write).
+            self._flush()
 
     def _deliver(self, parts: list[bytes]) -> None:
         if not parts or self._aborted or self.protocol is None:
@@ -483,6 +514,7 @@ class MemoryTLS:
     def _flush(self) -> None:
         """Send what OpenSSL wrote to the write BIO."""
         tls = self.connection
+        self._hold = False
         n = _pending_out(tls)
         if not n:
             return
@@ -580,6 +612,7 @@ class MemoryTLS:
                     # how much there is (if it comes back full, there is more).
                     out = _BIO_read(self._from, _SCRATCH, _SCRATCH_SIZE)
                     if 0 < out < _SCRATCH_SIZE:
+                        self._hold = False  # whatever was held went with it
                         self._sender.write(_unpack(_SCRATCH, out))
                         return
                     if out > 0:
@@ -710,6 +743,7 @@ def server_tls(transport, connection: SSL.Connection, data: bytes = b"") -> Memo
     """
     protocol = transport.protocol
     end = MemoryTLS(protocol, transport)
+    end._server = True
     transport.protocol = end
     protocol.transport = end
     end._start(connection, data)
