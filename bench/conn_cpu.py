@@ -25,6 +25,17 @@ relays, and closes both sides:
   the request), the origin answers 800 bytes (session tickets and the
   response) and closes first, as nginx does after ``Connection: close``.
 
+- ``bump``: a TLS port that bumps every connection (the real bump kit, a CA
+  made with ``tproxy-twist ca init``): the client (Python's ssl, as wrk
+  the system's OpenSSL, trusting that CA) makes a real TLS handshake with
+  SNI ``localhost`` and sends ``GET /small`` with ``Connection: close``; the
+  origin (Python's ssl, a certificate for ``localhost`` from a CA of its own,
+  session tickets on, as nginx's) answers ``ok`` and closes. Per connection
+  the worker verifies the origin (resuming its session from the second
+  connection on), forges for the name (cached leaf), handshakes with the
+  client and relays the exchange: what ``bench.bump_cpu``'s ``bump-new`` row
+  measures in wall-clock CPU, here in instructions under callgrind.
+
 Printed: this process's CPU time (``time.process_time``) per connection
 while the N connections are served (warm-up excluded). Under callgrind,
 subtract two runs (N and 2N connections) to get instructions per connection
@@ -37,9 +48,11 @@ import argparse
 import gc
 import inspect
 import os
+import shutil
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 
 from prometheus_client import CollectorRegistry
@@ -59,7 +72,7 @@ FLIGHT = b"\x16\x03\x03" + b"s" * 4093
 FINISHED_AND_REQUEST, ANSWER_SIZE = 150, 800
 async def serve(reader, writer):
     try:
-        if kind == "http":
+        if kind in ("http", "bump"):
             await reader.readuntil(b"\r\n\r\n")
             writer.write(ANSWER)
         else:
@@ -76,17 +89,23 @@ async def serve(reader, writer):
         pass
     writer.close()
 async def main():
-    server = await asyncio.start_server(serve, "127.0.0.1", 0, backlog=4096)
+    tls = None
+    if kind == "bump":  # TLS with the certificate given, session tickets on (as nginx)
+        import ssl
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(sys.argv[2], sys.argv[3])
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, backlog=4096, ssl=tls)
     print(server.sockets[0].getsockname()[1], flush=True)
     await server.serve_forever()
 asyncio.run(main())
 """
 
 CLIENT = r"""
-import socket, sys, threading
+import socket, ssl, sys, threading
 port, n, concurrency = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 payload = bytes.fromhex(sys.argv[4])
 exchange = sys.argv[5] == "tls-exchange"
+bump = ssl.create_default_context(cafile=sys.argv[6]) if sys.argv[5] == "bump" else None
 lock = threading.Lock()
 left = [n]
 bad = [0]
@@ -98,11 +117,16 @@ def run():
             left[0] -= 1
         try:
             s = socket.create_connection(("127.0.0.1", port), timeout=20)
+            if bump is not None:
+                s = bump.wrap_socket(s, server_hostname="localhost")
             s.sendall(payload)
             got = b""
             sent_request = False
             while True:
-                chunk = s.recv(65536)
+                try:
+                    chunk = s.recv(65536)
+                except ssl.SSLEOFError:  # closed without close_notify
+                    chunk = b""
                 if not chunk:
                     break
                 got += chunk
@@ -190,12 +214,69 @@ def tls_factory(reactor, origin_port: int, stream_relay: str = "copy"):
     return factory, client_hello()
 
 
-def serve(reactor, port: int, payload: bytes, n: int, concurrency: int, kind: str) -> float:
+BUMP_CONFIG = """\
+[tls]
+ca_cert = "{tmp}/proxy-ca/ca.pem"
+ca_key = "{tmp}/proxy-ca/ca.key"
+ca_bundle = "{tmp}/origin-ca.pem"
+
+[[port]]
+name = "bump"
+listen = "127.0.0.1:3129"
+mode = "tproxy"
+protocol = "tls"
+[port.tls]
+default = "bump"
+"""
+
+
+def bump_files(tmp: str) -> tuple[str, str]:
+    """The origin's CA and certificate (for C{localhost}), and the proxy's CA, in C{tmp}."""
+    from tproxy_twist.tls.testing import make_ca, make_server_cert
+
+    origin_ca = make_ca("conn_cpu origin CA")
+    origin = make_server_cert(["localhost"], origin_ca)
+    for name, data in (("origin-ca.pem", origin_ca.cert_pem), ("origin.pem", origin.cert_pem),
+                       ("origin.key", origin.key_pem)):  # fmt: skip
+        with open(os.path.join(tmp, name), "wb") as f:
+            f.write(data)
+    subprocess.run(
+        [sys.executable, "-m", "tproxy_twist.cli", "ca", "init", "--dir", f"{tmp}/proxy-ca",
+         "--name", "conn_cpu proxy CA"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return os.path.join(tmp, "origin.pem"), os.path.join(tmp, "origin.key")
+
+
+def bump_factory(reactor, origin_port: int, tmp: str):
+    """A TLS port bumping every connection, its upstream connections sent to the origin."""
+    from tproxy_twist.tls.bumpkit import load_bump_kit
+    from tproxy_twist.tls.layer import tls_factory as make_tls_factory
+
+    config = C.loads(BUMP_CONFIG.format(tmp=tmp), os.path.join(tmp, "bench.toml"))
+    kit = load_bump_kit(config, reactor, metrics=False)
+    worker_connect = connect_upstream(reactor)
+
+    def connect(host, _port, factory, timeout, source_ip):
+        # Loopback has no TPROXY: the original destination (the listener) is the origin.
+        return worker_connect("127.0.0.1", origin_port, factory, timeout, None)
+
+    factory = make_tls_factory(
+        config.ports[0], config, reactor, connect, frozenset(), None, None, bump=kit
+    )
+    payload = b"GET /small HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    return factory, payload
+
+
+def serve(
+    reactor, port: int, payload: bytes, n: int, concurrency: int, kind: str, cafile: str = "-"
+) -> float:
     """Run the reactor while a client makes N connections; return this process's CPU seconds."""
     client = subprocess.Popen(
-        [sys.executable, "-c", CLIENT, str(port), str(n), str(concurrency), payload.hex(), kind],
+        [sys.executable, "-c", CLIENT, str(port), str(n), str(concurrency), payload.hex(), kind,
+         cafile],
         stdout=subprocess.PIPE,
-    )
+    )  # fmt: skip
     started = time.process_time()
     while client.poll() is None:
         reactor.iterate(0.01)
@@ -208,7 +289,7 @@ def serve(reactor, port: int, payload: bytes, n: int, concurrency: int, kind: st
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.conn_cpu")
-    parser.add_argument("--kind", choices=("http", "tls", "tls-exchange"), default="http")
+    parser.add_argument("--kind", choices=("http", "tls", "tls-exchange", "bump"), default="http")
     parser.add_argument("--connections", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=200)
@@ -225,13 +306,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     opts = parser.parse_args(argv)
     reactor = WorkerReactor()
+    tmp = tempfile.mkdtemp(prefix="conn_cpu-")
+    origin_args, cafile = [], "-"
+    if opts.kind == "bump":
+        origin_args = list(bump_files(tmp))
+        cafile = os.path.join(tmp, "proxy-ca", "ca.pem")
     origin = subprocess.Popen(
-        [sys.executable, "-c", ORIGIN, opts.kind], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        [sys.executable, "-c", ORIGIN, opts.kind, *origin_args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
     )
     try:
         origin_port = int(origin.stdout.readline())
         if opts.kind == "http":
             factory, payload = http_factory(reactor, origin_port)
+        elif opts.kind == "bump":
+            factory, payload = bump_factory(reactor, origin_port, tmp)
         else:
             factory, payload = tls_factory(reactor, origin_port, opts.stream_relay)
         listener = reactor.listenTCP(0, factory, interface="127.0.0.1", backlog=4096)
@@ -241,11 +331,11 @@ def main(argv: list[str] | None = None) -> int:
                 listener, reactor, room=lambda: 1 << 30, may_resume=lambda: True, on_shortage=print
             )
         port = listener.getHost().port
-        serve(reactor, port, payload, opts.warmup, opts.concurrency, opts.kind)
+        serve(reactor, port, payload, opts.warmup, opts.concurrency, opts.kind, cafile)
         if opts.gc_freeze:
             gc.collect()
             gc.freeze()
-        used = serve(reactor, port, payload, opts.connections, opts.concurrency, opts.kind)
+        used = serve(reactor, port, payload, opts.connections, opts.concurrency, opts.kind, cafile)
         print(
             f"{opts.kind}: {used / opts.connections * 1e6:.1f} us of CPU per connection"
             f" ({opts.connections} connections, {opts.concurrency} at a time)"
@@ -253,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         origin.kill()
         origin.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 
