@@ -378,6 +378,7 @@ _HOST: Final = re.compile(
 )
 # A reg-name without percent-escapes and without a port: valid as it is.
 _PLAIN_HOST: Final = re.compile(rb"[A-Za-z0-9\-._~!$&'()*+,;=]+")
+_plain_host: Final = _PLAIN_HOST.fullmatch
 _TOKEN_RE: Final = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _QUOTED: Final = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
 _CHUNK_EXT_VALUE: Final = rb"(?:" + _TOKEN_RE + rb"|" + _QUOTED + rb")"
@@ -388,6 +389,9 @@ _CHUNK_EXT: Final = re.compile(
 
 # Every byte allowed in a head besides CR and LF: VCHAR, SP, HTAB, obs-text.
 _FIELD_CHARS: Final = b"\t" + bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100))
+# The same without HTAB: what deleting them leaves of a head is its CRLFs
+# when it has neither a control byte nor an HTAB (the usual head).
+_FIELD_CHARS_NO_TAB: Final = _FIELD_CHARS[1:]
 # A line start (after CRLF) that is not "token:"; the start line is not preceded by CRLF.
 _BAD_FIELD_START: Final = re.compile(rb"\r\n(?!" + _TOKEN_RE + rb":)")
 # A field line start that is not "token: " followed by a byte that is neither
@@ -518,6 +522,8 @@ class _Reader:
     _HEAD_TOO_LARGE = 431
     _BODY_TOO_LARGE = 413
     _START_LINE = "request line"
+    # Whether _check_head_allowed says anything (a call spared on every request head).
+    _CHECKS_ALLOWED = False
 
     def __init__(
         self,
@@ -577,8 +583,11 @@ class _Reader:
         """The peer closed its sending side; no more bytes will be fed."""
         self._eof = True
 
-    def start_next(self) -> None:
-        """Begin the next message; legal only once EndOfMessage was returned."""
+    def start_next(self) -> bool:
+        """
+        Begin the next message; legal only once EndOfMessage was returned.
+        True when bytes after the message are buffered (L{buffered} is not 0).
+        """
         if self._state != _DONE:
             raise RuntimeError("start_next() is only legal after EndOfMessage")
         self._state = _HEAD
@@ -588,6 +597,8 @@ class _Reader:
             self._buf = b""
             self._pos = 0
             self._scan = 0
+            return False
+        return True
 
     def take_buffered(self) -> bytes:
         """Return and forget every unparsed byte (for a connection that became a tunnel)."""
@@ -643,6 +654,21 @@ class _Reader:
             self._state = _DONE
             return True
         return False
+
+    def take_body(self) -> bytes | None:
+        """
+        If the rest of the current Content-Length body is all buffered, take
+        it and end the message: its bytes, as if the C{Data} and
+        C{EndOfMessage} events that L{next_event} would return next had been
+        returned.  C{None}, changing nothing, otherwise.
+        """
+        if self._state != _LENGTH:
+            return None
+        remaining = self._remaining
+        if len(self._buf) - self._pos < remaining:
+            return None
+        self._state = _DONE
+        return self._take(remaining)
 
     @property
     def eof(self) -> bool:
@@ -750,7 +776,8 @@ class _Reader:
                 self._state = _CLOSED
                 return CLOSED
             return NEED_DATA
-        self._check_head_allowed()
+        if self._CHECKS_ALLOWED:
+            self._check_head_allowed()
         scan = self._scan
         end = buf.find(b"\r\n\r\n", scan if scan > pos else pos)  # _find_block's first step
         if end < 0:
@@ -822,8 +849,11 @@ class _Reader:
         """
         crlfs = head.count(b"\r\n")
         first_end = head.find(b"\r\n") if crlfs else len(head)
-        # Deleting every allowed byte leaves the controls: only the CRLFs may remain.
-        if len(head.translate(None, _FIELD_CHARS)) != 2 * crlfs:
+        # Deleting every allowed byte leaves the controls: only the CRLFs may
+        # remain.  Deleting them but HTAB first says in the same pass whether
+        # the head has an HTAB (then not plain), the usual answer being no.
+        tab = len(head.translate(None, _FIELD_CHARS_NO_TAB)) != 2 * crlfs
+        if tab and len(head.translate(None, _FIELD_CHARS)) != 2 * crlfs:
             self._bad_control(head, head[:first_end])
         size = len(head)
         if size > self._max_line and first_end > self._max_line:
@@ -841,7 +871,7 @@ class _Reader:
             # Every field line is "token: " and a value: valid, and plain unless
             # whitespace ends a line or an HTAB is somewhere (rare: not worth a
             # closer look).
-            plain = head.find(b"\t") < 0 and head.find(b" \r\n") < 0 and head[-1:] != b" "
+            plain = not tab and head.find(b" \r\n") < 0 and head[-1:] != b" "
         else:
             bad = _BAD_FIELD_START.search(head)
             if bad is not None:
@@ -1058,7 +1088,9 @@ class RequestReader(_Reader):
         for lname, value in _REQUEST_FIELDS.findall(low):
             if lname == b"host":
                 host += 1
-                if not _valid_host(value.rstrip(b" \t")):
+                value = value.rstrip(b" \t")
+                # (_valid_host's first test, inline: the usual plain name.)
+                if _plain_host(value) is None and not _valid_host(value):
                     raise ProtocolError(400, "invalid Host header")
             elif lname == b"content-length":
                 value = value.rstrip(b" \t")
@@ -1068,8 +1100,13 @@ class RequestReader(_Reader):
                 expect = [value] if expect is None else [*expect, value]
             else:  # a field the proxy rewrites or drops
                 managed = [(lname, value)] if managed is None else [*managed, (lname, value)]
-        conn, te, trim = _managed_facts(managed, canonical, low)
-        plain = canonical and managed is None
+        if managed is None:
+            conn = te = None
+            trim = False
+            plain = canonical
+        else:
+            conn, te, trim = _managed_facts(managed, canonical, low)
+            plain = False
         if host > 1:
             raise ProtocolError(400, "multiple Host headers")
         if host == 0 and http11:
@@ -1091,7 +1128,12 @@ class RequestReader(_Reader):
                 raise ProtocolError(501, "unsupported transfer coding")
             body = "chunked"
         elif cl is not None:
-            length, raw, repeated = self._content_length(cl)
+            value = cl[0]
+            if len(cl) == 1 and len(value) <= _MAX_CONTENT_LENGTH_DIGITS and value.isdigit():
+                length = int(value)  # the usual single value (no comma: digits only)
+                repeated = False
+            else:
+                length, raw, repeated = self._content_length(cl)
             if length:
                 body = "length"
             if repeated:
@@ -1198,6 +1240,7 @@ class ResponseReader(_Reader):
     _HEAD_TOO_LARGE = 502
     _BODY_TOO_LARGE = 502
     _START_LINE = "status line"
+    _CHECKS_ALLOWED = True
 
     def __init__(
         self,
@@ -1255,15 +1298,25 @@ class ResponseReader(_Reader):
                 cl = [value] if cl is None else [*cl, value]
             else:  # a field the proxy rewrites or drops
                 managed = [(lname, value)] if managed is None else [*managed, (lname, value)]
-        conn, te, trim = _managed_facts(managed, canonical, low)
-        plain = canonical and managed is None
-        keep_alive = http11 if conn is None else _keep_alive(conn, http11)
+        if managed is None:
+            conn = te = None
+            trim = False
+            plain = canonical
+            keep_alive = http11
+        else:
+            conn, te, trim = _managed_facts(managed, canonical, low)
+            plain = False
+            keep_alive = http11 if conn is None else _keep_alive(conn, http11)
 
         length: int | None = None
         raw = b""
         repeated = False
         if cl is not None:
-            length, raw, repeated = self._content_length(cl)
+            value = cl[0]
+            if len(cl) == 1 and len(value) <= _MAX_CONTENT_LENGTH_DIGITS and value.isdigit():
+                length = int(value)  # the usual single value (no comma: digits only)
+            else:
+                length, raw, repeated = self._content_length(cl)
         if te is not None:
             if cl is not None:
                 # RFC 9112 §6.3: Transfer-Encoding overrides; never forward both.

@@ -236,6 +236,7 @@ class SessionConfig:
         "throttle",
         "local_addresses",
         "authenticates",
+        "via11",
         "_via",
         "_via_on",
         "_pseudonym",
@@ -262,6 +263,8 @@ class SessionConfig:
         self.authenticates = port.auth is not None  # every request needs proxy credentials
         self._via: dict[bytes, bytes] = {}
         self._via_on = port.via
+        # via(b"HTTP/1.1"), read without a call for the usual messages.
+        self.via11 = self.via(b"HTTP/1.1")
 
     def via(self, version: bytes) -> bytes | None:
         """Our Via entry for a message of C{version}, made once per version; C{None}: via off."""
@@ -699,7 +702,8 @@ class Session:
         if refusal is not None:
             self._answer(refusal.status, refusal.reason, rejected=refusal.metric_reason)
             return
-        if policy.is_loop(request, config.via_marker):
+        # (A plain or trim head has no Via field: not a loop, and no search.)
+        if not (request.plain or request.trim) and policy.is_loop(request, config.via_marker):
             self._answer(
                 508, "forwarding loop: this request already passed through us", rejected="loop"
             )
@@ -719,8 +723,11 @@ class Session:
                 self._answer(413, f"request body larger than {max_body} bytes", rejected="limit")
                 return
             self._body_left = max_body
-        if config.mode != "forward" and not self._host_agrees(request, host):
-            return
+        if config.mode != "forward":
+            named = host if host is not None else record.request_host
+            # (Keep-alive requests repeat the Host that agreed: no call for them.)
+            if named is not None and named != self._host_agreed and not self._host_agrees(named):
+                return
         record.destination = destination
         if request.method == b"CONNECT":
             exchange.tunnel = True
@@ -729,14 +736,12 @@ class Session:
         record.target = target
         record.host = host
         head = None
-        if host is None:
+        if host is None and request.version == b"HTTP/1.1":
             # The common case: the head goes upstream as it came (perhaps without
             # its Connection field), plus Via.
-            via = config.via(request.version)
-            xff_mode = port.x_forwarded_for
-            head = policy.unchanged_head(
-                request, via=via, xff_mode=xff_mode, client_ip=self.client_ip
-            ) or policy.trimmed_head(request, via=via, xff_mode=xff_mode, client_ip=self.client_ip)
+            head = policy.forwarded_head(
+                request, via=config.via11, xff_mode=port.x_forwarded_for, client_ip=self.client_ip
+            )
         if head is not None:
             self._forward_head(exchange, request, head, destination)
             return
@@ -776,6 +781,11 @@ class Session:
             exchange.replayable = True
             # No EndOfMessage event to wait for: the whole request is here.
             exchange.request_done = self._reader.take_end()
+        if not self._config.authenticates:
+            up = self._up
+            if up is not None and not up.lost and up.destination == destination:
+                self._send_head()  # _admit's and _use_upstream's way for a reused upstream
+                return
         self._admit(destination)
 
     def _admit(self, destination: tuple[str, int]) -> None:
@@ -823,7 +833,7 @@ class Session:
             # Inside _process the loop goes on by itself; later, start it again.
             self._process()
 
-    def _host_agrees(self, request: Request, host: bytes | None) -> bool:
+    def _host_agrees(self, named: bytes) -> bool:
         """
         On intercepting ports the original destination decides where we
         connect; the authority really sent upstream (an absolute-form
@@ -833,9 +843,6 @@ class Session:
         connection the authority must name the server the origin was verified
         for, or it is 421 Misdirected Request (RFC 9110, 15.5.20).
         """
-        named = host if host is not None else self._exchange.record.request_host
-        if named is None or named == self._host_agreed:
-            return True
         server_name = self.server_name
         try:
             if server_name is None:
@@ -904,15 +911,12 @@ class Session:
             return
         up.reader.expect(exchange.request.method)
         self._io.upstream_write(up.link, exchange.head)
-        if exchange.request_done:  # a request replayed on a fresh connection
-            self._to_awaiting()
+        if exchange.request_done:  # a bodiless request, or one replayed on a fresh connection
+            self.state = _AWAITING
+            self._arm(_DL_RESPONSE, self._config.timeouts.response)
         else:
             self.state = _SENDING
             self._arm(_DL_IDLE, self._config.timeouts.idle)
-
-    def _to_awaiting(self) -> None:
-        self.state = _AWAITING
-        self._arm(_DL_RESPONSE, self._config.timeouts.response)
 
     def _to_head(self) -> None:
         self.state = _HEAD
@@ -1090,8 +1094,7 @@ class Session:
                         fields = H.strip_hop_by_hop(event.headers)
                         self._write(H.serialize_response_head(event.status, event.reason, fields))
                     continue
-                self._relay_response_head(exchange, event)
-                if event.body == "none" and self._exchange is exchange and reader.take_end():
+                if self._relay_response_head(exchange, event, reader):
                     self._response_ended(up)
             elif kind is EndOfMessage:
                 if not exchange.record.response_started:  # the end of a 1xx interim response
@@ -1106,18 +1109,25 @@ class Session:
             self._arm(_DL_IDLE, self._config.timeouts.idle)
 
     def _response_ended(self, up: _Upstream) -> None:
-        up.reader.start_next()
+        more = up.reader.start_next()
         up.served += 1
-        self._finish_exchange()
+        self._finish_exchange(more)
 
-    def _relay_response_head(self, exchange: _Exchange, response: Response) -> None:
+    def _relay_response_head(
+        self, exchange: _Exchange, response: Response, reader: ResponseReader
+    ) -> bool:
+        """
+        Relay a final response's head; True when the response ended with it
+        (no body, or all of a Content-Length body was read with the head and
+        went out with it), for the caller to end the exchange.
+        """
         tunnel = response.body == "tunnel"
         if tunnel and not exchange.tunnel:
             # 101 to a request that did not ask to upgrade: nothing sane
             # follows, and none of it may reach the client.
             exchange.record.upstream_error = "bad_response"
             self._upstream_broke("upstream switched protocols unasked")
-            return
+            return False
         record = exchange.record
         record.response_started = True
         record.status = response.status
@@ -1154,23 +1164,32 @@ class Session:
             added.append((b"Connection", b"close"))
         elif not http11:
             added.append((b"Connection", b"keep-alive"))
-        via = self._config.via(response.version)
         head = None
-        if not added and not tunnel:
+        if not added and not tunnel and response.version == b"HTTP/1.1":
             # The common case: the head goes to the client as it came (perhaps
             # without its Connection field), plus Via.
-            head = policy.unchanged_response_head(response, via) or policy.trimmed_response_head(
-                response, via
-            )
+            head = policy.forwarded_response_head(response, self._config.via11)
         if head is None:
+            via = self._config.via(response.version)
             fields = H.strip_hop_by_hop(response.headers, keep_upgrade=tunnel)
             fields += added
             if via is not None:
                 fields = H.add_via(fields, via)
             head = H.serialize_response_head(response.status, response.reason, fields)
+        if body == "length":
+            rest = reader.take_body()
+            if rest is not None:
+                # The whole body came with the head: one write, no events for it.
+                self._bytes_out += len(head) + len(rest)
+                self._io.write_sequence([head, rest])
+                return True
+            self._write(head)
+            return False
         self._write(head)
         if tunnel:
             self._become_tunnel()
+            return False
+        return body == "none" and reader.take_end()
 
     def _become_tunnel(self) -> None:
         self.state = _TUNNEL
@@ -1187,14 +1206,15 @@ class Session:
         if self._client_eof:
             self._io.upstream_shutdown_write(up.link)
 
-    def _finish_exchange(self) -> None:
+    def _finish_exchange(self, upstream_more: bool) -> None:
+        """The exchange ended; C{upstream_more}: bytes after the response are buffered."""
         exchange = self._exchange
         self._exchange = None
         up = self._up
         if exchange.large:
             self._io.large_reads(up.link, False)
         self._record(exchange)
-        if not exchange.upstream_keep_alive or up.reader.buffered:
+        if not exchange.upstream_keep_alive or upstream_more:
             # Bytes after a complete response, with no request outstanding:
             # the connection is not reused (they are never read as a response).
             self._drop_upstream()
@@ -1202,11 +1222,12 @@ class Session:
             self._close()
             return
         reader = self._reader
-        reader.start_next()
+        more = reader.start_next()
         self.state = _IDLE
         self._arm(_DL_CLIENT_IDLE, self._config.timeouts.client_idle)
-        self._resume_pipeline()
-        if reader.buffered or reader.eof:  # else the next event is NEED_DATA
+        if self._pipeline_paused:
+            self._resume_pipeline()
+        if more or reader.eof:  # else the next event is NEED_DATA
             self._process()
             if self.state is _IDLE and not reader.idle:
                 self._to_head()
