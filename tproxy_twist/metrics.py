@@ -432,6 +432,17 @@ class PortMetrics:
         self._pending_in += bytes_in
         self._pending_out += bytes_out
 
+    def exchange(
+        self, method: bytes, code: int, duration: float, bytes_in: int, bytes_out: int
+    ) -> None:
+        """L{request} and L{transferred} in one call: what every finished exchange counts."""
+        key = (method, code)
+        pending = self._pending_requests
+        pending[key] = pending.get(key, 0) + 1
+        self._pending_durations.observe(duration)
+        self._pending_in += bytes_in
+        self._pending_out += bytes_out
+
     def flush(self) -> None:
         """Hand what was counted since the last flush to prometheus_client."""
         if self._pending_requests:
@@ -537,6 +548,11 @@ class NullPortMetrics:
         pass
 
     def transferred(self, bytes_in: int, bytes_out: int) -> None:
+        pass
+
+    def exchange(
+        self, method: bytes, code: int, duration: float, bytes_in: int, bytes_out: int
+    ) -> None:
         pass
 
     def flush(self) -> None:

@@ -136,8 +136,13 @@ class RecordSink:
 
     def __call__(self, record: ExchangeRecord) -> None:
         metrics = self.metrics
-        metrics.request(record.method, record.status, record.finished - record.started)
-        metrics.transferred(record.bytes_in, record.bytes_out)
+        metrics.exchange(
+            record.method,
+            record.status,
+            record.finished - record.started,
+            record.bytes_in,
+            record.bytes_out,
+        )
         if record.rejected is not None:
             metrics.rejected(record.rejected)
         if record.upstream_error is not None:
