@@ -180,7 +180,10 @@ class _Message:
         """The first value of the field ``name`` (given in lowercase), or None."""
         if self._fields is None:
             # Field lines are "token:" right after a CRLF (the reader made sure).
-            i = self._low.find(b"\r\n" + name + b":")
+            needle = _NEEDLES.get(name)
+            if needle is None:
+                needle = b"\r\n" + name + b":"
+            i = self._low.find(needle)
             if i < 0:
                 return None
             i += len(name) + 3
@@ -199,6 +202,10 @@ class _Message:
             return []  # the usual answer, without building the field list
         size = len(name)
         return [v for f, v in self.headers if len(f) == size and f.lower() == name]
+
+
+# What get() searches for the names the relay asks for on every exchange.
+_NEEDLES: Final = {name: b"\r\n" + name + b":" for name in (b"host", b"content-type")}
 
 
 def _field_list(block: bytes) -> Headers:
@@ -758,8 +765,10 @@ class _Reader:
     def _read_head(self) -> Event:
         buf = self._buf
         pos = self._pos
-        # RFC 9112 §2.2: ignore empty lines before the start line.
-        if buf.startswith(b"\r\n", pos):
+        size = len(buf)
+        # RFC 9112 §2.2: ignore empty lines before the start line.  (An index
+        # first: startswith() with a position parses its arguments each time.)
+        if pos < size and buf[pos] == 13 and buf.startswith(b"\r\n", pos):
             start = pos
             while buf.startswith(b"\r\n", pos):
                 pos += 2
@@ -769,7 +778,7 @@ class _Reader:
                 raise ProtocolError(
                     self._BAD, f"too many empty lines before the {self._START_LINE}"
                 )
-        if pos >= len(buf):
+        if pos >= size:
             self._buf = b""
             self._pos = 0
             if self._eof:

@@ -664,6 +664,14 @@ class Session:
                 self._send_body(event.data)
             elif kind is Request:
                 self._start_request(event)
+                exchange = self._exchange
+                if exchange is not None and exchange.request_done and self.state in _READING:
+                    # A bodiless request taken whole: next_event() would say
+                    # PAUSED (handled here without the call).
+                    if not reader.idle:
+                        self._pipeline_paused = True
+                        self._io.pause(PIPELINE)
+                    return
             elif kind is EndOfMessage:
                 self._request_body_done(event.trailers)
             elif event is NEED_DATA:
