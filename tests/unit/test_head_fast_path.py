@@ -606,3 +606,19 @@ def test_the_session_sends_a_whole_response_in_one_write_and_counts_its_bytes():
     assert calls[1:] == [[head], [b"o"], [b"k"]]
     assert r.io.records[-1].bytes_out == len(head) + 2
     assert r.state is State.IDLE
+
+
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@given(trim_heads(b"GET /a HTTP/1.1") | trim_heads(b"HTTP/1.1 200 OK"))
+def test_without_connection_fields_drops_exactly_the_connection_lines(head):
+    try:
+        message = parse(head) if head.startswith(b"GET") else parse_response(head)
+    except (ProtocolError, AssertionError):
+        return
+    block = head[: head.index(b"\r\n\r\n")]
+    kept = [block.split(b"\r\n")[0]] + [
+        line
+        for line in block.split(b"\r\n")[1:]
+        if line.split(b":")[0].lower() not in (b"connection", b"keep-alive", b"proxy-connection")
+    ]
+    assert message.without_connection_fields() == b"\r\n".join(kept)

@@ -155,12 +155,20 @@ class _Message:
         message, what dropping the hop-by-hop fields leaves of it.
         """
         block = self._block
-        parts = []
-        start = 0
-        for match in _CONNECTION_LINES.finditer(self._low):
-            parts.append(block[start : match.start()])
-            start = match.end()
-        parts.append(block[start:])
+        low = self._low
+        match = _CONNECTION_LINES.search(low)
+        if match is None:
+            return block
+        end = match.end()
+        following = _CONNECTION_LINES.search(low, end)
+        if following is None:  # the usual one line (Connection: keep-alive)
+            return block[: match.start()] + block[end:]
+        parts = [block[: match.start()]]
+        while following is not None:
+            parts.append(block[end : following.start()])
+            end = following.end()
+            following = _CONNECTION_LINES.search(low, end)
+        parts.append(block[end:])
         return b"".join(parts)
 
     @property
@@ -440,6 +448,7 @@ def _fields_pattern(names: frozenset[bytes]) -> re.Pattern[bytes]:
 # The lines dropped from a head that is plain but for these fields (see Request.trim).
 _CONNECTION_LINES: Final = re.compile(rb"\r\n(?:connection|keep-alive|proxy-connection):[^\r]*")
 _CONNECTION_ONLY: Final = frozenset({b"keep-alive", b"close"})
+_KEEP_ALIVE_ONLY: Final = [b"keep-alive"]
 
 
 def _trim(canonical: bool, conn: list[bytes] | None, low: bytes) -> bool:
@@ -476,7 +485,11 @@ def _managed_facts(
             droppable = False
         elif lname != b"keep-alive" and lname != b"proxy-connection":
             droppable = False
-    return conn, te, droppable and _trim(canonical, conn, low)
+    if not droppable or not canonical:
+        return conn, te, False
+    if conn == _KEEP_ALIVE_ONLY:  # the usual Connection: keep-alive (_trim's answer, sooner)
+        return conn, te, low.find(b"\r\nclose:") < 0
+    return conn, te, _trim(canonical, conn, low)
 
 
 # The fields that decide a request's framing and routing, and those a proxy manages.
@@ -1149,7 +1162,9 @@ class RequestReader(_Reader):
                 headers = _single_content_length(_field_list(head), raw)
                 head = None  # the fields are no longer the lines received
 
-        keep_alive = http11 if conn is None else _keep_alive(conn, http11)
+        keep_alive = (
+            http11 if conn is None else (conn == _KEEP_ALIVE_ONLY or _keep_alive(conn, http11))
+        )
         expect_continue = False
         if expect is not None and http11:
             expect_continue = b"100-continue" in _tokens(expect)
@@ -1315,7 +1330,9 @@ class ResponseReader(_Reader):
         else:
             conn, te, trim = _managed_facts(managed, canonical, low)
             plain = False
-            keep_alive = http11 if conn is None else _keep_alive(conn, http11)
+            keep_alive = (
+                http11 if conn is None else (conn == _KEEP_ALIVE_ONLY or _keep_alive(conn, http11))
+            )
 
         length: int | None = None
         raw = b""
