@@ -1214,7 +1214,8 @@ def _request_line(line: bytes) -> tuple[bytes, bytes, bytes]:
         raise ProtocolError(400, "malformed request line")
     if method not in _COMMON_METHODS and (not method or method.translate(None, _TCHAR)):
         raise ProtocolError(400, "invalid method")
-    _check_target(method, target)
+    if target[:1] != b"/" or method == b"CONNECT" or target.find(b"\t") >= 0:
+        _check_target(method, target)  # (an origin-form target is valid as it is)
     return method, target, version
 
 
