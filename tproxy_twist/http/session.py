@@ -447,7 +447,8 @@ class Session:
 
     def client_data(self, data: bytes) -> None:
         self._bytes_in += len(data)
-        self._last_activity = self._clock.seconds()
+        # The time, read once for everything this event does.
+        now = self._last_activity = self._clock.seconds()
         state = self.state
         if state is _TUNNEL:
             up = self._up
@@ -462,7 +463,7 @@ class Session:
             if reader.buffered > CONNECTING_BUFFER:
                 self._io.pause(CONNECTING_READS)
             return
-        self._process()
+        self._process(now)
         if self.state is _IDLE and not reader.idle:
             # Part of a head came; a whole one would have started an exchange.
             self._to_head()
@@ -650,8 +651,11 @@ class Session:
 
     # --- the request loop -------------------------------------------------------------
 
-    def _process(self) -> None:
-        """Handle the request events the reader has, until it needs something."""
+    def _process(self, now: float | None = None) -> None:
+        """
+        Handle the request events the reader has, until it needs something
+        (C{now}: the time, if the caller read it).
+        """
         reader = self._reader
         while self.state in _READING:
             try:
@@ -663,7 +667,7 @@ class Session:
             if kind is Data:
                 self._send_body(event.data)
             elif kind is Request:
-                self._start_request(event)
+                self._start_request(event, now)
                 exchange = self._exchange
                 if exchange is not None and exchange.request_done and self.state in _READING:
                     # A bodiless request taken whole: next_event() would say
@@ -697,13 +701,13 @@ class Session:
             record.request_host = request.get(b"host")
         return _Exchange(request, record)
 
-    def _start_request(self, request: Request) -> None:
+    def _start_request(self, request: Request, now: float | None = None) -> None:
         # The deadline is armed where the request leaves HEAD/IDLE: on its way
         # upstream (CONNECTING, SENDING, AWAITING) or answered by the proxy.
         config = self._config
-        record = ExchangeRecord(
-            self._clock.seconds(), self.client_ip, request.method, request.target
-        )
+        if now is None:
+            now = self._clock.seconds()
+        record = ExchangeRecord(now, self.client_ip, request.method, request.target)
         record.request_host = request.get(b"host")
         exchange = self._exchange = _Exchange(request, record)
         refusal = self._refusal
@@ -751,7 +755,7 @@ class Session:
                 request, via=config.via11, xff_mode=port.x_forwarded_for, client_ip=self.client_ip
             )
         if head is not None:
-            self._forward_head(exchange, request, head, destination)
+            self._forward_head(exchange, request, head, destination, now)
             return
         upgrade = policy.wants_upgrade(request)
         fields = policy.upstream_fields(
@@ -778,7 +782,12 @@ class Session:
         )
 
     def _forward_head(
-        self, exchange: _Exchange, request: Request, head: bytes, destination: tuple[str, int]
+        self,
+        exchange: _Exchange,
+        request: Request,
+        head: bytes,
+        destination: tuple[str, int],
+        now: float | None = None,
     ) -> None:
         """Send C{head} (the request's head as it goes upstream) to C{destination}."""
         if request.body == "chunked" or (request.content_length or 0) > LARGE_BODY:
@@ -792,7 +801,7 @@ class Session:
         if not self._config.authenticates:
             up = self._up
             if up is not None and not up.lost and up.destination == destination:
-                self._send_head()  # _admit's and _use_upstream's way for a reused upstream
+                self._send_head(now)  # _admit's and _use_upstream's way for a reused upstream
                 return
         self._admit(destination)
 
@@ -907,7 +916,7 @@ class Session:
         spoof = self.client_ip if self._config.port.spoof_client_ip else None
         self._io.connect(link, destination, spoof)
 
-    def _send_head(self) -> None:
+    def _send_head(self, now: float | None = None) -> None:
         exchange = self._exchange
         up = self._up
         if exchange.request.method == b"CONNECT":
@@ -921,10 +930,10 @@ class Session:
         self._io.upstream_write(up.link, exchange.head)
         if exchange.request_done:  # a bodiless request, or one replayed on a fresh connection
             self.state = _AWAITING
-            self._arm(_DL_RESPONSE, self._config.timeouts.response)
+            self._arm(_DL_RESPONSE, self._config.timeouts.response, now)
         else:
             self.state = _SENDING
-            self._arm(_DL_IDLE, self._config.timeouts.idle)
+            self._arm(_DL_IDLE, self._config.timeouts.idle, now)
 
     def _to_head(self) -> None:
         self.state = _HEAD
@@ -1025,7 +1034,7 @@ class Session:
         up = self._up
         if up is None or up.link is not link:
             return
-        self._last_activity = self._clock.seconds()
+        now = self._last_activity = self._clock.seconds()
         if self.state is _TUNNEL:
             self._write(data)
             return
@@ -1035,7 +1044,7 @@ class Session:
             self._drop_upstream()
             return
         up.reader.feed(data)
-        self._relay_response()
+        self._relay_response(now)
 
     def upstream_lost(self, link: Link) -> None:
         up = self._up
@@ -1072,7 +1081,7 @@ class Session:
         exchange.record.upstream_error = "reset"
         self._fail(502, "upstream closed the connection without answering")
 
-    def _relay_response(self) -> None:
+    def _relay_response(self, now: float | None = None) -> None:
         up = self._up
         reader = up.reader
         while self._up is up and self._exchange is not None:
@@ -1095,7 +1104,7 @@ class Session:
                 else:
                     self._write(event.data)
                     if reader.take_end():  # all of a Content-Length body: no event to wait for
-                        self._response_ended(up)
+                        self._response_ended(up, now)
             elif kind is Response:
                 if event.status < 200 and event.body != "tunnel":  # 1xx interim (not 101)
                     if exchange.request.version == b"HTTP/1.1":
@@ -1103,23 +1112,23 @@ class Session:
                         self._write(H.serialize_response_head(event.status, event.reason, fields))
                     continue
                 if self._relay_response_head(exchange, event, reader):
-                    self._response_ended(up)
+                    self._response_ended(up, now)
             elif kind is EndOfMessage:
                 if not exchange.record.response_started:  # the end of a 1xx interim response
                     reader.start_next()
                     continue
                 if exchange.response_chunked:
                     self._write(H.last_chunk(event.trailers))
-                self._response_ended(up)
+                self._response_ended(up, now)
             else:  # NEED_DATA, PAUSED (after a tunnel head) or CLOSED
                 break
         if self.state is _RESPONDING and self.deadline_kind is not _DL_IDLE:
-            self._arm(_DL_IDLE, self._config.timeouts.idle)
+            self._arm(_DL_IDLE, self._config.timeouts.idle, now)
 
-    def _response_ended(self, up: _Upstream) -> None:
+    def _response_ended(self, up: _Upstream, now: float | None = None) -> None:
         more = up.reader.start_next()
         up.served += 1
-        self._finish_exchange(more)
+        self._finish_exchange(more, now)
 
     def _relay_response_head(
         self, exchange: _Exchange, response: Response, reader: ResponseReader
@@ -1214,14 +1223,17 @@ class Session:
         if self._client_eof:
             self._io.upstream_shutdown_write(up.link)
 
-    def _finish_exchange(self, upstream_more: bool) -> None:
-        """The exchange ended; C{upstream_more}: bytes after the response are buffered."""
+    def _finish_exchange(self, upstream_more: bool, now: float | None = None) -> None:
+        """
+        The exchange ended; C{upstream_more}: bytes after the response are
+        buffered; C{now}: the time, if the caller read it.
+        """
         exchange = self._exchange
         self._exchange = None
         up = self._up
         if exchange.large:
             self._io.large_reads(up.link, False)
-        self._record(exchange)
+        self._record(exchange, now)
         if not exchange.upstream_keep_alive or upstream_more:
             # Bytes after a complete response, with no request outstanding:
             # the connection is not reused (they are never read as a response).
@@ -1232,11 +1244,11 @@ class Session:
         reader = self._reader
         more = reader.start_next()
         self.state = _IDLE
-        self._arm(_DL_CLIENT_IDLE, self._config.timeouts.client_idle)
+        self._arm(_DL_CLIENT_IDLE, self._config.timeouts.client_idle, now)
         if self._pipeline_paused:
             self._resume_pipeline()
         if more or reader.eof:  # else the next event is NEED_DATA
-            self._process()
+            self._process(now)
             if self.state is _IDLE and not reader.idle:
                 self._to_head()
 
@@ -1349,9 +1361,9 @@ class Session:
             self._io.upstream_abort(up.link)
         self._io.abort()
 
-    def _record(self, exchange: _Exchange) -> None:
+    def _record(self, exchange: _Exchange, now: float | None = None) -> None:
         record = exchange.record
-        record.finished = self._clock.seconds()
+        record.finished = self._clock.seconds() if now is None else now
         record.bytes_in = self._bytes_in
         record.bytes_out = self._bytes_out
         self._bytes_in = self._bytes_out = 0
@@ -1366,14 +1378,14 @@ class Session:
             self._bytes_out += len(part)
         self._io.write_sequence(parts)
 
-    def _arm(self, kind: Deadline, seconds: float) -> None:
+    def _arm(self, kind: Deadline, seconds: float, now: float | None = None) -> None:
         """
         The session's one deadline: what expires (C{kind}) and when.  No
         timer object per connection: the adapter calls L{tick} a few times a
-        second.
+        second.  C{now}: the time, if the caller read it for this event.
         """
         self.deadline_kind = kind
-        self.deadline_at = self._clock.seconds() + seconds
+        self.deadline_at = (self._clock.seconds() if now is None else now) + seconds
 
 
 class _NoRequest:
