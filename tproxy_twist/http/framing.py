@@ -778,10 +778,10 @@ class _Reader:
     def _read_head(self) -> Event:
         buf = self._buf
         pos = self._pos
-        size = len(buf)
+        n = len(buf)
         # RFC 9112 §2.2: ignore empty lines before the start line.  (An index
         # first: startswith() with a position parses its arguments each time.)
-        if pos < size and buf[pos] == 13 and buf.startswith(b"\r\n", pos):
+        if pos < n and buf[pos] == 13 and buf.startswith(b"\r\n", pos):
             start = pos
             while buf.startswith(b"\r\n", pos):
                 pos += 2
@@ -791,7 +791,7 @@ class _Reader:
                 raise ProtocolError(
                     self._BAD, f"too many empty lines before the {self._START_LINE}"
                 )
-        if pos >= size:
+        if pos >= n:
             self._buf = b""
             self._pos = 0
             if self._eof:
@@ -813,7 +813,42 @@ class _Reader:
         self._scan = 0
         self._line_ok = False
         self._blank = 0
-        return self._parse_head(head)
+        # Check the head: ProtocolError if it is invalid.  The checks run over
+        # the whole head in C (count, translate, one regex) rather than per
+        # field; the field list is not built (_Message.headers does that when
+        # asked).  The start line, and whether every field line is plainly
+        # "name: value" (see Request), go on to _parse_head.
+        crlfs = head.count(b"\r\n")
+        first_end = head.find(b"\r\n") if crlfs else len(head)
+        # Deleting every allowed byte leaves the controls: only the CRLFs may
+        # remain.  Deleting them but HTAB first says in the same pass whether
+        # the head has an HTAB (then not plain), the usual answer being no.
+        tab = len(head.translate(None, _FIELD_CHARS_NO_TAB)) != 2 * crlfs
+        if tab and len(head.translate(None, _FIELD_CHARS)) != 2 * crlfs:
+            self._bad_control(head, head[:first_end])
+        size = len(head)
+        if size > self._max_line and first_end > self._max_line:
+            raise ProtocolError(self._LINE_TOO_LONG, f"{self._START_LINE} too long")
+        if size + 4 > self._max_head:
+            raise ProtocolError(self._HEAD_TOO_LARGE, "header section too large")
+        max_field = self._max_field_line
+        if size > max_field:
+            field_lines = head.split(b"\r\n")[1:]
+            if field_lines and max(map(len, field_lines)) > max_field:
+                raise ProtocolError(self._HEAD_TOO_LARGE, "header field line too long")
+        if crlfs > self._max_fields:
+            raise ProtocolError(self._HEAD_TOO_LARGE, "too many header fields")
+        if _NOT_PLAIN_FIELD_START.search(head) is None:
+            # Every field line is "token: " and a value: valid, and plain unless
+            # whitespace ends a line or an HTAB is somewhere (rare: not worth a
+            # closer look).
+            plain = not tab and head.find(b" \r\n") < 0 and head[-1:] != b" "
+        else:
+            bad = _BAD_FIELD_START.search(head)
+            if bad is not None:
+                self._bad_field_line(head[bad.end() :].partition(b"\r\n")[0])
+            plain = False
+        return self._parse_head(head, head[:first_end], plain)
 
     def _check_head_allowed(self) -> None:
         """Hook: raise if no message may start here."""
@@ -821,7 +856,8 @@ class _Reader:
     def _check_start_line(self, line: bytes) -> None:
         """Hook: raise if ``line`` (complete, head not yet) cannot start a valid message."""
 
-    def _parse_head(self, head: bytes) -> Event:
+    def _parse_head(self, head: bytes, start_line: bytes, canonical: bool) -> Event:
+        """Hook: the event for a head that L{_read_head} checked (and what it found)."""
         raise NotImplementedError
 
     def _find_block(self, *, start_line: bool) -> int:
@@ -860,46 +896,6 @@ class _Reader:
 
     def _section_name(self, start_line: bool) -> str:
         return "header section" if start_line else "trailer section"
-
-    def _check_head(self, head: bytes) -> tuple[bytes, bool]:
-        """Check a head (without its final CRLFCRLF): ProtocolError if it is invalid.
-
-        Returns the start line, and whether every field line is plainly
-        C{name: value} (see L{Request}).  The checks run over the whole head
-        in C (count, translate, one regex) rather than per field; the field
-        list is not built (L{_Message.headers} does that when asked).
-        """
-        crlfs = head.count(b"\r\n")
-        first_end = head.find(b"\r\n") if crlfs else len(head)
-        # Deleting every allowed byte leaves the controls: only the CRLFs may
-        # remain.  Deleting them but HTAB first says in the same pass whether
-        # the head has an HTAB (then not plain), the usual answer being no.
-        tab = len(head.translate(None, _FIELD_CHARS_NO_TAB)) != 2 * crlfs
-        if tab and len(head.translate(None, _FIELD_CHARS)) != 2 * crlfs:
-            self._bad_control(head, head[:first_end])
-        size = len(head)
-        if size > self._max_line and first_end > self._max_line:
-            raise ProtocolError(self._LINE_TOO_LONG, f"{self._START_LINE} too long")
-        if size + 4 > self._max_head:
-            raise ProtocolError(self._HEAD_TOO_LARGE, "header section too large")
-        max_field = self._max_field_line
-        if size > max_field:
-            field_lines = head.split(b"\r\n")[1:]
-            if field_lines and max(map(len, field_lines)) > max_field:
-                raise ProtocolError(self._HEAD_TOO_LARGE, "header field line too long")
-        if crlfs > self._max_fields:
-            raise ProtocolError(self._HEAD_TOO_LARGE, "too many header fields")
-        if _NOT_PLAIN_FIELD_START.search(head) is None:
-            # Every field line is "token: " and a value: valid, and plain unless
-            # whitespace ends a line or an HTAB is somewhere (rare: not worth a
-            # closer look).
-            plain = not tab and head.find(b" \r\n") < 0 and head[-1:] != b" "
-        else:
-            bad = _BAD_FIELD_START.search(head)
-            if bad is not None:
-                self._bad_field_line(head[bad.end() :].partition(b"\r\n")[0])
-            plain = False
-        return head[:first_end], plain
 
     def _parse_trailers(self, block: bytes) -> Headers:
         """Check a trailer section (without its final CRLFCRLF) and parse its fields."""
@@ -1094,8 +1090,7 @@ class RequestReader(_Reader):
             raise
         self._pos, self._remaining, self._state = pos, remaining, _CHUNK_SIZE
 
-    def _parse_head(self, head: bytes) -> Event:
-        start_line, canonical = self._check_head(head)
+    def _parse_head(self, head: bytes, start_line: bytes, canonical: bool) -> Event:
         method, target, version = _request_line(start_line)
         block = head
         headers: Headers | None = None  # built from the block when asked
@@ -1300,8 +1295,7 @@ class ResponseReader(_Reader):
             self._bad_control(line, line)
         _status_line(line)
 
-    def _parse_head(self, head: bytes) -> Event:
-        start_line, canonical = self._check_head(head)
+    def _parse_head(self, head: bytes, start_line: bytes, canonical: bool) -> Event:
         version, status, reason = _status_line(start_line)
         http11 = version == b"HTTP/1.1"
         block = head
