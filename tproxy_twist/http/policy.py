@@ -255,12 +255,13 @@ def unchanged_response_head(response: Response, via: bytes | None) -> bytes | No
 
 
 def forwarded_head(
-    request: Request, *, via: bytes | None, xff_mode: str, client_ip: str
+    request: Request, via: bytes | None, xff_mode: str, client_ip: str
 ) -> bytes | None:
     """
     L{unchanged_head} or else L{trimmed_head}, in one call: the head to
     send upstream for C{request} as received (perhaps without its Connection
-    fields), or C{None} for the field-by-field rewrite.
+    fields), or C{None} for the field-by-field rewrite.  (Positional
+    arguments: the session calls it for every request.)
     """
     head = request.head
     if head is None or request.version != b"HTTP/1.1":

@@ -752,7 +752,7 @@ class Session:
             # The common case: the head goes upstream as it came (perhaps without
             # its Connection field), plus Via.
             head = policy.forwarded_head(
-                request, via=config.via11, xff_mode=port.x_forwarded_for, client_ip=self.client_ip
+                request, config.via11, port.x_forwarded_for, self.client_ip
             )
         if head is not None:
             self._forward_head(exchange, request, head, destination, now)
