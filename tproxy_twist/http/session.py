@@ -1148,7 +1148,7 @@ class Session:
         record = exchange.record
         record.response_started = True
         record.status = response.status
-        record.content_type = response.get(b"content-type") or b"-"
+        record.response = response  # (its Content-Type is looked up if the access log asks)
         exchange.upstream_keep_alive = response.keep_alive and not exchange.tunnel
         # RESPONDING's deadline (IDLE) is armed when _relay_response returns
         # with the response unfinished: most end in the same read.
