@@ -321,33 +321,36 @@ class _Upstream:
         self.lost = False
 
 
-class _Exchange:
-    """One request and its response, as the session tracks it."""
+class _Exchange(ExchangeRecord):
+    """
+    One request and its response, as the session tracks it: also its
+    L{ExchangeRecord} (one object per exchange, not two), handed to
+    C{SessionIO.finished} when it ends.
+    """
 
     __slots__ = (
         "request",
-        "record",
         "head",
         "chunked_out",
         "request_done",
         "response_chunked",
         "close_client",
-        "tunnel",
+        "wants_tunnel",
         "connect_started",
         "replayable",
         "upstream_keep_alive",
         "large",
     )
 
-    def __init__(self, request: Request, record: ExchangeRecord) -> None:
+    def __init__(self, request: Request, started: float, client: str) -> None:
+        ExchangeRecord.__init__(self, started, client, request.method, request.target)
         self.request = request
-        self.record = record
         self.head = b""  # the serialized head sent upstream
         self.chunked_out = False  # request body re-chunked upstream
         self.request_done = False  # whole request received (and written upstream)
         self.response_chunked = False  # response body chunked to the client
         self.close_client = not request.keep_alive
-        self.tunnel = False  # CONNECT, or an upgrade the client asked for
+        self.wants_tunnel = False  # CONNECT, or an upgrade the client asked for
         self.connect_started = 0.0
         self.replayable = False  # may be resent once on a fresh connection
         self.upstream_keep_alive = True
@@ -497,7 +500,7 @@ class Session:
             # A tunnel ends, or the client left before its answer was complete
             # (status 0 then, Squid's "000").
             self._exchange = None
-            record = exchange.record
+            record = exchange
             if record.response_started and not record.tunnel:
                 record.incomplete = "client"
             self._record(exchange)
@@ -530,7 +533,7 @@ class Session:
             exchange = self._new_exchange(None)
         if exchange is not None:
             self._exchange = None
-            exchange.record.incomplete = reason
+            exchange.incomplete = reason
             self._record(exchange)
         self._abort()
 
@@ -556,7 +559,7 @@ class Session:
             )  # fmt: skip
             exchange = self._exchange
             if exchange is not None:
-                exchange.record.rejected = "timeout"
+                exchange.rejected = "timeout"
             self._fail(504, f"no data for {timeouts.idle:g} seconds", incomplete="timeout")
         elif kind is _DL_REQUEST_HEADER:
             self._answer(
@@ -568,9 +571,9 @@ class Session:
             exchange = self._exchange
             where = None
             if exchange is not None:
-                where = exchange.record.destination
+                where = exchange.destination
                 if self._up is not None:
-                    exchange.record.upstream_error = "timeout"
+                    exchange.upstream_error = "timeout"
             where = where or self.destination or ("-", 0)
             self._answer(
                 504,
@@ -644,7 +647,7 @@ class Session:
             return
         self.state = _RESPONDING
         if upstream:
-            self._exchange.record.upstream_error = "reset"
+            self._exchange.upstream_error = "reset"
             self._fail(502, "upstream closed the connection", incomplete="upstream")
         else:
             self._fail(502, "the client went away", incomplete="client")
@@ -696,10 +699,10 @@ class Session:
         now = self._clock.seconds()
         if request is None:
             request = _NO_REQUEST
-        record = ExchangeRecord(now, self.client_ip, request.method, request.target)
+        exchange = _Exchange(request, now, self.client_ip)
         if request is not _NO_REQUEST:
-            record.request_host = request.get(b"host")
-        return _Exchange(request, record)
+            exchange.request_host = request.get(b"host")
+        return exchange
 
     def _start_request(self, request: Request, now: float | None = None) -> None:
         # The deadline is armed where the request leaves HEAD/IDLE: on its way
@@ -707,9 +710,8 @@ class Session:
         config = self._config
         if now is None:
             now = self._clock.seconds()
-        record = ExchangeRecord(now, self.client_ip, request.method, request.target)
+        exchange = record = self._exchange = _Exchange(request, now, self.client_ip)
         record.request_host = request.get(b"host")
-        exchange = self._exchange = _Exchange(request, record)
         refusal = self._refusal
         if refusal is not None:
             self._answer(refusal.status, refusal.reason, rejected=refusal.metric_reason)
@@ -742,7 +744,7 @@ class Session:
                 return
         record.destination = destination
         if request.method == b"CONNECT":
-            exchange.tunnel = True
+            exchange.wants_tunnel = True
             self._admit(destination)
             return
         record.target = target
@@ -776,7 +778,7 @@ class Session:
             except ProtocolError as e:
                 self._answer(e.status, e.reason, rejected="bad_request")
                 return
-        exchange.tunnel = upgrade
+        exchange.wants_tunnel = upgrade
         self._forward_head(
             exchange, request, H.serialize_request_head(request.method, target, fields), destination
         )
@@ -844,7 +846,7 @@ class Session:
             self._answer(result.status, result.reason, rejected=result.metric,
                          extra=result.fields)  # fmt: skip
             return
-        self._exchange.record.user = result.user
+        self._exchange.user = result.user
         self._use_upstream(link.destination)
         if not synchronous:
             # Inside _process the loop goes on by itself; later, start it again.
@@ -872,7 +874,7 @@ class Session:
         if agrees:
             self._host_agreed = named  # keep-alive requests repeat their Host
             return True
-        self._exchange.record.host_mismatch = True
+        self._exchange.host_mismatch = True
         dest_host, dest_port = self.destination
         self._config.throttle.emit(
             log.info,
@@ -921,7 +923,7 @@ class Session:
         up = self._up
         if exchange.request.method == b"CONNECT":
             self._write(_CONNECT_ESTABLISHED)
-            record = exchange.record
+            record = exchange
             record.status = 200
             record.response_started = True
             self._become_tunnel()
@@ -975,9 +977,9 @@ class Session:
             return
         self._connecting = None
         exchange = self._exchange
-        exchange.record.connect_duration = self._clock.seconds() - exchange.connect_started
+        exchange.connect_duration = self._clock.seconds() - exchange.connect_started
         if link.address is not None:  # a resolved name: log the address really used
-            exchange.record.destination = (link.address, link.destination[1])
+            exchange.destination = (link.address, link.destination[1])
         self._up = _Upstream(link, self._config.response_reader())
         self._io.attach(link)
         self._io.resume(CONNECTING_READS)
@@ -1027,7 +1029,7 @@ class Session:
                 log.info, "upstream-" + label, "upstream {dest} failed: {cause}",
                 dest=where, cause=cause,
             )  # fmt: skip
-        self._exchange.record.upstream_error = label
+        self._exchange.upstream_error = label
         self._answer(status, f"cannot connect to {where}: {cause}")
 
     def upstream_data(self, link: Link, data: bytes) -> None:
@@ -1062,13 +1064,13 @@ class Session:
         if exchange is None:
             self._up = None  # an idle keep-alive connection closed: fine
             return
-        if exchange.record.response_started:
+        if exchange.response_started:
             up.reader.feed_eof()
             self._relay_response()
             if self._exchange is exchange:
                 # Cut off in the middle of a body: the client must not take
                 # a truncated response for a whole one.
-                exchange.record.upstream_error = "reset"
+                exchange.upstream_error = "reset"
                 self._fail(502, "upstream closed the connection", incomplete="upstream")
             return
         self._up = None
@@ -1078,7 +1080,7 @@ class Session:
             exchange.replayable = False
             self._use_upstream(up.destination)
             return
-        exchange.record.upstream_error = "reset"
+        exchange.upstream_error = "reset"
         self._fail(502, "upstream closed the connection without answering")
 
     def _relay_response(self, now: float | None = None) -> None:
@@ -1090,10 +1092,10 @@ class Session:
                 event = reader.next_event()
             except ProtocolError as e:
                 if up.lost:  # cut off mid-message
-                    exchange.record.upstream_error = "reset"
+                    exchange.upstream_error = "reset"
                     cause = f"upstream closed the connection: {e.reason}"
                 else:
-                    exchange.record.upstream_error = "bad_response"
+                    exchange.upstream_error = "bad_response"
                     cause = f"invalid response from upstream: {e.reason}"
                 self._upstream_broke(cause)
                 return
@@ -1114,7 +1116,7 @@ class Session:
                 if self._relay_response_head(exchange, event, reader):
                     self._response_ended(up, now)
             elif kind is EndOfMessage:
-                if not exchange.record.response_started:  # the end of a 1xx interim response
+                if not exchange.response_started:  # the end of a 1xx interim response
                     reader.start_next()
                     continue
                 if exchange.response_chunked:
@@ -1139,17 +1141,17 @@ class Session:
         went out with it), for the caller to end the exchange.
         """
         tunnel = response.body == "tunnel"
-        if tunnel and not exchange.tunnel:
+        if tunnel and not exchange.wants_tunnel:
             # 101 to a request that did not ask to upgrade: nothing sane
             # follows, and none of it may reach the client.
-            exchange.record.upstream_error = "bad_response"
+            exchange.upstream_error = "bad_response"
             self._upstream_broke("upstream switched protocols unasked")
             return False
-        record = exchange.record
+        record = exchange
         record.response_started = True
         record.status = response.status
         record.response = response  # (its Content-Type is looked up if the access log asks)
-        exchange.upstream_keep_alive = response.keep_alive and not exchange.tunnel
+        exchange.upstream_keep_alive = response.keep_alive and not exchange.wants_tunnel
         # RESPONDING's deadline (IDLE) is armed when _relay_response returns
         # with the response unfinished: most end in the same read.
         self.state = _RESPONDING
@@ -1210,7 +1212,7 @@ class Session:
 
     def _become_tunnel(self) -> None:
         self.state = _TUNNEL
-        self._exchange.record.tunnel = True
+        self._exchange.tunnel = True
         self._arm(_DL_IDLE, self._config.timeouts.idle)
         up = self._up
         pending = up.reader.take_buffered()
@@ -1255,7 +1257,7 @@ class Session:
     def _upstream_broke(self, cause: str) -> None:
         up = self._up
         self._drop_upstream()
-        reason = self._exchange.record.upstream_error if self._exchange else None
+        reason = self._exchange.upstream_error if self._exchange else None
         self._config.throttle.emit(
             log.info, f"upstream-{reason}", "{cause} (from {dest})", cause=cause,
             dest=up.destination,
@@ -1284,10 +1286,10 @@ class Session:
         aborted and the record says why it is C{incomplete}.
         """
         exchange = self._exchange
-        if exchange is None or not exchange.record.response_started:
+        if exchange is None or not exchange.response_started:
             self._answer(status, text, rejected=rejected)
             return
-        record = exchange.record
+        record = exchange
         if rejected is not None:
             record.rejected = rejected
         if not record.tunnel:
@@ -1313,7 +1315,7 @@ class Session:
         if exchange is None:
             exchange = self._new_exchange(None)
         self._exchange = None
-        record = exchange.record
+        record = exchange
         record.status = status
         if rejected is not None:
             record.rejected = rejected
@@ -1362,7 +1364,7 @@ class Session:
         self._io.abort()
 
     def _record(self, exchange: _Exchange, now: float | None = None) -> None:
-        record = exchange.record
+        record = exchange
         record.finished = self._clock.seconds() if now is None else now
         record.bytes_in = self._bytes_in
         record.bytes_out = self._bytes_out
