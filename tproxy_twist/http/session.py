@@ -1127,11 +1127,6 @@ class Session:
         if self.state is _RESPONDING and self.deadline_kind is not _DL_IDLE:
             self._arm(_DL_IDLE, self._config.timeouts.idle, now)
 
-    def _response_ended(self, up: _Upstream, now: float | None = None) -> None:
-        more = up.reader.start_next()
-        up.served += 1
-        self._finish_exchange(more, now)
-
     def _relay_response_head(
         self, exchange: _Exchange, response: Response, reader: ResponseReader
     ) -> bool:
@@ -1225,17 +1220,23 @@ class Session:
         if self._client_eof:
             self._io.upstream_shutdown_write(up.link)
 
-    def _finish_exchange(self, upstream_more: bool, now: float | None = None) -> None:
+    def _response_ended(self, up: _Upstream, now: float | None = None) -> None:
         """
-        The exchange ended; C{upstream_more}: bytes after the response are
-        buffered; C{now}: the time, if the caller read it.
+        The response from C{up} ended, and with it the exchange (C{now}: the
+        time, if the caller read it): record it, then the next request or close.
         """
+        upstream_more = up.reader.start_next()
+        up.served += 1
         exchange = self._exchange
         self._exchange = None
-        up = self._up
         if exchange.large:
             self._io.large_reads(up.link, False)
-        self._record(exchange, now)
+        # _record(exchange), inline (once per exchange), with the time already read.
+        exchange.finished = self._clock.seconds() if now is None else now
+        exchange.bytes_in = self._bytes_in
+        exchange.bytes_out = self._bytes_out
+        self._bytes_in = self._bytes_out = 0
+        self._io.finished(exchange)
         if not exchange.upstream_keep_alive or upstream_more:
             # Bytes after a complete response, with no request outstanding:
             # the connection is not reused (they are never read as a response).
@@ -1363,13 +1364,13 @@ class Session:
             self._io.upstream_abort(up.link)
         self._io.abort()
 
-    def _record(self, exchange: _Exchange, now: float | None = None) -> None:
-        record = exchange
-        record.finished = self._clock.seconds() if now is None else now
-        record.bytes_in = self._bytes_in
-        record.bytes_out = self._bytes_out
+    def _record(self, exchange: _Exchange) -> None:
+        """The exchange ended: it counts the bytes since the last record, and is handed on."""
+        exchange.finished = self._clock.seconds()
+        exchange.bytes_in = self._bytes_in
+        exchange.bytes_out = self._bytes_out
         self._bytes_in = self._bytes_out = 0
-        self._io.finished(record)
+        self._io.finished(exchange)
 
     def _write(self, data: bytes) -> None:
         self._bytes_out += len(data)
