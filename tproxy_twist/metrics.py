@@ -432,6 +432,20 @@ class PortMetrics:
         self._pending_in += bytes_in
         self._pending_out += bytes_out
 
+    def exchange(
+        self, method: bytes, code: int, duration: float, bytes_in: int, bytes_out: int
+    ) -> None:
+        """L{request} and L{transferred} in one call: what every finished exchange counts."""
+        key = (method, code)
+        pending = self._pending_requests
+        pending[key] = pending.get(key, 0) + 1
+        durations = self._pending_durations  # its observe(), inline
+        durations._counts[bisect.bisect_left(durations._bounds, duration)] += 1
+        durations._sum += duration
+        durations._any = True
+        self._pending_in += bytes_in
+        self._pending_out += bytes_out
+
     def flush(self) -> None:
         """Hand what was counted since the last flush to prometheus_client."""
         if self._pending_requests:
@@ -537,6 +551,11 @@ class NullPortMetrics:
         pass
 
     def transferred(self, bytes_in: int, bytes_out: int) -> None:
+        pass
+
+    def exchange(
+        self, method: bytes, code: int, duration: float, bytes_in: int, bytes_out: int
+    ) -> None:
         pass
 
     def flush(self) -> None:

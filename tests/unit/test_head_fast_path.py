@@ -23,6 +23,7 @@ from tproxy_twist.http.framing import (
     Response,
     ResponseReader,
 )
+from tproxy_twist.http.session import State
 
 VIA = b"1.1 router (tproxy-twist)"
 CLIENT = "198.51.100.2"
@@ -476,3 +477,148 @@ def test_the_session_relays_keep_alive_heads_without_their_connection_fields():
     assert r.sent() == b"GET /x HTTP/1.1\r\nHost: example.com\r\nVia: " + VIA + b"\r\n\r\n"
     r.answer(b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok")
     assert r.received() == (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nVia: " + VIA + b"\r\n\r\nok")
+
+
+# --- round four: one call for the fast heads, the whole body with its head ------------
+
+
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    heads() | trim_heads(b"GET /a HTTP/1.1"),
+    st.sampled_from([VIA, None]),
+    st.sampled_from(["off", "append", "strip"]),
+)
+def test_forwarded_head_is_the_unchanged_or_else_the_trimmed_head(head, via, xff_mode):
+    try:
+        request = parse(head)
+    except (ProtocolError, AssertionError):
+        return
+    kw = {"via": via, "xff_mode": xff_mode, "client_ip": CLIENT}
+    expected = policy.unchanged_head(request, **kw) or policy.trimmed_head(request, **kw)
+    assert policy.forwarded_head(request, via, xff_mode, CLIENT) == expected
+
+
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    response_heads() | trim_heads(b"HTTP/1.1 200 OK"),
+    st.sampled_from([VIA, None]),
+    st.sampled_from([b"GET", b"HEAD"]),
+)
+def test_forwarded_response_head_is_the_unchanged_or_else_the_trimmed_head(head, via, method):
+    try:
+        response = parse_response(head, method)
+    except (ProtocolError, AssertionError):
+        return
+    expected = policy.unchanged_response_head(response, via) or policy.trimmed_response_head(
+        response, via
+    )
+    assert policy.forwarded_response_head(response, via) == expected
+
+
+def _events_after_head(reader: ResponseReader) -> tuple[bytes, bool]:
+    """The body bytes next_event() returns now, and whether EndOfMessage came."""
+    body = b""
+    while True:
+        event = reader.next_event()
+        if isinstance(event, framing.Data):
+            body += event.data
+        else:
+            return body, isinstance(event, framing.EndOfMessage)
+
+
+@settings(max_examples=300)
+@given(
+    st.integers(1, 40),
+    st.integers(0, 60),
+    st.binary(max_size=20),
+)
+def test_take_body_is_the_data_and_end_events_when_the_whole_body_is_buffered(
+    length, received, after
+):
+    body = (b"abcdefghijklmnopqrstuvwxyz" * 2)[:length]
+    wire = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % length + body + after
+    wire = wire[: wire.index(b"\r\n\r\n") + 4 + received]
+    readers = []
+    for _ in range(2):
+        reader = ResponseReader()
+        reader.expect(b"GET")
+        reader.feed(wire)
+        assert isinstance(reader.next_event(), Response)
+        readers.append(reader)
+    taken, evented = readers
+    got = taken.take_body()
+    events, ended = _events_after_head(evented)
+    if got is None:
+        assert not ended  # the body is not all here: nothing was taken
+        assert taken.buffered == min(received, length)
+        assert _events_after_head(taken) == (events, False)
+    else:
+        assert ended and got == events == body
+        assert taken.next_event() is framing.PAUSED
+        assert taken.start_next() == evented.start_next() == bool(after[: received - length])
+        assert taken.buffered == evented.buffered
+
+
+def test_take_body_leaves_other_bodies_to_the_events():
+    for wire, method in [
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n", b"GET"),
+        (b"HTTP/1.1 200 OK\r\n\r\nok", b"GET"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n", b"HEAD"),
+    ]:
+        reader = ResponseReader()
+        reader.expect(method)
+        reader.feed(wire)
+        assert isinstance(reader.next_event(), Response)
+        assert reader.take_body() is None
+
+
+def test_start_next_says_whether_the_next_message_began_to_arrive():
+    reader = RequestReader()
+    reader.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    reader.next_event()
+    assert reader.take_end()
+    assert reader.start_next() is False
+    reader.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nG")
+    reader.next_event()
+    assert reader.take_end()
+    assert reader.start_next() is True
+
+
+def test_the_session_sends_a_whole_response_in_one_write_and_counts_its_bytes():
+    r = Rig()
+    calls = []
+    write, write_sequence = r.io.write, r.io.write_sequence
+    r.io.write = lambda data: (calls.append([data]), write(data))
+    r.io.write_sequence = lambda parts: (calls.append(list(parts)), write_sequence(parts))
+    r.send(b"GET / HTTP/1.1\r\nHost: 203.0.113.2\r\n\r\n")
+    r.connect()
+    r.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nVia: " + VIA + b"\r\n\r\n"
+    assert calls == [[head, b"ok"]]
+    assert r.received() == head + b"ok"
+    assert r.io.records[-1].bytes_out == len(head) + 2
+    assert r.state is State.IDLE
+    # A body that comes after its head: the head now, the body as it arrives.
+    r.send(b"GET / HTTP/1.1\r\nHost: 203.0.113.2\r\n\r\n")
+    r.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\no")
+    assert r.state is State.RESPONDING
+    r.answer(b"k")
+    assert calls[1:] == [[head], [b"o"], [b"k"]]
+    assert r.io.records[-1].bytes_out == len(head) + 2
+    assert r.state is State.IDLE
+
+
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@given(trim_heads(b"GET /a HTTP/1.1") | trim_heads(b"HTTP/1.1 200 OK"))
+def test_without_connection_fields_drops_exactly_the_connection_lines(head):
+    try:
+        message = parse(head) if head.startswith(b"GET") else parse_response(head)
+    except (ProtocolError, AssertionError):
+        return
+    block = head[: head.index(b"\r\n\r\n")]
+    kept = [block.split(b"\r\n")[0]] + [
+        line
+        for line in block.split(b"\r\n")[1:]
+        if line.split(b":")[0].lower() not in (b"connection", b"keep-alive", b"proxy-connection")
+    ]
+    assert message.without_connection_fields() == b"\r\n".join(kept)

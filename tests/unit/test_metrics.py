@@ -65,6 +65,29 @@ def test_port_metrics_count_exactly_after_a_flush():
     assert value("tproxy_requests_total", **labels) == 37
 
 
+def test_one_exchange_call_counts_what_request_and_transferred_count():
+    registry = CollectorRegistry()
+    split = PortMetrics("split", "tproxy", registry)
+    joined = PortMetrics("joined", "tproxy", registry)
+    rng = random.Random(11)
+    for _ in range(300):
+        method = rng.choice([b"GET", b"POST", b"BREW"])
+        code = rng.choice([200, 404, 502])
+        duration = rng.uniform(0, 3)
+        bytes_in, bytes_out = rng.randrange(5000), rng.randrange(50000)
+        split.request(method, code, duration)
+        split.transferred(bytes_in, bytes_out)
+        joined.exchange(method, code, duration, bytes_in, bytes_out)
+    split.flush()
+    joined.flush()
+    lines = generate_latest(registry).decode().splitlines()
+    samples = [line for line in lines if not line.startswith("#") and "_created" not in line]
+    of_split = sorted(line.replace('"split"', "P") for line in samples if '"split"' in line)
+    of_joined = sorted(line.replace('"joined"', "P") for line in samples if '"joined"' in line)
+    assert of_split == of_joined
+    assert any("tproxy_requests_total" in line for line in of_joined)
+
+
 def test_upstream_connect_durations_and_streams_are_written_at_the_flush_not_per_connection():
     from prometheus_client import REGISTRY
 

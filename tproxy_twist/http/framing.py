@@ -155,12 +155,20 @@ class _Message:
         message, what dropping the hop-by-hop fields leaves of it.
         """
         block = self._block
-        parts = []
-        start = 0
-        for match in _CONNECTION_LINES.finditer(self._low):
-            parts.append(block[start : match.start()])
-            start = match.end()
-        parts.append(block[start:])
+        low = self._low
+        match = _CONNECTION_LINES.search(low)
+        if match is None:
+            return block
+        end = match.end()
+        following = _CONNECTION_LINES.search(low, end)
+        if following is None:  # the usual one line (Connection: keep-alive)
+            return block[: match.start()] + block[end:]
+        parts = [block[: match.start()]]
+        while following is not None:
+            parts.append(block[end : following.start()])
+            end = following.end()
+            following = _CONNECTION_LINES.search(low, end)
+        parts.append(block[end:])
         return b"".join(parts)
 
     @property
@@ -180,7 +188,10 @@ class _Message:
         """The first value of the field ``name`` (given in lowercase), or None."""
         if self._fields is None:
             # Field lines are "token:" right after a CRLF (the reader made sure).
-            i = self._low.find(b"\r\n" + name + b":")
+            needle = _NEEDLES.get(name)
+            if needle is None:
+                needle = b"\r\n" + name + b":"
+            i = self._low.find(needle)
             if i < 0:
                 return None
             i += len(name) + 3
@@ -199,6 +210,10 @@ class _Message:
             return []  # the usual answer, without building the field list
         size = len(name)
         return [v for f, v in self.headers if len(f) == size and f.lower() == name]
+
+
+# What get() searches for the names the relay asks for on every exchange.
+_NEEDLES: Final = {name: b"\r\n" + name + b":" for name in (b"host", b"content-type")}
 
 
 def _field_list(block: bytes) -> Headers:
@@ -378,6 +393,7 @@ _HOST: Final = re.compile(
 )
 # A reg-name without percent-escapes and without a port: valid as it is.
 _PLAIN_HOST: Final = re.compile(rb"[A-Za-z0-9\-._~!$&'()*+,;=]+")
+_plain_host: Final = _PLAIN_HOST.fullmatch
 _TOKEN_RE: Final = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _QUOTED: Final = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
 _CHUNK_EXT_VALUE: Final = rb"(?:" + _TOKEN_RE + rb"|" + _QUOTED + rb")"
@@ -388,6 +404,9 @@ _CHUNK_EXT: Final = re.compile(
 
 # Every byte allowed in a head besides CR and LF: VCHAR, SP, HTAB, obs-text.
 _FIELD_CHARS: Final = b"\t" + bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100))
+# The same without HTAB: what deleting them leaves of a head is its CRLFs
+# when it has neither a control byte nor an HTAB (the usual head).
+_FIELD_CHARS_NO_TAB: Final = _FIELD_CHARS[1:]
 # A line start (after CRLF) that is not "token:"; the start line is not preceded by CRLF.
 _BAD_FIELD_START: Final = re.compile(rb"\r\n(?!" + _TOKEN_RE + rb":)")
 # A field line start that is not "token: " followed by a byte that is neither
@@ -429,6 +448,7 @@ def _fields_pattern(names: frozenset[bytes]) -> re.Pattern[bytes]:
 # The lines dropped from a head that is plain but for these fields (see Request.trim).
 _CONNECTION_LINES: Final = re.compile(rb"\r\n(?:connection|keep-alive|proxy-connection):[^\r]*")
 _CONNECTION_ONLY: Final = frozenset({b"keep-alive", b"close"})
+_KEEP_ALIVE_ONLY: Final = [b"keep-alive"]
 
 
 def _trim(canonical: bool, conn: list[bytes] | None, low: bytes) -> bool:
@@ -465,7 +485,11 @@ def _managed_facts(
             droppable = False
         elif lname != b"keep-alive" and lname != b"proxy-connection":
             droppable = False
-    return conn, te, droppable and _trim(canonical, conn, low)
+    if not droppable or not canonical:
+        return conn, te, False
+    if conn == _KEEP_ALIVE_ONLY:  # the usual Connection: keep-alive (_trim's answer, sooner)
+        return conn, te, low.find(b"\r\nclose:") < 0
+    return conn, te, _trim(canonical, conn, low)
 
 
 # The fields that decide a request's framing and routing, and those a proxy manages.
@@ -518,6 +542,8 @@ class _Reader:
     _HEAD_TOO_LARGE = 431
     _BODY_TOO_LARGE = 413
     _START_LINE = "request line"
+    # Whether _check_head_allowed says anything (a call spared on every request head).
+    _CHECKS_ALLOWED = False
 
     def __init__(
         self,
@@ -577,8 +603,11 @@ class _Reader:
         """The peer closed its sending side; no more bytes will be fed."""
         self._eof = True
 
-    def start_next(self) -> None:
-        """Begin the next message; legal only once EndOfMessage was returned."""
+    def start_next(self) -> bool:
+        """
+        Begin the next message; legal only once EndOfMessage was returned.
+        True when bytes after the message are buffered (L{buffered} is not 0).
+        """
         if self._state != _DONE:
             raise RuntimeError("start_next() is only legal after EndOfMessage")
         self._state = _HEAD
@@ -588,6 +617,8 @@ class _Reader:
             self._buf = b""
             self._pos = 0
             self._scan = 0
+            return False
+        return True
 
     def take_buffered(self) -> bytes:
         """Return and forget every unparsed byte (for a connection that became a tunnel)."""
@@ -643,6 +674,21 @@ class _Reader:
             self._state = _DONE
             return True
         return False
+
+    def take_body(self) -> bytes | None:
+        """
+        If the rest of the current Content-Length body is all buffered, take
+        it and end the message: its bytes, as if the C{Data} and
+        C{EndOfMessage} events that L{next_event} would return next had been
+        returned.  C{None}, changing nothing, otherwise.
+        """
+        if self._state != _LENGTH:
+            return None
+        remaining = self._remaining
+        if len(self._buf) - self._pos < remaining:
+            return None
+        self._state = _DONE
+        return self._take(remaining)
 
     @property
     def eof(self) -> bool:
@@ -732,8 +778,10 @@ class _Reader:
     def _read_head(self) -> Event:
         buf = self._buf
         pos = self._pos
-        # RFC 9112 §2.2: ignore empty lines before the start line.
-        if buf.startswith(b"\r\n", pos):
+        n = len(buf)
+        # RFC 9112 §2.2: ignore empty lines before the start line.  (An index
+        # first: startswith() with a position parses its arguments each time.)
+        if pos < n and buf[pos] == 13 and buf.startswith(b"\r\n", pos):
             start = pos
             while buf.startswith(b"\r\n", pos):
                 pos += 2
@@ -743,14 +791,15 @@ class _Reader:
                 raise ProtocolError(
                     self._BAD, f"too many empty lines before the {self._START_LINE}"
                 )
-        if pos >= len(buf):
+        if pos >= n:
             self._buf = b""
             self._pos = 0
             if self._eof:
                 self._state = _CLOSED
                 return CLOSED
             return NEED_DATA
-        self._check_head_allowed()
+        if self._CHECKS_ALLOWED:
+            self._check_head_allowed()
         scan = self._scan
         end = buf.find(b"\r\n\r\n", scan if scan > pos else pos)  # _find_block's first step
         if end < 0:
@@ -764,7 +813,42 @@ class _Reader:
         self._scan = 0
         self._line_ok = False
         self._blank = 0
-        return self._parse_head(head)
+        # Check the head: ProtocolError if it is invalid.  The checks run over
+        # the whole head in C (count, translate, one regex) rather than per
+        # field; the field list is not built (_Message.headers does that when
+        # asked).  The start line, and whether every field line is plainly
+        # "name: value" (see Request), go on to _parse_head.
+        crlfs = head.count(b"\r\n")
+        first_end = head.find(b"\r\n") if crlfs else len(head)
+        # Deleting every allowed byte leaves the controls: only the CRLFs may
+        # remain.  Deleting them but HTAB first says in the same pass whether
+        # the head has an HTAB (then not plain), the usual answer being no.
+        tab = len(head.translate(None, _FIELD_CHARS_NO_TAB)) != 2 * crlfs
+        if tab and len(head.translate(None, _FIELD_CHARS)) != 2 * crlfs:
+            self._bad_control(head, head[:first_end])
+        size = len(head)
+        if size > self._max_line and first_end > self._max_line:
+            raise ProtocolError(self._LINE_TOO_LONG, f"{self._START_LINE} too long")
+        if size + 4 > self._max_head:
+            raise ProtocolError(self._HEAD_TOO_LARGE, "header section too large")
+        max_field = self._max_field_line
+        if size > max_field:
+            field_lines = head.split(b"\r\n")[1:]
+            if field_lines and max(map(len, field_lines)) > max_field:
+                raise ProtocolError(self._HEAD_TOO_LARGE, "header field line too long")
+        if crlfs > self._max_fields:
+            raise ProtocolError(self._HEAD_TOO_LARGE, "too many header fields")
+        if _NOT_PLAIN_FIELD_START.search(head) is None:
+            # Every field line is "token: " and a value: valid, and plain unless
+            # whitespace ends a line or an HTAB is somewhere (rare: not worth a
+            # closer look).
+            plain = not tab and head.find(b" \r\n") < 0 and head[-1:] != b" "
+        else:
+            bad = _BAD_FIELD_START.search(head)
+            if bad is not None:
+                self._bad_field_line(head[bad.end() :].partition(b"\r\n")[0])
+            plain = False
+        return self._parse_head(head, head[:first_end], plain)
 
     def _check_head_allowed(self) -> None:
         """Hook: raise if no message may start here."""
@@ -772,7 +856,8 @@ class _Reader:
     def _check_start_line(self, line: bytes) -> None:
         """Hook: raise if ``line`` (complete, head not yet) cannot start a valid message."""
 
-    def _parse_head(self, head: bytes) -> Event:
+    def _parse_head(self, head: bytes, start_line: bytes, canonical: bool) -> Event:
+        """Hook: the event for a head that L{_read_head} checked (and what it found)."""
         raise NotImplementedError
 
     def _find_block(self, *, start_line: bool) -> int:
@@ -811,43 +896,6 @@ class _Reader:
 
     def _section_name(self, start_line: bool) -> str:
         return "header section" if start_line else "trailer section"
-
-    def _check_head(self, head: bytes) -> tuple[bytes, bool]:
-        """Check a head (without its final CRLFCRLF): ProtocolError if it is invalid.
-
-        Returns the start line, and whether every field line is plainly
-        C{name: value} (see L{Request}).  The checks run over the whole head
-        in C (count, translate, one regex) rather than per field; the field
-        list is not built (L{_Message.headers} does that when asked).
-        """
-        crlfs = head.count(b"\r\n")
-        first_end = head.find(b"\r\n") if crlfs else len(head)
-        # Deleting every allowed byte leaves the controls: only the CRLFs may remain.
-        if len(head.translate(None, _FIELD_CHARS)) != 2 * crlfs:
-            self._bad_control(head, head[:first_end])
-        size = len(head)
-        if size > self._max_line and first_end > self._max_line:
-            raise ProtocolError(self._LINE_TOO_LONG, f"{self._START_LINE} too long")
-        if size + 4 > self._max_head:
-            raise ProtocolError(self._HEAD_TOO_LARGE, "header section too large")
-        max_field = self._max_field_line
-        if size > max_field:
-            field_lines = head.split(b"\r\n")[1:]
-            if field_lines and max(map(len, field_lines)) > max_field:
-                raise ProtocolError(self._HEAD_TOO_LARGE, "header field line too long")
-        if crlfs > self._max_fields:
-            raise ProtocolError(self._HEAD_TOO_LARGE, "too many header fields")
-        if _NOT_PLAIN_FIELD_START.search(head) is None:
-            # Every field line is "token: " and a value: valid, and plain unless
-            # whitespace ends a line or an HTAB is somewhere (rare: not worth a
-            # closer look).
-            plain = head.find(b"\t") < 0 and head.find(b" \r\n") < 0 and head[-1:] != b" "
-        else:
-            bad = _BAD_FIELD_START.search(head)
-            if bad is not None:
-                self._bad_field_line(head[bad.end() :].partition(b"\r\n")[0])
-            plain = False
-        return head[:first_end], plain
 
     def _parse_trailers(self, block: bytes) -> Headers:
         """Check a trailer section (without its final CRLFCRLF) and parse its fields."""
@@ -1042,8 +1090,7 @@ class RequestReader(_Reader):
             raise
         self._pos, self._remaining, self._state = pos, remaining, _CHUNK_SIZE
 
-    def _parse_head(self, head: bytes) -> Event:
-        start_line, canonical = self._check_head(head)
+    def _parse_head(self, head: bytes, start_line: bytes, canonical: bool) -> Event:
         method, target, version = _request_line(start_line)
         block = head
         headers: Headers | None = None  # built from the block when asked
@@ -1058,7 +1105,9 @@ class RequestReader(_Reader):
         for lname, value in _REQUEST_FIELDS.findall(low):
             if lname == b"host":
                 host += 1
-                if not _valid_host(value.rstrip(b" \t")):
+                value = value.rstrip(b" \t")
+                # (_valid_host's first test, inline: the usual plain name.)
+                if _plain_host(value) is None and not _valid_host(value):
                     raise ProtocolError(400, "invalid Host header")
             elif lname == b"content-length":
                 value = value.rstrip(b" \t")
@@ -1068,8 +1117,13 @@ class RequestReader(_Reader):
                 expect = [value] if expect is None else [*expect, value]
             else:  # a field the proxy rewrites or drops
                 managed = [(lname, value)] if managed is None else [*managed, (lname, value)]
-        conn, te, trim = _managed_facts(managed, canonical, low)
-        plain = canonical and managed is None
+        if managed is None:
+            conn = te = None
+            trim = False
+            plain = canonical
+        else:
+            conn, te, trim = _managed_facts(managed, canonical, low)
+            plain = False
         if host > 1:
             raise ProtocolError(400, "multiple Host headers")
         if host == 0 and http11:
@@ -1091,14 +1145,21 @@ class RequestReader(_Reader):
                 raise ProtocolError(501, "unsupported transfer coding")
             body = "chunked"
         elif cl is not None:
-            length, raw, repeated = self._content_length(cl)
+            value = cl[0]
+            if len(cl) == 1 and len(value) <= _MAX_CONTENT_LENGTH_DIGITS and value.isdigit():
+                length = int(value)  # the usual single value (no comma: digits only)
+                repeated = False
+            else:
+                length, raw, repeated = self._content_length(cl)
             if length:
                 body = "length"
             if repeated:
                 headers = _single_content_length(_field_list(head), raw)
                 head = None  # the fields are no longer the lines received
 
-        keep_alive = http11 if conn is None else _keep_alive(conn, http11)
+        keep_alive = (
+            http11 if conn is None else (conn == _KEEP_ALIVE_ONLY or _keep_alive(conn, http11))
+        )
         expect_continue = False
         if expect is not None and http11:
             expect_continue = b"100-continue" in _tokens(expect)
@@ -1148,7 +1209,8 @@ def _request_line(line: bytes) -> tuple[bytes, bytes, bytes]:
         raise ProtocolError(400, "malformed request line")
     if method not in _COMMON_METHODS and (not method or method.translate(None, _TCHAR)):
         raise ProtocolError(400, "invalid method")
-    _check_target(method, target)
+    if target[:1] != b"/" or method == b"CONNECT" or target.find(b"\t") >= 0:
+        _check_target(method, target)  # (an origin-form target is valid as it is)
     return method, target, version
 
 
@@ -1198,6 +1260,7 @@ class ResponseReader(_Reader):
     _HEAD_TOO_LARGE = 502
     _BODY_TOO_LARGE = 502
     _START_LINE = "status line"
+    _CHECKS_ALLOWED = True
 
     def __init__(
         self,
@@ -1232,8 +1295,7 @@ class ResponseReader(_Reader):
             self._bad_control(line, line)
         _status_line(line)
 
-    def _parse_head(self, head: bytes) -> Event:
-        start_line, canonical = self._check_head(head)
+    def _parse_head(self, head: bytes, start_line: bytes, canonical: bool) -> Event:
         version, status, reason = _status_line(start_line)
         http11 = version == b"HTTP/1.1"
         block = head
@@ -1255,15 +1317,27 @@ class ResponseReader(_Reader):
                 cl = [value] if cl is None else [*cl, value]
             else:  # a field the proxy rewrites or drops
                 managed = [(lname, value)] if managed is None else [*managed, (lname, value)]
-        conn, te, trim = _managed_facts(managed, canonical, low)
-        plain = canonical and managed is None
-        keep_alive = http11 if conn is None else _keep_alive(conn, http11)
+        if managed is None:
+            conn = te = None
+            trim = False
+            plain = canonical
+            keep_alive = http11
+        else:
+            conn, te, trim = _managed_facts(managed, canonical, low)
+            plain = False
+            keep_alive = (
+                http11 if conn is None else (conn == _KEEP_ALIVE_ONLY or _keep_alive(conn, http11))
+            )
 
         length: int | None = None
         raw = b""
         repeated = False
         if cl is not None:
-            length, raw, repeated = self._content_length(cl)
+            value = cl[0]
+            if len(cl) == 1 and len(value) <= _MAX_CONTENT_LENGTH_DIGITS and value.isdigit():
+                length = int(value)  # the usual single value (no comma: digits only)
+            else:
+                length, raw, repeated = self._content_length(cl)
         if te is not None:
             if cl is not None:
                 # RFC 9112 §6.3: Transfer-Encoding overrides; never forward both.

@@ -254,6 +254,46 @@ def unchanged_response_head(response: Response, via: bytes | None) -> bytes | No
     return _response_head_out(head, via)
 
 
+def forwarded_head(
+    request: Request, via: bytes | None, xff_mode: str, client_ip: str
+) -> bytes | None:
+    """
+    L{unchanged_head} or else L{trimmed_head}, in one call: the head to
+    send upstream for C{request} as received (perhaps without its Connection
+    fields), or C{None} for the field-by-field rewrite.  (Positional
+    arguments: the session calls it for every request.)
+    """
+    head = request.head
+    if head is None or request.version != b"HTTP/1.1":
+        return None
+    if not request.plain:
+        if not request.trim:
+            return None
+        head = request.without_connection_fields()
+    if via is not None:
+        head += b"\r\nVia: " + via
+    if xff_mode == "append":
+        head += b"\r\nX-Forwarded-For: " + client_ip.encode()
+    return head + b"\r\n\r\n"
+
+
+def forwarded_response_head(response: Response, via: bytes | None) -> bytes | None:
+    """
+    L{unchanged_response_head} or else L{trimmed_response_head}, in one call
+    (the same conditions on the caller).
+    """
+    head = response.head
+    if head is None or response.version != b"HTTP/1.1" or head[12:13] != b" ":
+        return None
+    if not response.plain:
+        if not response.trim:
+            return None
+        head = response.without_connection_fields()
+    if via is not None:
+        return head + b"\r\nVia: " + via + b"\r\n\r\n"
+    return head + b"\r\n\r\n"
+
+
 def _request_head_out(head: bytes, via: bytes | None, xff_mode: str, client_ip: str) -> bytes:
     """A request head's fields as they go on, plus Via and X-Forwarded-For, and its end."""
     if via is not None:

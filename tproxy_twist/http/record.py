@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ..accesslog import AccessEntry, AccessLog
 from ..metrics import PortMetrics
+from .framing import Response
 
 __all__ = ["ExchangeRecord", "RecordSink", "absolute_url"]
 
@@ -36,7 +37,7 @@ class ExchangeRecord:
         "response_started",
         "tunnel",
         "denied",
-        "content_type",
+        "response",
         "bytes_in",
         "bytes_out",
         "rejected",
@@ -62,7 +63,8 @@ class ExchangeRecord:
         self.response_started = False  # a response from upstream began to reach the client
         self.tunnel = False
         self.denied = False  # refused by policy (403, loops): Squid's TCP_DENIED
-        self.content_type = b"-"
+        # The final response relayed from upstream (None: none), for content_type.
+        self.response: Response | None = None
         self.bytes_in = 0
         self.bytes_out = 0
         self.rejected: str | None = None  # tproxy_rejected_total reason
@@ -72,6 +74,15 @@ class ExchangeRecord:
         self.incomplete: str | None = None
         self.scheme = b"http"  # b"https": a request relayed inside a bumped TLS connection
         self.user: str | None = None  # the proxy-authenticated user (never a metric label)
+
+    @property
+    def content_type(self) -> bytes:
+        """The relayed response's Content-Type (C{-}: none); looked up only when asked
+        (the access log asks, metrics do not)."""
+        response = self.response
+        if response is None:
+            return b"-"
+        return response.get(b"content-type") or b"-"
 
     @property
     def duration(self) -> float:
@@ -136,8 +147,13 @@ class RecordSink:
 
     def __call__(self, record: ExchangeRecord) -> None:
         metrics = self.metrics
-        metrics.request(record.method, record.status, record.finished - record.started)
-        metrics.transferred(record.bytes_in, record.bytes_out)
+        metrics.exchange(
+            record.method,
+            record.status,
+            record.finished - record.started,
+            record.bytes_in,
+            record.bytes_out,
+        )
         if record.rejected is not None:
             metrics.rejected(record.rejected)
         if record.upstream_error is not None:

@@ -479,11 +479,20 @@ class ClientConnection(Protocol):
             return  # the client left: an upstream being closed still spoke
         # Corked: a response's head and body (and the next pipelined answer)
         # leave in one send instead of one per piece.
-        self._corked = []
+        self._corked = parts = []
         try:
             session.upstream_data(upstream.link, data)
         finally:
-            self._uncork()
+            # _uncork(), inline: this runs for every response.
+            if self._corked is parts:
+                self._corked = None
+                if parts:
+                    if len(parts) == 1:
+                        self._writer.write(parts[0])
+                    else:
+                        self._writer.write_sequence(parts)
+            else:
+                self._uncork()
         state = session.state
         if state is _TUNNEL and self.pump is None:
             self.splice_tunnel()  # a 101 upgrade: its head went out just now

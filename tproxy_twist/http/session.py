@@ -236,6 +236,7 @@ class SessionConfig:
         "throttle",
         "local_addresses",
         "authenticates",
+        "via11",
         "_via",
         "_via_on",
         "_pseudonym",
@@ -262,6 +263,8 @@ class SessionConfig:
         self.authenticates = port.auth is not None  # every request needs proxy credentials
         self._via: dict[bytes, bytes] = {}
         self._via_on = port.via
+        # via(b"HTTP/1.1"), read without a call for the usual messages.
+        self.via11 = self.via(b"HTTP/1.1")
 
     def via(self, version: bytes) -> bytes | None:
         """Our Via entry for a message of C{version}, made once per version; C{None}: via off."""
@@ -318,33 +321,36 @@ class _Upstream:
         self.lost = False
 
 
-class _Exchange:
-    """One request and its response, as the session tracks it."""
+class _Exchange(ExchangeRecord):
+    """
+    One request and its response, as the session tracks it: also its
+    L{ExchangeRecord} (one object per exchange, not two), handed to
+    C{SessionIO.finished} when it ends.
+    """
 
     __slots__ = (
         "request",
-        "record",
         "head",
         "chunked_out",
         "request_done",
         "response_chunked",
         "close_client",
-        "tunnel",
+        "wants_tunnel",
         "connect_started",
         "replayable",
         "upstream_keep_alive",
         "large",
     )
 
-    def __init__(self, request: Request, record: ExchangeRecord) -> None:
+    def __init__(self, request: Request, started: float, client: str) -> None:
+        ExchangeRecord.__init__(self, started, client, request.method, request.target)
         self.request = request
-        self.record = record
         self.head = b""  # the serialized head sent upstream
         self.chunked_out = False  # request body re-chunked upstream
         self.request_done = False  # whole request received (and written upstream)
         self.response_chunked = False  # response body chunked to the client
         self.close_client = not request.keep_alive
-        self.tunnel = False  # CONNECT, or an upgrade the client asked for
+        self.wants_tunnel = False  # CONNECT, or an upgrade the client asked for
         self.connect_started = 0.0
         self.replayable = False  # may be resent once on a fresh connection
         self.upstream_keep_alive = True
@@ -444,7 +450,8 @@ class Session:
 
     def client_data(self, data: bytes) -> None:
         self._bytes_in += len(data)
-        self._last_activity = self._clock.seconds()
+        # The time, read once for everything this event does.
+        now = self._last_activity = self._clock.seconds()
         state = self.state
         if state is _TUNNEL:
             up = self._up
@@ -459,7 +466,7 @@ class Session:
             if reader.buffered > CONNECTING_BUFFER:
                 self._io.pause(CONNECTING_READS)
             return
-        self._process()
+        self._process(now)
         if self.state is _IDLE and not reader.idle:
             # Part of a head came; a whole one would have started an exchange.
             self._to_head()
@@ -493,7 +500,7 @@ class Session:
             # A tunnel ends, or the client left before its answer was complete
             # (status 0 then, Squid's "000").
             self._exchange = None
-            record = exchange.record
+            record = exchange
             if record.response_started and not record.tunnel:
                 record.incomplete = "client"
             self._record(exchange)
@@ -526,7 +533,7 @@ class Session:
             exchange = self._new_exchange(None)
         if exchange is not None:
             self._exchange = None
-            exchange.record.incomplete = reason
+            exchange.incomplete = reason
             self._record(exchange)
         self._abort()
 
@@ -552,7 +559,7 @@ class Session:
             )  # fmt: skip
             exchange = self._exchange
             if exchange is not None:
-                exchange.record.rejected = "timeout"
+                exchange.rejected = "timeout"
             self._fail(504, f"no data for {timeouts.idle:g} seconds", incomplete="timeout")
         elif kind is _DL_REQUEST_HEADER:
             self._answer(
@@ -564,9 +571,9 @@ class Session:
             exchange = self._exchange
             where = None
             if exchange is not None:
-                where = exchange.record.destination
+                where = exchange.destination
                 if self._up is not None:
-                    exchange.record.upstream_error = "timeout"
+                    exchange.upstream_error = "timeout"
             where = where or self.destination or ("-", 0)
             self._answer(
                 504,
@@ -640,15 +647,18 @@ class Session:
             return
         self.state = _RESPONDING
         if upstream:
-            self._exchange.record.upstream_error = "reset"
+            self._exchange.upstream_error = "reset"
             self._fail(502, "upstream closed the connection", incomplete="upstream")
         else:
             self._fail(502, "the client went away", incomplete="client")
 
     # --- the request loop -------------------------------------------------------------
 
-    def _process(self) -> None:
-        """Handle the request events the reader has, until it needs something."""
+    def _process(self, now: float | None = None) -> None:
+        """
+        Handle the request events the reader has, until it needs something
+        (C{now}: the time, if the caller read it).
+        """
         reader = self._reader
         while self.state in _READING:
             try:
@@ -660,7 +670,15 @@ class Session:
             if kind is Data:
                 self._send_body(event.data)
             elif kind is Request:
-                self._start_request(event)
+                self._start_request(event, now)
+                exchange = self._exchange
+                if exchange is not None and exchange.request_done and self.state in _READING:
+                    # A bodiless request taken whole: next_event() would say
+                    # PAUSED (handled here without the call).
+                    if not reader.idle:
+                        self._pipeline_paused = True
+                        self._io.pause(PIPELINE)
+                    return
             elif kind is EndOfMessage:
                 self._request_body_done(event.trailers)
             elif event is NEED_DATA:
@@ -681,25 +699,25 @@ class Session:
         now = self._clock.seconds()
         if request is None:
             request = _NO_REQUEST
-        record = ExchangeRecord(now, self.client_ip, request.method, request.target)
+        exchange = _Exchange(request, now, self.client_ip)
         if request is not _NO_REQUEST:
-            record.request_host = request.get(b"host")
-        return _Exchange(request, record)
+            exchange.request_host = request.get(b"host")
+        return exchange
 
-    def _start_request(self, request: Request) -> None:
+    def _start_request(self, request: Request, now: float | None = None) -> None:
         # The deadline is armed where the request leaves HEAD/IDLE: on its way
         # upstream (CONNECTING, SENDING, AWAITING) or answered by the proxy.
         config = self._config
-        record = ExchangeRecord(
-            self._clock.seconds(), self.client_ip, request.method, request.target
-        )
+        if now is None:
+            now = self._clock.seconds()
+        exchange = record = self._exchange = _Exchange(request, now, self.client_ip)
         record.request_host = request.get(b"host")
-        exchange = self._exchange = _Exchange(request, record)
         refusal = self._refusal
         if refusal is not None:
             self._answer(refusal.status, refusal.reason, rejected=refusal.metric_reason)
             return
-        if policy.is_loop(request, config.via_marker):
+        # (A plain or trim head has no Via field: not a loop, and no search.)
+        if not (request.plain or request.trim) and policy.is_loop(request, config.via_marker):
             self._answer(
                 508, "forwarding loop: this request already passed through us", rejected="loop"
             )
@@ -719,26 +737,27 @@ class Session:
                 self._answer(413, f"request body larger than {max_body} bytes", rejected="limit")
                 return
             self._body_left = max_body
-        if config.mode != "forward" and not self._host_agrees(request, host):
-            return
+        if config.mode != "forward":
+            named = host if host is not None else record.request_host
+            # (Keep-alive requests repeat the Host that agreed: no call for them.)
+            if named is not None and named != self._host_agreed and not self._host_agrees(named):
+                return
         record.destination = destination
         if request.method == b"CONNECT":
-            exchange.tunnel = True
+            exchange.wants_tunnel = True
             self._admit(destination)
             return
         record.target = target
         record.host = host
         head = None
-        if host is None:
+        if host is None and request.version == b"HTTP/1.1":
             # The common case: the head goes upstream as it came (perhaps without
             # its Connection field), plus Via.
-            via = config.via(request.version)
-            xff_mode = port.x_forwarded_for
-            head = policy.unchanged_head(
-                request, via=via, xff_mode=xff_mode, client_ip=self.client_ip
-            ) or policy.trimmed_head(request, via=via, xff_mode=xff_mode, client_ip=self.client_ip)
+            head = policy.forwarded_head(
+                request, config.via11, port.x_forwarded_for, self.client_ip
+            )
         if head is not None:
-            self._forward_head(exchange, request, head, destination)
+            self._forward_head(exchange, request, head, destination, now)
             return
         upgrade = policy.wants_upgrade(request)
         fields = policy.upstream_fields(
@@ -759,13 +778,18 @@ class Session:
             except ProtocolError as e:
                 self._answer(e.status, e.reason, rejected="bad_request")
                 return
-        exchange.tunnel = upgrade
+        exchange.wants_tunnel = upgrade
         self._forward_head(
             exchange, request, H.serialize_request_head(request.method, target, fields), destination
         )
 
     def _forward_head(
-        self, exchange: _Exchange, request: Request, head: bytes, destination: tuple[str, int]
+        self,
+        exchange: _Exchange,
+        request: Request,
+        head: bytes,
+        destination: tuple[str, int],
+        now: float | None = None,
     ) -> None:
         """Send C{head} (the request's head as it goes upstream) to C{destination}."""
         if request.body == "chunked" or (request.content_length or 0) > LARGE_BODY:
@@ -776,6 +800,11 @@ class Session:
             exchange.replayable = True
             # No EndOfMessage event to wait for: the whole request is here.
             exchange.request_done = self._reader.take_end()
+        if not self._config.authenticates:
+            up = self._up
+            if up is not None and not up.lost and up.destination == destination:
+                self._send_head(now)  # _admit's and _use_upstream's way for a reused upstream
+                return
         self._admit(destination)
 
     def _admit(self, destination: tuple[str, int]) -> None:
@@ -817,13 +846,13 @@ class Session:
             self._answer(result.status, result.reason, rejected=result.metric,
                          extra=result.fields)  # fmt: skip
             return
-        self._exchange.record.user = result.user
+        self._exchange.user = result.user
         self._use_upstream(link.destination)
         if not synchronous:
             # Inside _process the loop goes on by itself; later, start it again.
             self._process()
 
-    def _host_agrees(self, request: Request, host: bytes | None) -> bool:
+    def _host_agrees(self, named: bytes) -> bool:
         """
         On intercepting ports the original destination decides where we
         connect; the authority really sent upstream (an absolute-form
@@ -833,9 +862,6 @@ class Session:
         connection the authority must name the server the origin was verified
         for, or it is 421 Misdirected Request (RFC 9110, 15.5.20).
         """
-        named = host if host is not None else self._exchange.record.request_host
-        if named is None or named == self._host_agreed:
-            return True
         server_name = self.server_name
         try:
             if server_name is None:
@@ -848,7 +874,7 @@ class Session:
         if agrees:
             self._host_agreed = named  # keep-alive requests repeat their Host
             return True
-        self._exchange.record.host_mismatch = True
+        self._exchange.host_mismatch = True
         dest_host, dest_port = self.destination
         self._config.throttle.emit(
             log.info,
@@ -892,27 +918,24 @@ class Session:
         spoof = self.client_ip if self._config.port.spoof_client_ip else None
         self._io.connect(link, destination, spoof)
 
-    def _send_head(self) -> None:
+    def _send_head(self, now: float | None = None) -> None:
         exchange = self._exchange
         up = self._up
         if exchange.request.method == b"CONNECT":
             self._write(_CONNECT_ESTABLISHED)
-            record = exchange.record
+            record = exchange
             record.status = 200
             record.response_started = True
             self._become_tunnel()
             return
         up.reader.expect(exchange.request.method)
         self._io.upstream_write(up.link, exchange.head)
-        if exchange.request_done:  # a request replayed on a fresh connection
-            self._to_awaiting()
+        if exchange.request_done:  # a bodiless request, or one replayed on a fresh connection
+            self.state = _AWAITING
+            self._arm(_DL_RESPONSE, self._config.timeouts.response, now)
         else:
             self.state = _SENDING
-            self._arm(_DL_IDLE, self._config.timeouts.idle)
-
-    def _to_awaiting(self) -> None:
-        self.state = _AWAITING
-        self._arm(_DL_RESPONSE, self._config.timeouts.response)
+            self._arm(_DL_IDLE, self._config.timeouts.idle, now)
 
     def _to_head(self) -> None:
         self.state = _HEAD
@@ -954,9 +977,9 @@ class Session:
             return
         self._connecting = None
         exchange = self._exchange
-        exchange.record.connect_duration = self._clock.seconds() - exchange.connect_started
+        exchange.connect_duration = self._clock.seconds() - exchange.connect_started
         if link.address is not None:  # a resolved name: log the address really used
-            exchange.record.destination = (link.address, link.destination[1])
+            exchange.destination = (link.address, link.destination[1])
         self._up = _Upstream(link, self._config.response_reader())
         self._io.attach(link)
         self._io.resume(CONNECTING_READS)
@@ -1006,14 +1029,14 @@ class Session:
                 log.info, "upstream-" + label, "upstream {dest} failed: {cause}",
                 dest=where, cause=cause,
             )  # fmt: skip
-        self._exchange.record.upstream_error = label
+        self._exchange.upstream_error = label
         self._answer(status, f"cannot connect to {where}: {cause}")
 
     def upstream_data(self, link: Link, data: bytes) -> None:
         up = self._up
         if up is None or up.link is not link:
             return
-        self._last_activity = self._clock.seconds()
+        now = self._last_activity = self._clock.seconds()
         if self.state is _TUNNEL:
             self._write(data)
             return
@@ -1023,7 +1046,7 @@ class Session:
             self._drop_upstream()
             return
         up.reader.feed(data)
-        self._relay_response()
+        self._relay_response(now)
 
     def upstream_lost(self, link: Link) -> None:
         up = self._up
@@ -1041,13 +1064,13 @@ class Session:
         if exchange is None:
             self._up = None  # an idle keep-alive connection closed: fine
             return
-        if exchange.record.response_started:
+        if exchange.response_started:
             up.reader.feed_eof()
             self._relay_response()
             if self._exchange is exchange:
                 # Cut off in the middle of a body: the client must not take
                 # a truncated response for a whole one.
-                exchange.record.upstream_error = "reset"
+                exchange.upstream_error = "reset"
                 self._fail(502, "upstream closed the connection", incomplete="upstream")
             return
         self._up = None
@@ -1057,10 +1080,10 @@ class Session:
             exchange.replayable = False
             self._use_upstream(up.destination)
             return
-        exchange.record.upstream_error = "reset"
+        exchange.upstream_error = "reset"
         self._fail(502, "upstream closed the connection without answering")
 
-    def _relay_response(self) -> None:
+    def _relay_response(self, now: float | None = None) -> None:
         up = self._up
         reader = up.reader
         while self._up is up and self._exchange is not None:
@@ -1069,10 +1092,10 @@ class Session:
                 event = reader.next_event()
             except ProtocolError as e:
                 if up.lost:  # cut off mid-message
-                    exchange.record.upstream_error = "reset"
+                    exchange.upstream_error = "reset"
                     cause = f"upstream closed the connection: {e.reason}"
                 else:
-                    exchange.record.upstream_error = "bad_response"
+                    exchange.upstream_error = "bad_response"
                     cause = f"invalid response from upstream: {e.reason}"
                 self._upstream_broke(cause)
                 return
@@ -1083,46 +1106,47 @@ class Session:
                 else:
                     self._write(event.data)
                     if reader.take_end():  # all of a Content-Length body: no event to wait for
-                        self._response_ended(up)
+                        self._response_ended(up, now)
             elif kind is Response:
                 if event.status < 200 and event.body != "tunnel":  # 1xx interim (not 101)
                     if exchange.request.version == b"HTTP/1.1":
                         fields = H.strip_hop_by_hop(event.headers)
                         self._write(H.serialize_response_head(event.status, event.reason, fields))
                     continue
-                self._relay_response_head(exchange, event)
-                if event.body == "none" and self._exchange is exchange and reader.take_end():
-                    self._response_ended(up)
+                if self._relay_response_head(exchange, event, reader):
+                    self._response_ended(up, now)
             elif kind is EndOfMessage:
-                if not exchange.record.response_started:  # the end of a 1xx interim response
+                if not exchange.response_started:  # the end of a 1xx interim response
                     reader.start_next()
                     continue
                 if exchange.response_chunked:
                     self._write(H.last_chunk(event.trailers))
-                self._response_ended(up)
+                self._response_ended(up, now)
             else:  # NEED_DATA, PAUSED (after a tunnel head) or CLOSED
                 break
         if self.state is _RESPONDING and self.deadline_kind is not _DL_IDLE:
-            self._arm(_DL_IDLE, self._config.timeouts.idle)
+            self._arm(_DL_IDLE, self._config.timeouts.idle, now)
 
-    def _response_ended(self, up: _Upstream) -> None:
-        up.reader.start_next()
-        up.served += 1
-        self._finish_exchange()
-
-    def _relay_response_head(self, exchange: _Exchange, response: Response) -> None:
+    def _relay_response_head(
+        self, exchange: _Exchange, response: Response, reader: ResponseReader
+    ) -> bool:
+        """
+        Relay a final response's head; True when the response ended with it
+        (no body, or all of a Content-Length body was read with the head and
+        went out with it), for the caller to end the exchange.
+        """
         tunnel = response.body == "tunnel"
-        if tunnel and not exchange.tunnel:
+        if tunnel and not exchange.wants_tunnel:
             # 101 to a request that did not ask to upgrade: nothing sane
             # follows, and none of it may reach the client.
-            exchange.record.upstream_error = "bad_response"
+            exchange.upstream_error = "bad_response"
             self._upstream_broke("upstream switched protocols unasked")
-            return
-        record = exchange.record
+            return False
+        record = exchange
         record.response_started = True
         record.status = response.status
-        record.content_type = response.get(b"content-type") or b"-"
-        exchange.upstream_keep_alive = response.keep_alive and not exchange.tunnel
+        record.response = response  # (its Content-Type is looked up if the access log asks)
+        exchange.upstream_keep_alive = response.keep_alive and not exchange.wants_tunnel
         # RESPONDING's deadline (IDLE) is armed when _relay_response returns
         # with the response unfinished: most end in the same read.
         self.state = _RESPONDING
@@ -1154,27 +1178,36 @@ class Session:
             added.append((b"Connection", b"close"))
         elif not http11:
             added.append((b"Connection", b"keep-alive"))
-        via = self._config.via(response.version)
         head = None
-        if not added and not tunnel:
+        if not added and not tunnel and response.version == b"HTTP/1.1":
             # The common case: the head goes to the client as it came (perhaps
             # without its Connection field), plus Via.
-            head = policy.unchanged_response_head(response, via) or policy.trimmed_response_head(
-                response, via
-            )
+            head = policy.forwarded_response_head(response, self._config.via11)
         if head is None:
+            via = self._config.via(response.version)
             fields = H.strip_hop_by_hop(response.headers, keep_upgrade=tunnel)
             fields += added
             if via is not None:
                 fields = H.add_via(fields, via)
             head = H.serialize_response_head(response.status, response.reason, fields)
+        if body == "length":
+            rest = reader.take_body()
+            if rest is not None:
+                # The whole body came with the head: one write, no events for it.
+                self._bytes_out += len(head) + len(rest)
+                self._io.write_sequence([head, rest])
+                return True
+            self._write(head)
+            return False
         self._write(head)
         if tunnel:
             self._become_tunnel()
+            return False
+        return body == "none" and reader.take_end()
 
     def _become_tunnel(self) -> None:
         self.state = _TUNNEL
-        self._exchange.record.tunnel = True
+        self._exchange.tunnel = True
         self._arm(_DL_IDLE, self._config.timeouts.idle)
         up = self._up
         pending = up.reader.take_buffered()
@@ -1187,14 +1220,24 @@ class Session:
         if self._client_eof:
             self._io.upstream_shutdown_write(up.link)
 
-    def _finish_exchange(self) -> None:
+    def _response_ended(self, up: _Upstream, now: float | None = None) -> None:
+        """
+        The response from C{up} ended, and with it the exchange (C{now}: the
+        time, if the caller read it): record it, then the next request or close.
+        """
+        upstream_more = up.reader.start_next()
+        up.served += 1
         exchange = self._exchange
         self._exchange = None
-        up = self._up
         if exchange.large:
             self._io.large_reads(up.link, False)
-        self._record(exchange)
-        if not exchange.upstream_keep_alive or up.reader.buffered:
+        # _record(exchange), inline (once per exchange), with the time already read.
+        exchange.finished = self._clock.seconds() if now is None else now
+        exchange.bytes_in = self._bytes_in
+        exchange.bytes_out = self._bytes_out
+        self._bytes_in = self._bytes_out = 0
+        self._io.finished(exchange)
+        if not exchange.upstream_keep_alive or upstream_more:
             # Bytes after a complete response, with no request outstanding:
             # the connection is not reused (they are never read as a response).
             self._drop_upstream()
@@ -1202,19 +1245,20 @@ class Session:
             self._close()
             return
         reader = self._reader
-        reader.start_next()
+        more = reader.start_next()
         self.state = _IDLE
-        self._arm(_DL_CLIENT_IDLE, self._config.timeouts.client_idle)
-        self._resume_pipeline()
-        if reader.buffered or reader.eof:  # else the next event is NEED_DATA
-            self._process()
+        self._arm(_DL_CLIENT_IDLE, self._config.timeouts.client_idle, now)
+        if self._pipeline_paused:
+            self._resume_pipeline()
+        if more or reader.eof:  # else the next event is NEED_DATA
+            self._process(now)
             if self.state is _IDLE and not reader.idle:
                 self._to_head()
 
     def _upstream_broke(self, cause: str) -> None:
         up = self._up
         self._drop_upstream()
-        reason = self._exchange.record.upstream_error if self._exchange else None
+        reason = self._exchange.upstream_error if self._exchange else None
         self._config.throttle.emit(
             log.info, f"upstream-{reason}", "{cause} (from {dest})", cause=cause,
             dest=up.destination,
@@ -1243,10 +1287,10 @@ class Session:
         aborted and the record says why it is C{incomplete}.
         """
         exchange = self._exchange
-        if exchange is None or not exchange.record.response_started:
+        if exchange is None or not exchange.response_started:
             self._answer(status, text, rejected=rejected)
             return
-        record = exchange.record
+        record = exchange
         if rejected is not None:
             record.rejected = rejected
         if not record.tunnel:
@@ -1272,7 +1316,7 @@ class Session:
         if exchange is None:
             exchange = self._new_exchange(None)
         self._exchange = None
-        record = exchange.record
+        record = exchange
         record.status = status
         if rejected is not None:
             record.rejected = rejected
@@ -1321,12 +1365,12 @@ class Session:
         self._io.abort()
 
     def _record(self, exchange: _Exchange) -> None:
-        record = exchange.record
-        record.finished = self._clock.seconds()
-        record.bytes_in = self._bytes_in
-        record.bytes_out = self._bytes_out
+        """The exchange ended: it counts the bytes since the last record, and is handed on."""
+        exchange.finished = self._clock.seconds()
+        exchange.bytes_in = self._bytes_in
+        exchange.bytes_out = self._bytes_out
         self._bytes_in = self._bytes_out = 0
-        self._io.finished(record)
+        self._io.finished(exchange)
 
     def _write(self, data: bytes) -> None:
         self._bytes_out += len(data)
@@ -1337,14 +1381,14 @@ class Session:
             self._bytes_out += len(part)
         self._io.write_sequence(parts)
 
-    def _arm(self, kind: Deadline, seconds: float) -> None:
+    def _arm(self, kind: Deadline, seconds: float, now: float | None = None) -> None:
         """
         The session's one deadline: what expires (C{kind}) and when.  No
         timer object per connection: the adapter calls L{tick} a few times a
-        second.
+        second.  C{now}: the time, if the caller read it for this event.
         """
         self.deadline_kind = kind
-        self.deadline_at = self._clock.seconds() + seconds
+        self.deadline_at = (self._clock.seconds() if now is None else now) + seconds
 
 
 class _NoRequest:
