@@ -622,3 +622,27 @@ def test_without_connection_fields_drops_exactly_the_connection_lines(head):
         if line.split(b":")[0].lower() not in (b"connection", b"keep-alive", b"proxy-connection")
     ]
     assert message.without_connection_fields() == b"\r\n".join(kept)
+
+
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    response_heads() | trim_heads(b"HTTP/1.1 200 OK"),
+    st.sampled_from([VIA, None]),
+)
+def test_a_closing_forwarded_response_head_is_what_the_rewrite_makes_with_connection_close(
+    head, via
+):
+    # The last response on a connection whose client asked to close: the fast head
+    # with Connection: close is byte for byte the field-by-field rewrite's.
+    try:
+        response = parse_response(head)
+    except (ProtocolError, AssertionError):
+        return
+    closing = policy.forwarded_response_head(response, via, closing=True)
+    if closing is None:
+        assert policy.forwarded_response_head(response, via) is None
+        return
+    fields = H.strip_hop_by_hop(response.headers) + [(b"Connection", b"close")]
+    if via is not None:
+        fields = H.add_via(fields, via)
+    assert closing == H.serialize_response_head(response.status, response.reason, fields)

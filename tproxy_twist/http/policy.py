@@ -277,10 +277,16 @@ def forwarded_head(
     return head + b"\r\n\r\n"
 
 
-def forwarded_response_head(response: Response, via: bytes | None) -> bytes | None:
+def forwarded_response_head(
+    response: Response, via: bytes | None, closing: bool = False
+) -> bytes | None:
     """
     L{unchanged_response_head} or else L{trimmed_response_head}, in one call
-    (the same conditions on the caller).
+    (the same conditions on the caller).  C{closing}: the client's connection
+    closes after this response (it asked to, with C{Connection: close}, as a
+    new connection per request does): C{Connection: close} goes after the
+    received fields, before Via, byte for byte what the field-by-field
+    rewrite adds.
     """
     head = response.head
     if head is None or response.version != b"HTTP/1.1" or head[12:13] != b" ":
@@ -289,6 +295,8 @@ def forwarded_response_head(response: Response, via: bytes | None) -> bytes | No
         if not response.trim:
             return None
         head = response.without_connection_fields()
+    if closing:
+        head += b"\r\nConnection: close"
     if via is not None:
         return head + b"\r\nVia: " + via + b"\r\n\r\n"
     return head + b"\r\n\r\n"

@@ -99,6 +99,8 @@ _CONNECT_ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 LINGER_SECONDS = 2.0
 # Bodies larger than this (or of unknown length) are read in larger pieces.
 LARGE_BODY = 1 << 20
+#: The field added to the last response on a connection that closes after it.
+_CONNECTION_CLOSE = (b"Connection", b"close")
 # Bytes a client may send ahead while its upstream connection is being made.
 CONNECTING_BUFFER = 65536
 
@@ -1175,14 +1177,18 @@ class Session:
             # Draining: this is the connection's last answer.
             exchange.close_client = True
         if exchange.close_client and not tunnel:
-            added.append((b"Connection", b"close"))
+            added.append(_CONNECTION_CLOSE)
         elif not http11:
             added.append((b"Connection", b"keep-alive"))
         head = None
-        if not added and not tunnel and response.version == b"HTTP/1.1":
-            # The common case: the head goes to the client as it came (perhaps
-            # without its Connection field), plus Via.
-            head = policy.forwarded_response_head(response, self._config.via11)
+        if not tunnel and response.version == b"HTTP/1.1":
+            if not added:
+                # The common case: the head goes to the client as it came (perhaps
+                # without its Connection field), plus Via.
+                head = policy.forwarded_response_head(response, self._config.via11)
+            elif len(added) == 1 and added[0] is _CONNECTION_CLOSE:
+                # The same, the client's connection closing after it (Connection: close).
+                head = policy.forwarded_response_head(response, self._config.via11, True)
         if head is None:
             via = self._config.via(response.version)
             fields = H.strip_hop_by_hop(response.headers, keep_upgrade=tunnel)
