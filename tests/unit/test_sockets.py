@@ -474,15 +474,24 @@ class _CountingPoller:
         return getattr(self._poller, name)
 
 
-def _served_pair(reactor, protocol_class=None):
-    """A connection accepted by the worker's accept loop, its protocol and the peer socket."""
+def _served_pair(reactor):
+    """
+    A connection accepted by the worker's accept loop, its protocol (which
+    records the reasons it was lost in C{lost}) and the peer socket.
+    """
     from twisted.internet.protocol import Factory, Protocol
 
     accepted = []
 
-    class Keep(protocol_class or Protocol):
+    class Keep(Protocol):
+        def __init__(self):
+            self.lost = []
+
         def connectionMade(self):
             accepted.append(self)
+
+        def connectionLost(self, reason):
+            self.lost.append(reason)
 
     port = reactor.listenTCP(0, Factory.forProtocol(Keep), interface="127.0.0.1")
     sockets.serve_accepts(
@@ -492,14 +501,6 @@ def _served_pair(reactor, protocol_class=None):
     _spin(reactor, lambda: accepted)
     port.stopListening()
     return accepted[0], peer
-
-
-class _Ends:
-    def __init__(self):
-        self.lost = []
-
-    def connectionLost(self, reason):
-        self.lost.append(reason)
 
 
 def _read_until_eof(peer) -> bytes:
@@ -528,17 +529,12 @@ def test_the_accept_loop_gives_the_worker_transport_with_twisteds_prefix_and_rep
 
 def test_an_idle_connection_closes_on_the_next_turn_without_waiting_to_be_writable():
     from twisted.internet.error import ConnectionDone
-    from twisted.internet.protocol import Protocol
 
     from tproxy_twist.reactor import WorkerReactor
 
     reactor = WorkerReactor()
 
-    class Recording(_Ends, Protocol):
-        def __init__(self):
-            _Ends.__init__(self)
-
-    protocol, peer = _served_pair(reactor, Recording)
+    protocol, peer = _served_pair(reactor)
     transport = protocol.transport
     fd = transport.fileno()
     reactor._poller = poller = _CountingPoller(reactor._poller)
@@ -569,17 +565,12 @@ def test_an_idle_connection_closes_on_the_next_turn_without_waiting_to_be_writab
 
 
 def test_bytes_written_after_lose_connection_still_go_out_before_the_close():
-    from twisted.internet.protocol import Protocol
 
     from tproxy_twist.reactor import WorkerReactor
 
     reactor = WorkerReactor()
 
-    class Recording(_Ends, Protocol):
-        def __init__(self):
-            _Ends.__init__(self)
-
-    protocol, peer = _served_pair(reactor, Recording)
+    protocol, peer = _served_pair(reactor)
     transport = protocol.transport
     transport.loseConnection()
     transport.write(b"after")  # Twisted's contract: written, then closed
@@ -623,17 +614,12 @@ def test_an_idle_upstream_connection_closes_the_same_way_and_tells_its_factory()
 
 def test_an_idle_connection_aborted_before_its_close_is_lost_once():
     from twisted.internet.error import ConnectionAborted
-    from twisted.internet.protocol import Protocol
 
     from tproxy_twist.reactor import WorkerReactor
 
     reactor = WorkerReactor()
 
-    class Recording(_Ends, Protocol):
-        def __init__(self):
-            _Ends.__init__(self)
-
-    protocol, peer = _served_pair(reactor, Recording)
+    protocol, peer = _served_pair(reactor)
     transport = protocol.transport
     transport.loseConnection()
     transport.abortConnection()
