@@ -533,7 +533,6 @@ def test_an_idle_connection_closes_on_the_next_turn_without_waiting_to_be_writab
     from tproxy_twist.reactor import WorkerReactor
 
     reactor = WorkerReactor()
-
     protocol, peer = _served_pair(reactor)
     transport = protocol.transport
     fd = transport.fileno()
@@ -565,11 +564,9 @@ def test_an_idle_connection_closes_on_the_next_turn_without_waiting_to_be_writab
 
 
 def test_bytes_written_after_lose_connection_still_go_out_before_the_close():
-
     from tproxy_twist.reactor import WorkerReactor
 
     reactor = WorkerReactor()
-
     protocol, peer = _served_pair(reactor)
     transport = protocol.transport
     transport.loseConnection()
@@ -618,7 +615,6 @@ def test_an_idle_connection_aborted_before_its_close_is_lost_once():
     from tproxy_twist.reactor import WorkerReactor
 
     reactor = WorkerReactor()
-
     protocol, peer = _served_pair(reactor)
     transport = protocol.transport
     transport.loseConnection()
