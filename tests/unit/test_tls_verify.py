@@ -718,3 +718,24 @@ def test_a_prediction_is_dropped_when_the_origin_chooses_the_hybrid_again():
         sessions.chose((host, 443, "a.example"), b"x25519")
     assert sessions.key_share(("192.0.2.2", 443, "a.example")) is None
     assert sessions.key_share(("192.0.2.4", 443, "a.example")) is not None
+
+
+def test_an_origin_that_wants_another_group_than_predicted_asks_for_it_and_is_remembered(
+    trust, test_ca, listen
+):
+    # The origin learned the hybrid (here: knows nothing else) since it chose X25519:
+    # the predicted hello has the wrong share, the origin asks for its group
+    # (HelloRetryRequest), the handshake is verified, and the prediction is dropped.
+    port = listen(
+        protocol.Factory.forProtocol(Echo),
+        make_server_cert([ORIGIN], test_ca),
+        groups=b"X25519MLKEM768",
+    )
+    key = ("127.0.0.1", port, ORIGIN)
+    trust.sessions.chose(key, b"x25519")
+    if trust.resumes:
+        assert _hello_key_shares(trust.creator(ORIGIN, key[:2]))[0] == [X25519]
+    first, verdict = verified_and_used(trust, port)
+    assert verdict.ok
+    close(first)
+    assert _hello_key_shares(trust.creator(ORIGIN, key[:2]))[0] == [X25519MLKEM768, X25519]
