@@ -160,6 +160,13 @@ try:
             raise WantReadError()
         return _unpack(_SCRATCH, n)
 
+    _SSL_version = _lib.SSL_version
+    _TLS1_3_VERSION = _lib.TLS1_3_VERSION
+
+    def _is_tls13(tls: SSL.Connection) -> bool:
+        """Whether C{tls} (its handshake done) speaks TLS 1.3."""
+        return _SSL_version(tls._ssl) == _TLS1_3_VERSION
+
     _probe = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
     _probe._into_ssl, _probe._from_ssl, _probe._ssl, _probe._raise_ssl_error  # noqa: B018
     _pending_in(_probe)
@@ -200,6 +207,10 @@ def _portable_bio_read(tls: SSL.Connection, n: int) -> bytes:
     return tls.bio_read(n)
 
 
+def _portable_is_tls13(tls: SSL.Connection) -> bool:
+    return False  # not known: what a TLS 1.3 server holds is sent at once
+
+
 def _portable_handshake_step(tls: SSL.Connection) -> bool:
     try:
         tls.do_handshake()
@@ -213,19 +224,10 @@ if not EXACT_PENDING:  # pragma: no cover - another pyOpenSSL
     _recv, _send = _portable_recv, _portable_send
     _bio_write, _bio_read = _portable_bio_write, _portable_bio_read
     _handshake_step = _portable_handshake_step
+    _is_tls13 = _portable_is_tls13
 
 
 _NO_CLOSE_NOTIFY = "the peer closed without close_notify"
-
-
-def _is_tls13(tls: SSL.Connection) -> bool:
-    """Whether C{tls} (its handshake done) speaks TLS 1.3; C{False} if not known."""
-    try:
-        from OpenSSL.SSL import _lib
-
-        return _lib.SSL_version(tls._ssl) == _lib.TLS1_3_VERSION
-    except (ImportError, AttributeError):
-        return False
 
 
 def _represents_eof(e: SSL.Error) -> bool:

@@ -275,6 +275,16 @@ def _fingerprint(certificate) -> bytes:
     return hashlib.sha256(crypto.dump_certificate(crypto.FILETYPE_ASN1, certificate)).digest()
 
 
+# pyOpenSSL's binding (private API), for what pyOpenSSL does not say or set: bound
+# once here (an import statement per connection costs the import machinery), used
+# only by the functions below, each with its answer where the binding is missing.
+try:
+    from OpenSSL.SSL import _ffi as _binding_ffi
+    from OpenSSL.SSL import _lib as _binding
+except ImportError:  # pragma: no cover - another pyOpenSSL
+    _binding_ffi = _binding = None
+
+
 def _resumed(connection: SSL.Connection) -> bool:
     """
     Whether C{connection}'s handshake resumed a session.  pyOpenSSL does not
@@ -282,19 +292,18 @@ def _resumed(connection: SSL.Connection) -> bool:
     without it, C{True} (the name is checked again, as for a resumed one).
     """
     try:
-        from OpenSSL.SSL import _lib
-
-        return bool(_lib.SSL_session_reused(connection._ssl))
-    except (ImportError, AttributeError):
+        return bool(_binding.SSL_session_reused(connection._ssl))
+    except AttributeError:
         return True
 
 
 # --- key share prediction ---------------------------------------------------------------
 # A TLS 1.3 client sends a key share for the groups it expects the server to pick
 # (RFC 8446, 4.2.8).  OpenSSL's default sends two: X25519MLKEM768 (post-quantum
-# hybrid) and X25519, and making the ML-KEM share costs about 2 % of a new bumped
-# connection; an origin that does not know the hybrid picks X25519, and the share
-# (1.2 KB of the hello) was made for nothing.  So the group an origin chose in a
+# hybrid) and X25519, and making the ML-KEM share costs about 14 % of a new bumped
+# connection's instructions (bench.conn_cpu --kind bump under callgrind); an origin
+# that does not know the hybrid picks X25519, and the share (1.2 KB of the hello)
+# was made for nothing.  So the group an origin chose in a
 # verified handshake is remembered per origin address (OriginSessions.key_share),
 # and the next connection sends its share alone, that group first in a list that
 # still names every other group: an origin that has meanwhile learned the hybrid
@@ -319,12 +328,10 @@ _lists: dict[bytes, bytes | None] = {}
 def _chosen_group(connection: SSL.Connection) -> bytes | None:
     """The name of the group C{connection}'s handshake agreed on (C{x25519}), or C{None}."""
     try:
-        from OpenSSL.SSL import _ffi, _lib
-
-        name = _lib.SSL_get0_group_name(connection._ssl)
-    except (ImportError, AttributeError):
+        name = _binding.SSL_get0_group_name(connection._ssl)
+    except AttributeError:
         return None
-    return None if name == _ffi.NULL else _ffi.string(name)
+    return None if name == _binding_ffi.NULL else _binding_ffi.string(name)
 
 
 def _groups_list(group: bytes) -> bytes | None:
@@ -338,27 +345,21 @@ def _groups_list(group: bytes) -> bytes | None:
     answer = None
     if group in _PREDICTED:
         try:
-            from OpenSSL.SSL import _lib
-
             probe = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None)
             for known in (_GROUPS, tuple(g for g in _GROUPS if g in _PREDICTED)):
                 names = b":".join([group, *(g for g in known if g != group)])
-                if _lib.SSL_set1_curves_list(probe._ssl, names) == 1:
+                if _binding.SSL_set1_curves_list(probe._ssl, names) == 1:
                     answer = names
                     break
-        except (ImportError, AttributeError):
+        except AttributeError:
             pass
     _lists[group] = answer
     return answer
 
 
 def _offer_key_share(connection: SSL.Connection, groups: bytes) -> None:
-    try:
-        from OpenSSL.SSL import _lib
-
-        _lib.SSL_set1_curves_list(connection._ssl, groups)
-    except (ImportError, AttributeError):
-        pass
+    # Only called with a list _groups_list made, which needs the binding.
+    _binding.SSL_set1_curves_list(connection._ssl, groups)
 
 
 def _is_ip(name: str) -> bool:
@@ -495,8 +496,7 @@ class OriginSessions:
         if groups is None:
             self._key_shares.pop(origin, None)  # the hybrid (or unknown): OpenSSL's default
             return
-        if self._key_shares.get(origin) != groups:
-            self._key_shares[origin] = groups
+        self._key_shares[origin] = groups
         self._key_shares.move_to_end(origin)
         while len(self._key_shares) > self._size:
             self._key_shares.popitem(last=False)
