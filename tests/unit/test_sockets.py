@@ -1,6 +1,7 @@
 """Socket helpers that can be checked without privileges or namespaces."""
 
 import socket
+import time
 
 import pytest
 from twisted.internet.task import Clock
@@ -429,10 +430,11 @@ def test_an_established_upstream_lets_its_connector_go_when_the_factory_ignores_
     assert len(lost) == 1  # the connection still ends normally
 
 
-def test_a_factory_that_wants_the_end_of_its_connection_is_told():
-    from tproxy_twist.reactor import WorkerReactor
-
-    reactor = WorkerReactor()
+def _upstream_that_tells_its_end(reactor):
+    """
+    An established upstream connection whose factory wants to hear of its
+    end: (its transport, its connector, the peer socket, the reasons heard).
+    """
     recorder = _Recorder()
     ended = []
     # (_Recorder makes a factory class of its own for each test.)
@@ -441,7 +443,14 @@ def test_a_factory_that_wants_the_end_of_its_connection_is_told():
     )
     connector, peer = _connected_upstream(reactor, recorder.factory)
     _spin(reactor, lambda: recorder.events)
-    transport = recorder.events[0][1]
+    return recorder.events[0][1], connector, peer, ended
+
+
+def test_a_factory_that_wants_the_end_of_its_connection_is_told():
+    from tproxy_twist.reactor import WorkerReactor
+
+    reactor = WorkerReactor()
+    transport, connector, peer, ended = _upstream_that_tells_its_end(reactor)
     assert transport.connector is connector
     peer.close()
     _spin(reactor, lambda: ended)
@@ -574,11 +583,12 @@ def test_bytes_written_after_lose_connection_still_go_out_before_the_close():
     transport.write(b"x" * 4_000_000)  # more than the socket takes at once
     _spin(reactor, lambda: transport.dataBuffer or transport._tempDataLen)
     received = b""
-    peer.settimeout(30)
-    while not protocol.lost:
-        reactor.iterate(0)
+    peer.setblocking(False)
+    deadline = time.monotonic() + 60
+    while not protocol.lost:  # the reactor writes while the test reads, until the close
+        assert time.monotonic() < deadline, "the connection never closed"
+        reactor.iterate(0.01)
         try:
-            peer.setblocking(False)
             received += peer.recv(1 << 20)
         except BlockingIOError:
             pass
@@ -591,14 +601,7 @@ def test_an_idle_upstream_connection_closes_the_same_way_and_tells_its_factory()
     from tproxy_twist.reactor import WorkerReactor
 
     reactor = WorkerReactor()
-    recorder = _Recorder()
-    ended = []
-    type(recorder.factory).clientConnectionLost = lambda self, connector, reason: ended.append(
-        reason
-    )
-    connector, peer = _connected_upstream(reactor, recorder.factory)
-    _spin(reactor, lambda: recorder.events)
-    transport = recorder.events[0][1]
+    transport, _, peer, ended = _upstream_that_tells_its_end(reactor)
     reactor._poller = poller = _CountingPoller(reactor._poller)
     fd = transport.fileno()
     transport.loseConnection()
