@@ -12,6 +12,12 @@ of Twisted's EPollReactor (stable since Twisted 10): the only place that
 does; _doReadOrWrite still turns exceptions in a connection into a logged
 error and a closed connection, as before.
 
+While it handles a batch of events (what one C{epoll_wait} returned) the
+sockets' L{tproxy_twist.sockets.DirectWriter}s hold what they are given, and
+the batch's end sends it (L{tproxy_twist.sockets.hold_writes}): a peer is
+woken once per batch rather than once per event.  Beyond
+C{HELD_WRITERS} sockets holding bytes, they are sent mid-batch.
+
 Hooks that save C{epoll_ctl} calls on every new connection; they read the
 epoll reactor's registrations (C{_reads}, C{_writes}, C{_selectables}) and
 are used only where the reactor has them (anything else takes Twisted's
@@ -37,6 +43,8 @@ from select import EPOLLIN, EPOLLOUT
 from twisted.internet.epollreactor import EPollReactor
 from twisted.logger import Logger
 
+from .sockets import HELD_WRITERS, hold_writes, release_writes, send_held
+
 log = Logger()
 
 
@@ -52,14 +60,20 @@ class WorkerReactor(EPollReactor):
             raise
         selectables = self._selectables
         handle = self._doReadOrWrite
-        for fd, event in events:
-            selectable = selectables.get(fd)
-            if selectable is None:
-                continue
-            try:
-                handle(selectable, fd, event)
-            except Exception:
-                log.failure("handling an I/O event failed")
+        held = hold_writes()  # sent when the batch is handled (sockets.DirectWriter)
+        try:
+            for fd, event in events:
+                selectable = selectables.get(fd)
+                if selectable is None:
+                    continue
+                try:
+                    handle(selectable, fd, event)
+                except Exception:
+                    log.failure("handling an I/O event failed")
+                if len(held) >= HELD_WRITERS:
+                    send_held(held)
+        finally:
+            release_writes(held)
 
     doIteration = doPoll
 

@@ -628,3 +628,255 @@ def test_an_idle_connection_aborted_before_its_close_is_lost_once():
     assert len(protocol.lost) == 1
     assert protocol.lost[0].check(ConnectionAborted)
     peer.close()
+
+
+# --- DirectWriter: writes held to the end of the reactor's batch of events --------------
+
+
+@pytest.fixture(autouse=True)
+def _no_batch_left_holding():
+    """A test that fails between hold_writes and release_writes leaves no holding behind."""
+    yield
+    sockets._held = None
+
+
+class _Replier:
+    """
+    A served connection's protocol that answers each read with C{b"re:" + data}
+    through a DirectWriter, having first looked how many of the other peers
+    already have their answer (C{seen}: one count per read).
+    """
+
+    def __init__(self, peers, seen):
+        self._peers = peers
+        self._seen = seen
+        self.lost = []
+
+    def makeConnection(self, transport):
+        self.transport = transport
+        self.writer = sockets.DirectWriter(transport)
+
+    def dataReceived(self, data):
+        self._seen.append(sum(_readable(peer) for peer in self._peers))
+        self.writer.write(b"re:" + data)
+
+    def connectionLost(self, reason):
+        self.lost.append(reason)
+
+
+def _readable(peer) -> bool:
+    try:
+        return bool(peer.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except BlockingIOError:
+        return False
+
+
+def _replying_pairs(reactor, n):
+    """C{n} connections served by the accept loop, with L{_Replier}s: (protocols, peers, seen)."""
+    from twisted.internet.protocol import Factory
+
+    protocols, peers, seen = [], [], []
+
+    class _Factory(Factory):
+        def buildProtocol(self, addr):
+            protocols.append(_Replier(peers, seen))
+            return protocols[-1]
+
+    port = reactor.listenTCP(0, _Factory(), interface="127.0.0.1", backlog=n)
+    sockets.serve_accepts(port, reactor, room=lambda: n, may_resume=lambda: True, on_shortage=print)
+    for _ in range(n):
+        peers.append(socket.create_connection(("127.0.0.1", port.getHost().port)))
+    _spin(reactor, lambda: len(protocols) == n)
+    port.stopListening()
+    assert len(protocols) == n
+    return protocols, peers, seen
+
+
+def _close_all(reactor, protocols, peers):
+    for protocol in protocols:
+        protocol.transport.abortConnection()
+    _spin(reactor, lambda: all(p.lost for p in protocols))
+    for peer in peers:
+        peer.close()
+
+
+def test_answers_written_while_a_batch_of_events_is_handled_leave_when_it_is_handled():
+    from tproxy_twist.reactor import WorkerReactor
+
+    reactor = WorkerReactor()
+    protocols, peers, seen = _replying_pairs(reactor, 3)
+    for i, peer in enumerate(peers):
+        peer.sendall(b"%d" % i)  # all three readable before the reactor looks: one batch
+    _spin(reactor, lambda: len(seen) == 3)
+    # No answer had left while the batch was handled; all had when it was.
+    assert seen == [0, 0, 0]
+    for i, peer in enumerate(peers):
+        peer.settimeout(30)
+        assert peer.recv(100) == b"re:%d" % i
+    # Outside a batch (a timer, say) a write goes at once.
+    protocols[0].writer.write(b"now")
+    assert peers[0].recv(100) == b"now"
+    _close_all(reactor, protocols, peers)
+
+
+def test_a_long_batch_sends_what_it_holds_every_so_many_sockets():
+    from tproxy_twist.reactor import WorkerReactor
+
+    reactor = WorkerReactor()
+    n = sockets.HELD_WRITERS + 6
+    protocols, peers, seen = _replying_pairs(reactor, n)
+    for peer in peers:
+        peer.sendall(b"x")
+    _spin(reactor, lambda: len(seen) == n)
+    # The first HELD_WRITERS answers left once that many were held, the rest at the end.
+    assert seen == [0] * sockets.HELD_WRITERS + [sockets.HELD_WRITERS] * 6
+    for peer in peers:
+        peer.settimeout(30)
+        assert peer.recv(100) == b"re:x"
+    _close_all(reactor, protocols, peers)
+
+
+class _SendRecorder:
+    """A socket that records its send and sendmsg calls."""
+
+    def __init__(self, real):
+        self._real = real
+        self.sends = []
+
+    def send(self, data):
+        self.sends.append([bytes(data)])
+        return self._real.send(data)
+
+    def sendmsg(self, parts):
+        self.sends.append([bytes(p) for p in parts])
+        return self._real.sendmsg(parts)
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+def test_held_writes_to_one_socket_leave_in_order_in_one_system_call():
+    from tproxy_twist.reactor import WorkerReactor
+
+    reactor = WorkerReactor()
+    protocol, peer = _served_pair(reactor)
+    transport = protocol.transport
+    transport.socket = recorder = _SendRecorder(transport.socket)
+    writer = sockets.DirectWriter(transport)
+    held = sockets.hold_writes()
+    writer.write(b"head ")
+    writer.write_sequence([b"body ", b"more "])
+    writer.write(b"end")
+    assert recorder.sends == [] and held == [writer]
+    sockets.release_writes(held)
+    assert recorder.sends == [[b"head ", b"body ", b"more ", b"end"]]
+    assert held == []
+    peer.settimeout(30)
+    received = b""
+    while len(received) < 18:
+        received += peer.recv(100)
+    assert received == b"head body more end"
+    transport.abortConnection()
+    _spin(reactor, lambda: protocol.lost)
+    peer.close()
+
+
+def test_a_held_write_waits_in_the_transport_buffer_where_a_pump_taking_the_socket_finds_it():
+    from tproxy_twist import zerocopy
+    from tproxy_twist.reactor import WorkerReactor
+
+    reactor = WorkerReactor()
+    protocol, peer = _served_pair(reactor)
+    transport = protocol.transport
+    transport.socket = recorder = _SendRecorder(transport.socket)
+    writer = sockets.DirectWriter(transport)
+    held = sockets.hold_writes()
+    writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+    # A CONNECT tunnel's pump takes the socket over in the same batch: it sends
+    # what waits first, and the batch's end has nothing left to send.
+    assert not zerocopy.can_splice_body(transport, transport)
+    assert zerocopy._take_buffered(transport) == b"HTTP/1.1 200 Connection established\r\n\r\n"
+    sockets.release_writes(held)
+    assert recorder.sends == []
+    transport.abortConnection()
+    _spin(reactor, lambda: protocol.lost)
+    peer.close()
+
+
+def test_a_close_after_a_held_write_sends_it_and_closes_without_waiting_to_be_writable():
+    from twisted.internet.error import ConnectionDone
+
+    from tproxy_twist.reactor import WorkerReactor
+
+    reactor = WorkerReactor()
+    protocol, peer = _served_pair(reactor)
+    transport = protocol.transport
+    fd = transport.fileno()
+    reactor._poller = poller = _CountingPoller(reactor._poller)
+    writer = sockets.DirectWriter(transport)
+    held = sockets.hold_writes()
+    writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+    transport.loseConnection()
+    sockets.release_writes(held)
+    _spin(reactor, lambda: protocol.lost)
+    assert protocol.lost[0].check(ConnectionDone)
+    assert poller.calls == [("unregister", fd)]  # never watched for writing
+    assert _read_until_eof(peer) == b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n"
+    peer.close()
+
+
+def test_a_held_write_the_socket_cannot_take_is_buffered_and_pauses_its_producer():
+    from tproxy_twist.reactor import WorkerReactor
+
+    reactor = WorkerReactor()
+    transport, peer = _accepted_pair(reactor)
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    writer = sockets.DirectWriter(transport)
+    producer = _Producer()
+    writer.set_producer(producer)
+    data = bytes(range(256)) * 4096  # 1 MiB, far more than the socket takes
+    held = sockets.hold_writes()
+    writer.write(data)
+    assert transport.producer is None and producer.calls == []
+    sockets.release_writes(held)
+    assert transport.producer is producer
+    assert producer.calls == ["pause"]
+    peer.setblocking(False)
+    received = bytearray()
+
+    def drained():
+        try:
+            while chunk := peer.recv(1 << 20):
+                received.extend(chunk)
+        except BlockingIOError:
+            pass
+        return len(received) == len(data)
+
+    _spin(reactor, drained, turns=2000)
+    assert bytes(received) == data
+    assert producer.calls == ["pause", "resume"]
+    transport.abortConnection()
+    peer.close()
+
+
+def test_a_held_write_of_a_connection_aborted_in_the_same_batch_costs_nothing_else():
+    from twisted.internet.error import ConnectionAborted
+
+    from tproxy_twist.reactor import WorkerReactor
+
+    reactor = WorkerReactor()
+    protocol, peer = _served_pair(reactor)
+    transport = protocol.transport
+    writer = sockets.DirectWriter(transport)
+    held = sockets.hold_writes()
+    writer.write(b"x" * 100)
+    transport.abortConnection()
+    writer.write(b"y" * 100)
+    sockets.release_writes(held)
+    _spin(reactor, lambda: protocol.lost)
+    for _ in range(5):
+        reactor.iterate(0)
+    assert len(protocol.lost) == 1 and protocol.lost[0].check(ConnectionAborted)
+    assert not transport._tempDataBuffer and not transport.dataBuffer
+    peer.close()
