@@ -26,7 +26,11 @@ request), C{bump-keepalive}
 (keep-alive over bumped connections: each handshaken once), C{bump-new}
 (C{Connection: close}: origin handshake, verification, client handshake per
 request).  Each: requests, the worker's CPU milliseconds per request, and
-wrk's req/s (noise on a shared machine; CPU per request is the measure).
+wrk's req/s (noise on a shared machine; CPU per request is the measure);
+beside them the peers' CPU milliseconds per request (nginx's processes and
+wrk) and nginx's voluntary context switches per request (how often the
+origin went to sleep waiting for the proxy: what the worker's batching of
+its writes changes, bench/README "Writes held to the end of the batch").
 C{--profile DIR} writes a cProfile (CPU time) of each row to DIR/<row>.prof;
 C{--no-resumption}: the origin resumes no session (as in bench/tls.py);
 C{--in-memory}: instead, the bump's TLS alone, no sockets: CPU per handshake
@@ -239,19 +243,52 @@ def serve(at_most: float) -> None:
     reactor.doIteration(at_most if timeout is None else min(timeout, at_most))
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def nginx_usage(master: int) -> tuple[float, int]:
+    """nginx's processes (C{master} and its workers): CPU seconds, voluntary context switches."""
+    cpu, switches = 0.0, 0
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
+            if int(name) != master and int(stat[1]) != master:
+                continue
+            status = Path(f"/proc/{name}/status").read_text()
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        cpu += (int(stat[11]) + int(stat[12])) / _TICK
+        switches += int(re.search(r"^voluntary_ctxt_switches:\s+(\d+)", status, re.M).group(1))
+    return cpu, switches
+
+
 def run_wrk(
-    url: str, seconds: float, connections: int, close: bool
-) -> tuple[int, tuple[float, float], int]:
-    """Run wrk while the reactor serves; (requests, (user, system) CPU seconds, errors)."""
+    url: str, seconds: float, connections: int, close: bool, nginx_pid: int | None = None
+) -> tuple[int, tuple[float, float], int, tuple[float, float, int]]:
+    """
+    Run wrk while the reactor serves; (requests, (user, system) CPU seconds,
+    errors, (nginx CPU seconds, wrk CPU seconds, nginx voluntary context switches)).
+    """
     argv = ["wrk", "-t2", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "5s"]
     if close:
         argv += ["-H", "Connection: close"]
+    nginx_before = nginx_usage(nginx_pid) if nginx_pid else (0.0, 0)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen([*argv, url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     before = resource.getrusage(resource.RUSAGE_SELF)
     while proc.poll() is None:
         serve(0.05)
     after = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime)
+    nginx_after = nginx_usage(nginx_pid) if nginx_pid else (0.0, 0)
+    waited = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk, waited for by poll()
+    peers = (
+        nginx_after[0] - nginx_before[0],
+        waited.ru_utime + waited.ru_stime - children.ru_utime - children.ru_stime,
+        nginx_after[1] - nginx_before[1],
+    )
     out = proc.stdout.read().decode(errors="replace")
     match = re.search(r"(\d+) requests in", out)
     if match is None:
@@ -263,7 +300,7 @@ def run_wrk(
     deadline = time.monotonic() + 2
     while time.monotonic() < deadline:
         serve(0.05)
-    return int(match.group(1)), cpu, errors
+    return int(match.group(1)), cpu, errors, peers
 
 
 def in_memory(handshakes: int = 300, requests: int = 20000) -> None:
@@ -426,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         gc_time = _gc_stats() if opts.gc_stats else None
         print(
             f"{'row':16} {'requests':>9} {'CPU ms/request':>15} {'user':>7} {'system':>7}"
-            f" {'req/s (noise)':>14} errors"
+            f" {'req/s (noise)':>14} errors  {'nginx':>6} {'wrk':>6} {'nginx sleeps/req':>16}"
             + ("  GC/request: collections, ms CPU, objects freed" if gc_time else "")
         )
         for name in opts.only.split(","):
@@ -437,7 +474,9 @@ def main(argv: list[str] | None = None) -> int:
             started = time.monotonic()
             if gc_time is not None:
                 gc_time[:] = [0, 0.0, 0.0, 0]
-            requests, cpu, errors = run_wrk(url, opts.seconds, opts.connections, close)
+            requests, cpu, errors, peers = run_wrk(
+                url, opts.seconds, opts.connections, close, nginx.pid
+            )
             elapsed = time.monotonic() - started - 2
             if profiler is not None:
                 profiler.disable()
@@ -446,7 +485,8 @@ def main(argv: list[str] | None = None) -> int:
             per = 1e3 / max(requests, 1)
             print(
                 f"{name:16} {requests:9d} {(cpu[0] + cpu[1]) * per:15.3f} {cpu[0] * per:7.3f}"
-                f" {cpu[1] * per:7.3f} {requests / elapsed:14.0f} {errors}"
+                f" {cpu[1] * per:7.3f} {requests / elapsed:14.0f} {errors:6d}"
+                f"  {peers[0] * per:6.3f} {peers[1] * per:6.3f} {peers[2] / max(requests, 1):16.2f}"
                 + (
                     f"  {gc_time[0] / max(requests, 1):.3f} {gc_time[1] * per:.3f}"
                     f" {gc_time[3] / max(requests, 1):.1f}"
