@@ -350,3 +350,12 @@ def test_an_intermediate_cas_chain_is_sent_so_clients_trusting_the_root_accept()
     assert memory_handshake(client, server_connection(server, "example.com")) == (None, None)
     chain = [c.to_cryptography() for c in client.get_peer_cert_chain()]
     assert chain[1:] == [intermediate.certificate, root.certificate]
+
+
+def test_bumped_client_connections_release_their_record_buffers_while_idle(server):
+    from OpenSSL import SSL
+    from OpenSSL.SSL import _lib
+
+    context = server_connection(server, "example.com").get_context()
+    # SSL_CTX_set_mode(ctx, 0) answers the context's mode and changes nothing.
+    assert _lib.SSL_CTX_set_mode(context._context, 0) & SSL.MODE_RELEASE_BUFFERS

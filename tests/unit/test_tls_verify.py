@@ -739,3 +739,22 @@ def test_an_origin_that_wants_another_group_than_predicted_asks_for_it_and_is_re
     assert verdict.ok
     close(first)
     assert _hello_key_shares(trust.creator(ORIGIN, key[:2]))[0] == [X25519MLKEM768, X25519]
+
+
+def _mode(context) -> int:
+    """The context's mode: SSL_CTX_set_mode(ctx, 0) answers it and changes nothing."""
+    from OpenSSL.SSL import _lib
+
+    return _lib.SSL_CTX_set_mode(context._context, 0)
+
+
+def test_origin_connections_release_their_record_buffers_while_idle(test_ca, tmp_path: Path):
+    # Twisted's CertificateOptions sets the mode on the context the origin
+    # connections share; the bump server's sets it itself (test_tls_leaf.py).
+    from OpenSSL import SSL
+
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(test_ca.cert_pem)
+    trust = OriginTrust(load_trust_root(str(bundle)), shared_context=True)
+    context = trust.creator(ORIGIN).clientConnectionForTLS(None).get_context()
+    assert _mode(context) & SSL.MODE_RELEASE_BUFFERS
