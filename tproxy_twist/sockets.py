@@ -675,45 +675,36 @@ class DirectWriter:
         )
 
     def write(self, data: bytes) -> None:
-        if self._holding:
-            t = self._transport
-            t._tempDataBuffer.append(data)
-            t._tempDataLen += len(data)
-            return
-        if not self._idle():
-            self._buffering().write(data)
-            return
-        held = _held
-        if held is not None:
-            t = self._transport
-            t._tempDataBuffer.append(data)
-            t._tempDataLen += len(data)
-            self._hold(held)
-            return
-        self._send(data)
+        if not self._holding:
+            if not self._idle():
+                self._buffering().write(data)
+                return
+            if _held is None:
+                self._send(data)
+                return
+            self._hold()
+        t = self._transport
+        t._tempDataBuffer.append(data)
+        t._tempDataLen += len(data)
 
     def write_sequence(self, parts: list[bytes]) -> None:
-        if self._holding:
-            t = self._transport
-            t._tempDataBuffer.extend(parts)
-            t._tempDataLen += sum(map(len, parts))
-            return
-        if not self._idle():
-            self._buffering().writeSequence(parts)
-            return
-        held = _held
-        if held is not None:
-            t = self._transport
-            t._tempDataBuffer.extend(parts)
-            t._tempDataLen += sum(map(len, parts))
-            self._hold(held)
-            return
-        self._send_sequence(parts)
+        if not self._holding:
+            if not self._idle():
+                self._buffering().writeSequence(parts)
+                return
+            if _held is None:
+                self._send_sequence(parts)
+                return
+            self._hold()
+        t = self._transport
+        t._tempDataBuffer.extend(parts)
+        t._tempDataLen += sum(map(len, parts))
 
-    def _hold(self, held: list[DirectWriter]) -> None:
+    def _hold(self) -> None:
+        """From now until the batch's end, what is written waits in the transport's buffer."""
         self._holding = True
         self._transport._writes_held = True
-        held.append(self)
+        _held.append(self)
 
     def _send_held(self) -> None:
         """

@@ -286,7 +286,8 @@ def test_a_producer_is_registered_only_once_a_write_is_buffered():
     peer.close()
 
 
-def test_a_slow_reader_pauses_the_producer_and_resumes_it_once_it_has_read():
+@pytest.mark.parametrize("held", [False, True], ids=["sent at once", "held to the batch's end"])
+def test_a_slow_reader_pauses_the_producer_and_resumes_it_once_it_has_read(held):
     from tproxy_twist.reactor import WorkerReactor
 
     reactor = WorkerReactor()
@@ -297,27 +298,30 @@ def test_a_slow_reader_pauses_the_producer_and_resumes_it_once_it_has_read():
     writer = sockets.DirectWriter(transport)
     producer = _Producer()
     writer.set_producer(producer)
-    chunk = b"y" * 65536
-    written = 0
-    while "pause" not in producer.calls and written < 1024 * len(chunk):
-        writer.write(chunk)  # the peer reads nothing: the kernel fills, then Twisted buffers
-        written += len(chunk)
+    written = bytearray()
+    if held:
+        batch = sockets.hold_writes()
+        written += bytes(range(256)) * 4096  # 1 MiB, far more than the socket takes
+        writer.write(bytes(written))
+        assert transport.producer is None and producer.calls == []  # nothing sent yet
+        sockets.release_writes(batch)
+    else:
+        chunk = b"y" * 65536
+        while "pause" not in producer.calls and len(written) < 1024 * len(chunk):
+            writer.write(chunk)  # the peer reads nothing: the kernel fills, then Twisted buffers
+            written += chunk
     assert transport.producer is producer
     assert producer.calls == ["pause"]
     peer.setblocking(False)
-    received = 0
+    received = bytearray()
 
     def drained():
-        nonlocal received
         try:
-            while True:
-                data = peer.recv(1 << 20)
-                if not data:
-                    break
-                received += len(data)
+            while chunk := peer.recv(1 << 20):
+                received.extend(chunk)
         except BlockingIOError:
             pass
-        return received == written
+        return len(received) == len(written)
 
     _spin(reactor, drained, turns=2000)
     assert received == written
@@ -536,7 +540,8 @@ def test_the_accept_loop_gives_the_worker_transport_with_twisteds_prefix_and_rep
     peer.close()
 
 
-def test_an_idle_connection_closes_on_the_next_turn_without_waiting_to_be_writable():
+@pytest.mark.parametrize("held", [False, True], ids=["sent at once", "held to the batch's end"])
+def test_an_idle_connection_closes_on_the_next_turn_without_waiting_to_be_writable(held):
     from twisted.internet.error import ConnectionDone
 
     from tproxy_twist.reactor import WorkerReactor
@@ -546,7 +551,10 @@ def test_an_idle_connection_closes_on_the_next_turn_without_waiting_to_be_writab
     transport = protocol.transport
     fd = transport.fileno()
     reactor._poller = poller = _CountingPoller(reactor._poller)
-    sockets.DirectWriter(transport).write(b"last words")  # sent at once: nothing buffered
+    batch = sockets.hold_writes() if held else None
+    # Nothing buffered: sent at once, or held in the transport's buffer for the
+    # batch's end, which comes before the next turn.
+    sockets.DirectWriter(transport).write(b"last words")
     shutdowns = []
 
     class _ShutdownRecorder:
@@ -562,6 +570,8 @@ def test_an_idle_connection_closes_on_the_next_turn_without_waiting_to_be_writab
 
     transport.socket = _ShutdownRecorder(transport.socket)
     transport.loseConnection()
+    if batch is not None:
+        sockets.release_writes(batch)
     assert not protocol.lost  # never synchronously: the protocol hears of it a turn later
     _spin(reactor, lambda: protocol.lost)
     assert protocol.lost[0].check(ConnectionDone)
@@ -755,15 +765,29 @@ class _SendRecorder:
         return getattr(self._real, name)
 
 
-def test_held_writes_to_one_socket_leave_in_order_in_one_system_call():
+def _holding_writer():
+    """
+    A served connection (worker reactor) whose socket records its sends, its
+    DirectWriter, and a batch of events begun: (reactor, protocol, peer, the
+    recorder, the writer, the batch's list of holders).
+    """
     from tproxy_twist.reactor import WorkerReactor
 
     reactor = WorkerReactor()
     protocol, peer = _served_pair(reactor)
-    transport = protocol.transport
-    transport.socket = recorder = _SendRecorder(transport.socket)
-    writer = sockets.DirectWriter(transport)
-    held = sockets.hold_writes()
+    protocol.transport.socket = recorder = _SendRecorder(protocol.transport.socket)
+    writer = sockets.DirectWriter(protocol.transport)
+    return reactor, protocol, peer, recorder, writer, sockets.hold_writes()
+
+
+def _end(reactor, protocol, peer) -> None:
+    protocol.transport.abortConnection()
+    _spin(reactor, lambda: protocol.lost)
+    peer.close()
+
+
+def test_held_writes_to_one_socket_leave_in_order_in_one_system_call():
+    reactor, protocol, peer, recorder, writer, held = _holding_writer()
     writer.write(b"head ")
     writer.write_sequence([b"body ", b"more "])
     writer.write(b"end")
@@ -776,21 +800,14 @@ def test_held_writes_to_one_socket_leave_in_order_in_one_system_call():
     while len(received) < 18:
         received += peer.recv(100)
     assert received == b"head body more end"
-    transport.abortConnection()
-    _spin(reactor, lambda: protocol.lost)
-    peer.close()
+    _end(reactor, protocol, peer)
 
 
 def test_a_held_write_waits_in_the_transport_buffer_where_a_pump_taking_the_socket_finds_it():
     from tproxy_twist import zerocopy
-    from tproxy_twist.reactor import WorkerReactor
 
-    reactor = WorkerReactor()
-    protocol, peer = _served_pair(reactor)
+    reactor, protocol, peer, recorder, writer, held = _holding_writer()
     transport = protocol.transport
-    transport.socket = recorder = _SendRecorder(transport.socket)
-    writer = sockets.DirectWriter(transport)
-    held = sockets.hold_writes()
     writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
     # A CONNECT tunnel's pump takes the socket over in the same batch: it sends
     # what waits first, and the batch's end has nothing left to send.
@@ -798,82 +815,20 @@ def test_a_held_write_waits_in_the_transport_buffer_where_a_pump_taking_the_sock
     assert zerocopy._take_buffered(transport) == b"HTTP/1.1 200 Connection established\r\n\r\n"
     sockets.release_writes(held)
     assert recorder.sends == []
-    transport.abortConnection()
-    _spin(reactor, lambda: protocol.lost)
-    peer.close()
-
-
-def test_a_close_after_a_held_write_sends_it_and_closes_without_waiting_to_be_writable():
-    from twisted.internet.error import ConnectionDone
-
-    from tproxy_twist.reactor import WorkerReactor
-
-    reactor = WorkerReactor()
-    protocol, peer = _served_pair(reactor)
-    transport = protocol.transport
-    fd = transport.fileno()
-    reactor._poller = poller = _CountingPoller(reactor._poller)
-    writer = sockets.DirectWriter(transport)
-    held = sockets.hold_writes()
-    writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
-    transport.loseConnection()
-    sockets.release_writes(held)
-    _spin(reactor, lambda: protocol.lost)
-    assert protocol.lost[0].check(ConnectionDone)
-    assert poller.calls == [("unregister", fd)]  # never watched for writing
-    assert _read_until_eof(peer) == b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n"
-    peer.close()
-
-
-def test_a_held_write_the_socket_cannot_take_is_buffered_and_pauses_its_producer():
-    from tproxy_twist.reactor import WorkerReactor
-
-    reactor = WorkerReactor()
-    transport, peer = _accepted_pair(reactor)
-    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    writer = sockets.DirectWriter(transport)
-    producer = _Producer()
-    writer.set_producer(producer)
-    data = bytes(range(256)) * 4096  # 1 MiB, far more than the socket takes
-    held = sockets.hold_writes()
-    writer.write(data)
-    assert transport.producer is None and producer.calls == []
-    sockets.release_writes(held)
-    assert transport.producer is producer
-    assert producer.calls == ["pause"]
-    peer.setblocking(False)
-    received = bytearray()
-
-    def drained():
-        try:
-            while chunk := peer.recv(1 << 20):
-                received.extend(chunk)
-        except BlockingIOError:
-            pass
-        return len(received) == len(data)
-
-    _spin(reactor, drained, turns=2000)
-    assert bytes(received) == data
-    assert producer.calls == ["pause", "resume"]
-    transport.abortConnection()
-    peer.close()
+    _end(reactor, protocol, peer)
 
 
 def test_a_held_write_of_a_connection_aborted_in_the_same_batch_costs_nothing_else():
     from twisted.internet.error import ConnectionAborted
 
-    from tproxy_twist.reactor import WorkerReactor
-
-    reactor = WorkerReactor()
-    protocol, peer = _served_pair(reactor)
+    reactor, protocol, peer, recorder, writer, held = _holding_writer()
     transport = protocol.transport
-    writer = sockets.DirectWriter(transport)
-    held = sockets.hold_writes()
     writer.write(b"x" * 100)
     transport.abortConnection()
     writer.write(b"y" * 100)
     sockets.release_writes(held)
+    # Sent as they would have been had they not been held, then reset.
+    assert recorder.sends == [[b"x" * 100, b"y" * 100]]
     _spin(reactor, lambda: protocol.lost)
     for _ in range(5):
         reactor.iterate(0)
