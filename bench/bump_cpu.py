@@ -4,7 +4,7 @@ seconds, on loopback in one process: the figure that does not depend on how
 busy the rest of the machine is (wall-clock req/s does).
 
     PYTHONPATH=. .venv/bin/python -m bench.bump_cpu [--seconds 5] [--connections 16]
-        [--only plain,plain-new,bump-keepalive,bump-new] [--profile DIR] [--gc-freeze]
+        [--only plain,plain-new,bump-keepalive,bump-new] [--pin] [--profile DIR] [--gc-freeze]
         [--gc-stats]
         [--no-resumption] [--twisted-connector] [--in-memory]
 
@@ -37,6 +37,10 @@ C{--in-memory}: instead, the bump's TLS alone, no sockets: CPU per handshake
 pair (our server with its leaf, our verifying client: L{MemoryTLS} on both
 ends over fake transports) and per bumped request's TLS work (a request and
 its response through both ends: two encryptions, two decryptions).
+C{--pin}: the worker on the first CPU it may use, alone, wrk and nginx on
+the others (on a router the clients and origins are other machines; sharing
+two CPUs with them, the worker's CPU per request also pays for what their
+work does to its caches, more behind TLS peers).
 C{--gc-freeze}: C{gc.freeze()} after the warm-up (what a worker that froze
 its start-up objects would see; the worker does not today).  C{--gc-stats}:
 the cyclic GC's collections, CPU and the objects it freed (garbage only it
@@ -246,18 +250,42 @@ def serve(at_most: float) -> None:
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
+# --pin: the CPUs wrk and nginx run on (the worker has the first one to itself).
+PEERS_CPUS: set[int] = set()
+
+
+def _nginx_pids(master: int) -> list[int]:
+    pids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                stat = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(name) == master or int(stat[1]) == master:
+                pids.append(int(name))
+    return pids
+
+
+def pin(nginx_pid: int) -> None:
+    """The worker (this process) on the first allowed CPU, nginx and wrk on the others."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("--pin needs at least two CPUs")
+    PEERS_CPUS.update(cpus[1:])
+    os.sched_setaffinity(0, {cpus[0]})
+    for pid in _nginx_pids(nginx_pid):
+        os.sched_setaffinity(pid, PEERS_CPUS)
+
+
 def nginx_usage(master: int) -> tuple[float, int]:
     """nginx's processes (C{master} and its workers): CPU seconds, voluntary context switches."""
     cpu, switches = 0.0, 0
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
+    for pid in _nginx_pids(master):
         try:
-            stat = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
-            if int(name) != master and int(stat[1]) != master:
-                continue
-            status = Path(f"/proc/{name}/status").read_text()
-        except (OSError, IndexError, ValueError):
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            status = Path(f"/proc/{pid}/status").read_text()
+        except (OSError, IndexError):
             continue  # gone meanwhile
         cpu += (int(stat[11]) + int(stat[12])) / _TICK
         switches += int(re.search(r"^voluntary_ctxt_switches:\s+(\d+)", status, re.M).group(1))
@@ -272,6 +300,8 @@ def run_wrk(
     errors, (nginx CPU seconds, wrk CPU seconds, nginx voluntary context switches)).
     """
     argv = ["wrk", "-t2", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "5s"]
+    if PEERS_CPUS:
+        argv = ["taskset", "-c", ",".join(map(str, sorted(PEERS_CPUS))), *argv]
     if close:
         argv += ["-H", "Connection: close"]
     nginx_before = nginx_usage(nginx_pid) if nginx_pid else (0.0, 0)
@@ -428,6 +458,12 @@ def main(argv: list[str] | None = None) -> int:
         help="upstream connections through Twisted's connectTCP, not the worker's connector",
     )
     parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="the worker on a CPU of its own, wrk and nginx on the others (as on a router,"
+        " where clients and origins are other machines)",
+    )
+    parser.add_argument(
         "--in-memory",
         action="store_true",
         help="only the bump's TLS in memory: CPU per handshake pair and per request's TLS work",
@@ -445,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     nginx = None
     try:
         nginx, https, http, config = setup(tmp, resumable=not opts.no_resumption)
+        if opts.pin:
+            pin(nginx.pid)
         plain = listen_plain(config, http)
         bump = listen_bump(config, https)
         rows = {
