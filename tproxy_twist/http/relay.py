@@ -478,21 +478,13 @@ class ClientConnection(Protocol):
         if session is None:
             return  # the client left: an upstream being closed still spoke
         # Corked: a response's head and body (and the next pipelined answer)
-        # leave in one send instead of one per piece.
-        self._corked = parts = []
+        # go to the writer in one write: one TLS record on a bumped connection
+        # (the socket's writes of a batch go in one send anyway: DirectWriter).
+        self._corked = []
         try:
             session.upstream_data(upstream.link, data)
         finally:
-            # _uncork(), inline: this runs for every response.
-            if self._corked is parts:
-                self._corked = None
-                if parts:
-                    if len(parts) == 1:
-                        self._writer.write(parts[0])
-                    else:
-                        self._writer.write_sequence(parts)
-            else:
-                self._uncork()
+            self._uncork()
         state = session.state
         if state is _TUNNEL and self.pump is None:
             self.splice_tunnel()  # a 101 upgrade: its head went out just now
