@@ -21,6 +21,7 @@ import functools
 import ipaddress
 import socket
 import struct
+import time
 from collections.abc import Callable
 from os import strerror
 
@@ -584,6 +585,16 @@ HELD_WRITERS = 64
 _held: list[DirectWriter] | None = None
 
 
+class _Monotonic:
+    """The clock of L{_held_failures} (no reactor at hand where writes are sent)."""
+
+    seconds = staticmethod(time.monotonic)
+
+
+# A bug met on every held write must not flood the log.
+_held_failures = LogThrottle(_Monotonic())
+
+
 def hold_writes() -> list[DirectWriter]:
     """
     From now on, L{DirectWriter}s hold what they are given (the start of a
@@ -600,7 +611,7 @@ def send_held(held: list[DirectWriter]) -> None:
         try:
             writer._send_held()
         except Exception:
-            _log.failure("sending a held write failed")
+            _held_failures.emit(_log.failure, "send-held", "sending a held write failed")
     held.clear()
 
 

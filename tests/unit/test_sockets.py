@@ -835,3 +835,32 @@ def test_a_held_write_of_a_connection_aborted_in_the_same_batch_costs_nothing_el
     assert len(protocol.lost) == 1 and protocol.lost[0].check(ConnectionAborted)
     assert not transport._tempDataBuffer and not transport.dataBuffer
     peer.close()
+
+
+def test_held_writes_that_fail_with_a_bug_are_logged_once_per_interval_and_the_rest_are_sent(
+    monkeypatch,
+):
+    logged = []
+
+    class _Log:
+        def failure(self, fmt, **fields):
+            logged.append(fmt)
+
+    class _Broken:
+        def _send_held(self):
+            raise RuntimeError("a bug")
+
+    class _Fine:
+        sent = 0
+
+        def _send_held(self):
+            _Fine.sent += 1
+
+    monkeypatch.setattr(sockets, "_log", _Log())
+    monkeypatch.setattr(sockets, "_held_failures", sockets.LogThrottle(sockets._Monotonic()))
+    for _ in range(100):
+        held = sockets.hold_writes()
+        held += [_Broken(), _Fine()]
+        sockets.release_writes(held)
+    assert _Fine.sent == 100
+    assert logged == ["sending a held write failed"]
