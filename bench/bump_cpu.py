@@ -7,6 +7,8 @@ busy the rest of the machine is (wall-clock req/s does).
         [--only plain,plain-new,bump-keepalive,bump-new] [--pin] [--profile DIR] [--gc-freeze]
         [--gc-stats]
         [--no-resumption] [--twisted-connector] [--in-memory]
+    PYTHONPATH=. .venv/bin/python -m bench.bump_cpu --alternate 10 [--seconds 4]
+        [--connections 64] [--pin]
 
 This process is the worker: the real TLS port factory (L{tls_factory}, bump
 for every connection, the real bump kit from a CA made with C{tproxy-twist
@@ -41,6 +43,16 @@ C{--pin}: the worker on the first CPU it may use, alone, wrk and nginx on
 the others (on a router the clients and origins are other machines; sharing
 two CPUs with them, the worker's CPU per request also pays for what their
 work does to its caches, more behind TLS peers).
+C{--alternate ROUNDS}: the measure of "bumped keep-alive against the plain
+relay" (issue 13's 0.7): C{plain} and C{bump-keepalive} in turns, ROUNDS
+each (which goes first alternates), each run counted over its steady window
+only (from a second after wrk started, its connections made and handshaken,
+to half a second before it stops; requests as the port's metrics counted
+them), the ratio of their CPU per request printed per round, then the median
+and the ratio over all rounds.  Rows run one after the other minutes apart
+see a different machine on a shared VM (the plain row alone moved from 0.08
+to 0.11 ms a request between runs): a ratio of runs seconds apart is the
+figure to quote.
 C{--gc-freeze}: C{gc.freeze()} after the warm-up (what a worker that froze
 its start-up objects would see; the worker does not today).  C{--gc-stats}:
 the cyclic GC's collections, CPU and the objects it freed (garbage only it
@@ -194,6 +206,23 @@ def to(port: int):
     return connect
 
 
+# Each listener's PortMetrics ("plain", "bump"): the requests it answered (--alternate).
+METRICS: dict = {}
+
+
+def answered(metrics) -> int:
+    """The requests C{metrics} (a PortMetrics) counted so far (flushed to its counters)."""
+    metrics.flush()
+    return int(
+        sum(
+            sample.value
+            for family in metrics.families.requests.collect()
+            for sample in family.samples
+            if sample.name.endswith("_total") and sample.labels.get("port") == metrics.port
+        )
+    )
+
+
 def listen_plain(config: C.Config, origin_port: int) -> int:
     port = config.ports[0]
     factory = ProxyFactory(
@@ -208,6 +237,7 @@ def listen_plain(config: C.Config, origin_port: int) -> int:
         metrics=PortMetrics(port.name, port.mode),
         reactor=reactor,
     )
+    METRICS["plain"] = factory.metrics
     return listen_both(factory)
 
 
@@ -236,6 +266,7 @@ def listen_bump(config: C.Config, origin_port: int) -> int:
     factory = tls_factory(
         config.ports[1], config, reactor, to(origin_port), frozenset(), None, None, bump=kit
     )
+    METRICS["bump"] = factory.metrics
     return listen_both(factory)
 
 
@@ -249,6 +280,11 @@ def serve(at_most: float) -> None:
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
+
+# --alternate: the steady window of each run starts this long after wrk did (its
+# connections made and, bumped, handshaken) and ends this long before it stops.
+STEADY_SKIP = 1.0
+STEADY_TAIL = 0.5
 
 # --pin: the CPUs wrk and nginx run on (the worker has the first one to itself).
 PEERS_CPUS: set[int] = set()
@@ -293,11 +329,20 @@ def nginx_usage(master: int) -> tuple[float, int]:
 
 
 def run_wrk(
-    url: str, seconds: float, connections: int, close: bool, nginx_pid: int | None = None
+    url: str,
+    seconds: float,
+    connections: int,
+    close: bool,
+    nginx_pid: int | None = None,
+    steady: list | None = None,
 ) -> tuple[int, tuple[float, float], int, tuple[float, float, int]]:
     """
     Run wrk while the reactor serves; (requests, (user, system) CPU seconds,
     errors, (nginx CPU seconds, wrk CPU seconds, nginx voluntary context switches)).
+    C{steady}: C{[count]} (C{count()}: the requests the proxy answered so far);
+    the window from C{STEADY_SKIP} seconds after wrk started (its connections
+    made, their handshakes done) to C{STEADY_TAIL} before it stops is appended
+    to it: (requests, user, system CPU seconds in the window).
     """
     argv = ["wrk", "-t2", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "5s"]
     if PEERS_CPUS:
@@ -308,6 +353,28 @@ def run_wrk(
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen([*argv, url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     before = resource.getrusage(resource.RUSAGE_SELF)
+    if steady is not None:
+        count = steady[0]
+        start = time.monotonic()
+        opens, closes = start + STEADY_SKIP, start + max(1, round(seconds)) - STEADY_TAIL
+        first = last = None
+        while proc.poll() is None:
+            serve(0.05)
+            now = time.monotonic()
+            if opens <= now <= closes:
+                sample = (count(), resource.getrusage(resource.RUSAGE_SELF))
+                if first is None:
+                    first = sample
+                last = sample
+        if first is None or last is first:
+            raise RuntimeError("wrk ran too short for a steady window (--seconds)")
+        steady.append(
+            (
+                last[0] - first[0],
+                last[1].ru_utime - first[1].ru_utime,
+                last[1].ru_stime - first[1].ru_stime,
+            )
+        )
     while proc.poll() is None:
         serve(0.05)
     after = resource.getrusage(resource.RUSAGE_SELF)
@@ -409,6 +476,56 @@ def in_memory(handshakes: int = 300, requests: int = 20000) -> None:
     print(f"request + response TLS work (2 enc, 2 dec) {per_request:8.1f} us CPU")
 
 
+def alternate(rounds: int, seconds: float, connections: int, nginx_pid: int, urls: dict) -> None:
+    """
+    The C{--alternate} rows: plain and bumped keep-alive in turns (which goes
+    first alternates), each run counted over its steady window only (no
+    connection set-up or handshakes in it; requests as the port's metrics
+    counted them), and the ratio of their CPU per request in each round:
+    two runs a few seconds apart see the same machine, where runs minutes
+    apart on a shared VM differ by 20 % and more.
+    """
+    import statistics
+
+    rows = [
+        ("plain", "plain", METRICS["plain"]),
+        ("bump-keepalive", "bump-keepalive", METRICS["bump"]),
+    ]
+    print(
+        f"{'round':>5} {'row':16} {'requests':>9} {'CPU ms/request':>15} {'user':>7} {'system':>7}"
+        f" errors"
+    )
+    ratios = []
+    totals = {name: [0, 0.0] for name, _, _ in rows}
+    for turn in range(1, rounds + 1):
+        cpu_per = {}
+        for name, url_name, metrics in rows if turn % 2 else rows[::-1]:
+            steady: list = [lambda metrics=metrics: answered(metrics)]
+            _, _, errors, _ = run_wrk(
+                urls[url_name][0], seconds, connections, False, nginx_pid, steady
+            )
+            n, user, system = steady[1]
+            per = 1e3 / max(n, 1)
+            cpu_per[name] = (user + system) * per
+            totals[name][0] += n
+            totals[name][1] += user + system
+            print(
+                f"{turn:5d} {name:16} {n:9d} {cpu_per[name]:15.3f} {user * per:7.3f}"
+                f" {system * per:7.3f} {errors:6d}",
+                flush=True,
+            )
+        ratios.append(cpu_per["plain"] / cpu_per["bump-keepalive"])
+        print(f"{turn:5d} plain / bumped CPU per request: {ratios[-1]:.3f}", flush=True)
+    overall = {name: cpu / max(n, 1) for name, (n, cpu) in totals.items()}
+    plain, bumped = overall["plain"], overall["bump-keepalive"]
+    print(
+        f"bumped keep-alive / plain relay, {rounds} rounds of {connections} connections:"
+        f" median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f});"
+        f" all rounds' CPU per request {plain * 1e3:.3f} / {bumped * 1e3:.3f} ms"
+        f" = {plain / bumped:.3f}"
+    )
+
+
 def _gc_stats() -> list:
     """
     Count the cyclic GC's collections, their CPU time and the objects they
@@ -464,6 +581,13 @@ def main(argv: list[str] | None = None) -> int:
         " where clients and origins are other machines)",
     )
     parser.add_argument(
+        "--alternate",
+        type=int,
+        metavar="ROUNDS",
+        help="plain and bumped keep-alive in turns, ROUNDS each, counted over each run's"
+        " steady window: their CPU ratio per round and its median",
+    )
+    parser.add_argument(
         "--in-memory",
         action="store_true",
         help="only the bump's TLS in memory: CPU per handshake pair and per request's TLS work",
@@ -493,6 +617,9 @@ def main(argv: list[str] | None = None) -> int:
         }
         # Warm up: the leaf is forged once, the code paths are loaded.
         run_wrk(rows["bump-new"][0], 1, 4, True)
+        if opts.alternate:
+            alternate(opts.alternate, opts.seconds, opts.connections, nginx.pid, rows)
+            return 0
         if opts.gc_freeze:
             import gc
 
