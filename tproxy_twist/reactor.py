@@ -43,12 +43,20 @@ from select import EPOLLIN, EPOLLOUT
 from twisted.internet.epollreactor import EPollReactor
 from twisted.logger import Logger
 
+from .logthrottle import LogThrottle
 from .sockets import HELD_WRITERS, hold_writes, release_writes, send_held
 
 log = Logger()
 
 
 class WorkerReactor(EPollReactor):
+    def __init__(self) -> None:
+        super().__init__()
+        # What escapes _doReadOrWrite (a bug in the loop itself, or in a
+        # connection's connectionLost) is logged, and the batch goes on; met on
+        # every event it must not flood the log: one line per interval, counted.
+        self._event_failures = LogThrottle(self)
+
     def doPoll(self, timeout):
         if timeout is None:
             timeout = -1
@@ -69,7 +77,9 @@ class WorkerReactor(EPollReactor):
                 try:
                     handle(selectable, fd, event)
                 except Exception:
-                    log.failure("handling an I/O event failed")
+                    self._event_failures.emit(
+                        log.failure, "io-event", "handling an I/O event failed"
+                    )
                 if len(held) >= HELD_WRITERS:
                     send_held(held)
         finally:

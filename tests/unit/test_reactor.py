@@ -188,3 +188,38 @@ def test_forget_drops_a_registration_without_a_system_call_for_a_socket_closed_n
     reactor.removeReader(again)
     c.close()
     d.close()
+
+
+def test_an_error_escaping_an_event_is_logged_once_per_interval_and_the_batch_goes_on():
+    from twisted.logger import globalLogPublisher
+
+    reactor, a, b = _reactor_and_socketpair()
+    broken, healthy = _Reader(a), _Reader(b)
+    reactor.addReader(broken)
+    reactor.addReader(healthy)
+    handle = reactor._doReadOrWrite
+
+    def handle_or_fail(selectable, fd, event):
+        if selectable is broken:
+            raise RuntimeError("a bug in the reactor loop")
+        handle(selectable, fd, event)
+
+    reactor._doReadOrWrite = handle_or_fail
+    logged = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        for i in range(100):
+            b.send(b"x")
+            a.send(b"y")
+            iterate_until(reactor, lambda i=i: len(healthy.read) > i, "the healthy reader reads")
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    failures = [e for e in logged if e.get("log_failure") is not None]
+    # 100 batches, each with the failing event: one line, and every other event handled.
+    assert len(failures) == 1
+    assert failures[0]["log_failure"].check(RuntimeError)
+    assert len(healthy.read) >= 100
+    reactor.removeReader(broken)
+    reactor.removeReader(healthy)
+    a.close()
+    b.close()
