@@ -71,6 +71,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from tproxy_twist import reactor as worker_reactor
@@ -334,15 +336,17 @@ def run_wrk(
     connections: int,
     close: bool,
     nginx_pid: int | None = None,
-    steady: list | None = None,
-) -> tuple[int, tuple[float, float], int, tuple[float, float, int]]:
+    count: Callable[[], int] | None = None,
+) -> tuple[
+    int, tuple[float, float], int, tuple[float, float, int], tuple[int, float, float] | None
+]:
     """
     Run wrk while the reactor serves; (requests, (user, system) CPU seconds,
-    errors, (nginx CPU seconds, wrk CPU seconds, nginx voluntary context switches)).
-    C{steady}: C{[count]} (C{count()}: the requests the proxy answered so far);
-    the window from C{STEADY_SKIP} seconds after wrk started (its connections
-    made, their handshakes done) to C{STEADY_TAIL} before it stops is appended
-    to it: (requests, user, system CPU seconds in the window).
+    errors, (nginx CPU seconds, wrk CPU seconds, nginx voluntary context
+    switches), the steady window).  The steady window, with C{count} (the
+    requests the proxy answered so far): from C{STEADY_SKIP} seconds after wrk
+    started (its connections made, their handshakes done) to C{STEADY_TAIL}
+    before it stops, (requests, user, system CPU seconds); C{None} without.
     """
     argv = ["wrk", "-t2", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "5s"]
     if PEERS_CPUS:
@@ -353,31 +357,20 @@ def run_wrk(
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen([*argv, url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     before = resource.getrusage(resource.RUSAGE_SELF)
-    if steady is not None:
-        count = steady[0]
-        start = time.monotonic()
-        opens, closes = start + STEADY_SKIP, start + max(1, round(seconds)) - STEADY_TAIL
-        first = last = None
-        while proc.poll() is None:
-            serve(0.05)
-            now = time.monotonic()
-            if opens <= now <= closes:
-                sample = (count(), resource.getrusage(resource.RUSAGE_SELF))
-                if first is None:
-                    first = sample
-                last = sample
-        if first is None or last is first:
-            raise RuntimeError("wrk ran too short for a steady window (--seconds)")
-        steady.append(
-            (
-                last[0] - first[0],
-                last[1].ru_utime - first[1].ru_utime,
-                last[1].ru_stime - first[1].ru_stime,
-            )
-        )
+    opens = time.monotonic() + STEADY_SKIP
+    closes = opens - STEADY_SKIP + max(1, round(seconds)) - STEADY_TAIL
+    samples = []  # (requests, CPU): the steady window's first and latest
     while proc.poll() is None:
         serve(0.05)
+        if count is not None and opens <= time.monotonic() <= closes:
+            samples[1:] = [(count(), resource.getrusage(resource.RUSAGE_SELF))]
     after = resource.getrusage(resource.RUSAGE_SELF)
+    window = None
+    if count is not None:
+        if len(samples) < 2:
+            raise RuntimeError("wrk ran too short for a steady window (--seconds)")
+        (n0, r0), (n1, r1) = samples
+        window = (n1 - n0, r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime)
     cpu = (after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime)
     nginx_after = nginx_usage(nginx_pid) if nginx_pid else (0.0, 0)
     waited = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk, waited for by poll()
@@ -397,7 +390,7 @@ def run_wrk(
     deadline = time.monotonic() + 2
     while time.monotonic() < deadline:
         serve(0.05)
-    return int(match.group(1)), cpu, errors, peers
+    return int(match.group(1)), cpu, errors, peers, window
 
 
 def in_memory(handshakes: int = 300, requests: int = 20000) -> None:
@@ -487,24 +480,19 @@ def alternate(rounds: int, seconds: float, connections: int, nginx_pid: int, url
     """
     import statistics
 
-    rows = [
-        ("plain", "plain", METRICS["plain"]),
-        ("bump-keepalive", "bump-keepalive", METRICS["bump"]),
-    ]
+    rows = [("plain", METRICS["plain"]), ("bump-keepalive", METRICS["bump"])]
     print(
         f"{'round':>5} {'row':16} {'requests':>9} {'CPU ms/request':>15} {'user':>7} {'system':>7}"
         f" errors"
     )
     ratios = []
-    totals = {name: [0, 0.0] for name, _, _ in rows}
+    totals = {name: [0, 0.0] for name, _ in rows}
     for turn in range(1, rounds + 1):
         cpu_per = {}
-        for name, url_name, metrics in rows if turn % 2 else rows[::-1]:
-            steady: list = [lambda metrics=metrics: answered(metrics)]
-            _, _, errors, _ = run_wrk(
-                urls[url_name][0], seconds, connections, False, nginx_pid, steady
+        for name, metrics in rows if turn % 2 else rows[::-1]:
+            *_, errors, _, (n, user, system) = run_wrk(
+                urls[name][0], seconds, connections, False, nginx_pid, partial(answered, metrics)
             )
-            n, user, system = steady[1]
             per = 1e3 / max(n, 1)
             cpu_per[name] = (user + system) * per
             totals[name][0] += n
@@ -639,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
             started = time.monotonic()
             if gc_time is not None:
                 gc_time[:] = [0, 0.0, 0.0, 0]
-            requests, cpu, errors, peers = run_wrk(
+            requests, cpu, errors, peers, _ = run_wrk(
                 url, opts.seconds, opts.connections, close, nginx.pid
             )
             elapsed = time.monotonic() - started - 2
